@@ -1,0 +1,319 @@
+"""Frozen configuration dataclasses, one per concept and one per stage, plus YAML loading.
+
+Defaults follow the paper's CIFAR/ImageNet settings scaled to the small default
+dataset; the comment beside each says why. ``load_config`` validates while it
+builds: an unknown key, a wrong type or an out-of-range value raises
+``ConfigError`` naming the full key path, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+from scaling.augment import ViewSpec
+from scaling.resnet import LAYERS
+
+
+class ConfigError(ValueError):
+    """A bad configuration value: ``key`` is the dotted path from the root."""
+
+    def __init__(self, key: str, value: Any, allowed: str) -> None:
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(f"{key}={value!r} is invalid; allowed: {allowed}")
+
+    def under(self, prefix: str) -> ConfigError:
+        return ConfigError(f"{prefix}.{self.key}" if prefix else self.key, self.value, self.allowed)
+
+
+def check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(key, value, allowed)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    depth: int = 50  # the paper's smallest model; studies sweep 18..152
+    width: float = 1.0  # fractional widths (1/16 ... 1/2) keep the depths at CPU scale
+    sk_ratio: float = 0.0  # 0.0625 in the released SK models; > 0 also turns on ResNet-D
+    stem: Literal["auto", "imagenet", "small"] = "auto"  # auto: small stem for <= 32 px
+
+    def __post_init__(self) -> None:
+        check(self.depth in LAYERS, "depth", self.depth, f"one of {sorted(LAYERS)}")
+        check(0 < self.width <= 8 and round(64 * self.width) >= 1, "width", self.width,
+              "0 < width <= 8 with 64*width >= 1 (e.g. 0.0625, 0.25, 1, 2, 3)")
+        check(0 <= self.sk_ratio < 1, "sk_ratio", self.sk_ratio, "0 <= sk_ratio < 1")
+
+    def resolved_stem(self, image_size: int) -> Literal["imagenet", "small"]:
+        if self.stem != "auto":
+            return self.stem
+        return "small" if image_size <= 32 else "imagenet"
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    num_layers: int = 3  # SimCLRv2's deeper head (v1 used 2)
+    out_dim: int = 128  # contrastive embedding size in the reference
+
+    def __post_init__(self) -> None:
+        check(1 <= self.num_layers <= 5, "num_layers", self.num_layers, "1..5")
+        check(self.out_dim >= 1, "out_dim", self.out_dim, ">= 1")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: Literal["fashion-mnist", "cifar10", "cifar100", "stl10", "imagefolder", "synthetic"] = (
+        "fashion-mnist"  # small, real, and installable offline from Debian's package
+    )
+    root: str | None = None  # None: the system copy (Fashion-MNIST only)
+    download: bool = False  # never fetch unless asked: tests and clusters stay offline
+    image_size: int | None = None  # imagefolder resize / synthetic side; None: native size
+
+    def __post_init__(self) -> None:
+        check(self.image_size is None or self.image_size >= 8, "image_size", self.image_size,
+              "null or >= 8")
+        check(not self.download or self.root is not None, "download", self.download,
+              "true only together with data.root")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    crop_min_scale: float = 0.08  # reference area range [0.08, 1]
+    color_strength: float = 0.5  # the paper's CIFAR strength; ImageNet uses 1.0
+    color_p: float = 0.8
+    grayscale_p: float = 0.2
+    blur_p: float = 0.0  # the paper blurs on ImageNet only
+
+    def __post_init__(self) -> None:
+        check(0 < self.crop_min_scale <= 1, "crop_min_scale", self.crop_min_scale, "0 < x <= 1")
+        check(0 <= self.color_strength <= 2, "color_strength", self.color_strength, "0..2")
+        for key in ("color_p", "grayscale_p", "blur_p"):
+            v = getattr(self, key)
+            check(0 <= v <= 1, key, v, "a probability in [0, 1]")
+
+    def view(self) -> ViewSpec:
+        return ViewSpec(
+            crop_scale=(self.crop_min_scale, 1.0), color_strength=self.color_strength,
+            color_p=self.color_p, grayscale_p=self.grayscale_p, blur_p=self.blur_p,
+        )
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: Literal["lars", "sgd"] = "lars"
+    base_lr: float = 0.1  # pretraining: 0.1 * sqrt(4096) = 6.4 in the paper
+    lr_scaling: Literal["linear", "sqrt"] = "sqrt"  # sqrt is better for small batches
+    momentum: float = 0.9
+    weight_decay: float = 1e-4  # reference pretraining value
+    warmup_fraction: float = 0.05  # linear warmup over the first 5% of steps (paper)
+
+    def __post_init__(self) -> None:
+        check(self.base_lr > 0, "base_lr", self.base_lr, "> 0")
+        check(0 <= self.momentum < 1, "momentum", self.momentum, "0 <= momentum < 1")
+        check(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
+        check(0 <= self.warmup_fraction < 1, "warmup_fraction", self.warmup_fraction, "[0, 1)")
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    queue_size: int = 0  # 0: plain NT-Xent; the paper used 64K negatives
+    momentum: float = 0.999  # EMA decay of the memory network (MoCo's value)
+
+    def __post_init__(self) -> None:
+        check(self.queue_size >= 0, "queue_size", self.queue_size, ">= 0 (0 disables)")
+        check(0 < self.momentum < 1, "momentum", self.momentum, "0 < momentum < 1")
+
+
+def _check_epochs_batch(epochs: int, batch_size: int) -> None:
+    check(epochs >= 1, "epochs", epochs, ">= 1")
+    check(batch_size >= 2, "batch_size", batch_size, ">= 2")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    epochs: int = 100  # the paper uses 800 on ImageNet; small data needs fewer passes
+    batch_size: int = 512  # global; negatives = 2 * batch - 2 per anchor
+    temperature: float = 0.2  # the paper's CIFAR value (0.1 on ImageNet)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    global_bn: bool = True  # SyncBatchNorm across workers; per-replica BN hurts (paper)
+
+    def __post_init__(self) -> None:
+        _check_epochs_batch(self.epochs, self.batch_size)
+        check(self.temperature > 0, "temperature", self.temperature, "> 0")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    epochs: int = 60  # paper: 60 on 1%, 30 on 10% and 100%
+    batch_size: int = 256
+    head_layer: int = 1  # ft_proj_selector: 1 for 1%/10% labels, 0 for 100%
+    label_fraction: float | None = 0.01  # class-balanced; or set labels_per_class
+    labels_per_class: int | None = None
+    subset_seed: int = 0
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        base_lr=0.005, weight_decay=0.0, warmup_fraction=0.0))  # reference fine-tuning
+
+    def __post_init__(self) -> None:
+        _check_epochs_batch(self.epochs, self.batch_size)
+        check(0 <= self.head_layer <= 5, "head_layer", self.head_layer, "0..head.num_layers")
+        check((self.label_fraction is None) != (self.labels_per_class is None),
+              "label_fraction", self.label_fraction,
+              "exactly one of label_fraction and labels_per_class set")
+        if self.label_fraction is not None:
+            check(0 < self.label_fraction <= 1, "label_fraction", self.label_fraction, "(0, 1]")
+        if self.labels_per_class is not None:
+            check(self.labels_per_class >= 1, "labels_per_class", self.labels_per_class, ">= 1")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    epochs: int = 60
+    batch_size: int = 256
+    temperature: float = 1.0  # the paper: 1.0 big-to-small, 0.1 for self-distillation
+    alpha: float = 0.0  # weight of the label loss; the paper's best runs use 0
+    student: ModelConfig | None = None  # None: self-distillation (teacher's architecture)
+    unlabelled: DataConfig | None = None  # None: the pretraining set
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        name="sgd", base_lr=0.1, lr_scaling="linear", weight_decay=1e-4))
+
+    def __post_init__(self) -> None:
+        _check_epochs_batch(self.epochs, self.batch_size)
+        check(self.temperature > 0, "temperature", self.temperature, "> 0")
+        check(0 <= self.alpha <= 1, "alpha", self.alpha, "0 <= alpha <= 1")
+
+
+@dataclass(frozen=True)
+class SupervisedConfig:
+    epochs: int = 90  # the paper's supervised baseline schedule
+    batch_size: int = 256
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        name="sgd", base_lr=0.1, lr_scaling="linear", weight_decay=1e-4))
+
+    def __post_init__(self) -> None:
+        _check_epochs_batch(self.epochs, self.batch_size)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    knn_k: int = 200  # the common kNN-monitor setting (Wu et al. 2018)
+    knn_temperature: float = 0.1
+    linear_epochs: int = 30
+
+    def __post_init__(self) -> None:
+        check(self.knn_k >= 1, "knn_k", self.knn_k, ">= 1")
+        check(self.knn_temperature > 0, "knn_temperature", self.knn_temperature, "> 0")
+        check(self.linear_epochs >= 1, "linear_epochs", self.linear_epochs, ">= 1")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str = "default"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    supervised: SupervisedConfig = field(default_factory=SupervisedConfig)
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        check(self.finetune.head_layer <= self.head.num_layers, "finetune.head_layer",
+              self.finetune.head_layer, f"0..head.num_layers ({self.head.num_layers})")
+
+
+T = TypeVar("T")
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, key)
+    if origin is Literal:
+        check(value in args, key, value, "one of " + ", ".join(repr(a) for a in args))
+        return value
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        check(isinstance(value, dict), key, value, f"a mapping of {tp.__name__} fields")
+        return from_dict(tp, value, key)
+    if tp is bool:
+        check(isinstance(value, bool), key, value, "true or false")
+    elif tp is int:
+        check(isinstance(value, int) and not isinstance(value, bool), key, value, "an integer")
+    elif tp is float:
+        check(isinstance(value, int | float) and not isinstance(value, bool), key, value,
+              "a number")
+        return float(value)
+    elif tp is str:
+        check(isinstance(value, str), key, value, "a string")
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """Build dataclass ``cls`` from a plain mapping, validating every key."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    for key in data:
+        if key not in names:
+            path = f"{prefix}.{key}" if prefix else str(key)
+            raise ConfigError(path, data[key], f"known keys here: {', '.join(names)}")
+    kwargs = {
+        k: _convert(hints[k], v, f"{prefix}.{k}" if prefix else k) for k, v in data.items()
+    }
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise e.under(prefix) from None
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def config_hash(cfg: Any) -> str:
+    """A short, stable content hash: equal configs name equal runs."""
+    blob = json.dumps(to_dict(cfg), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def with_overrides(cfg: T, overrides: dict[str, Any]) -> T:
+    """Return ``cfg`` with dotted keys replaced, e.g. {"pretrain.epochs": 5}; re-validated."""
+    data = to_dict(cfg)
+    for dotted, value in overrides.items():
+        node = data
+        parts = dotted.split(".")
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                node[p] = {} if node.get(p) is None else node[p]
+            check(isinstance(node[p], dict), dotted, value, "a key inside a section")
+            node = node[p]
+        node[parts[-1]] = value
+    return from_dict(type(cfg), data)
+
+
+def load_config(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> (
+    ExperimentConfig
+):
+    """Read a YAML experiment config; missing keys take the dataclass defaults."""
+    text = Path(path).read_text()
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ConfigError("<root>", data, f"a mapping at the top of {path}")
+    cfg = from_dict(ExperimentConfig, data)
+    return with_overrides(cfg, overrides) if overrides else cfg

@@ -1,0 +1,235 @@
+"""Dataset registry: every dataset is uint8 images NxCxHxW plus int64 labels.
+
+Small datasets (Fashion-MNIST, CIFAR, STL-10, synthetic) live in memory as one
+tensor, so a batch is one index operation and augmentation runs batched on the
+training device. ``imagefolder`` (ImageNet layout) decodes lazily through a
+DataLoader. Unlabelled images carry label -1.
+
+Nothing here downloads unless ``download=True`` *and* a ``root`` is given; a
+missing dataset raises ``DataError`` saying how to get it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from scaling.subsets import load_indices
+
+SPLITS = ("train", "test", "unlabelled")
+FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+class DataError(RuntimeError):
+    """A dataset is missing or malformed; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class ImageData:
+    """An in-memory image set. images: NxCxHxW uint8, labels: N int64 (-1 = none)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    num_classes: int
+    name: str
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.images[i], int(self.labels[i])
+
+    @property
+    def channels(self) -> int:
+        return self.images.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.images.shape[2]
+
+
+class FolderImages(torch.utils.data.Dataset):
+    """ImageNet layout (root/split/class/*.jpg), decoded and resized on access.
+
+    Each image is resized (shorter side) and centre-cropped to ``image_size``
+    as uint8; the random augmentation then runs batched on the device.
+    """
+
+    def __init__(self, root: Path, image_size: int, name: str) -> None:
+        from torchvision.datasets import ImageFolder
+
+        self.folder = ImageFolder(str(root))
+        self.labels = torch.tensor(self.folder.targets, dtype=torch.int64)
+        self.num_classes = len(self.folder.classes)
+        self.image_size = image_size
+        self.channels = 3
+        self.name = name
+        self.files = [Path(p).name for p, _ in self.folder.samples]
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        from torchvision.transforms.v2.functional import center_crop, pil_to_tensor, resize
+
+        path, label = self.folder.samples[i]
+        img = pil_to_tensor(self.folder.loader(path))  # PIL decode, RGB
+        img = center_crop(resize(img, [self.image_size], antialias=True), [self.image_size])
+        return img, label
+
+
+Dataset = ImageData | FolderImages
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (the MNIST format): big-endian dims after a 4-byte magic."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    dims = np.frombuffer(data, dtype=">i4", count=ndim, offset=4)
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _find_idx(dirs: list[Path], stem: str) -> Path | None:
+    for d in dirs:
+        for name in (f"{stem}.gz", stem):
+            if (d / name).exists():
+                return d / name
+    return None
+
+
+def fashion_mnist(split: str, root: str | None, download: bool) -> ImageData:
+    prefix = "t10k" if split == "test" else "train"
+    dirs = [FASHION_MNIST_SYSTEM_DIR]
+    if root is not None:
+        dirs = [Path(root), Path(root) / "FashionMNIST" / "raw", *dirs]
+    images_path = _find_idx(dirs, f"{prefix}-images-idx3-ubyte")
+    if images_path is None and download and root is not None:
+        from torchvision.datasets import FashionMNIST
+
+        FashionMNIST(root, train=split != "test", download=True)
+        images_path = _find_idx(dirs, f"{prefix}-images-idx3-ubyte")
+    labels_path = _find_idx(dirs, f"{prefix}-labels-idx1-ubyte")
+    if images_path is None or labels_path is None:
+        raise DataError(
+            f"Fashion-MNIST files not found in {', '.join(map(str, dirs))}. Install them with "
+            "`apt-get install dataset-fashion-mnist`, or set data.root to a directory and "
+            "data.download: true to fetch them through torchvision."
+        )
+    images = torch.from_numpy(_read_idx(images_path).copy()).unsqueeze(1)  # Nx1x28x28
+    labels = torch.from_numpy(_read_idx(labels_path).astype(np.int64))
+    return ImageData(images, labels, 10, "fashion-mnist")
+
+
+def _torchvision(name: str, make: Callable[[], object], root: str | None) -> object:
+    if root is None:
+        raise DataError(f"{name} needs data.root (and data.download: true to fetch it)")
+    try:
+        return make()
+    except RuntimeError as e:
+        raise DataError(
+            f"{name} not found under {root} ({e}). Set data.download: true to fetch it "
+            "through torchvision, or point data.root at an existing copy."
+        ) from None
+
+
+def cifar(split: str, root: str | None, download: bool, classes: int) -> ImageData:
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    cls = CIFAR10 if classes == 10 else CIFAR100
+    name = f"cifar{classes}"
+    ds = _torchvision(name, lambda: cls(str(root), train=split != "test", download=download), root)
+    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # type: ignore[attr-defined]
+    labels = torch.tensor(ds.targets, dtype=torch.int64)  # type: ignore[attr-defined]
+    return ImageData(images, labels, classes, name)
+
+
+def stl10(split: str, root: str | None, download: bool) -> ImageData:
+    from torchvision.datasets import STL10
+
+    tv_split = {"train": "train", "test": "test", "unlabelled": "unlabeled"}[split]
+    ds = _torchvision("stl10", lambda: STL10(str(root), split=tv_split, download=download), root)
+    images = torch.from_numpy(ds.data)  # type: ignore[attr-defined]  # already NxCxHxW
+    labels = torch.from_numpy(ds.labels.astype(np.int64))  # type: ignore[attr-defined]
+    return ImageData(images, labels, 10, "stl10")
+
+
+def imagefolder(split: str, root: str | None, image_size: int | None) -> FolderImages:
+    if root is None:
+        raise DataError("imagefolder needs data.root: a directory with train/ and val/ inside")
+    sub = {"train": "train", "unlabelled": "train", "test": "val"}[split]
+    path = Path(root) / sub
+    if not path.is_dir():
+        raise DataError(f"imagefolder: {path} does not exist (expected root/{sub}/CLASS/*.jpg)")
+    return FolderImages(path, image_size or 224, "imagefolder")
+
+
+def synthetic(
+    split: str, num_classes: int = 4, size: int = 16, channels: int = 1, n: int = 256
+) -> ImageData:
+    """Learnable toy data for tests only: a smooth random prototype per class,
+    shifted and noised per image. Deterministic; the test split has other seeds."""
+    g = torch.Generator().manual_seed(1234)
+    protos = torch.rand(num_classes, channels, size // 4, size // 4, generator=g)
+    protos = torch.nn.functional.interpolate(protos, size=(size, size), mode="bilinear")
+    g.manual_seed({"train": 1, "unlabelled": 1, "test": 2}[split])
+    labels = torch.arange(n) % num_classes
+    shifts = torch.randint(-2, 3, (n, 2), generator=g)
+    imgs = torch.stack([
+        protos[int(c)].roll((int(dy), int(dx)), (1, 2))
+        for c, (dy, dx) in zip(labels, shifts, strict=True)
+    ])
+    imgs = (imgs + 0.15 * torch.randn(imgs.shape, generator=g)).clamp(0, 1)
+    return ImageData((imgs * 255).round().to(torch.uint8), labels, num_classes, "synthetic")
+
+
+DATASETS = ("fashion-mnist", "cifar10", "cifar100", "stl10", "imagefolder", "synthetic")
+
+
+def load_dataset(
+    name: str,
+    split: str,
+    root: str | os.PathLike[str] | None = None,
+    download: bool = False,
+    image_size: int | None = None,
+) -> Dataset:
+    """Load ``split`` ("train", "test" or "unlabelled") of a registered dataset."""
+    if split not in SPLITS:
+        raise DataError(f"split={split!r}; allowed: {', '.join(SPLITS)}")
+    r = None if root is None else str(root)
+    if name == "fashion-mnist":
+        return fashion_mnist(split, r, download)
+    if name in ("cifar10", "cifar100"):
+        return cifar(split, r, download, int(name[5:]))
+    if name == "stl10":
+        return stl10(split, r, download)
+    if name == "imagefolder":
+        return imagefolder(split, r, image_size)
+    if name == "synthetic":
+        return synthetic(split, size=image_size or 16)
+    raise DataError(f"dataset={name!r} is not registered; allowed: {', '.join(DATASETS)}")
+
+
+def subset_from_file(dataset: Dataset, path: str | os.PathLike[str]) -> np.ndarray:
+    """Indices named by a subset file: integers (our index files) or file names
+    (the official ImageNet 1%/10% lists, one ``n01440764_10026.JPEG`` per line)."""
+    lines = Path(path).read_text().split()
+    if all(t.isdigit() for t in lines):
+        idx = load_indices(path)
+        if len(idx) and idx.max() >= len(dataset):
+            raise DataError(f"{path}: index {idx.max()} out of range for {len(dataset)} images")
+        return idx
+    if not isinstance(dataset, FolderImages):
+        raise DataError(f"{path}: file-name subsets only apply to imagefolder datasets")
+    where = {f: i for i, f in enumerate(dataset.files)}
+    missing = [t for t in lines if t not in where]
+    if missing:
+        raise DataError(f"{path}: {len(missing)} files not in the dataset, e.g. {missing[0]}")
+    return np.sort(np.array([where[t] for t in lines], dtype=np.int64))

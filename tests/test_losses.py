@@ -1,0 +1,132 @@
+import math
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from scaling.losses import distillation_loss, nt_xent
+
+
+def naive_nt_xent(z1, z2, t, extra=None):
+    """SimCLR eq. 1 written as a loop over the 2N anchors."""
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    q = None if extra is None else F.normalize(extra, dim=1)
+    n = z1.shape[0]
+    total = 0.0
+    for i in range(2 * n):
+        pos = (i + n) % (2 * n)
+        sims = [torch.dot(z[i], z[k]) / t for k in range(2 * n) if k != i]
+        if q is not None:
+            sims += [torch.dot(z[i], q[k]) / t for k in range(q.shape[0])]
+        total = total - (torch.dot(z[i], z[pos]) / t - torch.logsumexp(torch.stack(sims), 0))
+    return total / (2 * n)
+
+
+@pytest.mark.parametrize("t", [0.1, 0.5, 1.0])
+def test_nt_xent_matches_naive_loop(t):
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(7, 5, generator=g), torch.randn(7, 5, generator=g)
+    assert torch.allclose(nt_xent(z1, z2, t), naive_nt_xent(z1, z2, t), atol=1e-5)
+
+
+def test_nt_xent_with_extra_negatives_matches_naive_loop():
+    g = torch.Generator().manual_seed(1)
+    z1, z2, q = (torch.randn(n, 6, generator=g) for n in (5, 5, 11))
+    assert torch.allclose(nt_xent(z1, z2, 0.2, negatives=q), naive_nt_xent(z1, z2, 0.2, q),
+                          atol=1e-5)
+
+
+def test_closed_forms():
+    # All embeddings equal: every logit is 1/t, so the loss is log(2N - 1).
+    n = 6
+    z = torch.ones(n, 4)
+    assert math.isclose(nt_xent(z, z, 0.5).item(), math.log(2 * n - 1), rel_tol=1e-6)
+    # One image: the positive is the only candidate, so the loss is 0.
+    assert nt_xent(torch.randn(1, 3), torch.randn(1, 3), 0.1).item() == pytest.approx(0, abs=1e-6)
+    # Orthonormal embeddings, views identical: positive logit 1/t, negatives 0.
+    t = 0.25
+    e = torch.eye(4)
+    expected = -(1 / t - math.log(math.exp(1 / t) + 2 * 4 - 2))
+    assert nt_xent(e, e, t).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_gradcheck():
+    z1 = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    z2 = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    q = torch.randn(5, 3, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda a, b: nt_xent(a, b, 0.3, negatives=q), (z1, z2))
+
+
+def test_shape_errors_are_clear():
+    with pytest.raises(ValueError, match="NxD"):
+        nt_xent(torch.randn(3, 2), torch.randn(4, 2), 0.1)
+
+
+def _worker(rank, world, init_file, z1, z2, out):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    n = z1.shape[0] // world
+    a = z1[rank * n:(rank + 1) * n].clone().requires_grad_(True)
+    b = z2[rank * n:(rank + 1) * n].clone().requires_grad_(True)
+    loss = nt_xent(a, b, 0.2)
+    loss.backward()
+    # DDP averages gradients over workers; do the same by hand for the inputs.
+    grads = torch.cat([a.grad, b.grad]) / world
+    losses = [torch.zeros(()) for _ in range(world)]
+    dist.all_gather(losses, loss.detach())
+    out[rank] = (torch.stack(losses).mean(), grads)
+    dist.destroy_process_group()
+
+
+def test_two_workers_equal_one_worker_with_double_batch():
+    g = torch.Generator().manual_seed(3)
+    z1, z2 = torch.randn(8, 5, generator=g), torch.randn(8, 5, generator=g)
+    a, b = z1.clone().requires_grad_(True), z2.clone().requires_grad_(True)
+    full = nt_xent(a, b, 0.2)
+    full.backward()
+    with tempfile.TemporaryDirectory() as d:
+        out = mp.Manager().dict()
+        mp.spawn(_worker, args=(2, os.path.join(d, "init"), z1, z2, out), nprocs=2)
+    mean_loss = out[0][0]
+    assert torch.allclose(mean_loss, full.detach(), atol=1e-6)
+    for rank in range(2):
+        ga, gb = out[rank][1].chunk(2)
+        assert torch.allclose(ga, a.grad[rank * 4:(rank + 1) * 4], atol=1e-6)
+        assert torch.allclose(gb, b.grad[rank * 4:(rank + 1) * 4], atol=1e-6)
+
+
+def test_distillation_closed_forms():
+    s = torch.randn(5, 4)
+    # Uniform teacher: the loss is the mean cross-entropy to uniform.
+    expected = -(F.log_softmax(s / 2.0, 1)).mean(1).mean()
+    assert torch.allclose(distillation_loss(s, torch.zeros(5, 4), 2.0), expected)
+    # Student equal to teacher: the loss is the teacher's entropy.
+    p = F.softmax(s, 1)
+    entropy = -(p * p.log()).sum(1).mean()
+    assert torch.allclose(distillation_loss(s, s, 1.0), entropy, atol=1e-6)
+
+
+def test_distillation_gradient_is_softmax_difference():
+    s = torch.randn(3, 4, requires_grad=True)
+    t = torch.randn(3, 4, requires_grad=True)
+    tau = 0.5
+    distillation_loss(s, t, tau).backward()
+    expected = (F.softmax(s / tau, 1) - F.softmax(t / tau, 1)) / tau / 3
+    assert torch.allclose(s.grad, expected, atol=1e-6)
+    assert t.grad is None or torch.all(t.grad == 0)  # the teacher is fixed
+
+
+def test_distillation_label_mix():
+    s, t = torch.randn(4, 3), torch.randn(4, 3)
+    lab_logits, labels = torch.randn(2, 3), torch.tensor([0, 2])
+    mixed = distillation_loss(s, t, 1.0, lab_logits, labels, alpha=0.3)
+    expected = 0.3 * F.cross_entropy(lab_logits, labels) + 0.7 * distillation_loss(s, t, 1.0)
+    assert torch.allclose(mixed, expected)
+    with pytest.raises(ValueError, match="alpha"):
+        distillation_loss(s, t, 1.0, alpha=0.5)
+    with pytest.raises(ValueError, match="alpha=1.5"):
+        distillation_loss(s, t, 1.0, lab_logits, labels, alpha=1.5)
