@@ -208,19 +208,39 @@ class SupervisedConfig:
 class EvalConfig:
     knn_k: int = 200  # the common kNN-monitor setting (Wu et al. 2018)
     knn_temperature: float = 0.1
-    linear_epochs: int = 30
+    linear_steps: int = 100  # L-BFGS iterations of the logistic-regression probe
 
     def __post_init__(self) -> None:
         check(self.knn_k >= 1, "knn_k", self.knn_k, ">= 1")
         check(self.knn_temperature > 0, "knn_temperature", self.knn_temperature, "> 0")
-        check(self.linear_epochs >= 1, "linear_epochs", self.linear_epochs, ">= 1")
+        check(self.linear_steps >= 1, "linear_steps", self.linear_steps, ">= 1")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How a run executes. Not part of any stage's identity (see stage_key)."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when present
+    compile: bool = False  # torch.compile on CUDA; its warm-up dominates short runs
+    checkpoint_every: int = 0  # steps between checkpoints; 0: at the end of each epoch
+    log_every: int = 20  # steps between progress lines and loss-curve points
+    keep_checkpoints: int = 2  # the previous one is the fallback for a corrupt latest
+    loader_workers: int = 4  # decode processes for imagefolder data only
+
+    def __post_init__(self) -> None:
+        check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, ">= 0")
+        check(self.log_every >= 1, "log_every", self.log_every, ">= 1")
+        check(self.keep_checkpoints >= 2, "keep_checkpoints", self.keep_checkpoints, ">= 2")
+        check(self.loader_workers >= 0, "loader_workers", self.loader_workers, ">= 0")
 
 
 @dataclass(frozen=True)
 class ExperimentConfig:
     name: str = "default"
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0  # model init, batch order and augmentation (subsets use subset_seed)
+    # The pipeline fine-tunes, distils and trains the supervised baseline once per
+    # fraction; empty: only finetune.label_fraction / labels_per_class.
+    label_fractions: tuple[float, ...] = (0.01, 0.1)
     model: ModelConfig = field(default_factory=ModelConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -229,8 +249,11 @@ class ExperimentConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     supervised: SupervisedConfig = field(default_factory=SupervisedConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def __post_init__(self) -> None:
+        for f in self.label_fractions:
+            check(0 < f <= 1, "label_fractions", self.label_fractions, "fractions in (0, 1]")
         check(self.finetune.head_layer <= self.head.num_layers, "finetune.head_layer",
               self.finetune.head_layer, f"0..head.num_layers ({self.head.num_layers})")
 
@@ -249,6 +272,14 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     if origin is Literal:
         check(value in args, key, value, "one of " + ", ".join(repr(a) for a in args))
         return value
+    if origin is tuple:
+        check(isinstance(value, list | tuple), key, value, "a list")
+        item = args[0]
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(item, v, f"{key}[{i}]") for i, v in enumerate(value))
+        check(len(value) == len(args), key, value, f"a list of {len(args)} values")
+        pairs = enumerate(zip(args, value, strict=True))
+        return tuple(_convert(a, v, f"{key}[{i}]") for i, (a, v) in pairs)
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         check(isinstance(value, dict), key, value, f"a mapping of {tp.__name__} fields")
         return from_dict(tp, value, key)
@@ -288,7 +319,12 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def config_hash(cfg: Any) -> str:
     """A short, stable content hash: equal configs name equal runs."""
-    blob = json.dumps(to_dict(cfg), sort_keys=True, separators=(",", ":"))
+    def plain(obj: Any) -> Any:
+        if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            return dataclasses.asdict(obj)
+        raise TypeError(f"cannot hash {type(obj).__name__}")
+
+    blob = json.dumps(cfg, default=plain, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 

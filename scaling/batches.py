@@ -1,0 +1,82 @@
+"""Batches as index lists: deterministic per (seed, epoch), sharded over workers.
+
+The order of an epoch is a pure function of (seed, epoch), so a stage resumed in
+the middle of an epoch replays exactly the batches it had not yet seen, and every
+worker agrees on the global order without communicating.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from scaling.data import Dataset, ImageData
+
+
+def steps_per_epoch(n: int, global_batch: int) -> int:
+    """Full batches only: contrastive and BN statistics want equal batch sizes."""
+    steps = n // global_batch
+    if steps == 0:
+        raise ValueError(
+            f"batch_size={global_batch} is larger than the {n} training examples; "
+            f"allowed: batch_size <= {n}"
+        )
+    return steps
+
+
+def epoch_batches(
+    indices: np.ndarray, global_batch: int, seed: int, epoch: int, rank: int = 0, world: int = 1
+) -> list[np.ndarray]:
+    """This worker's share of every global batch of ``epoch``, in order.
+
+    Global batch b holds ``order[b*B:(b+1)*B]``; worker r takes its r-th slice of
+    B/world, so W workers see exactly the images of the single-worker batch.
+    """
+    if global_batch % world:
+        raise ValueError(f"batch_size={global_batch} must be divisible by {world} workers")
+    rng = np.random.Generator(np.random.PCG64([seed, epoch]))
+    order = indices[rng.permutation(len(indices))]
+    per = global_batch // world
+    steps = steps_per_epoch(len(indices), global_batch)
+    return [order[b * global_batch + rank * per: b * global_batch + (rank + 1) * per]
+            for b in range(steps)]
+
+
+class Fetcher:
+    """Turns index arrays into (uint8 images, labels) on the training device.
+
+    In-memory datasets are copied to the device once, so a batch is one gather
+    there; folder datasets decode through a DataLoader in worker processes.
+    """
+
+    def __init__(self, dataset: Dataset, device: torch.device, workers: int = 4) -> None:
+        self.dataset = dataset
+        self.device = device
+        self.workers = workers
+        if isinstance(dataset, ImageData):
+            self.images = dataset.images.to(device)
+            self.labels = dataset.labels.to(device)
+
+    def __call__(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(self.dataset, ImageData):
+            i = torch.from_numpy(idx).to(self.device)
+            return self.images[i], self.labels[i]
+        return next(self.stream([idx]))
+
+    def stream(self, batches: list[np.ndarray]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if isinstance(self.dataset, ImageData):
+            yield from (self(b) for b in batches)
+            return
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=[b.tolist() for b in batches],
+            num_workers=self.workers, pin_memory=self.device.type == "cuda",
+        )
+        for x, y in loader:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+def eval_batches(n: int, batch: int) -> list[np.ndarray]:
+    """Every example once, in order, last batch possibly short."""
+    return [np.arange(s, min(s + batch, n)) for s in range(0, n, batch)]

@@ -1,0 +1,134 @@
+"""Stage 2: fine-tuning from the projection head, and its supervised baseline.
+
+Both train a ``Classifier`` with cross-entropy on the same class-balanced label
+subset with crop+flip views; they differ only in where the weights start (a
+pretrained encoder + first k head layers, or random) and in their schedule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from scaling.augment import CROP_FLIP, augment
+from scaling.batches import Fetcher, epoch_batches, steps_per_epoch
+from scaling.checkpoint import load_final_models, read_result
+from scaling.config import ExperimentConfig, OptimConfig, to_dict
+from scaling.data import Dataset, load_dataset
+from scaling.env import Env, pick_device
+from scaling.evaluate import apply, top1
+from scaling.measure import forward_flops_per_image
+from scaling.network import Classifier, build_classifier, build_contrastive, classifier_from
+from scaling.optimizer import build_optimizer
+from scaling.resnet import count_parameters
+from scaling.schedule import scaled_lr, warmup_cosine
+from scaling.stage import StageRun, rank_generator, set_lr
+from scaling.subsets import label_subset, save_indices
+
+Build = Callable[[int, int, int], Classifier]  # (channels, image size, classes) -> model
+
+
+def labelled_indices(cfg: ExperimentConfig, train: Dataset) -> np.ndarray:
+    """The class-balanced labelled subset every label-using stage of ``cfg`` shares."""
+    ft = cfg.finetune
+    labels = train.labels.numpy()
+    return label_subset(labels, ft.label_fraction, ft.labels_per_class, ft.subset_seed)
+
+
+def finetune(
+    cfg: ExperimentConfig, out: Path, pretrained: Path, env: Env | None = None
+) -> dict[str, Any]:
+    """Fine-tune the whole network from head layer ``cfg.finetune.head_layer``."""
+    def build(channels: int, size: int, classes: int) -> Classifier:
+        weights = load_final_models(pretrained)
+        net = build_contrastive(cfg.model, cfg.head, channels, size)
+        net.encoder.load_state_dict(weights["encoder"])
+        net.head.load_state_dict(weights["head"])
+        return classifier_from(net, cfg.finetune.head_layer, classes)
+
+    ft = cfg.finetune
+    extra = {"head_layer": ft.head_layer, "pretrained": str(pretrained)}
+    return train_classifier(cfg, "finetune", out, env, build, ft.epochs, ft.batch_size,
+                            ft.optim, extra)
+
+
+def supervised(cfg: ExperimentConfig, out: Path, env: Env | None = None) -> dict[str, Any]:
+    """The same architecture from scratch (encoder + linear) on the same labels."""
+    def build(channels: int, size: int, classes: int) -> Classifier:
+        return build_classifier(cfg.model, cfg.head, 0, channels, size, classes)
+
+    s = cfg.supervised
+    return train_classifier(cfg, "supervised", out, env, build, s.epochs, s.batch_size, s.optim,
+                            {"head_layer": 0})
+
+
+def train_classifier(
+    cfg: ExperimentConfig, name: str, out: Path, env: Env | None, build: Build,
+    epochs: int, batch_size: int, optim: OptimConfig, extra_protocol: dict[str, Any],
+) -> dict[str, Any]:
+    done = read_result(out)
+    if done is not None:
+        return done
+    env = env or Env(pick_device(cfg.runtime.device), compile=cfg.runtime.compile)
+
+    # Data: the labelled subset of the training split; crop+flip views.
+    d = cfg.data
+    train = load_dataset(d.name, "train", d.root, d.download, d.image_size)
+    test = load_dataset(d.name, "test", d.root, d.download, d.image_size)
+    labelled = labelled_indices(cfg, train)
+    if env.is_main:
+        save_indices(out / "labels.txt", labelled)
+    # Small subsets (1% of a small set) can hold fewer images than a batch:
+    # shrink the batch to what exists, keeping it divisible by the workers.
+    batch = min(batch_size, len(labelled) // env.world * env.world)
+    fetch = Fetcher(train, env.device, cfg.runtime.loader_workers)
+    spe = steps_per_epoch(len(labelled), batch)
+
+    torch.manual_seed(cfg.seed)
+    net = build(train.channels, train.image_size, train.num_classes)
+    flops = forward_flops_per_image(net, fetch(labelled[:1])[0].float())
+    model = env.prepare(net)
+    # The reference excludes the classifier from LARS adaptation and weight decay.
+    optimizer = build_optimizer(optim, net, exclude=[net.classifier])
+    peak_lr = scaled_lr(optim.base_lr, batch, optim.lr_scaling)
+    total = spe * epochs
+    warmup = round(optim.warmup_fraction * total)
+
+    gen = rank_generator(env, cfg.seed)
+    run = StageRun(name, out, env, cfg.runtime, spe, epochs,
+                   {"model": net, "optimizer": optimizer}, gen)
+    while run.step < total:
+        batches = epoch_batches(labelled, batch, cfg.seed, run.epoch, env.rank, env.world)
+        for x, y in fetch.stream(batches[run.skip_in_epoch():]):
+            lr = warmup_cosine(run.step, peak_lr, total, warmup)
+            set_lr(optimizer, lr)
+            with env.autocast():
+                logits = model(env.images(augment(x, CROP_FLIP, gen)))
+            loss = F.cross_entropy(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            run.after_step(loss, lr, x.shape[0] * env.world)
+
+    metrics: dict[str, Any] = {"params": count_parameters(net.encoder),
+                               "params_with_head": count_parameters(net),
+                               "forward_flops_per_image": flops,
+                               "labelled_examples": len(labelled)}
+    if env.is_main:
+        logits, labels = apply(net, [net], Fetcher(test, env.device), len(test), env)
+        metrics["test_top1"] = top1(logits, labels)
+    ft = cfg.finetune
+    protocol = {
+        "stem": cfg.model.resolved_stem(train.image_size), "image_size": train.image_size,
+        "label_fraction": ft.label_fraction, "labels_per_class": ft.labels_per_class,
+        "subset_seed": ft.subset_seed, "batch_size": batch, "epochs": epochs,
+        "augment": "crop+flip", "probe": "fine-tuned classifier, test split top-1",
+        **extra_protocol,
+    }
+    return run.finish({"classifier": net.state_dict()}, metrics, protocol,
+                      {"config": to_dict(cfg), "labels_file": "labels.txt"})

@@ -1,0 +1,137 @@
+"""One configuration end to end, single process, no Ray:
+
+    python -m scaling.pipeline CONFIG.yaml|PRESET [--out runs] [--set key=value ...]
+
+pretrain once -> for each label fraction: fine-tune, distil, supervised baseline.
+Each stage's directory is named by a hash of exactly the settings it depends on,
+so re-running resumes unfinished stages and returns finished ones untouched, and
+fractions share their pretraining.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from scaling.checkpoint import CheckpointError
+from scaling.config import ConfigError, ExperimentConfig, config_hash, load_config, with_overrides
+from scaling.data import DataError
+from scaling.distill import distill
+from scaling.finetune import finetune, supervised
+from scaling.pretrain import pretrain
+from scaling.stage import NonFiniteLoss
+
+PRESETS = Path(__file__).resolve().parent.parent / "configs"
+STAGES = ("pretrain", "finetune", "distill", "supervised")
+
+
+def stage_key(cfg: ExperimentConfig, stage: str) -> str:
+    """Hash of what ``stage`` depends on (runtime settings never count)."""
+    labels = {"fraction": cfg.finetune.label_fraction,
+              "per_class": cfg.finetune.labels_per_class, "seed": cfg.finetune.subset_seed}
+    parts: dict[str, Any] = {"seed": cfg.seed, "model": cfg.model, "data": cfg.data}
+    if stage == "pretrain":
+        parts |= {"head": cfg.head, "pretrain": cfg.pretrain, "evaluate": cfg.evaluate}
+    elif stage == "finetune":
+        parts |= {"pretrained": stage_key(cfg, "pretrain"), "finetune": cfg.finetune}
+    elif stage == "distill":
+        parts |= {"teacher": stage_key(cfg, "finetune"), "distill": cfg.distill}
+    elif stage == "supervised":
+        parts |= {"labels": labels, "supervised": cfg.supervised}
+    else:
+        raise ValueError(f"stage={stage!r}; allowed: {', '.join(STAGES)}")
+    return config_hash(parts)
+
+
+def stage_dir(root: Path, cfg: ExperimentConfig, stage: str) -> Path:
+    return root / f"{stage}-{stage_key(cfg, stage)}"
+
+
+def fraction_configs(cfg: ExperimentConfig) -> list[ExperimentConfig]:
+    if not cfg.label_fractions:
+        return [cfg]
+    return [with_overrides(cfg, {"finetune.label_fraction": f, "finetune.labels_per_class": None})
+            for f in cfg.label_fractions]
+
+
+def run_pipeline(cfg: ExperimentConfig, root: Path) -> list[dict[str, Any]]:
+    """Run (or resume, or reuse) every stage; one result dict per stage run."""
+    pre_dir = stage_dir(root, cfg, "pretrain")
+    results = [pretrain(cfg, pre_dir)]
+    for c in fraction_configs(cfg):
+        ft_dir = stage_dir(root, c, "finetune")
+        results.append(finetune(c, ft_dir, pre_dir))
+        results.append(distill(c, stage_dir(root, c, "distill"), ft_dir))
+        results.append(supervised(c, stage_dir(root, c, "supervised")))
+    return results
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:5.1f}"
+
+
+def summary(results: list[dict[str, Any]]) -> str:
+    """One screen: per stage and fraction, accuracy, wall time and images/s."""
+    rows = [f"{'stage':<11}{'labels':>8}{'top-1 %':>9}{'kNN %':>7}{'linear %':>9}"
+            f"{'train s':>9}{'img/s':>8}"]
+    for r in results:
+        m, p = r["metrics"], r["protocol"]
+        frac = p.get("label_fraction")
+        labels = "-" if r["stage"] == "pretrain" else (
+            f"{100 * frac:g}%" if frac is not None else f"{p['labels_per_class']}/cl")
+        rows.append(f"{r['stage']:<11}{labels:>8}{_pct(m.get('test_top1')):>9}"
+                    f"{_pct(m.get('knn_top1')):>7}{_pct(m.get('linear_top1')):>9}"
+                    f"{m['train_seconds']:>9.0f}{m['images_per_s']:>8.0f}")
+    return "\n".join(rows)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError("--set", item, "KEY=VALUE, e.g. pretrain.epochs=5")
+        key, value = item.split("=", 1)
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def resolve(config: str) -> Path:
+    path = Path(config)
+    if path.exists():
+        return path
+    preset = PRESETS / f"{config}.yaml"
+    if preset.exists():
+        return preset
+    names = sorted(p.stem for p in PRESETS.glob("*.yaml"))
+    raise ConfigError("config", config, f"a YAML file or a preset: {', '.join(names)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m scaling.pipeline", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="YAML file or preset name (configs/*.yaml)")
+    parser.add_argument("--out", default="runs", help="root directory of stage outputs")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="override config keys, e.g. pretrain.epochs=5")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(resolve(args.config), parse_overrides(args.set))
+        root = Path(args.out).resolve() / cfg.name
+        started = time.perf_counter()
+        results = run_pipeline(cfg, root)
+    except (ConfigError, DataError, NonFiniteLoss, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"\n{cfg.name}: {len(results)} stage results in {root} "
+          f"({time.perf_counter() - started:.0f} s this run)")
+    print(summary(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

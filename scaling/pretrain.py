@@ -1,0 +1,114 @@
+"""Stage 1: SimCLRv2 contrastive pretraining of encoder + projection head."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from scaling.augment import augment
+from scaling.batches import Fetcher, epoch_batches, steps_per_epoch
+from scaling.checkpoint import read_result
+from scaling.config import ExperimentConfig, to_dict
+from scaling.data import load_dataset
+from scaling.env import Env, pick_device
+from scaling.evaluate import apply, knn_accuracy, linear_probe
+from scaling.losses import nt_xent
+from scaling.measure import forward_flops_per_image
+from scaling.memory import NegativeQueue, ema_update, momentum_copy
+from scaling.network import ContrastiveNet, build_contrastive
+from scaling.optimizer import build_optimizer
+from scaling.resnet import count_parameters
+from scaling.schedule import scaled_lr, warmup_cosine
+from scaling.stage import StageRun, rank_generator, set_lr
+
+
+def pretrain(cfg: ExperimentConfig, out: Path, env: Env | None = None) -> dict[str, Any]:
+    """Pretrain and write ``out``/result.json; a finished ``out`` is returned as is."""
+    done = read_result(out)
+    if done is not None:
+        return done
+    env = env or Env(pick_device(cfg.runtime.device), compile=cfg.runtime.compile)
+    p = cfg.pretrain
+
+    # Data: the training split, labels unused.
+    train = load_dataset(cfg.data.name, "train", cfg.data.root, cfg.data.download,
+                         cfg.data.image_size)
+    fetch = Fetcher(train, env.device, cfg.runtime.loader_workers)
+    spe = steps_per_epoch(len(train), p.batch_size)
+
+    # Model: one forward over both views, so BN statistics cover both (global BN).
+    torch.manual_seed(cfg.seed)
+    net = build_contrastive(cfg.model, cfg.head, train.channels, train.image_size)
+    flops = forward_flops_per_image(net, fetch(np.arange(1))[0].float())
+    model = env.prepare(net, sync_bn=p.global_bn)
+    objects: dict[str, Any] = {"model": net}
+    queue = momentum = None
+    if p.memory.queue_size:
+        momentum = momentum_copy(net)
+        queue = NegativeQueue(p.memory.queue_size, cfg.head.out_dim).to(env.device)
+        objects |= {"momentum": momentum, "queue": queue}
+
+    optimizer = build_optimizer(p.optim, net)
+    objects["optimizer"] = optimizer
+    peak_lr = scaled_lr(p.optim.base_lr, p.batch_size, p.optim.lr_scaling)
+    total = spe * p.epochs
+    warmup = round(p.optim.warmup_fraction * total)
+
+    gen = rank_generator(env, cfg.seed)
+    run = StageRun("pretrain", out, env, cfg.runtime, spe, p.epochs, objects, gen)
+    view = p.augment.view()
+    indices = np.arange(len(train))
+    while run.step < total:
+        batches = epoch_batches(indices, p.batch_size, cfg.seed, run.epoch, env.rank, env.world)
+        for x, _ in fetch.stream(batches[run.skip_in_epoch():]):
+            lr = warmup_cosine(run.step, peak_lr, total, warmup)
+            set_lr(optimizer, lr)
+            views = torch.cat([augment(x, view, gen), augment(x, view, gen)])  # 2NxCxHxW
+            with env.autocast():
+                z = model(env.images(views))[-1]
+            z1, z2 = z.float().chunk(2)
+            negatives = None if queue is None else queue.negatives()
+            loss = nt_xent(z1, z2, p.temperature, negatives=negatives)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if momentum is not None and queue is not None:
+                ema_update(momentum, net, p.memory.momentum)
+                with torch.no_grad(), env.autocast():
+                    queue.push(momentum(env.images(views))[-1].float())
+            run.after_step(loss, lr, x.shape[0] * env.world)
+
+    metrics: dict[str, Any] = {"params": count_parameters(net.encoder),
+                               "params_with_head": count_parameters(net),
+                               "forward_flops_per_image": flops}
+    if env.is_main:
+        metrics |= probe(cfg, net, fetch, env)
+    protocol = {
+        "stem": cfg.model.resolved_stem(train.image_size), "image_size": train.image_size,
+        "head_layers": cfg.head.num_layers, "batch_size": p.batch_size, "epochs": p.epochs,
+        "temperature": p.temperature, "queue_size": p.memory.queue_size,
+        "loss": "nt_xent mean over 2N anchors (reference value / 2)",
+        "probe": f"frozen encoder, unaugmented features, 100% train labels; kNN k="
+                 f"{cfg.evaluate.knn_k} T={cfg.evaluate.knn_temperature}; logistic L-BFGS",
+    }
+    models = {"encoder": net.encoder.state_dict(), "head": net.head.state_dict()}
+    return run.finish(models, metrics, protocol, {"config": to_dict(cfg)})
+
+
+def probe(cfg: ExperimentConfig, net: ContrastiveNet, fetch: Fetcher, env: Env) -> dict[str, Any]:
+    """kNN and linear-probe top-1 of the encoder on the test split."""
+    test = load_dataset(cfg.data.name, "test", cfg.data.root, cfg.data.download,
+                        cfg.data.image_size)
+    test_fetch = Fetcher(test, env.device, cfg.runtime.loader_workers)
+    f_train, y_train = apply(net.encoder, [net], fetch, len(fetch.dataset), env)
+    f_test, y_test = apply(net.encoder, [net], test_fetch, len(test), env)
+    classes = test.num_classes
+    ev = cfg.evaluate
+    return {
+        "knn_top1": knn_accuracy(f_train, y_train, f_test, y_test, classes, ev.knn_k,
+                                 ev.knn_temperature),
+        "linear_top1": linear_probe(f_train, y_train, f_test, y_test, classes, ev.linear_steps),
+    }

@@ -1,0 +1,18 @@
+import pytest
+import torch
+
+from scaling.config import ExperimentConfig, load_config
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    # Keep tests predictable on small CI machines.
+    torch.set_num_threads(2)
+
+
+@pytest.fixture
+def tiny() -> ExperimentConfig:
+    """The tiny preset on synthetic data, on the CPU, for stage tests."""
+    from scaling.pipeline import PRESETS
+
+    return load_config(PRESETS / "tiny.yaml", {"runtime.device": "cpu"})

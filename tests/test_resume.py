@@ -1,0 +1,127 @@
+"""Kill a real stage process mid-way, start it again, and check it resumed."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from scaling.checkpoint import latest_checkpoint, load_final_models, read_result
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write_config(tmp_path: Path, **extra) -> Path:
+    cfg = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    cfg["label_fractions"] = [0.5]
+    cfg["pretrain"]["epochs"] = 6
+    cfg["runtime"] = {"device": "cpu", "checkpoint_every": 2, "log_every": 2}
+    cfg.update(extra)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def start(cfg: Path, out: Path) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "scaling.pipeline", str(cfg), "--out", str(out)],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def wait_for_checkpoint(pre_glob, min_step: int, proc: subprocess.Popen, timeout=120) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        steps = [int(p.name.split("-")[1]) for p in pre_glob()]
+        if steps and max(steps) >= min_step:
+            return max(steps)
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint appeared in time")
+
+
+def test_killed_stage_resumes_and_matches_uninterrupted_run(tmp_path):
+    cfg = write_config(tmp_path)
+    killed_root = tmp_path / "killed"
+
+    def checkpoints():
+        return list(killed_root.glob("tiny/pretrain-*/checkpoints/step-*"))
+
+    proc = start(cfg, killed_root)
+    wait_for_checkpoint(checkpoints, 6, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    pre_dir = next(killed_root.glob("tiny/pretrain-*"))
+    assert read_result(pre_dir) is None  # killed before the end of the stage
+    _, meta = latest_checkpoint(pre_dir)
+    killed_at = meta["step"]
+    assert 6 <= killed_at < 48
+
+    second = start(cfg, killed_root)
+    out, _ = second.communicate(timeout=600)
+    assert second.returncode == 0, out
+    assert f"[pretrain] resumed from step {killed_at}" in out
+    result = read_result(pre_dir)
+    assert result["step"] == 48 and result["resumed_from"] == killed_at
+    assert [p["step"] for p in result["history"]] == list(range(2, 49, 2))
+
+    # The same command never interrupted gives the same weights: batch order,
+    # augmentation RNG, optimiser and model state all came back exactly.
+    clean = start(cfg, tmp_path / "clean")
+    out_clean, _ = clean.communicate(timeout=600)
+    assert clean.returncode == 0, out_clean
+    clean_dir = next((tmp_path / "clean").glob("tiny/pretrain-*"))
+    assert clean_dir.name == pre_dir.name
+    a, b = load_final_models(pre_dir), load_final_models(clean_dir)
+    for key, value in a["encoder"].items():
+        assert torch.allclose(value.float(), b["encoder"][key].float(), atol=1e-5), key
+
+    # A third run of the finished pipeline retrains nothing.
+    third = start(cfg, killed_root)
+    out3, _ = third.communicate(timeout=600)
+    assert third.returncode == 0 and "resumed" not in out3 and "step" not in out3.split("\n")[0]
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_previous(tiny, tmp_path, capsys):
+    from scaling.config import with_overrides
+    from scaling.pretrain import pretrain
+
+    cfg = with_overrides(tiny, {"pretrain.epochs": 1, "runtime.checkpoint_every": 2,
+                                "runtime.keep_checkpoints": 3})
+    out = tmp_path / "pre"
+    pretrain(cfg, out)
+    steps = sorted((out / "checkpoints").glob("step-*"))
+    assert [p.name for p in steps] == ["step-000000004", "step-000000006", "step-000000008"]
+    state_file = steps[-1] / "state.pt"
+    state_file.write_bytes(state_file.read_bytes()[:1000])  # truncated
+    _, meta = latest_checkpoint(out)
+    assert meta["step"] == 6
+    assert "step-000000008: state.pt does not match its sha256" in capsys.readouterr().err
+    # A corrupt result model is refused, not silently loaded.
+    (out / "final" / "model.pt").write_bytes(b"garbage")
+    import pytest
+
+    from scaling.checkpoint import CheckpointError
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_final_models(out)
+
+
+def test_cli_reports_bad_config_and_exits_nonzero(tmp_path):
+    cfg = write_config(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "scaling.pipeline", str(cfg), "--out", str(tmp_path),
+         "--set", "model.depth=7"],
+        cwd=REPO, capture_output=True, text=True,
+    )
+    assert proc.returncode == 2
+    assert "model.depth=7 is invalid; allowed: one of [18, 34, 50, 101, 152, 200]" in proc.stderr
+    proc = subprocess.run(
+        [sys.executable, "-m", "scaling.pipeline", "no-such-preset"],
+        cwd=REPO, capture_output=True, text=True,
+    )
+    assert proc.returncode == 2 and "tiny" in proc.stderr

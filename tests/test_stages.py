@@ -1,0 +1,144 @@
+"""Every stage end to end on tiny synthetic data, and the stage contract."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from scaling.batches import epoch_batches
+from scaling.checkpoint import latest_checkpoint, load_final_models, read_result
+from scaling.config import with_overrides
+from scaling.distill import distill
+from scaling.finetune import finetune, supervised
+from scaling.network import build_contrastive
+from scaling.pipeline import run_pipeline, stage_dir, stage_key, summary
+from scaling.pretrain import pretrain
+from scaling.stage import NonFiniteLoss
+
+
+def test_pipeline_end_to_end_and_rerun_reuses(tiny, tmp_path):
+    results = run_pipeline(tiny, tmp_path)
+    assert [r["stage"] for r in results] == ["pretrain"] + ["finetune", "distill",
+                                                            "supervised"] * 2
+    pre = results[0]
+    for key in ("knn_top1", "linear_top1", "images_per_s", "wall_seconds", "params",
+                "forward_flops_per_image", "peak_memory_bytes"):
+        assert pre["metrics"][key] > 0, key
+    assert pre["history"] and pre["history"][-1]["step"] == pre["step"] == 16
+    for r in results[1:]:
+        assert 0 <= r["metrics"]["test_top1"] <= 1
+        for key in ("stem", "batch_size", "epochs", "subset_seed", "probe", "head_layer"):
+            assert key in r["protocol"] or r["stage"] == "distill", key
+    ft = results[1]
+    assert ft["protocol"]["label_fraction"] == 0.1 and ft["protocol"]["head_layer"] == 1
+    labels = np.loadtxt(stage_dir(tmp_path, with_overrides(
+        tiny, {"finetune.label_fraction": 0.1}), "finetune") / "labels.txt")
+    assert len(labels) == ft["metrics"]["labelled_examples"] == 24  # 4 classes x round(6.4)
+    # Pretraining is shared by both fractions: one pretrain directory only.
+    assert len(list(tmp_path.glob("pretrain-*"))) == 1
+    assert "finetune" in summary(results)
+
+    stamps = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("result.json")}
+    again = run_pipeline(tiny, tmp_path)
+    assert again == results
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("result.json")} == stamps
+
+
+def test_stage_keys_follow_dependencies(tiny):
+    a = with_overrides(tiny, {"finetune.label_fraction": 0.1})
+    b = with_overrides(tiny, {"finetune.label_fraction": 0.5})
+    assert stage_key(a, "pretrain") == stage_key(b, "pretrain")
+    assert stage_key(a, "finetune") != stage_key(b, "finetune")
+    assert stage_key(a, "supervised") != stage_key(b, "supervised")
+    c = with_overrides(a, {"distill.temperature": 0.1, "runtime.log_every": 1})
+    assert stage_key(a, "finetune") == stage_key(c, "finetune")
+    assert stage_key(a, "distill") != stage_key(c, "distill")
+    d = with_overrides(a, {"pretrain.epochs": 3})
+    assert stage_key(a, "supervised") == stage_key(d, "supervised")
+    assert stage_key(a, "finetune") != stage_key(d, "finetune")
+
+
+def test_finetune_starts_from_pretrained_head_layer(tiny, tmp_path):
+    cfg = with_overrides(tiny, {"finetune.epochs": 1, "finetune.head_layer": 2})
+    pre = tmp_path / "pre"
+    pretrain(cfg, pre)
+    weights = load_final_models(pre)
+    # Zero learning rate: the fine-tuned network must still be the pretrained one.
+    frozen = with_overrides(cfg, {"finetune.optim.base_lr": 1e-30})
+    result = finetune(frozen, tmp_path / "ft", pre)
+    clf = load_final_models(tmp_path / "ft")["classifier"]
+    for k, v in weights["encoder"].items():
+        if "running" in k or "num_batches" in k:
+            continue  # BN statistics keep updating in train mode
+        assert torch.allclose(clf[f"encoder.{k}"], v), k
+    # Head layers 1 and 2 kept (with a ReLU between), classifier on a 32-d output.
+    assert torch.allclose(clf["head.0.0.weight"], weights["head"]["layers.0.0.weight"])
+    assert torch.allclose(clf["head.2.0.weight"], weights["head"]["layers.1.0.weight"])
+    assert clf["classifier.weight"].shape == (4, 16)
+    assert result["protocol"]["head_layer"] == 2
+
+
+def test_distill_to_smaller_student_on_other_unlabelled_data(tiny, tmp_path):
+    cfg = with_overrides(tiny, {
+        "distill.student": {"depth": 18, "width": 0.03125},
+        "distill.unlabelled": {"name": "synthetic", "image_size": 24},
+        "distill.alpha": 0.5,
+    })
+    pre, ft = tmp_path / "pre", tmp_path / "ft"
+    pretrain(cfg, pre)
+    finetune(cfg, ft, pre)
+    r = distill(cfg, tmp_path / "ds", ft)
+    assert r["protocol"]["self_distillation"] is False
+    assert r["protocol"]["student"]["width"] == 0.03125
+    teacher_params = read_result(ft)["metrics"]["params"]
+    assert r["metrics"]["params"] < teacher_params
+    assert 0 <= r["metrics"]["teacher_test_top1"] <= 1
+
+
+def test_supervised_learns_synthetic_classes(tiny, tmp_path):
+    cfg = with_overrides(tiny, {"finetune.label_fraction": 1.0, "supervised.epochs": 8,
+                                "supervised.batch_size": 32, "supervised.optim.base_lr": 2.0})
+    r = supervised(cfg, tmp_path / "sup")
+    assert r["metrics"]["test_top1"] > 0.5  # 4 classes: chance is 0.25
+    assert r["protocol"]["head_layer"] == 0
+
+
+def test_memory_queue_pretraining_checkpoints_the_queue(tiny, tmp_path):
+    cfg = with_overrides(tiny, {"pretrain.memory.queue_size": 48, "pretrain.epochs": 1})
+    r = pretrain(cfg, tmp_path / "pre")
+    state, meta = latest_checkpoint(tmp_path / "pre")
+    assert int(state["queue"]["filled"]) == 48  # 8 steps x 64 keys, capped at 48
+    assert "momentum" in state and r["protocol"]["queue_size"] == 48
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny, tmp_path):
+    cfg = with_overrides(tiny, {
+        "pretrain.optim": {"name": "sgd", "base_lr": 1e30, "warmup_fraction": 0.0},
+        "runtime.checkpoint_every": 1,
+    })
+    with pytest.raises(NonFiniteLoss, match="Last good checkpoint: .*step-0000000"):
+        pretrain(cfg, tmp_path / "pre")
+    assert read_result(tmp_path / "pre") is None
+    state, meta = latest_checkpoint(tmp_path / "pre")
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_batches_shard_the_single_worker_batch():
+    idx = np.arange(100)
+    one = epoch_batches(idx, 20, seed=1, epoch=3)
+    two = [epoch_batches(idx, 20, seed=1, epoch=3, rank=r, world=2) for r in range(2)]
+    for b, (a0, a1) in enumerate(zip(*two, strict=True)):
+        assert np.array_equal(np.concatenate([a0, a1]), one[b])
+    assert not np.array_equal(one[0], epoch_batches(idx, 20, seed=1, epoch=4)[0])
+    with pytest.raises(ValueError, match="batch_size=200"):
+        epoch_batches(idx, 200, seed=0, epoch=0)
+
+
+def test_result_format_is_json_with_config(tiny, tmp_path):
+    pretrain(with_overrides(tiny, {"pretrain.epochs": 1}), tmp_path / "pre")
+    data = json.loads((tmp_path / "pre" / "result.json").read_text())
+    assert data["config"]["model"]["depth"] == 18
+    assert len(data["model_sha256"]) == 64
+    net = build_contrastive(tiny.model, tiny.head, 1, 16)
+    net.encoder.load_state_dict(load_final_models(tmp_path / "pre")["encoder"])
