@@ -24,10 +24,9 @@ from scaling.env import Env, pick_device
 from scaling.evaluate import apply, top1
 from scaling.finetune import labelled_indices
 from scaling.losses import distillation_loss
-from scaling.measure import forward_flops_per_image
+from scaling.measure import forward_flops_per_image, size_metrics
 from scaling.network import build_classifier
 from scaling.optimizer import build_optimizer
-from scaling.resnet import count_parameters
 from scaling.schedule import scaled_lr, warmup_cosine
 from scaling.stage import StageRun, rank_generator, set_lr
 
@@ -110,9 +109,7 @@ def distill(
             optimizer.step()
             run.after_step(loss, lr, x.shape[0] * env.world)
 
-    metrics: dict[str, Any] = {"params": count_parameters(net.encoder),
-                               "params_with_head": count_parameters(net),
-                               "forward_flops_per_image": flops}
+    metrics: dict[str, Any] = size_metrics(net, flops)
     if env.is_main:
         test_fetch = Fetcher(test, env.device)
         logits, y = apply(net, [net], test_fetch, len(test), env)

@@ -22,10 +22,9 @@ from scaling.config import ExperimentConfig, OptimConfig, to_dict
 from scaling.data import Dataset, load_dataset
 from scaling.env import Env, pick_device
 from scaling.evaluate import apply, top1
-from scaling.measure import forward_flops_per_image
+from scaling.measure import forward_flops_per_image, size_metrics
 from scaling.network import Classifier, build_classifier, build_contrastive, classifier_from
 from scaling.optimizer import build_optimizer
-from scaling.resnet import count_parameters
 from scaling.schedule import scaled_lr, warmup_cosine
 from scaling.stage import StageRun, rank_generator, set_lr
 from scaling.subsets import label_subset, save_indices
@@ -115,10 +114,7 @@ def train_classifier(
             optimizer.step()
             run.after_step(loss, lr, x.shape[0] * env.world)
 
-    metrics: dict[str, Any] = {"params": count_parameters(net.encoder),
-                               "params_with_head": count_parameters(net),
-                               "forward_flops_per_image": flops,
-                               "labelled_examples": len(labelled)}
+    metrics: dict[str, Any] = {**size_metrics(net, flops), "labelled_examples": len(labelled)}
     if env.is_main:
         logits, labels = apply(net, [net], Fetcher(test, env.device), len(test), env)
         metrics["test_top1"] = top1(logits, labels)

@@ -25,6 +25,14 @@ def forward_flops_per_image(model: nn.Module, example: torch.Tensor) -> int:
     return int(counter.get_total_flops())
 
 
+def size_metrics(net: nn.Module, flops: int) -> dict[str, int]:
+    """Encoder parameters (the paper's model size), with heads, and forward FLOPs."""
+    encoder = net.get_submodule("encoder")
+    return {"params": sum(p.numel() for p in encoder.parameters()),
+            "params_with_head": sum(p.numel() for p in net.parameters()),
+            "forward_flops_per_image": flops}
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     """Peak CUDA memory allocated on ``device``, or peak RSS of this process on CPU."""
     if device.type == "cuda":

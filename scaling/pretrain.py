@@ -16,11 +16,10 @@ from scaling.data import load_dataset
 from scaling.env import Env, pick_device
 from scaling.evaluate import apply, knn_accuracy, linear_probe
 from scaling.losses import nt_xent
-from scaling.measure import forward_flops_per_image
+from scaling.measure import forward_flops_per_image, size_metrics
 from scaling.memory import NegativeQueue, ema_update, momentum_copy
 from scaling.network import ContrastiveNet, build_contrastive
 from scaling.optimizer import build_optimizer
-from scaling.resnet import count_parameters
 from scaling.schedule import scaled_lr, warmup_cosine
 from scaling.stage import StageRun, rank_generator, set_lr
 
@@ -81,9 +80,7 @@ def pretrain(cfg: ExperimentConfig, out: Path, env: Env | None = None) -> dict[s
                     queue.push(momentum(env.images(views))[-1].float())
             run.after_step(loss, lr, x.shape[0] * env.world)
 
-    metrics: dict[str, Any] = {"params": count_parameters(net.encoder),
-                               "params_with_head": count_parameters(net),
-                               "forward_flops_per_image": flops}
+    metrics: dict[str, Any] = size_metrics(net, flops)
     if env.is_main:
         metrics |= probe(cfg, net, fetch, env)
     protocol = {
