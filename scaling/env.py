@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from scaling.global_bn import convert_global_bn
+
 Report = Callable[[dict[str, Any], Path | None], None]
 
 
@@ -57,7 +59,11 @@ class Env:
         ``model`` for checkpoints (no ``module.`` prefixes in saved state).
         """
         if self.world > 1 and sync_bn:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            # SyncBatchNorm is GPU-only; our global BN computes the same on CPU.
+            if self.cuda:
+                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            else:
+                convert_global_bn(model)
         model.to(self.device)
         if self.cuda:
             model.to(memory_format=torch.channels_last)

@@ -16,14 +16,16 @@ from scaling.resnet import BN_EPS, BN_MOMENTUM
 
 
 class BatchNormNoBeta(nn.BatchNorm1d):
-    """BN with a learned scale but no shift (TF ``center=False``)."""
+    """BN with a learned scale but no shift (TF ``center=False``).
+
+    The shift exists as a frozen zero parameter, so this is a plain BatchNorm1d to
+    every tool that converts BN layers (SyncBatchNorm, global BN) and to the
+    optimiser's BN exclusion, which skips parameters that need no gradient.
+    """
 
     def __init__(self, num: int) -> None:
-        super().__init__(num, eps=BN_EPS, momentum=BN_MOMENTUM, affine=False)
-        self.gamma = nn.Parameter(torch.ones(num))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x) * self.gamma
+        super().__init__(num, eps=BN_EPS, momentum=BN_MOMENTUM)
+        self.bias.requires_grad_(False)
 
 
 class ProjectionHead(nn.Module):

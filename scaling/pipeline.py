@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,15 +60,37 @@ def fraction_configs(cfg: ExperimentConfig) -> list[ExperimentConfig]:
             for f in cfg.label_fractions]
 
 
-def run_pipeline(cfg: ExperimentConfig, root: Path) -> list[dict[str, Any]]:
-    """Run (or resume, or reuse) every stage; one result dict per stage run."""
+Runner = Callable[[str, ExperimentConfig, Path, "Path | None"], dict[str, Any]]
+
+
+def run_local(stage: str, cfg: ExperimentConfig, out: Path, input_dir: Path | None) -> dict[
+    str, Any
+]:
+    """Run a stage in this process."""
+    if stage == "pretrain":
+        return pretrain(cfg, out)
+    if stage == "supervised":
+        return supervised(cfg, out)
+    if input_dir is None:
+        raise ValueError(f"stage {stage!r} needs its input stage directory")
+    return finetune(cfg, out, input_dir) if stage == "finetune" else distill(cfg, out, input_dir)
+
+
+def run_pipeline(
+    cfg: ExperimentConfig, root: Path, run: Runner = run_local
+) -> list[dict[str, Any]]:
+    """Run (or resume, or reuse) every stage; one result dict per stage run.
+
+    ``run`` executes one stage: in this process (default) or on Ray
+    (``scaling.ray_train.run_stage``); the chain is the same.
+    """
     pre_dir = stage_dir(root, cfg, "pretrain")
-    results = [pretrain(cfg, pre_dir)]
+    results = [run("pretrain", cfg, pre_dir, None)]
     for c in fraction_configs(cfg):
         ft_dir = stage_dir(root, c, "finetune")
-        results.append(finetune(c, ft_dir, pre_dir))
-        results.append(distill(c, stage_dir(root, c, "distill"), ft_dir))
-        results.append(supervised(c, stage_dir(root, c, "supervised")))
+        results.append(run("finetune", c, ft_dir, pre_dir))
+        results.append(run("distill", c, stage_dir(root, c, "distill"), ft_dir))
+        results.append(run("supervised", c, stage_dir(root, c, "supervised"), None))
     return results
 
 
@@ -118,12 +141,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs", help="root directory of stage outputs")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="override config keys, e.g. pretrain.epochs=5")
+    parser.add_argument("--ray", action="store_true",
+                        help="run each stage on Ray Train (runtime.workers workers)")
+    parser.add_argument("--address", default=None,
+                        help="with --ray: a running cluster ('auto'); default: start one here")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(resolve(args.config), parse_overrides(args.set))
         root = Path(args.out).resolve() / cfg.name
         started = time.perf_counter()
-        results = run_pipeline(cfg, root)
+        run: Runner = run_local
+        if args.ray:
+            import ray
+
+            from scaling.ray_train import run_stage
+
+            ray.init(address=args.address)
+            run = run_stage
+        results = run_pipeline(cfg, root, run)
     except (ConfigError, DataError, NonFiniteLoss, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

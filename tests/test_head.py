@@ -25,7 +25,8 @@ def test_reference_bn_relu_placement():
     for layer in head.layers:
         assert layer[0].bias is None
     assert isinstance(head.layers[-1][1], BatchNormNoBeta)
-    assert head.layers[-1][1].bias is None
+    assert not head.layers[-1][1].bias.requires_grad
+    assert torch.equal(head.layers[-1][1].bias, torch.zeros(4))
     assert isinstance(head.layers[0][1], nn.BatchNorm1d) and head.layers[0][1].bias is not None
     # BN output with gamma = 1 and no beta has zero batch mean.
     assert torch.allclose(outs[3].mean(0), torch.zeros(4), atol=1e-5)

@@ -130,3 +130,42 @@ def test_distillation_label_mix():
         distillation_loss(s, t, 1.0, alpha=0.5)
     with pytest.raises(ValueError, match="alpha=1.5"):
         distillation_loss(s, t, 1.0, lab_logits, labels, alpha=1.5)
+
+
+def _bn_worker(rank, world, init_file, x, out):
+    from scaling.global_bn import convert_global_bn
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    torch.manual_seed(0)
+    net = convert_global_bn(torch.nn.Sequential(torch.nn.Conv2d(2, 3, 1),
+                                                torch.nn.BatchNorm2d(3)))
+    n = x.shape[0] // world
+    xs = x[rank * n:(rank + 1) * n].clone().requires_grad_(True)
+    y = net(xs)
+    (y ** 3).sum().backward()
+    grads = {k: p.grad / world for k, p in net.named_parameters()}  # DDP averages
+    for g in grads.values():
+        dist.all_reduce(g)
+    out[rank] = (y.detach(), xs.grad, grads, net[1].running_mean.clone())
+    dist.destroy_process_group()
+
+
+def test_global_bn_on_two_cpu_workers_equals_one_big_batch():
+    x = torch.randn(8, 2, 3, 3, generator=torch.Generator().manual_seed(5))
+    torch.manual_seed(0)
+    ref = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 1), torch.nn.BatchNorm2d(3))
+    xr = x.clone().requires_grad_(True)
+    y = ref(xr)
+    (y ** 3).sum().backward()
+    with tempfile.TemporaryDirectory() as d:
+        out = mp.Manager().dict()
+        mp.spawn(_bn_worker, args=(2, os.path.join(d, "init"), x, out), nprocs=2)
+    for rank in range(2):
+        y_r, gx, grads, running = out[rank]
+        sl = slice(rank * 4, (rank + 1) * 4)
+        assert torch.allclose(y_r, y.detach()[sl], atol=1e-5)
+        assert torch.allclose(gx, xr.grad[sl], atol=1e-4)
+        for k, p in ref.named_parameters():
+            assert torch.allclose(grads[k] * 2, p.grad, atol=1e-4), k  # sum of both halves
+        assert torch.allclose(running, ref[1].running_mean, atol=1e-6)

@@ -1,0 +1,106 @@
+"""The Ray Train seam: each stage as a TorchTrainer whose workers call the very
+same stage function as the single-process path (no second training loop).
+
+Ray supplies the worker group (gloo on CPU, NCCL on GPU), restarts it after a
+failure (``runtime.max_failures``) and keeps the reported checkpoints in its
+storage. The stage itself resumes from its stage directory; a worker that finds
+that directory without the checkpoint Ray holds (a fresh node) restores it from
+``ray.train.get_checkpoint()`` first. Stage results are identified by the stage
+directory, which the pipeline names by content hash, so the Ray run name is the
+directory name: running the same stage again resumes or returns it.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from scaling.checkpoint import read_result
+from scaling.config import ExperimentConfig, from_dict, to_dict
+
+
+def _stage_function(stage: str) -> Any:
+    from scaling.distill import distill
+    from scaling.finetune import finetune, supervised
+    from scaling.pretrain import pretrain
+
+    return {"pretrain": pretrain, "finetune": finetune, "distill": distill,
+            "supervised": supervised}[stage]
+
+
+def _report(metrics: dict[str, Any], path: Path | None) -> None:
+    """Every worker calls this at every checkpoint (ray.train.report is a barrier)."""
+    import ray.train
+
+    checkpoint = ray.train.Checkpoint.from_directory(str(path)) if path else None
+    name = path.name if path else None
+    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+
+
+def _restore(out: Path) -> None:
+    """Copy Ray's latest checkpoint into the stage directory if it is not there."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return
+    with checkpoint.as_directory() as d:
+        src = Path(d)
+        target = out / "checkpoints" / src.name
+        if not target.exists() and (src / "state.pt").exists():
+            tmp = target.with_name(f".{src.name}.restore")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(src, tmp)
+            tmp.rename(target)
+
+
+def _worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from scaling.env import Env
+
+    cfg = from_dict(ExperimentConfig, config["cfg"])
+    out = Path(config["out"])
+    ctx = ray.train.get_context()
+    env = Env(ray.train.torch.get_device(), rank=ctx.get_world_rank(),
+              world=ctx.get_world_size(), compile=cfg.runtime.compile, report=_report)
+    _restore(out)
+    args = [Path(config["input"])] if config["input"] else []
+    _stage_function(config["stage"])(cfg, out, *args, env=env)
+
+
+def run_stage(
+    stage: str, cfg: ExperimentConfig, out: Path, input_dir: Path | None = None,
+    storage: str | None = None,
+) -> dict[str, Any]:
+    """Run one stage on the connected Ray cluster; returns its result.json."""
+    done = read_result(out)
+    if done is not None:
+        return done
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    rt = cfg.runtime
+    resources: dict[str, float] = {"CPU": rt.cpus_per_worker}
+    if rt.gpus_per_worker:
+        resources["GPU"] = rt.gpus_per_worker
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config={"stage": stage, "cfg": to_dict(cfg), "out": str(out.resolve()),
+                           "input": str(input_dir.resolve()) if input_dir else None},
+        scaling_config=ScalingConfig(num_workers=rt.workers, use_gpu=rt.gpus_per_worker > 0,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=out.name,
+            storage_path=storage or str(out.resolve().parent / "_ray"),
+            failure_config=FailureConfig(max_failures=rt.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=rt.keep_checkpoints),
+        ),
+    )
+    trainer.fit()
+    result = read_result(out)
+    if result is None:
+        raise RuntimeError(f"{stage}: the Ray run ended without writing {out}/result.json")
+    return result
