@@ -208,26 +208,69 @@ def _where(mask: torch.Tensor) -> torch.Tensor:
     return mask.nonzero().squeeze(1)
 
 
-def augment(
-    x: torch.Tensor, spec: ViewSpec, g: torch.Generator, out_size: tuple[int, int] | None = None
+@dataclass(frozen=True)
+class ViewParams:
+    """Every random choice of one view for N images (row i belongs to image i)."""
+
+    boxes: torch.Tensor  # Nx4 crop boxes (y0, x0, h, w)
+    flips: torch.Tensor  # N bool
+    factors: torch.Tensor  # Nx4 brightness, contrast, saturation, hue
+    order: torch.Tensor  # Nx4 jitter order
+    jitter: torch.Tensor  # N bool: colour jitter applied
+    gray: torch.Tensor  # N bool
+    sigma: torch.Tensor  # N blur sigma
+    blur: torch.Tensor  # N bool
+
+    def rows(self, start: int, stop: int) -> ViewParams:
+        return ViewParams(*(getattr(self, f)[start:stop] for f in self.__dataclass_fields__))
+
+
+def sample_view(
+    n: int, height: int, width: int, spec: ViewSpec, g: torch.Generator, device: torch.device
+) -> ViewParams:
+    """Draw all of a view's random choices; the same draws whatever the spec switches off."""
+    boxes = sample_crops(n, height, width, spec.crop_scale, spec.crop_ratio, g, device)
+    flips = torch.rand(n, generator=g, device=device) < (0.5 if spec.flip else 0.0)
+    factors, order = sample_jitter(n, spec.color_strength, g, device)
+    jitter = torch.rand(n, generator=g, device=device) < spec.color_p
+    gray = torch.rand(n, generator=g, device=device) < spec.grayscale_p
+    sigma = _uniform(n, *spec.blur_sigma, g, device)
+    blur = torch.rand(n, generator=g, device=device) < spec.blur_p
+    return ViewParams(boxes, flips, factors, order, jitter, gray, sigma, blur)
+
+
+def apply_view(
+    x: torch.Tensor, p: ViewParams, spec: ViewSpec, out_size: tuple[int, int] | None = None
 ) -> torch.Tensor:
-    """One augmented view of a batch. x: NxCxHxW, uint8 or float in [0, 1]."""
+    """Apply sampled choices to a batch. x: NxCxHxW, uint8 or float in [0, 1]."""
     if x.dtype == torch.uint8:
         x = x.float().div_(255)
-    n, _, height, width = x.shape
-    dev = x.device
-    boxes = sample_crops(n, height, width, spec.crop_scale, spec.crop_ratio, g, dev)
-    flips = torch.rand(n, generator=g, device=dev) < (0.5 if spec.flip else 0.0)
-    x = resized_crop(x, boxes, flips, out_size or (height, width))
-    if spec.color_strength > 0 and spec.color_p > 0:
-        factors, order = sample_jitter(n, spec.color_strength, g, dev)
-        idx = _where(torch.rand(n, generator=g, device=dev) < spec.color_p)
-        x[idx] = color_jitter(x[idx], factors[idx], order[idx])
-    if spec.grayscale_p > 0 and x.shape[1] == 3:
-        idx = _where(torch.rand(n, generator=g, device=dev) < spec.grayscale_p)
+    x = resized_crop(x, p.boxes, p.flips, out_size or (x.shape[2], x.shape[3]))
+    if spec.color_strength > 0:
+        idx = _where(p.jitter)
+        x[idx] = color_jitter(x[idx], p.factors[idx], p.order[idx])
+    if x.shape[1] == 3:
+        idx = _where(p.gray)
         x[idx] = grayscale(x[idx]).contiguous()
-    if spec.blur_p > 0:
-        sigma = _uniform(n, *spec.blur_sigma, g, dev)
-        idx = _where(torch.rand(n, generator=g, device=dev) < spec.blur_p)
-        x[idx] = gaussian_blur(x[idx], sigma[idx])
+    idx = _where(p.blur)
+    if idx.numel():
+        x[idx] = gaussian_blur(x[idx], p.sigma[idx])
     return x
+
+
+def augment(
+    x: torch.Tensor, spec: ViewSpec, g: torch.Generator, out_size: tuple[int, int] | None = None,
+    shard: tuple[int, int] = (0, 1),
+) -> torch.Tensor:
+    """One augmented view of this worker's slice of a global batch.
+
+    With ``shard=(rank, world)`` the choices are drawn for the whole global batch
+    (world x N rows) from a generator every worker holds in the same state, and
+    this worker applies rows rank*N..(rank+1)*N: so W workers produce exactly the
+    views one worker would for the global batch, and data parallelism changes
+    nothing but speed.
+    """
+    n, _, height, width = x.shape
+    rank, world = shard
+    params = sample_view(n * world, height, width, spec, g, x.device)
+    return apply_view(x, params.rows(rank * n, (rank + 1) * n), spec, out_size)

@@ -28,7 +28,7 @@ from scaling.measure import forward_flops_per_image, size_metrics
 from scaling.network import build_classifier
 from scaling.optimizer import build_optimizer
 from scaling.schedule import scaled_lr, warmup_cosine
-from scaling.stage import StageRun, rank_generator, set_lr
+from scaling.stage import StageRun, augment_generator, set_lr
 
 
 def match_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
@@ -79,7 +79,7 @@ def distill(
     total = spe * dc.epochs
     warmup = round(dc.optim.warmup_fraction * total)
 
-    gen = rank_generator(env, cfg.seed)
+    gen = augment_generator(env, cfg.seed)
     run = StageRun("distill", out, env, cfg.runtime, spe, dc.epochs,
                    {"model": net, "optimizer": optimizer}, gen)
     per_worker = dc.batch_size // env.world
@@ -89,13 +89,16 @@ def distill(
         for x, _ in fetch.stream(batches[run.skip_in_epoch():]):
             lr = warmup_cosine(run.step, peak_lr, total, warmup)
             set_lr(optimizer, lr)
-            view = match_channels(augment(x, CROP_FLIP, gen, shape), train.channels)
+            shard = (env.rank, env.world)
+            view = match_channels(augment(x, CROP_FLIP, gen, shape, shard), train.channels)
             n = view.shape[0]
             labels = None
-            if dc.alpha > 0:  # a labelled batch drawn by (seed, step): resumable
-                rng = np.random.Generator(np.random.PCG64([cfg.seed, run.step, env.rank]))
-                xl, labels = labelled_fetch(rng.choice(labelled, per_worker))
-                view = torch.cat([view, augment(xl, CROP_FLIP, gen)])
+            if dc.alpha > 0:  # a global labelled batch drawn by (seed, step): resumable
+                rng = np.random.Generator(np.random.PCG64([cfg.seed, run.step]))
+                chosen = rng.choice(labelled, dc.batch_size)
+                mine = chosen[env.rank * per_worker:(env.rank + 1) * per_worker]
+                xl, labels = labelled_fetch(mine)
+                view = torch.cat([view, augment(xl, CROP_FLIP, gen, shard=shard)])
             with env.autocast():
                 with torch.no_grad():
                     teacher_logits = teacher(env.images(view[:n]))

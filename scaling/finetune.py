@@ -26,7 +26,7 @@ from scaling.measure import forward_flops_per_image, size_metrics
 from scaling.network import Classifier, build_classifier, build_contrastive, classifier_from
 from scaling.optimizer import build_optimizer
 from scaling.schedule import scaled_lr, warmup_cosine
-from scaling.stage import StageRun, rank_generator, set_lr
+from scaling.stage import StageRun, augment_generator, set_lr
 from scaling.subsets import label_subset, save_indices
 
 Build = Callable[[int, int, int], Classifier]  # (channels, image size, classes) -> model
@@ -98,7 +98,7 @@ def train_classifier(
     total = spe * epochs
     warmup = round(optim.warmup_fraction * total)
 
-    gen = rank_generator(env, cfg.seed)
+    gen = augment_generator(env, cfg.seed)
     run = StageRun(name, out, env, cfg.runtime, spe, epochs,
                    {"model": net, "optimizer": optimizer}, gen)
     while run.step < total:
@@ -107,7 +107,7 @@ def train_classifier(
             lr = warmup_cosine(run.step, peak_lr, total, warmup)
             set_lr(optimizer, lr)
             with env.autocast():
-                logits = model(env.images(augment(x, CROP_FLIP, gen)))
+                logits = model(env.images(augment(x, CROP_FLIP, gen, shard=(env.rank, env.world))))
             loss = F.cross_entropy(logits.float(), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -23,13 +23,16 @@ def _global_forward(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> tor
     from torch.distributed.nn.functional import all_reduce
 
     dims = [0] + list(range(2, x.dim()))
-    count = torch.tensor([x.numel() / x.shape[1]], device=x.device, dtype=x.dtype)
-    local = torch.cat([x.sum(dims), (x * x).sum(dims), count])
-    total = all_reduce(local)  # sums over workers, gradients flow back to each
     c = x.shape[1]
+    shape = [1, c] + [1] * (x.dim() - 2)
+    count = torch.tensor([x.numel() / c], device=x.device, dtype=x.dtype)
+    # Two passes (mean, then squared deviations) rather than E[x^2] - E[x]^2:
+    # the head's BN sees tiny variances where the one-pass form cancels badly.
+    total = all_reduce(torch.cat([x.sum(dims), count]))  # sums; gradients flow back
     n = total[-1]
     mean = total[:c] / n
-    var = total[c:2 * c] / n - mean * mean
+    centred = x - mean.view(shape)
+    var = all_reduce((centred * centred).sum(dims)) / n
     if bn.running_mean is not None and bn.running_var is not None:
         with torch.no_grad():
             m = bn.momentum or 0.0
@@ -37,8 +40,7 @@ def _global_forward(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> tor
             bn.running_var.lerp_(var.detach() * n / (n - 1), m)  # unbiased, as PyTorch
             if bn.num_batches_tracked is not None:
                 bn.num_batches_tracked.add_(1)
-    shape = [1, c] + [1] * (x.dim() - 2)
-    y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + bn.eps)
+    y = centred * torch.rsqrt(var.view(shape) + bn.eps)
     if bn.weight is not None:
         y = y * bn.weight.view(shape)
     if bn.bias is not None:

@@ -21,7 +21,7 @@ from scaling.memory import NegativeQueue, ema_update, momentum_copy
 from scaling.network import ContrastiveNet, build_contrastive
 from scaling.optimizer import build_optimizer
 from scaling.schedule import scaled_lr, warmup_cosine
-from scaling.stage import StageRun, rank_generator, set_lr
+from scaling.stage import StageRun, augment_generator, set_lr
 
 
 def pretrain(cfg: ExperimentConfig, out: Path, env: Env | None = None) -> dict[str, Any]:
@@ -56,7 +56,7 @@ def pretrain(cfg: ExperimentConfig, out: Path, env: Env | None = None) -> dict[s
     total = spe * p.epochs
     warmup = round(p.optim.warmup_fraction * total)
 
-    gen = rank_generator(env, cfg.seed)
+    gen = augment_generator(env, cfg.seed)
     run = StageRun("pretrain", out, env, cfg.runtime, spe, p.epochs, objects, gen)
     view = p.augment.view()
     indices = np.arange(len(train))
@@ -65,7 +65,9 @@ def pretrain(cfg: ExperimentConfig, out: Path, env: Env | None = None) -> dict[s
         for x, _ in fetch.stream(batches[run.skip_in_epoch():]):
             lr = warmup_cosine(run.step, peak_lr, total, warmup)
             set_lr(optimizer, lr)
-            views = torch.cat([augment(x, view, gen), augment(x, view, gen)])  # 2NxCxHxW
+            shard = (env.rank, env.world)
+            views = torch.cat([augment(x, view, gen, shard=shard),
+                               augment(x, view, gen, shard=shard)])  # 2NxCxHxW
             with env.autocast():
                 z = model(env.images(views))[-1]
             z1, z2 = z.float().chunk(2)

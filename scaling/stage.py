@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+import torch.distributed
 
 from scaling.checkpoint import latest_checkpoint, save_checkpoint, write_result
 from scaling.config import RuntimeConfig
@@ -86,7 +87,11 @@ class StageRun:
         now = time.perf_counter()
         mean = None
         if log_due:  # the mean loss since the last point: a smooth, honest curve
-            mean = float(self._loss_sum) / self._loss_n
+            total = self._loss_sum / self._loss_n
+            if self.env.world > 1:  # every worker logs at the same steps: average them
+                torch.distributed.all_reduce(total)
+                total = total / self.env.world
+            mean = float(total)
             self._loss_sum.zero_()
             self._loss_n = 0
         self.progress.step(self.step, self.epoch, mean, lr, images, now - self._last)
@@ -154,9 +159,10 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def rank_generator(env: Env, seed: int) -> torch.Generator:
-    """Augmentation RNG on the training device; each worker its own stream."""
-    return torch.Generator(env.device).manual_seed(seed * 1_000_003 + env.rank)
+def augment_generator(env: Env, seed: int) -> torch.Generator:
+    """Augmentation RNG on the training device, in the same state on every worker:
+    each draws the choices of the whole global batch and applies its own rows."""
+    return torch.Generator(env.device).manual_seed(seed * 1_000_003 + 17)
 
 
 Evaluator = Callable[[], dict[str, Any]]
