@@ -75,3 +75,79 @@ def test_two_workers_compute_what_one_worker_computes(ray_local, tiny, tmp_path)
             assert torch.allclose(step_one, step_two, atol=1e-6, rtol=1e-3), k
             moved += int(step_one.abs().max() > 1e-4)
     assert moved > 20  # most tensors really moved: the comparison is not vacuous
+
+
+def test_killed_worker_is_replaced_and_the_stage_resumes(ray_local, tiny, tmp_path):
+    """SIGKILL the Ray Train worker mid-pretraining: FailureConfig restarts the
+    group, which resumes from the last checkpoint and finishes at the right step."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    from scaling.ray_train import run_stage
+
+    cfg = with_overrides(tiny, {"pretrain.epochs": 8, "pretrain.batch_size": 16,
+                                "runtime.checkpoint_every": 4, "runtime.max_failures": 2})
+    out = tmp_path / "pre"
+    box: dict = {}
+    driver = threading.Thread(target=lambda: box.update(r=run_stage("pretrain", cfg, out)))
+    driver.start()
+    deadline = time.monotonic() + 240
+    while not list((out / "checkpoints").glob("step-*")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    workers = [p for p in psutil.process_iter(["cmdline"])
+               if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+    assert workers, "no Ray Train worker process found"
+    for p in workers:
+        os.kill(p.pid, signal.SIGKILL)
+    driver.join(timeout=300)
+    result = box["r"]
+    print("worker killed; resumed from step", result["resumed_from"], "of", result["step"])
+    assert result["step"] == 8 * 256 // 16
+    assert result["resumed_from"] is not None and result["resumed_from"] >= 4
+    assert result["resumed_from"] % 4 == 0
+
+
+def test_killed_driver_resumes_when_the_command_is_run_again(tmp_path):
+    """SIGKILL the CLI driver (`--ray`) mid-pretraining; the same command resumes."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import yaml
+
+    repo = Path(__file__).resolve().parent.parent
+    cfg = yaml.safe_load((repo / "configs" / "tiny.yaml").read_text())
+    cfg["label_fractions"] = [0.5]
+    cfg["pretrain"].update(epochs=8, batch_size=16)
+    cfg["runtime"] = {"device": "cpu", "checkpoint_every": 4, "log_every": 4}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    command = [sys.executable, "-m", "scaling.pipeline", str(path), "--out",
+               str(tmp_path / "runs"), "--ray"]
+    first = subprocess.Popen(command, cwd=repo, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    steps: list[int] = []
+    while time.monotonic() < deadline and not steps:
+        steps = [int(p.name.split("-")[1])
+                 for p in (tmp_path / "runs").glob("tiny/pretrain-*/checkpoints/step-*")]
+        assert first.poll() is None
+        time.sleep(0.1)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    pre = next((tmp_path / "runs").glob("tiny/pretrain-*"))
+    assert not (pre / "result.json").exists()
+    time.sleep(3)  # let the orphaned worker notice its driver is gone
+    second = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    result = yaml.safe_load((pre / "result.json").read_text())
+    print("driver killed; resumed from step", result["resumed_from"], "of", result["step"])
+    assert result["step"] == 128 and result["resumed_from"] is not None
+    assert result["resumed_from"] >= min(steps)
+    assert "stage results" in second.stdout
