@@ -12,12 +12,17 @@ directory name: running the same stage again resumes or returns it.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
 
+from scaling.atomic import atomic_write_text
 from scaling.checkpoint import read_result
 from scaling.config import ExperimentConfig, from_dict, to_dict
+from scaling.stage import NonFiniteLoss
+
+ERROR_FILE = "error.json"  # a stage stopped for a reason retries cannot fix
 
 
 def _stage_function(stage: str) -> Any:
@@ -68,7 +73,14 @@ def _worker(config: dict[str, Any]) -> None:
               world=ctx.get_world_size(), compile=cfg.runtime.compile, report=_report)
     _restore(out)
     args = [Path(config["input"])] if config["input"] else []
-    _stage_function(config["stage"])(cfg, out, *args, env=env)
+    try:
+        _stage_function(config["stage"])(cfg, out, *args, env=env)
+    except NonFiniteLoss as e:
+        # Not a failure a restart can fix: end the run cleanly (every worker raises
+        # at the same step) and let the driver raise it, instead of max_failures
+        # retries from the same checkpoint.
+        if env.is_main:
+            atomic_write_text(out / ERROR_FILE, json.dumps({"error": str(e)}))
 
 
 def run_stage(
@@ -79,6 +91,7 @@ def run_stage(
     done = read_result(out)
     if done is not None:
         return done
+    (out / ERROR_FILE).unlink(missing_ok=True)
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -101,6 +114,8 @@ def run_stage(
     )
     trainer.fit()
     result = read_result(out)
+    if result is None and (out / ERROR_FILE).exists():
+        raise NonFiniteLoss(json.loads((out / ERROR_FILE).read_text())["error"])
     if result is None:
         raise RuntimeError(f"{stage}: the Ray run ended without writing {out}/result.json")
     return result

@@ -82,7 +82,9 @@ class StageRun:
         log_due = (self.step + 1) % self.runtime.log_every == 0 or self.step + 1 == self.total_steps
         every = self.runtime.checkpoint_every or self.steps_per_epoch
         ckpt_due = (self.step + 1) % every == 0 or self.step + 1 == self.total_steps
-        if not self.env.cuda or log_due or ckpt_due:  # on CUDA, sync only when needed
+        # Check every step in a single CPU process; otherwise only where a sync or a
+        # collective happens anyway (log points, checkpoints), and always before saving.
+        if (not self.env.cuda and self.env.world == 1) or log_due or ckpt_due:
             self._check_finite(loss)
         now = time.perf_counter()
         mean = None
@@ -101,6 +103,12 @@ class StageRun:
         self._last = time.perf_counter()
 
     def _check_finite(self, loss: torch.Tensor) -> None:
+        if self.env.world > 1:
+            # All workers must stop together: one raising alone would leave the
+            # others waiting in the next collective until the group times out.
+            flag = self._bad.to(torch.int32)  # gloo reduces no bools
+            torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX)
+            self._bad = flag.bool()
         if bool(self._bad):
             kept = sorted((self.out / "checkpoints").glob("step-*"))
             where = str(kept[-1]) if kept else "none (no checkpoint yet)"

@@ -151,3 +151,16 @@ def test_killed_driver_resumes_when_the_command_is_run_again(tmp_path):
     assert result["step"] == 128 and result["resumed_from"] is not None
     assert result["resumed_from"] >= min(steps)
     assert "stage results" in second.stdout
+
+
+def test_nan_on_two_workers_stops_both_without_retries(ray_local, tiny, tmp_path):
+    from scaling.ray_train import run_stage
+    from scaling.stage import NonFiniteLoss
+
+    cfg = with_overrides(tiny, {
+        "pretrain.optim": {"name": "sgd", "base_lr": 1e30, "warmup_fraction": 0.0},
+        "runtime.workers": 2, "runtime.max_failures": 3, "runtime.checkpoint_every": 1,
+    })
+    with pytest.raises(NonFiniteLoss, match="Last good checkpoint"):
+        run_stage("pretrain", cfg, tmp_path / "nan")
+    assert not (tmp_path / "nan" / "result.json").exists()
