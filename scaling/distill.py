@@ -20,7 +20,7 @@ from scaling.batches import Fetcher, epoch_batches, steps_per_epoch
 from scaling.checkpoint import load_final_models, read_result
 from scaling.config import ExperimentConfig, to_dict
 from scaling.data import load_dataset
-from scaling.env import Env, pick_device
+from scaling.env import Env
 from scaling.evaluate import apply, top1
 from scaling.finetune import labelled_indices
 from scaling.losses import distillation_loss
@@ -44,7 +44,7 @@ def distill(
     done = read_result(out)
     if done is not None:
         return done
-    env = env or Env(pick_device(cfg.runtime.device), compile=cfg.runtime.compile)
+    env = env or Env.local(cfg.runtime.device, cfg.runtime.compile)
     dc = cfg.distill
 
     # Data: unlabelled images; the labelled subset only when alpha mixes in labels.

@@ -75,6 +75,11 @@ class Env:
             wrapped = torch.compile(wrapped)  # type: ignore[assignment]
         return wrapped
 
+    @classmethod
+    def local(cls, device: str, compile: bool) -> Env:
+        """The single-process environment a stage uses when given none."""
+        return cls(pick_device(device), compile=compile)
+
     def images(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.cuda else x
 

@@ -20,7 +20,7 @@ from scaling.batches import Fetcher, epoch_batches, steps_per_epoch
 from scaling.checkpoint import load_final_models, read_result
 from scaling.config import ExperimentConfig, OptimConfig, to_dict
 from scaling.data import Dataset, load_dataset
-from scaling.env import Env, pick_device
+from scaling.env import Env
 from scaling.evaluate import apply, top1
 from scaling.measure import forward_flops_per_image, size_metrics
 from scaling.network import Classifier, build_classifier, build_contrastive, classifier_from
@@ -73,7 +73,7 @@ def train_classifier(
     done = read_result(out)
     if done is not None:
         return done
-    env = env or Env(pick_device(cfg.runtime.device), compile=cfg.runtime.compile)
+    env = env or Env.local(cfg.runtime.device, cfg.runtime.compile)
 
     # Data: the labelled subset of the training split; crop+flip views.
     d = cfg.data

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import resource
 import sys
-import time
 from typing import Any
 
 import torch
@@ -12,6 +11,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from scaling.env import eval_mode
+from scaling.resnet import count_parameters
 
 
 def forward_flops_per_image(model: nn.Module, example: torch.Tensor) -> int:
@@ -27,9 +27,8 @@ def forward_flops_per_image(model: nn.Module, example: torch.Tensor) -> int:
 
 def size_metrics(net: nn.Module, flops: int) -> dict[str, int]:
     """Encoder parameters (the paper's model size), with heads, and forward FLOPs."""
-    encoder = net.get_submodule("encoder")
-    return {"params": sum(p.numel() for p in encoder.parameters()),
-            "params_with_head": sum(p.numel() for p in net.parameters()),
+    return {"params": count_parameters(net.get_submodule("encoder")),
+            "params_with_head": count_parameters(net),
             "forward_flops_per_image": flops}
 
 
@@ -59,7 +58,6 @@ class Progress:
         self.history = history or []
         self.step_seconds = done_seconds  # carried over a resume
         self.images = images
-        self.started = time.perf_counter()
 
     def step(self, step: int, epoch: int, loss: float | None, lr: float, images: int,
              seconds: float) -> None:

@@ -23,6 +23,7 @@ from scaling.checkpoint import CheckpointError
 from scaling.config import ConfigError, ExperimentConfig, config_hash, load_config, with_overrides
 from scaling.data import DataError
 from scaling.distill import distill
+from scaling.env import Env
 from scaling.finetune import finetune, supervised
 from scaling.pretrain import pretrain
 from scaling.stage import NonFiniteLoss
@@ -63,17 +64,19 @@ def fraction_configs(cfg: ExperimentConfig) -> list[ExperimentConfig]:
 Runner = Callable[[str, ExperimentConfig, Path, "Path | None"], dict[str, Any]]
 
 
-def run_local(stage: str, cfg: ExperimentConfig, out: Path, input_dir: Path | None) -> dict[
-    str, Any
-]:
-    """Run a stage in this process."""
+def run_local(
+    stage: str, cfg: ExperimentConfig, out: Path, input_dir: Path | None, env: Env | None = None
+) -> dict[str, Any]:
+    """Run a stage in this process (a Ray Train worker passes its own ``env``)."""
     if stage == "pretrain":
-        return pretrain(cfg, out)
+        return pretrain(cfg, out, env)
     if stage == "supervised":
-        return supervised(cfg, out)
+        return supervised(cfg, out, env)
     if input_dir is None:
         raise ValueError(f"stage {stage!r} needs its input stage directory")
-    return finetune(cfg, out, input_dir) if stage == "finetune" else distill(cfg, out, input_dir)
+    if stage == "finetune":
+        return finetune(cfg, out, input_dir, env)
+    return distill(cfg, out, input_dir, env)
 
 
 def run_pipeline(

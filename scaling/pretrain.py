@@ -13,7 +13,7 @@ from scaling.batches import Fetcher, epoch_batches, steps_per_epoch
 from scaling.checkpoint import read_result
 from scaling.config import ExperimentConfig, to_dict
 from scaling.data import load_dataset
-from scaling.env import Env, pick_device
+from scaling.env import Env
 from scaling.evaluate import apply, knn_accuracy, linear_probe
 from scaling.losses import nt_xent
 from scaling.measure import forward_flops_per_image, size_metrics
@@ -29,7 +29,7 @@ def pretrain(cfg: ExperimentConfig, out: Path, env: Env | None = None) -> dict[s
     done = read_result(out)
     if done is not None:
         return done
-    env = env or Env(pick_device(cfg.runtime.device), compile=cfg.runtime.compile)
+    env = env or Env.local(cfg.runtime.device, cfg.runtime.compile)
     p = cfg.pretrain
 
     # Data: the training split, labels unused.

@@ -25,15 +25,6 @@ from scaling.stage import NonFiniteLoss
 ERROR_FILE = "error.json"  # a stage stopped for a reason retries cannot fix
 
 
-def _stage_function(stage: str) -> Any:
-    from scaling.distill import distill
-    from scaling.finetune import finetune, supervised
-    from scaling.pretrain import pretrain
-
-    return {"pretrain": pretrain, "finetune": finetune, "distill": distill,
-            "supervised": supervised}[stage]
-
-
 def _report(metrics: dict[str, Any], path: Path | None) -> None:
     """Every worker calls this at every checkpoint (ray.train.report is a barrier)."""
     import ray.train
@@ -72,9 +63,11 @@ def _worker(config: dict[str, Any]) -> None:
     env = Env(ray.train.torch.get_device(), rank=ctx.get_world_rank(),
               world=ctx.get_world_size(), compile=cfg.runtime.compile, report=_report)
     _restore(out)
-    args = [Path(config["input"])] if config["input"] else []
+    from scaling.pipeline import run_local
+
+    input_dir = Path(config["input"]) if config["input"] else None
     try:
-        _stage_function(config["stage"])(cfg, out, *args, env=env)
+        run_local(config["stage"], cfg, out, input_dir, env)
     except NonFiniteLoss as e:
         # Not a failure a restart can fix: end the run cleanly (every worker raises
         # at the same step) and let the driver raise it, instead of max_failures

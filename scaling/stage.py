@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -172,5 +171,3 @@ def augment_generator(env: Env, seed: int) -> torch.Generator:
     each draws the choices of the whole global batch and applies its own rows."""
     return torch.Generator(env.device).manual_seed(seed * 1_000_003 + 17)
 
-
-Evaluator = Callable[[], dict[str, Any]]
