@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from scaling import storage
 from scaling.checkpoint import CheckpointError
 from scaling.config import ConfigError, ExperimentConfig, config_hash, load_config, with_overrides
 from scaling.data import DataError
@@ -27,6 +28,7 @@ from scaling.env import Env
 from scaling.finetune import finetune, supervised
 from scaling.pretrain import pretrain
 from scaling.stage import NonFiniteLoss
+from scaling.storage import Location
 
 PRESETS = Path(__file__).resolve().parent.parent / "configs"
 STAGES = ("pretrain", "finetune", "distill", "supervised")
@@ -50,8 +52,9 @@ def stage_key(cfg: ExperimentConfig, stage: str) -> str:
     return config_hash(parts)
 
 
-def stage_dir(root: Path, cfg: ExperimentConfig, stage: str) -> Path:
-    return root / f"{stage}-{stage_key(cfg, stage)}"
+def stage_dir(root: Location, cfg: ExperimentConfig, stage: str) -> Location:
+    """Where a stage's result lives: a local directory or a URI (scaling.storage)."""
+    return storage.join(root, f"{stage}-{stage_key(cfg, stage)}")
 
 
 def fraction_configs(cfg: ExperimentConfig) -> list[ExperimentConfig]:
@@ -61,13 +64,29 @@ def fraction_configs(cfg: ExperimentConfig) -> list[ExperimentConfig]:
             for f in cfg.label_fractions]
 
 
-Runner = Callable[[str, ExperimentConfig, Path, "Path | None"], dict[str, Any]]
+Runner = Callable[[str, ExperimentConfig, Location, "Location | None"], dict[str, Any]]
 
 
 def run_local(
-    stage: str, cfg: ExperimentConfig, out: Path, input_dir: Path | None, env: Env | None = None
+    stage: str, cfg: ExperimentConfig, out: Location, input_dir: Location | None,
+    env: Env | None = None,
 ) -> dict[str, Any]:
-    """Run a stage in this process (a Ray Train worker passes its own ``env``)."""
+    """Run a stage in this process (a Ray Train worker passes its own ``env``).
+
+    The stage computes in ``storage.local_dir(out)``; for a URI its input is
+    fetched first and its outputs are published at the end.
+    """
+    local_in = storage.fetch(input_dir) if input_dir is not None else None
+    local = storage.local_dir(out)
+    result = _dispatch(stage, cfg, local, local_in, env)
+    if env is None or env.is_main:
+        storage.publish(local, out)
+    return result
+
+
+def _dispatch(
+    stage: str, cfg: ExperimentConfig, out: Path, input_dir: Path | None, env: Env | None
+) -> dict[str, Any]:
     if stage == "pretrain":
         return pretrain(cfg, out, env)
     if stage == "supervised":
@@ -80,7 +99,7 @@ def run_local(
 
 
 def run_pipeline(
-    cfg: ExperimentConfig, root: Path, run: Runner = run_local
+    cfg: ExperimentConfig, root: Location, run: Runner = run_local
 ) -> list[dict[str, Any]]:
     """Run (or resume, or reuse) every stage; one result dict per stage run.
 
@@ -141,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scaling.pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="YAML file or preset name (configs/*.yaml)")
-    parser.add_argument("--out", default="runs", help="root directory of stage outputs")
+    parser.add_argument("--out", default="runs",
+                        help="root of stage outputs: a directory or a URI (s3://bucket/runs)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="override config keys, e.g. pretrain.epochs=5")
     parser.add_argument("--ray", action="store_true",
@@ -151,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(resolve(args.config), parse_overrides(args.set))
-        root = Path(args.out).resolve() / cfg.name
+        root = storage.join(storage.absolute(storage.parse(args.out)), cfg.name)
         started = time.perf_counter()
         run: Runner = run_local
         if args.ray:

@@ -17,10 +17,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from scaling.atomic import atomic_write_text
-from scaling.checkpoint import read_result
+from scaling import storage
 from scaling.config import ExperimentConfig, from_dict, to_dict
 from scaling.stage import NonFiniteLoss
+from scaling.storage import Location
 
 ERROR_FILE = "error.json"  # a stage stopped for a reason retries cannot fix
 
@@ -41,14 +41,18 @@ def _restore(out: Path) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return
+    # as_directory() downloads remote checkpoints into a temporary folder: the
+    # checkpoint's name (step-NNNNNNNNN) comes from its storage path.
+    step = checkpoint.path.rstrip("/").rsplit("/", 1)[-1]
     with checkpoint.as_directory() as d:
         src = Path(d)
-        target = out / "checkpoints" / src.name
+        target = out / "checkpoints" / step
         if not target.exists() and (src / "state.pt").exists():
-            tmp = target.with_name(f".{src.name}.restore")
+            tmp = target.with_name(f".{step}.restore")
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.copytree(src, tmp)
             tmp.rename(target)
+            print(f"restored {step} from Ray Train's storage into {out}", flush=True)
 
 
 def _worker(config: dict[str, Any]) -> None:
@@ -58,14 +62,14 @@ def _worker(config: dict[str, Any]) -> None:
     from scaling.env import Env
 
     cfg = from_dict(ExperimentConfig, config["cfg"])
-    out = Path(config["out"])
+    out = storage.parse(config["out"])
     ctx = ray.train.get_context()
     env = Env(ray.train.torch.get_device(), rank=ctx.get_world_rank(),
               world=ctx.get_world_size(), compile=cfg.runtime.compile, report=_report)
-    _restore(out)
+    _restore(storage.local_dir(out))
     from scaling.pipeline import run_local
 
-    input_dir = Path(config["input"]) if config["input"] else None
+    input_dir = storage.parse(config["input"]) if config["input"] else None
     try:
         run_local(config["stage"], cfg, out, input_dir, env)
     except NonFiniteLoss as e:
@@ -73,18 +77,23 @@ def _worker(config: dict[str, Any]) -> None:
         # at the same step) and let the driver raise it, instead of max_failures
         # retries from the same checkpoint.
         if env.is_main:
-            atomic_write_text(out / ERROR_FILE, json.dumps({"error": str(e)}))
+            storage.write_text(out, ERROR_FILE, json.dumps({"error": str(e)}))
 
 
 def run_stage(
-    stage: str, cfg: ExperimentConfig, out: Path, input_dir: Path | None = None,
-    storage: str | None = None,
+    stage: str, cfg: ExperimentConfig, out: Location, input_dir: Location | None = None,
+    ray_storage: str | None = None,
 ) -> dict[str, Any]:
-    """Run one stage on the connected Ray cluster; returns its result.json."""
-    done = read_result(out)
+    """Run one stage on the connected Ray cluster; returns its result.json.
+
+    ``out`` and ``input_dir`` are directories or URIs (scaling.storage); Ray keeps
+    its checkpoints under ``ray_storage``, by default ``_ray`` next to ``out``.
+    """
+    out = storage.absolute(out)
+    done = storage.read_result(out)
     if done is not None:
         return done
-    (out / ERROR_FILE).unlink(missing_ok=True)
+    storage.delete(out, ERROR_FILE)
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -94,21 +103,23 @@ def run_stage(
         resources["GPU"] = rt.gpus_per_worker
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"stage": stage, "cfg": to_dict(cfg), "out": str(out.resolve()),
-                           "input": str(input_dir.resolve()) if input_dir else None},
+        train_loop_config={
+            "stage": stage, "cfg": to_dict(cfg), "out": str(out),
+            "input": None if input_dir is None else str(storage.absolute(input_dir))},
         scaling_config=ScalingConfig(num_workers=rt.workers, use_gpu=rt.gpus_per_worker > 0,
                                      resources_per_worker=resources),
         run_config=RunConfig(
-            name=out.name,
-            storage_path=storage or str(out.resolve().parent / "_ray"),
+            name=storage.name(out),
+            storage_path=ray_storage or str(storage.join(storage.parent(out), "_ray")),
             failure_config=FailureConfig(max_failures=rt.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=rt.keep_checkpoints),
         ),
     )
     trainer.fit()
-    result = read_result(out)
-    if result is None and (out / ERROR_FILE).exists():
-        raise NonFiniteLoss(json.loads((out / ERROR_FILE).read_text())["error"])
+    result = storage.read_result(out)
+    error = storage.read_text(out, ERROR_FILE)
+    if result is None and error is not None:
+        raise NonFiniteLoss(json.loads(error)["error"])
     if result is None:
         raise RuntimeError(f"{stage}: the Ray run ended without writing {out}/result.json")
     return result

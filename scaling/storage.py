@@ -1,0 +1,164 @@
+"""Where stage results live: a local directory (the default; also an NFS mount),
+or any URI pyarrow opens (``s3://bucket/runs``, ``gs://...``, ``file:///...``).
+
+Stages always compute in a local directory. For a URI that directory is a
+scratch mirror on the node (``$SCALING_SCRATCH``, default ``$TMPDIR/scaling-<uid>``):
+a stage's input is fetched into it, and its outputs (``final/model.pt``, then
+``result.json`` as the "finished" mark) are published back. Checkpoints in
+between travel through Ray Train's own storage, so a worker on a fresh node
+resumes from ``ray.train.get_checkpoint()``.
+
+S3-compatible endpoints (MinIO, moto) are reached through the standard
+``AWS_ENDPOINT_URL`` environment variable, credentials through the usual AWS ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from scaling.checkpoint import read_result as read_local_result
+
+Location = str | Path
+RESULT = "result.json"
+MODEL = "final/model.pt"
+
+
+def is_uri(location: Location) -> bool:
+    return isinstance(location, str) and "://" in location
+
+
+def parse(text: str) -> Location:
+    """A location from its text form (a CLI argument, a Ray config value)."""
+    return text if is_uri(text) else Path(text)
+
+
+def join(location: Location, *parts: str) -> Location:
+    if is_uri(location):
+        return "/".join([str(location).rstrip("/"), *parts])
+    return Path(location, *parts)
+
+
+def parent(location: Location) -> Location:
+    if is_uri(location):
+        return str(location).rstrip("/").rsplit("/", 1)[0]
+    return Path(location).parent
+
+
+def name(location: Location) -> str:
+    return str(location).rstrip("/").rsplit("/", 1)[-1]
+
+
+def absolute(location: Location) -> Location:
+    return location if is_uri(location) else Path(location).resolve()
+
+
+def scratch_root() -> Path:
+    default = Path(tempfile.gettempdir()) / f"scaling-{os.getuid()}"
+    return Path(os.environ.get("SCALING_SCRATCH", default))
+
+
+def local_dir(location: Location) -> Path:
+    """The directory a stage computes in: the location itself, or its node-local mirror."""
+    if not is_uri(location):
+        return Path(location)
+    digest = hashlib.sha256(str(location).encode()).hexdigest()[:12]
+    return scratch_root() / digest / name(location)
+
+
+def _fs(location: Location) -> tuple[Any, str]:
+    import pyarrow.fs
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(str(location))
+    return fs, path
+
+
+def read_text(location: Location, file: str) -> str | None:
+    """A small file's text, or None if it does not exist."""
+    if not is_uri(location):
+        local = Path(location, file)
+        return local.read_text() if local.exists() else None
+    import pyarrow.fs
+
+    fs, path = _fs(location)
+    target = f"{path}/{file}"
+    if fs.get_file_info(target).type == pyarrow.fs.FileType.NotFound:
+        return None
+    with fs.open_input_stream(target) as f:
+        return bytes(f.read()).decode()
+
+
+def write_text(location: Location, file: str, text: str) -> None:
+    """One object written whole (object stores make single puts atomic)."""
+    if not is_uri(location):
+        from scaling.atomic import atomic_write_text
+
+        atomic_write_text(Path(location, file), text)
+        return
+    fs, path = _fs(location)
+    fs.create_dir(path, recursive=True)
+    with fs.open_output_stream(f"{path}/{file}") as f:
+        f.write(text.encode())
+
+
+def delete(location: Location, file: str) -> None:
+    if not is_uri(location):
+        Path(location, file).unlink(missing_ok=True)
+        return
+    fs, path = _fs(location)
+    with contextlib.suppress(FileNotFoundError):
+        fs.delete_file(f"{path}/{file}")
+
+
+def read_result(location: Location) -> dict[str, Any] | None:
+    if not is_uri(location):
+        return read_local_result(Path(location))
+    text = read_text(location, RESULT)
+    return None if text is None else dict(json.loads(text))
+
+
+def fetch(location: Location) -> Path:
+    """A finished stage's result and final models, as a local directory."""
+    local = local_dir(location)
+    if not is_uri(location) or read_local_result(local) == read_result(location):
+        return local
+    import pyarrow.fs
+
+    fs, path = _fs(location)
+    tmp = local.with_name(f".{local.name}.{os.getpid()}.fetch")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "final").mkdir(parents=True)
+    # result.json first: the model it describes is at least as new (publish writes
+    # the model first), and load_final_models checks the pair by sha256.
+    for file in (RESULT, MODEL):
+        pyarrow.fs.copy_files(f"{path}/{file}", str(tmp / file), source_filesystem=fs,
+                              destination_filesystem=pyarrow.fs.LocalFileSystem())
+    local.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp.rename(local)
+    except OSError:  # a mirror is there already: another worker on this node, or stale
+        if read_local_result(local) != read_result(location):
+            shutil.rmtree(local, ignore_errors=True)
+            tmp.rename(local)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return local
+
+
+def publish(local: Path, location: Location) -> None:
+    """Upload a finished stage's outputs; result.json last, so it marks completion."""
+    if not is_uri(location):
+        return
+    import pyarrow.fs
+
+    fs, path = _fs(location)
+    fs.create_dir(f"{path}/final", recursive=True)
+    for file in (MODEL, RESULT):
+        pyarrow.fs.copy_files(str(local / file), f"{path}/{file}", destination_filesystem=fs,
+                              source_filesystem=pyarrow.fs.LocalFileSystem())
