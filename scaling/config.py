@@ -227,13 +227,15 @@ class RuntimeConfig:
     keep_checkpoints: int = 2  # the previous one is the fallback for a corrupt latest
     loader_workers: int = 4  # decode processes for imagefolder data only
     # Ray Train (scaling.ray_train); the single-process pipeline ignores these.
-    workers: int = 1  # data-parallel workers per stage; the global batch is split
+    # Data-parallel workers per stage (the global batch is split); 0: run the stage
+    # in the calling process (a study's trial), without Ray Train's start-up cost.
+    workers: int = 1
     cpus_per_worker: int = 1  # Ray's default; a 2-core machine fits 1 trial x 1 worker
     gpus_per_worker: int = 0  # 1 on GPU clusters (NCCL); 0: CPU workers on gloo
     max_failures: int = 3  # worker-group restarts from the last checkpoint
 
     def __post_init__(self) -> None:
-        check(self.workers >= 1, "workers", self.workers, ">= 1")
+        check(self.workers >= 0, "workers", self.workers, ">= 0 (0: in the calling process)")
         check(self.cpus_per_worker >= 1, "cpus_per_worker", self.cpus_per_worker, ">= 1")
         check(self.gpus_per_worker >= 0, "gpus_per_worker", self.gpus_per_worker, ">= 0")
         check(self.max_failures >= 0, "max_failures", self.max_failures, ">= 0")

@@ -8,6 +8,7 @@ worker's rank and world size and a ``report`` hook for checkpoints.
 from __future__ import annotations
 
 import contextlib
+import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ class Env:
     compile: bool = False
     # Called after every checkpoint and at the end with (metrics, directory or None).
     report: Report | None = None
+    node: str = field(default_factory=socket.gethostname)  # Ray: the node id
 
     @property
     def is_main(self) -> bool:

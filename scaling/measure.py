@@ -70,10 +70,14 @@ class Progress:
         point = {"step": step + 1, "epoch": epoch, "loss": loss, "lr": lr, "images_per_s": rate}
         self.history.append(point)
         if self.show:
-            eta = (self.total - step - 1) * self.step_seconds / max(step + 1, 1)
+            eta = self.eta_seconds(step + 1)
             print(f"[{self.stage}] epoch {epoch + 1} step {step + 1}/{self.total} "
                   f"loss {point['loss']:.4f} lr {lr:.4g} {rate:.0f} img/s "
                   f"ETA {_duration(eta)}", file=sys.stdout, flush=True)
+
+    def eta_seconds(self, done: int) -> float:
+        """Time left at the mean step time so far, ``done`` of ``total`` steps done."""
+        return (self.total - done) * self.step_seconds / max(done, 1)
 
     @property
     def images_per_second(self) -> float:

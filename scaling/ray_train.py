@@ -56,6 +56,7 @@ def _restore(out: Path) -> None:
 
 
 def _worker(config: dict[str, Any]) -> None:
+    import ray
     import ray.train
     import ray.train.torch
 
@@ -65,7 +66,8 @@ def _worker(config: dict[str, Any]) -> None:
     out = storage.parse(config["out"])
     ctx = ray.train.get_context()
     env = Env(ray.train.torch.get_device(), rank=ctx.get_world_rank(),
-              world=ctx.get_world_size(), compile=cfg.runtime.compile, report=_report)
+              world=ctx.get_world_size(), compile=cfg.runtime.compile, report=_report,
+              node=ray.get_runtime_context().get_node_id())
     _restore(storage.local_dir(out))
     from scaling.pipeline import run_local
 
@@ -80,24 +82,45 @@ def _worker(config: dict[str, Any]) -> None:
             storage.write_text(out, ERROR_FILE, json.dumps({"error": str(e)}))
 
 
+def _tune_report(metrics: dict[str, Any], path: Path | None) -> None:
+    import ray.tune
+
+    ray.tune.report(metrics)
+
+
 def run_stage(
     stage: str, cfg: ExperimentConfig, out: Location, input_dir: Location | None = None,
-    ray_storage: str | None = None,
+    ray_storage: str | None = None, in_tune: bool = False,
 ) -> dict[str, Any]:
     """Run one stage on the connected Ray cluster; returns its result.json.
 
     ``out`` and ``input_dir`` are directories or URIs (scaling.storage); Ray keeps
     its checkpoints under ``ray_storage``, by default ``_ray`` next to ``out``.
+    ``runtime.workers: 0`` runs the stage in this process instead (Ray Train's
+    local mode; no worker start-up). ``in_tune``: called from a Tune trial, whose
+    progress metrics rank 0's reports then become.
     """
     out = storage.absolute(out)
     done = storage.read_result(out)
     if done is not None:
         return done
+    rt = cfg.runtime
+    if rt.workers == 0:
+        from scaling.env import Env
+        from scaling.pipeline import run_local
+
+        env = Env.local(rt.device, rt.compile)
+        env.report = _tune_report if in_tune else None
+        return run_local(stage, cfg, out, input_dir, env)
     storage.delete(out, ERROR_FILE)
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    rt = cfg.runtime
+    callbacks: list[Any] = []
+    if in_tune:
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        callbacks.append(TuneReportCallback())
     resources: dict[str, float] = {"CPU": rt.cpus_per_worker}
     if rt.gpus_per_worker:
         resources["GPU"] = rt.gpus_per_worker
@@ -113,6 +136,7 @@ def run_stage(
             storage_path=ray_storage or str(storage.join(storage.parent(out), "_ray")),
             failure_config=FailureConfig(max_failures=rt.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=rt.keep_checkpoints),
+            callbacks=callbacks,
         ),
     )
     trainer.fit()

@@ -131,7 +131,10 @@ class StageRun:
     def _report(self, path: Path | None) -> None:
         if self.env.report is not None:
             last = self.progress.history[-1] if self.progress.history else {}
-            self.env.report({"stage": self.name, "step": self.step, **last}, path)
+            progress = {"stage": self.name, **last, "step": self.step,
+                        "total_steps": self.total_steps, "epochs": self.epochs,
+                        "eta_s": self.progress.eta_seconds(self.step)}
+            self.env.report(progress, path)
 
     def finish(self, models: dict[str, Any], metrics: dict[str, Any],
                protocol: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -153,6 +156,7 @@ class StageRun:
             "protocol": protocol,
             "resumed_from": self.resumed_from,
             "world_size": self.env.world,
+            "node": self.env.node,
             "device": str(self.env.device),
             **extra,
         }

@@ -1,0 +1,107 @@
+"""A study's results table: one tidy row per (cell, stage), documented in
+docs/results-table.md. Each cell's rows are written as one file when a stage of
+it finishes (``cells/<id hash>.json``); the table (``results.csv``) is rebuilt from
+those files, so an interrupted sweep loses nothing and never half-writes a row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from scaling import storage
+from scaling.storage import Location
+
+TABLE = "results.csv"
+CELLS = "cells"
+METRICS = {  # table column: result.json metrics key
+    "top1": "test_top1", "linear_top1": "linear_top1", "knn_top1": "knn_top1",
+    "teacher_top1": "teacher_test_top1", "params": "params",
+    "params_with_head": "params_with_head", "forward_flops": "forward_flops_per_image",
+    "labelled_examples": "labelled_examples", "images_per_s": "images_per_s",
+    "train_seconds": "train_seconds", "wall_seconds": "wall_seconds",
+    "peak_memory_bytes": "peak_memory_bytes", "final_loss": "final_loss",
+}
+
+
+def git_commit() -> str:
+    """The project's commit (with '+dirty' for local changes), or 'unknown'."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=repo, capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= _flatten(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, list) else v
+    return out
+
+
+def stage_row(study: str, cell: str, axes: dict[str, Any], stage: str, key: str,
+              result: dict[str, Any], status: str, commit: str, invocation: str
+              ) -> dict[str, Any]:
+    """One (cell, stage) row: identity, metrics, cost, provenance, every config key."""
+    m = result["metrics"]
+    rt = result["config"]["runtime"]
+    device_hours = m["train_seconds"] * result["world_size"] / 3600
+    gpu = result["device"].startswith("cuda")
+    row: dict[str, Any] = {
+        "study": study, "cell": cell, "stage": stage, "stage_key": key, "status": status,
+        "invocation": invocation,
+        **{f"axis.{k}": v for k, v in axes.items()},
+        **{col: m.get(src) for col, src in METRICS.items()},
+        "gpu_hours": device_hours * rt["gpus_per_worker"] if gpu else None,
+        "cpu_hours": None if gpu else device_hours * rt["cpus_per_worker"],
+        "step": result["step"], "resumed_from": result["resumed_from"],
+        "world_size": result["world_size"], "device": result["device"],
+        "node": result.get("node"), "git_commit": commit,
+        "protocol": json.dumps(result["protocol"], sort_keys=True),
+    }
+    return row | _flatten({k: v for k, v in result["config"].items() if k != "runtime"})
+
+
+def cell_file(cell: str) -> str:
+    return f"{hashlib.sha256(cell.encode()).hexdigest()[:16]}.json"
+
+
+def write_cell(study_dir: Location, cell: str, rows: list[dict[str, Any]]) -> None:
+    text = json.dumps({"cell": cell, "rows": rows}, sort_keys=True)
+    storage.write_text(storage.join(study_dir, CELLS), cell_file(cell), text)
+
+
+def read_cells(study_dir: Location, cells: list[str]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for cell in cells:
+        text = storage.read_text(storage.join(study_dir, CELLS), cell_file(cell))
+        if text is not None:
+            rows += json.loads(text)["rows"]
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Rows as a DataFrame with the supervised baseline beside every row of its cell."""
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return df
+    sup = df[df["stage"] == "supervised"].set_index("cell")["top1"]
+    df.insert(df.columns.get_loc("top1") + 1, "supervised_top1", df["cell"].map(sup))
+    return df
+
+
+def write_table(study_dir: Location, df: pd.DataFrame) -> None:
+    storage.write_text(study_dir, TABLE, df.to_csv(index=False))

@@ -1,0 +1,245 @@
+"""A study: a base configuration, a grid of axes over it, and the stages each
+grid point (a *cell*) needs. Pure planning, no Ray: expanding the grid,
+validating every cell before anything runs, counting the distinct stage runs
+(pretraining does not depend on the label fraction, fine-tuning not on the
+student, ...), and estimating the compute.
+
+Axes are dotted config keys (``model.width``) or the short names in ``ALIASES``.
+``finetune.label_fraction`` defaults to the base config's ``label_fractions``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+from scaling.config import ConfigError, ExperimentConfig, ModelConfig, config_hash, with_overrides
+from scaling.pipeline import stage_key
+
+ALIASES = {
+    "depth": "model.depth", "width": "model.width", "sk": "model.sk_ratio",
+    "head_depth": "head.num_layers", "ft_layer": "finetune.head_layer",
+    "label_fraction": "finetune.label_fraction", "seed": "seed",
+    "student_depth": "distill.student.depth", "student_width": "distill.student.width",
+    "student_sk": "distill.student.sk_ratio", "unlabelled": "distill.unlabelled.name",
+}
+SHORT = {v: k for k, v in ALIASES.items()}
+STAGE_INPUT = {"pretrain": None, "finetune": "pretrain", "distill": "finetune", "supervised": None}
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One grid point: its axis values and the full configuration they make."""
+
+    id: str
+    values: tuple[tuple[str, Any], ...]  # (dotted key, value) in axis order
+    config: ExperimentConfig
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    base: ExperimentConfig
+    axes: tuple[tuple[str, tuple[Any, ...]], ...]  # dotted keys, in grid order
+    stages: tuple[str, ...] = ("pretrain", "finetune", "distill", "supervised")
+
+
+def canonical(key: str) -> str:
+    return ALIASES.get(key, key)
+
+
+def _leaf_keys(cls: Any, prefix: str = "") -> list[str]:
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        inner = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+        if dataclasses.is_dataclass(tp):
+            inner = [tp]
+        name = f"{prefix}{f.name}"
+        keys += _leaf_keys(inner[0], f"{name}.") if inner else [name]
+    return keys
+
+
+# Runtime settings are how a cell runs, not what it computes: not an axis.
+AXIS_KEYS = tuple(k for k in _leaf_keys(ExperimentConfig)
+                  if not k.startswith("runtime.") and k not in ("name", "label_fractions"))
+
+
+def make_study(name: str, base: ExperimentConfig, axes: dict[str, list[Any]],
+               stages: tuple[str, ...] | None = None) -> Study:
+    """Validate axis names and values (each alone) and build the study."""
+    resolved: dict[str, tuple[Any, ...]] = {}
+    for key, values in axes.items():
+        full = canonical(key)
+        if full not in AXIS_KEYS:
+            raise ConfigError(f"axes.{key}", values, "an axis: one of " + ", ".join(
+                sorted(ALIASES)) + ", or a dotted config key (model.stem, pretrain.epochs, ...)")
+        if not isinstance(values, list | tuple) or not values:
+            raise ConfigError(f"axes.{key}", values, "a non-empty list of values")
+        if len(set(map(json.dumps, values))) != len(values):
+            raise ConfigError(f"axes.{key}", values, "distinct values")
+        resolved[full] = tuple(values)
+    if "finetune.label_fraction" not in resolved:
+        resolved["finetune.label_fraction"] = tuple(base.label_fractions) or (
+            base.finetune.label_fraction,)
+    study = Study(name, base, tuple(resolved.items()), stages or Study.stages)
+    for stage in study.stages:
+        if stage not in STAGE_INPUT:
+            raise ConfigError("stages", stage, ", ".join(STAGE_INPUT))
+    cells(study)  # every cell must be a valid configuration
+    return study
+
+
+def _cell_config(base: ExperimentConfig, values: tuple[tuple[str, Any], ...]) -> ExperimentConfig:
+    overrides: dict[str, Any] = {"label_fractions": [], "finetune.labels_per_class": None}
+    student = {k: v for k, v in values if k.startswith("distill.student.")}
+    if student and base.distill.student is None:
+        # A student axis varies the teacher's architecture, not ModelConfig's defaults.
+        teacher = dict(values)
+        model = {f.name: teacher.get(f"model.{f.name}", getattr(base.model, f.name))
+                 for f in dataclasses.fields(ModelConfig)}
+        overrides["distill.student"] = model
+    if any(k.startswith("distill.unlabelled.") for k, _ in values) and (
+            base.distill.unlabelled is None):
+        overrides["distill.unlabelled"] = dataclasses.asdict(base.data)
+    for k, v in values:
+        overrides[k] = v
+    return with_overrides(base, overrides)
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def cells(study: Study) -> list[Cell]:
+    """The grid in order (the last axis varies fastest). Raises ConfigError naming
+    the axis value that makes an impossible configuration."""
+    keys = [k for k, _ in study.axes]
+    out = []
+    for combo in itertools.product(*(v for _, v in study.axes)):
+        values = tuple(zip(keys, combo, strict=True))
+        try:
+            cfg = _cell_config(study.base, values)
+        except ConfigError as e:
+            where = ", ".join(f"{SHORT.get(k, k)}={_fmt(v)}" for k, v in values)
+            raise ConfigError(e.key, e.value, f"{e.allowed} (in the cell {where})") from None
+        cell_id = ",".join(f"{SHORT.get(k, k)}={_fmt(v)}" for k, v in values)
+        out.append(Cell(cell_id, values, dataclasses.replace(cfg, name=study.name)))
+    return out
+
+
+def cell_stages(study: Study, cell: Cell) -> list[tuple[str, str, str | None]]:
+    """(stage, key, input stage's key) for the cell, in dependency order."""
+    out = []
+    for stage in study.stages:
+        dep = STAGE_INPUT[stage]
+        out.append((stage, stage_key(cell.config, stage),
+                    stage_key(cell.config, dep) if dep else None))
+    return out
+
+
+def required_stages(study: Study) -> tuple[str, ...]:
+    """The study's stages plus what they need (distill needs finetune needs pretrain)."""
+    need = set(study.stages)
+    for stage in list(need):
+        dep = STAGE_INPUT[stage]
+        while dep:
+            need.add(dep)
+            dep = STAGE_INPUT[dep]
+    return tuple(s for s in STAGE_INPUT if s in need)
+
+
+def grid_hash(study: Study) -> str:
+    return config_hash({"name": study.name, "cells": [c.id for c in cells(study)],
+                        "keys": [cell_stages(study, c) for c in cells(study)]})
+
+
+@dataclass(frozen=True)
+class Plan:
+    cells: int
+    naive_stage_runs: int  # every cell computing its whole chain itself
+    distinct: dict[str, int]  # distinct stage runs per stage
+    flops: float  # training FLOPs of the distinct runs (estimate)
+
+    @property
+    def stage_runs(self) -> int:
+        return sum(self.distinct.values())
+
+
+# Training-set size, channels and side per dataset, for the estimate only
+# (imagefolder is assumed to be ImageNet-sized).
+DATA_SHAPES = {"fashion-mnist": (60000, 1, 28), "cifar10": (50000, 3, 32),
+               "cifar100": (50000, 3, 32), "stl10": (105000, 3, 96),
+               "imagefolder": (1281167, 3, 224), "synthetic": (256, 1, 16)}
+
+
+def _forward_flops(model: ModelConfig, data_name: str, image_size: int | None) -> float:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from scaling.network import build_encoder
+
+    _, channels, side = DATA_SHAPES[data_name]
+    side = image_size or side
+    with torch.device("meta"):
+        net = build_encoder(model, channels, side).eval()
+        x = torch.empty(1, channels, side, side)
+    with FlopCounterMode(display=False) as counter:
+        net(x)
+    return float(counter.get_total_flops())
+
+
+def stage_flops(cfg: ExperimentConfig, stage: str) -> float:
+    """Training FLOPs of one stage run: 3x forward per image per pass (fwd + bwd),
+    plus the teacher's forward in distillation. The head is ignored (small)."""
+    n, _, _ = DATA_SHAPES[cfg.data.name]
+    fwd = _forward_flops(cfg.model, cfg.data.name, cfg.data.image_size)
+    fraction = cfg.finetune.label_fraction or 1.0
+    if stage == "pretrain":
+        return 3 * fwd * 2 * n * cfg.pretrain.epochs
+    if stage == "finetune":
+        return 3 * fwd * fraction * n * cfg.finetune.epochs
+    if stage == "supervised":
+        return 3 * fwd * fraction * n * cfg.supervised.epochs
+    student = cfg.distill.student or cfg.model
+    unl = cfg.distill.unlabelled or cfg.data
+    n_unl, _, _ = DATA_SHAPES[unl.name]
+    s_fwd = _forward_flops(student, unl.name, unl.image_size)
+    t_fwd = _forward_flops(cfg.model, unl.name, unl.image_size)
+    return (3 * s_fwd + t_fwd) * n_unl * cfg.distill.epochs
+
+
+def plan(study: Study) -> Plan:
+    grid = cells(study)
+    need = required_stages(study)
+    seen: dict[str, dict[str, ExperimentConfig]] = {s: {} for s in need}
+    for cell in grid:
+        for stage in need:
+            seen[stage].setdefault(stage_key(cell.config, stage), cell.config)
+    flops = sum(stage_flops(cfg, s) for s in need for cfg in seen[s].values())
+    return Plan(len(grid), len(grid) * len(need), {s: len(v) for s, v in seen.items()}, flops)
+
+
+def describe(study: Study, p: Plan) -> str:
+    """What --dry-run prints: the grid, the distinct stage runs, the compute."""
+    lines = [f"study {study.name}: {p.cells} cells"]
+    for key, values in study.axes:
+        lines.append(f"  {SHORT.get(key, key):<16} {', '.join(_fmt(v) for v in values)}")
+    per = ", ".join(f"{s} {n}" for s, n in p.distinct.items())
+    lines.append(f"stage runs: {p.stage_runs} distinct ({per}); "
+                 f"a naive grid would run {p.naive_stage_runs}")
+    # A stated assumption, not a measurement: 40% of an H100's dense bf16 peak.
+    gpu_hours = p.flops / (0.4 * 989e12) / 3600
+    lines.append(f"estimated training compute: {p.flops:.3g} FLOPs "
+                 f"(~{gpu_hours:.3g} H100-hours at 40% of bf16 peak)")
+    return "\n".join(lines)
+
+
+def fmt_hours(seconds: float) -> str:
+    return f"{seconds / 3600:.3f}" if math.isfinite(seconds) else "-"

@@ -1,0 +1,137 @@
+"""The command line every studies/*.py script shares.
+
+    python studies/model_size.py                      # the local preset, a local Ray
+    python studies/model_size.py --preset fmnist-cpu --axis width=0.0625,0.125 --repeats 2
+    python studies/model_size.py --file my-study.yaml --dry-run
+    ray submit cluster/gpu.yaml studies/model_size.py -- --preset cifar10-gpu --storage s3://b/s
+
+A preset names a base configuration (configs/*.yaml), overrides of it and the
+axes. ``--file`` YAML may hold the same keys: preset, base, set, axes, seeds.
+Everything is validated before Ray starts; a bad key or value exits with status
+2 naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from scaling.config import ConfigError, load_config
+from scaling.data import DataError
+from scaling.pipeline import parse_overrides, resolve
+from scaling.study import Study, describe, make_study, plan
+
+
+@dataclass(frozen=True)
+class Preset:
+    base: str  # a configs/*.yaml preset or a YAML path
+    axes: dict[str, list[Any]]
+    set: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StudyDef:
+    name: str
+    doc: str
+    presets: dict[str, Preset]
+    stages: tuple[str, ...] = ("pretrain", "finetune", "distill", "supervised")
+    default: str = "local"
+
+
+def _values(text: str) -> list[Any]:
+    return [yaml.safe_load(v) for v in text.split(",") if v != ""]
+
+
+def build(defn: StudyDef, args: argparse.Namespace) -> Study:
+    """The study the arguments describe: preset, then --file, then the flags."""
+    spec: dict[str, Any] = {}
+    if args.file:
+        with open(args.file) as f:
+            spec = yaml.safe_load(f) or {}
+        if not isinstance(spec, dict):
+            raise ConfigError("--file", args.file, "a YAML mapping: preset, base, set, axes, seeds")
+        for key in spec:
+            if key not in ("preset", "base", "set", "axes", "seeds"):
+                raise ConfigError(f"{args.file}: {key}", spec[key],
+                                  "preset, base, set, axes, seeds")
+    name = args.preset or spec.get("preset") or defn.default
+    if name not in defn.presets:
+        raise ConfigError("--preset", name, ", ".join(defn.presets))
+    preset = defn.presets[name]
+    overrides = {**preset.set, **spec.get("set", {}), **parse_overrides(args.set)}
+    base = load_config(resolve(spec.get("base", preset.base)), overrides)
+    axes = {**preset.axes, **spec.get("axes", {})}
+    for item in args.axis:
+        if "=" not in item:
+            raise ConfigError("--axis", item, "NAME=V1,V2,..., e.g. width=0.0625,0.125")
+        key, text = item.split("=", 1)
+        axes[key] = _values(text)
+    seeds = spec.get("seeds")
+    if args.seeds:
+        seeds = _values(args.seeds)
+    if args.repeats is not None:
+        if args.repeats < 1:
+            raise ConfigError("--repeats", args.repeats, ">= 1")
+        seeds = list(range(args.repeats))
+    if seeds is not None:
+        axes["seed"] = seeds
+    return make_study(f"{defn.name}-{name}", base, axes, defn.stages)
+
+
+def parser(defn: StudyDef) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=f"{defn.doc}\n\n{__doc__}",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", help=f"one of: {', '.join(defn.presets)} (default {defn.default})")
+    p.add_argument("--file", help="a study YAML: preset, base, set, axes, seeds")
+    p.add_argument("--axis", action="append", default=[], metavar="NAME=V1,V2",
+                   help="replace an axis, e.g. --axis width=0.0625,0.125 (repeatable)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="override base config keys, e.g. pretrain.epochs=5")
+    p.add_argument("--seeds", help="comma-separated seeds (an axis)")
+    p.add_argument("--repeats", type=int, help="seeds 0..N-1")
+    p.add_argument("--storage", default="runs",
+                   help="study storage: a directory or a URI (s3://bucket/studies)")
+    p.add_argument("--address", default=None,
+                   help="Ray address; default: the running cluster if there is one "
+                        "(as under ray submit), else a local Ray on this machine")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the grid, the distinct stage runs and the compute; run nothing")
+    p.add_argument("--restart-errored", action="store_true",
+                   help="when resuming, run the cells that failed last time again")
+    p.add_argument("--no-report", action="store_true", help="skip the report at the end")
+    return p
+
+
+def _report(study_dir: Any) -> None:
+    try:
+        from analysis.report import write_report  # type: ignore[import-not-found, unused-ignore]
+    except ImportError:
+        print("(no report generator installed yet: analysis/report.py; the table is above)")
+        return
+    print(f"report: {write_report(study_dir)}")
+
+
+def main(defn: StudyDef, argv: list[str] | None = None) -> int:
+    args = parser(defn).parse_args(argv)
+    try:
+        study = build(defn, args)
+        print(describe(study, plan(study)), flush=True)
+        if args.dry_run:
+            return 0
+        from scaling import storage, sweep
+
+        outcome = sweep.run_study(study, args.storage, address=args.address,
+                                  restart_errored=args.restart_errored)
+    except (ConfigError, DataError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(sweep.summary(outcome, study))
+    study_dir = storage.join(storage.absolute(storage.parse(args.storage)), study.name)
+    print(f"results table: {storage.join(study_dir, 'results.csv')}")
+    if not args.no_report and not outcome.table.empty:
+        _report(study_dir)
+    return 1 if outcome.errored else 0

@@ -1,0 +1,258 @@
+"""The Ray Tune seam: a study runs as one Tune trial per cell. A trial is a driver
+that walks its cell's stages in dependency order and runs each on Ray Train
+(``scaling.ray_train.run_stage``), Train-inside-Tune.
+
+Each distinct stage runs once per study storage. Stage directories are named
+by content hash (``scaling.pipeline.stage_key``), so a finished stage is found
+and reused by every cell that needs it. Stages that several running trials need
+at the same moment are claimed through one small actor: the claimant runs it,
+the others do other ready work (their supervised baseline) or wait, then reuse it.
+
+Storage layout (a directory or a URI):
+
+    <storage>/stages/<stage>-<key>/        stage results, shared by every study there
+    <storage>/<study>/results.csv          the tidy table (scaling/results.py)
+    <storage>/<study>/cells/<hash>.json    each cell's rows, written as stages finish
+    <storage>/<study>/_tune/<study>-<grid hash>/   Tune's experiment state (resume)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import ray
+from ray import tune
+
+from scaling import results, storage
+from scaling.config import ConfigError, ExperimentConfig, from_dict, to_dict
+from scaling.pipeline import stage_dir, stage_key
+from scaling.ray_train import run_stage
+from scaling.storage import Location
+from scaling.study import SHORT, STAGE_INPUT, Study, cells, grid_hash, required_stages
+
+POLL_SECONDS = 2.0
+DRIVER_RESOURCE = "TRAIN_DRIVER"  # a custom resource trial drivers are scheduled on
+
+
+@ray.remote(num_cpus=0)
+class StageClaims:
+    """Which trial is computing which stage key right now (held in memory only:
+    after a crash the claims are gone, and the storage is the truth)."""
+
+    def __init__(self) -> None:
+        self.owner: dict[str, str] = {}
+
+    def claim(self, key: str, trial: str) -> bool:
+        return self.owner.setdefault(key, trial) == trial
+
+    def release(self, key: str, trial: str) -> None:
+        if self.owner.get(key) == trial:
+            del self.owner[key]
+
+
+def run_cell(config: dict[str, Any], ctx: dict[str, Any]) -> None:
+    """The Tune trainable: run or reuse every stage of one cell."""
+    cell = config["cell"]
+    cfg = from_dict(ExperimentConfig, cell["config"])
+    root, study_dir = storage.parse(ctx["stages"]), storage.parse(ctx["study_dir"])
+    claims = ray.get_actor(ctx["claims"])
+    trial = tune.get_context().get_trial_id()
+    rows: dict[str, dict[str, Any]] = {}
+    pending = list(ctx["stages_needed"])
+    while pending:
+        ran = False
+        for stage in pending:
+            dep = STAGE_INPUT[stage]
+            if dep in pending:
+                continue  # its input is not finished yet
+            key, out = stage_key(cfg, stage), stage_dir(root, cfg, stage)
+            result, status = storage.read_result(out), "reused"
+            if result is None:
+                if not ray.get(claims.claim.remote(key, trial)):
+                    continue  # another trial is computing it
+                try:
+                    tune.report({"cell": cell["id"], "stage": stage, "event": "start"})
+                    inp = stage_dir(root, cfg, dep) if dep else None
+                    result, status = run_stage(stage, cfg, out, inp, in_tune=True), "executed"
+                finally:
+                    ray.get(claims.release.remote(key, trial))
+            rows[stage] = results.stage_row(ctx["study"], cell["id"], cell["axes"], stage, key,
+                                            result, status, ctx["commit"], ctx["invocation"])
+            results.write_cell(study_dir, cell["id"], list(rows.values()))
+            tune.report({"cell": cell["id"], "stage": stage, "event": status,
+                         "top1": result["metrics"].get("test_top1")})
+            pending.remove(stage)
+            ran = True
+            break
+        if not ran:
+            time.sleep(POLL_SECONDS)
+
+
+class Console(tune.Callback):
+    """One line per progress report (cell, stage, epoch, ETA); the table kept fresh."""
+
+    def __init__(self, study_dir: Location, cell_ids: list[str]) -> None:
+        self.study_dir, self.cell_ids = study_dir, cell_ids
+        self.last: dict[str, float] = {}
+
+    def on_trial_result(self, iteration: int, trials: list[Any], trial: Any,
+                        result: dict[str, Any], **info: Any) -> None:
+        cell = trial.config["cell"]["id"]
+        if result.get("event"):
+            print(f"[{cell}] {result['stage']}: {result['event']}", flush=True)
+            if result["event"] != "start":
+                update_table(self.study_dir, self.cell_ids)
+            return
+        if "total_steps" not in result:
+            return
+        now = time.monotonic()
+        if now - self.last.get(trial.trial_id, 0) < 10 and result["step"] < result["total_steps"]:
+            return
+        self.last[trial.trial_id] = now
+        spe = max(result["total_steps"] // result["epochs"], 1)
+        epoch = min(math.ceil(result["step"] / spe), result["epochs"])
+        print(f"[{cell}] {result['stage']} epoch {epoch}/{result['epochs']} "
+              f"step {result['step']}/{result['total_steps']} loss {result.get('loss', 0):.4f} "
+              f"ETA {result['eta_s']:.0f} s", flush=True)
+
+
+def update_table(study_dir: Location, cell_ids: list[str]) -> pd.DataFrame:
+    df = results.table(results.read_cells(study_dir, cell_ids))
+    if not df.empty:
+        results.write_table(study_dir, df)
+    return df
+
+
+@dataclass(frozen=True)
+class Capacity:
+    concurrent: int  # trials at once
+    resources: dict[str, float]  # one trial driver's own resources
+
+
+def capacity(cfg: ExperimentConfig, cluster: dict[str, float]) -> Capacity:
+    """Trials that fit at once without starving their own Train workers."""
+    rt = cfg.runtime
+    per_trial_cpu = max(rt.workers, 1) * rt.cpus_per_worker
+    per_trial_gpu = rt.workers * rt.gpus_per_worker
+    cpus, gpus = cluster.get("CPU", 0), cluster.get("GPU", 0)
+    if per_trial_cpu > cpus:
+        raise ConfigError("runtime.workers", rt.workers,
+                          f"workers x cpus_per_worker <= the cluster's {cpus:g} CPUs")
+    if per_trial_gpu > gpus:
+        raise ConfigError("runtime.workers", rt.workers,
+                          f"workers x gpus_per_worker <= the cluster's {gpus:g} GPUs")
+    concurrent = int(cpus // per_trial_cpu)
+    if per_trial_gpu:
+        concurrent = min(concurrent, int(gpus // per_trial_gpu))
+    # With workers=0 the driver trains itself and holds the CPUs; otherwise it only
+    # waits on its TorchTrainer and sits on the driver resource (or a little memory).
+    resources: dict[str, float] = {"CPU": rt.cpus_per_worker} if rt.workers == 0 else {}
+    if DRIVER_RESOURCE in cluster:
+        resources[DRIVER_RESOURCE] = 1
+    elif not resources:
+        resources["memory"] = 256 * 2**20
+    return Capacity(max(concurrent, 1), resources)
+
+
+def connect(address: str | None, cfg: ExperimentConfig) -> None:
+    """Join ``address`` ('auto': the running cluster, as under ``ray submit``) or
+    start a local Ray with every core and a driver resource."""
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address)
+        return
+    try:  # a cluster already running here (ray start / ray submit)?
+        ray.init(address="auto")
+        print("joined the running Ray cluster", flush=True)
+        return
+    except ConnectionError:
+        pass
+    cpus = os.cpu_count() or 1
+    capacity(cfg, {"CPU": cpus})  # fail before starting Ray
+    ray.init(num_cpus=cpus, resources={DRIVER_RESOURCE: 1000}, include_dashboard=False)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    table: pd.DataFrame
+    executed: int
+    reused: int
+    errored: list[str]
+    seconds: float
+
+
+def run_study(study: Study, root: Location, *, address: str | None = None,
+              restart_errored: bool = False) -> Outcome:
+    """Run (or resume) the study's grid on Ray Tune; returns the results table."""
+    started = time.perf_counter()
+    grid = cells(study)
+    connect(address, study.base)
+    cap = capacity(study.base, ray.cluster_resources())
+    root = storage.absolute(root)
+    study_dir = storage.join(root, study.name)
+    claims_name = f"scaling-claims-{study.name}-{os.getpid()}"
+    # The handle keeps the actor alive for the sweep; trials look it up by name.
+    claims = StageClaims.options(name=claims_name).remote()  # type: ignore[attr-defined]
+    ctx = {"study": study.name, "stages": str(storage.join(root, "stages")),
+           "study_dir": str(study_dir), "claims": claims_name, "commit": results.git_commit(),
+           "stages_needed": list(required_stages(study)),
+           "invocation": time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"}
+    payload = [{"id": c.id, "axes": {SHORT.get(k, k): v for k, v in c.values},
+                "config": to_dict(c.config)} for c in grid]
+    trainable = tune.with_resources(tune.with_parameters(run_cell, ctx=ctx), cap.resources)
+    tune_root = str(storage.join(study_dir, "_tune"))
+    name = f"{study.name}-{grid_hash(study)}"
+    callbacks: list[tune.Callback] = [Console(study_dir, [c.id for c in grid])]
+    path = str(storage.join(tune_root, name))
+    print(f"{study.name}: {len(grid)} cells, up to {cap.concurrent} at once; "
+          f"results in {study_dir}", flush=True)
+    if tune.Tuner.can_restore(path):
+        print(f"resuming the sweep in {path}", flush=True)
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
+                                   resume_errored=restart_errored, restart_errored=False)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"cell": tune.grid_search(payload)},
+            tune_config=tune.TuneConfig(max_concurrent_trials=cap.concurrent),
+            run_config=tune.RunConfig(name=name, storage_path=tune_root, callbacks=callbacks,
+                                      verbose=0),
+        )
+    try:
+        grid_results = tuner.fit()
+    finally:
+        ray.kill(claims)
+    errored = [(grid_results[i].config or {})["cell"]["id"] for i in range(len(grid_results))
+               if grid_results[i].error is not None]
+    df = update_table(study_dir, [c.id for c in grid])
+    now = df[df["invocation"] == ctx["invocation"]] if not df.empty else df
+    executed = int((now["status"] == "executed").sum()) if not now.empty else 0
+    return Outcome(df, executed, len(now) - executed, errored, time.perf_counter() - started)
+
+
+def summary(outcome: Outcome, study: Study) -> str:
+    df = outcome.table
+    lines = [f"this run: {outcome.executed} stage runs executed, {outcome.reused} reused, in "
+             f"{outcome.seconds:.0f} s; the table has {len(df)} rows for {len(cells(study))} cells"]
+    if not df.empty:
+        cols = ["cell", "stage", "status", "top1", "supervised_top1", "linear_top1",
+                "knn_top1", "params", "train_seconds"]
+        show = df[cols].copy()
+        for c in ("top1", "supervised_top1", "linear_top1", "knn_top1"):
+            show[c] = (100 * show[c]).round(1)
+        lines.append(show.to_string(index=False))
+    if outcome.errored:
+        lines.append(f"{len(outcome.errored)} cells failed: {', '.join(outcome.errored)}; "
+                     "re-run with --restart-errored")
+    return "\n".join(lines)
+
+
+def eprint(*args: Any) -> None:
+    print(*args, file=sys.stderr, flush=True)

@@ -1,0 +1,32 @@
+"""Teacher size x student size x label fraction x unlabelled set: the paper's
+distillation results (self-distillation and big-to-small). Each teacher is
+pretrained and fine-tuned once and distilled into every student."""
+
+import sys
+
+from scaling.study_cli import Preset, StudyDef, main
+
+STUDY = StudyDef(
+    name="distillation",
+    doc=__doc__,
+    presets={
+        "local": Preset("fmnist-cpu", {"width": [0.125], "student_width": [0.0625, 0.125]}, {
+            "pretrain.epochs": 3, "finetune.epochs": 30, "supervised.epochs": 30,
+            "distill.epochs": 1, "evaluate.linear_steps": 50}),
+        "fmnist-cpu": Preset("fmnist-cpu", {
+            "width": [0.125, 0.25], "student_width": [0.0625, 0.125],
+            "label_fraction": [0.01, 0.1]}, {"distill.epochs": 20}),
+        # Same data, or CIFAR-100's images as the unlabelled set.
+        "cifar10-gpu": Preset("cifar10-gpu", {
+            "depth": [50], "width": [1.0, 2.0], "student_depth": [18, 50],
+            "unlabelled": ["cifar10", "cifar100"], "label_fraction": [0.01, 0.1]},
+            {"runtime.gpus_per_worker": 1}),
+        "imagenet-gpu": Preset("imagenet-gpu", {
+            "depth": [152], "width": [2.0, 3.0], "sk": [0.0625], "student_depth": [50, 152],
+            "label_fraction": [0.01, 0.1]},
+            {"runtime.workers": 8, "runtime.gpus_per_worker": 1, "runtime.cpus_per_worker": 8}),
+    },
+)
+
+if __name__ == "__main__":
+    sys.exit(main(STUDY))

@@ -1,0 +1,30 @@
+"""Projection-head depth x fine-tune-from layer x label fraction: the paper's
+head figure (a deeper head, fine-tuned from its middle layer, helps most at 1%).
+Cells pretrain, fine-tune and train the supervised baseline; no distillation."""
+
+import sys
+
+from scaling.study_cli import Preset, StudyDef, main
+
+STUDY = StudyDef(
+    name="head_depth",
+    doc=__doc__,
+    stages=("pretrain", "finetune", "supervised"),
+    presets={
+        "local": Preset("fmnist-cpu", {"width": [0.0625], "head_depth": [2, 3],
+                                       "ft_layer": [0, 1]}, {
+            "pretrain.epochs": 3, "finetune.epochs": 30, "supervised.epochs": 30,
+            "evaluate.linear_steps": 50}),
+        "fmnist-cpu": Preset("fmnist-cpu", {"head_depth": [2, 3, 4], "ft_layer": [0, 1, 2],
+                                            "label_fraction": [0.01, 0.1, 1.0]}),
+        "cifar10-gpu": Preset("cifar10-gpu", {"head_depth": [2, 3, 4], "ft_layer": [0, 1, 2],
+                                              "label_fraction": [0.01, 0.1, 1.0]},
+                              {"runtime.gpus_per_worker": 1}),
+        "imagenet-gpu": Preset("imagenet-gpu", {
+            "head_depth": [2, 3, 4], "ft_layer": [0, 1, 2], "label_fraction": [0.01, 0.1, 1.0]},
+            {"runtime.workers": 8, "runtime.gpus_per_worker": 1, "runtime.cpus_per_worker": 8}),
+    },
+)
+
+if __name__ == "__main__":
+    sys.exit(main(STUDY))
