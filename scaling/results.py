@@ -80,7 +80,7 @@ def cell_file(cell: str) -> str:
 
 
 def write_cell(study_dir: Location, cell: str, rows: list[dict[str, Any]]) -> None:
-    text = json.dumps({"cell": cell, "rows": rows}, sort_keys=True)
+    text = json.dumps({"cell": cell, "rows": rows})  # key order = column order
     storage.write_text(storage.join(study_dir, CELLS), cell_file(cell), text)
 
 
@@ -98,6 +98,9 @@ def table(rows: list[dict[str, Any]]) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     if df.empty:
         return df
+    order = {s: i for i, s in enumerate(("pretrain", "finetune", "distill", "supervised"))}
+    df = df.sort_values(["cell", "stage"], key=lambda c: c.map(order) if c.name == "stage" else c,
+                        kind="stable", ignore_index=True)
     sup = df[df["stage"] == "supervised"].set_index("cell")["top1"]
     df.insert(df.columns.get_loc("top1") + 1, "supervised_top1", df["cell"].map(sup))
     return df

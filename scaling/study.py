@@ -11,6 +11,7 @@ Axes are dotted config keys (``model.width``) or the short names in ``ALIASES``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -134,6 +135,16 @@ def cells(study: Study) -> list[Cell]:
     return out
 
 
+def schedule_order(study: Study, grid: list[Cell]) -> list[Cell]:
+    """Cells round-robin over their pretraining runs, so trials started together
+    pretrain different models instead of waiting for one another."""
+    groups: dict[str, list[Cell]] = {}
+    for cell in grid:
+        groups.setdefault(stage_key(cell.config, "pretrain"), []).append(cell)
+    lanes = list(groups.values())
+    return [lane[i] for i in range(max(map(len, lanes))) for lane in lanes if i < len(lane)]
+
+
 def cell_stages(study: Study, cell: Cell) -> list[tuple[str, str, str | None]]:
     """(stage, key, input stage's key) for the cell, in dependency order."""
     out = []
@@ -179,6 +190,7 @@ DATA_SHAPES = {"fashion-mnist": (60000, 1, 28), "cifar10": (50000, 3, 32),
                "imagefolder": (1281167, 3, 224), "synthetic": (256, 1, 16)}
 
 
+@functools.lru_cache(maxsize=None)
 def _forward_flops(model: ModelConfig, data_name: str, image_size: int | None) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode

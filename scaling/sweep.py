@@ -34,7 +34,15 @@ from scaling.config import ConfigError, ExperimentConfig, from_dict, to_dict
 from scaling.pipeline import stage_dir, stage_key
 from scaling.ray_train import run_stage
 from scaling.storage import Location
-from scaling.study import SHORT, STAGE_INPUT, Study, cells, grid_hash, required_stages
+from scaling.study import (
+    SHORT,
+    STAGE_INPUT,
+    Study,
+    cells,
+    grid_hash,
+    required_stages,
+    schedule_order,
+)
 
 POLL_SECONDS = 2.0
 DRIVER_RESOURCE = "TRAIN_DRIVER"  # a custom resource trial drivers are scheduled on
@@ -117,13 +125,15 @@ class Console(tune.Callback):
         self.last[trial.trial_id] = now
         spe = max(result["total_steps"] // result["epochs"], 1)
         epoch = min(math.ceil(result["step"] / spe), result["epochs"])
+        loss = f" loss {result['loss']:.4f}" if "loss" in result else ""
         print(f"[{cell}] {result['stage']} epoch {epoch}/{result['epochs']} "
-              f"step {result['step']}/{result['total_steps']} loss {result.get('loss', 0):.4f} "
+              f"step {result['step']}/{result['total_steps']}{loss} "
               f"ETA {result['eta_s']:.0f} s", flush=True)
 
 
 def update_table(study_dir: Location, cell_ids: list[str]) -> pd.DataFrame:
-    df = results.table(results.read_cells(study_dir, cell_ids))
+    rows = results.read_cells(study_dir, cell_ids)
+    df = results.table(rows)
     if not df.empty:
         results.write_table(study_dir, df)
     return df
@@ -205,7 +215,7 @@ def run_study(study: Study, root: Location, *, address: str | None = None,
            "stages_needed": list(required_stages(study)),
            "invocation": time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"}
     payload = [{"id": c.id, "axes": {SHORT.get(k, k): v for k, v in c.values},
-                "config": to_dict(c.config)} for c in grid]
+                "config": to_dict(c.config)} for c in schedule_order(study, grid)]
     trainable = tune.with_resources(tune.with_parameters(run_cell, ctx=ctx), cap.resources)
     tune_root = str(storage.join(study_dir, "_tune"))
     name = f"{study.name}-{grid_hash(study)}"

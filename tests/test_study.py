@@ -1,0 +1,125 @@
+"""Study planning without Ray: grids, stage dedup counts, validation, the CLI."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from scaling.config import ConfigError, with_overrides
+from scaling.study import cells, make_study, plan, schedule_order
+from scaling.study_cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "studies"))
+import distillation  # noqa: E402
+import head_depth  # noqa: E402
+import model_size  # noqa: E402
+
+
+def test_grid_expands_aliases_and_defaults_the_fraction_axis(tiny):
+    study = make_study("s", tiny, {"width": [0.0625, 0.125], "depth": [18]})
+    grid = cells(study)
+    assert [c.id for c in grid] == [
+        "width=0.0625,depth=18,label_fraction=0.1", "width=0.0625,depth=18,label_fraction=0.5",
+        "width=0.125,depth=18,label_fraction=0.1", "width=0.125,depth=18,label_fraction=0.5"]
+    c = grid[1].config
+    assert (c.model.width, c.finetune.label_fraction, c.label_fractions) == (0.0625, 0.5, ())
+
+
+def test_each_distinct_stage_is_counted_once(tiny):
+    # 2 models x 3 fractions: pretraining per model, everything else per cell.
+    p = plan(make_study("s", tiny, {"width": [0.0625, 0.125], "label_fraction": [0.1, 0.5, 1.0]}))
+    assert p.distinct == {"pretrain": 2, "finetune": 6, "distill": 6, "supervised": 6}
+    assert (p.stage_runs, p.naive_stage_runs) == (20, 24)
+    # Students share their teacher's pretraining and fine-tuning.
+    p = plan(make_study("s", tiny, {"student_width": [0.0625, 0.125], "label_fraction": [0.5]}))
+    assert p.distinct == {"pretrain": 1, "finetune": 1, "distill": 2, "supervised": 1}
+    # The head's depth changes pretraining, the fine-tune layer only fine-tuning, and
+    # neither the supervised baseline; a study without distillation never plans it.
+    p = plan(make_study("s", tiny, {"head_depth": [2, 3], "ft_layer": [0, 1]},
+                        ("pretrain", "finetune", "supervised")))
+    assert p.distinct == {"pretrain": 2, "finetune": 8, "supervised": 2}
+    assert p.flops > 0
+
+
+def test_student_axes_start_from_the_teachers_architecture(tiny):
+    study = make_study("s", tiny, {"width": [0.125], "student_width": [0.0625]})
+    student = cells(study)[0].config.distill.student
+    assert (student.depth, student.width) == (tiny.model.depth, 0.0625)
+
+
+def test_schedule_interleaves_cells_that_share_pretraining(tiny):
+    study = make_study("s", tiny, {"width": [0.0625, 0.125], "label_fraction": [0.1, 0.5]})
+    order = [c.config.model.width for c in schedule_order(study, cells(study))]
+    assert order == [0.0625, 0.125, 0.0625, 0.125]
+
+
+@pytest.mark.parametrize("axes, key, text", [
+    ({"dept": [18]}, "axes.dept", "an axis: one of depth"),
+    ({"runtime.workers": [2]}, "axes.runtime.workers", "an axis"),
+    ({"depth": [37]}, "model.depth", "one of [18, 34, 50, 101, 152, 200]"),
+    ({"label_fraction": [0.0]}, "finetune.label_fraction", "(0, 1]"),
+    ({"label_fraction": [1.5]}, "finetune.label_fraction", "(0, 1]"),
+    ({"width": [0]}, "model.width", "0 < width"),
+    ({"width": [-1.0]}, "model.width", "0 < width"),
+    ({"head_depth": [0]}, "head.num_layers", "1..5"),
+    ({"width": []}, "axes.width", "non-empty"),
+    ({"width": [0.125, 0.125]}, "axes.width", "distinct"),
+])
+def test_impossible_axes_are_rejected_naming_key_value_and_allowed(tiny, axes, key, text):
+    with pytest.raises(ConfigError) as e:
+        make_study("s", tiny, axes)
+    assert e.value.key == key and text in str(e.value)
+
+
+def test_more_workers_than_the_cluster_holds_is_rejected(tiny):
+    from scaling.sweep import capacity
+
+    with pytest.raises(ConfigError, match="runtime.workers=3 .*cluster's 2 CPUs"):
+        capacity(with_overrides(tiny, {"runtime.workers": 3}), {"CPU": 2.0})
+    with pytest.raises(ConfigError, match="GPUs"):
+        capacity(with_overrides(tiny, {"runtime.gpus_per_worker": 1}), {"CPU": 8.0})
+    # 2 cores: two one-worker trials train at once, drivers on their own resource.
+    cap = capacity(tiny, {"CPU": 2.0, "TRAIN_DRIVER": 1000.0})
+    assert cap.concurrent == 2 and cap.resources == {"TRAIN_DRIVER": 1}
+    cap = capacity(with_overrides(tiny, {"runtime.workers": 0}), {"CPU": 2.0})
+    assert cap.concurrent == 2 and cap.resources == {"CPU": 1}
+    cap = capacity(with_overrides(tiny, {"runtime.workers": 4, "runtime.gpus_per_worker": 1}),
+                   {"CPU": 32.0, "GPU": 8.0})
+    assert cap.concurrent == 2
+
+
+@pytest.mark.parametrize("module", [model_size, head_depth, distillation])
+@pytest.mark.parametrize("preset", ["local", "fmnist-cpu", "cifar10-gpu", "imagenet-gpu"])
+def test_every_preset_of_every_study_plans(module, preset, capsys):
+    assert main(module.STUDY, ["--preset", preset, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "distinct" in out and "a naive grid would run" in out and "FLOPs" in out
+
+
+def test_cli_overrides_axes_seeds_and_files(tmp_path, capsys):
+    spec = tmp_path / "s.yaml"
+    spec.write_text("preset: local\naxes: {width: [0.0625]}\nset: {pretrain.epochs: 1}\n")
+    assert main(model_size.STUDY, ["--file", str(spec), "--axis", "label_fraction=0.1",
+                                   "--repeats", "3", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "3 cells" in out and "seed             0, 1, 2" in out
+    assert "stage runs: 12 distinct" in out  # every seed is its own model
+
+
+@pytest.mark.parametrize("args, text", [
+    (["--axis", "depth=37"], "model.depth=37 is invalid"),
+    (["--axis", "label_fraction=0"], "finetune.label_fraction=0.0 is invalid"),
+    (["--axis", "head_depth=0"], "head.num_layers=0 is invalid"),
+    (["--axis", "colour=1"], "axes.colour=[1] is invalid"),
+    (["--preset", "huge"], "--preset='huge' is invalid; allowed: local, fmnist-cpu"),
+    (["--set", "runtime.workers=64"], "runtime.workers=64 is invalid"),
+])
+def test_bad_input_exits_2_before_any_ray_work(tmp_path, args, text):
+    run = subprocess.run([sys.executable, "studies/model_size.py", "--storage",
+                          str(tmp_path / "s"), *args], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert text in run.stderr
+    assert not (tmp_path / "s").exists()  # nothing started, nothing written

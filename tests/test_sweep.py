@@ -1,0 +1,118 @@
+"""Studies on Ray Tune, for real: trials run stages on Ray Train, each distinct
+stage runs once, and a sweep whose driver is SIGKILLed resumes to the same table."""
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from scaling.config import with_overrides
+from scaling.study import make_study
+
+ray = pytest.importorskip("ray")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_each_distinct_stage_runs_once_across_concurrent_trials(tiny, tmp_path):
+    """2 cells (label fractions) share one pretraining; they start together, one
+    trial pretrains while the other trains its supervised baseline, then reuses it."""
+    from scaling.sweep import run_study
+
+    base = with_overrides(tiny, {"pretrain.epochs": 1, "finetune.epochs": 1,
+                                 "supervised.epochs": 1, "runtime.log_every": 1})
+    study = make_study("dedup", base, {"width": [0.0625]})
+    try:
+        first = run_study(study, tmp_path)
+        assert first.errored == []
+        df = first.table
+        assert len(df) == 8 and set(df["cell"]) == {
+            "width=0.0625,label_fraction=0.1", "width=0.0625,label_fraction=0.5"}
+        pre = df[df["stage"] == "pretrain"]
+        assert pre["stage_key"].nunique() == 1 and sorted(pre["status"]) == ["executed", "reused"]
+        assert (first.executed, first.reused) == (7, 1)  # 1 + 2 x (finetune, distill, supervised)
+        assert (df[df["stage"] != "pretrain"]["status"] == "executed").all()
+        assert len(list((tmp_path / "stages").glob("pretrain-*"))) == 1
+        assert df["world_size"].eq(1).all() and df["node"].notna().all()
+        # supervised_top1 sits beside every row of its cell
+        for _, cell in df.groupby("cell"):
+            sup = cell.loc[cell["stage"] == "supervised", "top1"].item()
+            assert (cell["supervised_top1"] == sup).all()
+        on_disk = pd.read_csv(tmp_path / "dedup" / "results.csv")
+        assert len(on_disk) == 8 and "model.width" in on_disk and "git_commit" in on_disk
+        # The same sweep again: Tune restores it finished; nothing runs.
+        again = run_study(study, tmp_path)
+        assert (again.executed, again.reused) == (0, 0) and len(again.table) == 8
+    finally:
+        ray.shutdown()
+
+
+def _study_command(tmp_path: Path, storage: Path) -> list[str]:
+    spec = tmp_path / "study.yaml"
+    spec.write_text(yaml.safe_dump({
+        "base": str(REPO / "configs" / "tiny.yaml"),
+        "axes": {"width": [0.0625], "label_fraction": [0.1, 0.5]},
+        "set": {"pretrain.epochs": 6, "pretrain.batch_size": 16, "finetune.epochs": 3,
+                "supervised.epochs": 2, "runtime.device": "cpu", "runtime.workers": 0,
+                "runtime.checkpoint_every": 4, "runtime.log_every": 4},
+    }))
+    return [sys.executable, "studies/model_size.py", "--file", str(spec), "--storage",
+            str(storage), "--no-report"]
+
+
+def _run_until(command: list[str], ready, timeout: float = 300) -> None:
+    """Start the sweep and SIGKILL its driver process as soon as ``ready()``."""
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, "the sweep ended before the kill point"
+        assert time.monotonic() < deadline, "kill point never reached"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    time.sleep(3)  # let the orphaned Ray processes notice their driver is gone
+
+
+def _metrics(storage: Path) -> pd.DataFrame:
+    df = pd.read_csv(storage / "model_size-local" / "results.csv")
+    cols = ["cell", "stage", "stage_key", "step", "top1", "linear_top1", "knn_top1"]
+    return df[cols].sort_values(["cell", "stage"], ignore_index=True)
+
+
+def test_a_sigkilled_sweep_resumes_to_the_uninterrupted_result(tmp_path):
+    storage = tmp_path / "killed"
+    command = _study_command(tmp_path, storage)
+    stages = storage / "stages"
+
+    # Kill 1: in the middle of pretraining (its first checkpoint is on disk).
+    _run_until(command, lambda: any(stages.glob("pretrain-*/checkpoints/step-*")))
+    pre = next(stages.glob("pretrain-*"))
+    assert not (pre / "result.json").exists()
+    killed_at = min(int(p.name[5:]) for p in (pre / "checkpoints").glob("step-*"))
+
+    # Kill 2: after the resumed sweep has finished a stage of some cell.
+    cells = storage / "model_size-local" / "cells"
+    _run_until(command, lambda: any(cells.glob("*.json")))
+    resumed = yaml.safe_load((pre / "result.json").read_text())
+    print("pretraining killed at step", killed_at, "resumed from", resumed["resumed_from"])
+    assert resumed["resumed_from"] is not None and resumed["resumed_from"] >= killed_at
+
+    # Finish, then compare with a sweep nobody interrupted.
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "resuming the sweep" in done.stdout
+    reference = tmp_path / "reference"
+    clean = subprocess.run(_study_command(tmp_path, reference), cwd=REPO, capture_output=True,
+                           text=True, timeout=600)
+    assert clean.returncode == 0, clean.stdout[-3000:] + clean.stderr[-3000:]
+    got, want = _metrics(storage), _metrics(reference)
+    assert len(got) == 8
+    pd.testing.assert_frame_equal(got, want, rtol=1e-6)
+    # Each distinct stage was computed into exactly one directory.
+    assert len(list(stages.glob("pretrain-*"))) == 1
+    assert len(list(stages.glob("finetune-*"))) == 2
