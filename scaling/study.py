@@ -190,7 +190,7 @@ DATA_SHAPES = {"fashion-mnist": (60000, 1, 28), "cifar10": (50000, 3, 32),
                "imagefolder": (1281167, 3, 224), "synthetic": (256, 1, 16)}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _forward_flops(model: ModelConfig, data_name: str, image_size: int | None) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
