@@ -13,6 +13,7 @@ directory name: running the same stage again resumes or returns it.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,8 @@ def _worker(config: dict[str, Any]) -> None:
 
     from scaling.env import Env
 
+    # Ray Train logs every report and checkpoint copy at INFO; the stage prints its own.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     cfg = from_dict(ExperimentConfig, config["cfg"])
     out = storage.parse(config["out"])
     ctx = ray.train.get_context()

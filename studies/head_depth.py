@@ -14,6 +14,7 @@ STUDY = StudyDef(
         "local": Preset("fmnist-cpu", {"width": [0.0625], "head_depth": [2, 3],
                                        "ft_layer": [0, 1]}, {
             "pretrain.epochs": 3, "finetune.epochs": 30, "supervised.epochs": 30,
+            "runtime.checkpoint_every": 200,
             "evaluate.linear_steps": 50}),
         "fmnist-cpu": Preset("fmnist-cpu", {"head_depth": [2, 3, 4], "ft_layer": [0, 1, 2],
                                             "label_fraction": [0.01, 0.1, 1.0]}),

@@ -14,6 +14,7 @@ STUDY = StudyDef(
         # About 10 minutes on 2 cores, Fashion-MNIST: two widths, 1% and 10% labels.
         "local": Preset("fmnist-cpu", {"depth": [18], "width": [0.0625, 0.125]}, {
             "pretrain.epochs": 3, "finetune.epochs": 30, "supervised.epochs": 30,
+            "runtime.checkpoint_every": 200,
             "distill.epochs": 1, "evaluate.linear_steps": 50}),
         # A few hours on 2 cores: depth, width and SK on Fashion-MNIST.
         "fmnist-cpu": Preset("fmnist-cpu", {
