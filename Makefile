@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data run test lint
+.PHONY: setup data run pipeline test lint
 
 setup: $(VENV)/.installed data
 
@@ -22,6 +22,9 @@ data:
 		$(SUDO) apt-get install -y -q dataset-fashion-mnist; }
 
 run: setup
+	$(PY) studies/model_size.py
+
+pipeline: setup
 	$(PY) -m scaling.pipeline configs/fmnist-cpu.yaml
 
 lint: setup

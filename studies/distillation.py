@@ -11,7 +11,7 @@ STUDY = StudyDef(
     doc=__doc__,
     presets={
         "local": Preset("fmnist-cpu", {"width": [0.125], "student_width": [0.0625, 0.125]}, {
-            "pretrain.epochs": 3, "finetune.epochs": 30, "supervised.epochs": 30,
+            "pretrain.epochs": 3, "finetune.epochs": 15, "supervised.epochs": 15,
             "runtime.checkpoint_every": 200,
             "distill.epochs": 1, "evaluate.linear_steps": 50}),
         "fmnist-cpu": Preset("fmnist-cpu", {

@@ -13,7 +13,7 @@ STUDY = StudyDef(
     presets={
         "local": Preset("fmnist-cpu", {"width": [0.0625], "head_depth": [2, 3],
                                        "ft_layer": [0, 1]}, {
-            "pretrain.epochs": 3, "finetune.epochs": 30, "supervised.epochs": 30,
+            "pretrain.epochs": 3, "finetune.epochs": 15, "supervised.epochs": 15,
             "runtime.checkpoint_every": 200,
             "evaluate.linear_steps": 50}),
         "fmnist-cpu": Preset("fmnist-cpu", {"head_depth": [2, 3, 4], "ft_layer": [0, 1, 2],
