@@ -18,10 +18,13 @@ Storage layout (a directory or a URI):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,20 +51,52 @@ POLL_SECONDS = 2.0
 DRIVER_RESOURCE = "TRAIN_DRIVER"  # a custom resource trial drivers are scheduled on
 
 
-@ray.remote(num_cpus=0)
-class StageClaims:
-    """Which trial is computing which stage key right now (held in memory only:
-    after a crash the claims are gone, and the storage is the truth)."""
+class Leases:
+    """Which trial is computing which stage key. A claim is a lease its holder
+    renews while it works; if the holder's process dies, the lease runs out and a
+    waiting trial takes the stage over (its checkpoints included). Held in memory:
+    after a crash of the sweep the leases are gone, and the storage is the truth."""
 
-    def __init__(self) -> None:
-        self.owner: dict[str, str] = {}
+    def __init__(self, seconds: float = 60.0, clock: Callable[[], float] = time.monotonic):
+        self.seconds, self.clock = seconds, clock
+        self.held: dict[str, tuple[str, float]] = {}
 
     def claim(self, key: str, trial: str) -> bool:
-        return self.owner.setdefault(key, trial) == trial
+        holder, renewed = self.held.get(key, (trial, 0.0))
+        if holder != trial and self.clock() - renewed <= self.seconds:
+            return False
+        self.held[key] = (trial, self.clock())
+        return True
+
+    def renew(self, key: str, trial: str) -> None:
+        if self.held.get(key, ("", 0.0))[0] == trial:
+            self.held[key] = (trial, self.clock())
 
     def release(self, key: str, trial: str) -> None:
-        if self.owner.get(key) == trial:
-            del self.owner[key]
+        if self.held.get(key, ("", 0.0))[0] == trial:
+            del self.held[key]
+
+
+StageClaims: Any = ray.remote(num_cpus=0)(Leases)
+
+
+@contextlib.contextmanager
+def _renewing(claims: Any, key: str, trial: str) -> Iterator[None]:
+    """Renew the lease on ``key`` every 10 s while the body runs; release it after."""
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(10.0):
+            claims.renew.remote(key, trial)
+
+    thread = threading.Thread(target=renew, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        ray.get(claims.release.remote(key, trial))
 
 
 def run_cell(config: dict[str, Any], ctx: dict[str, Any]) -> None:
@@ -84,12 +119,10 @@ def run_cell(config: dict[str, Any], ctx: dict[str, Any]) -> None:
             if result is None:
                 if not ray.get(claims.claim.remote(key, trial)):
                     continue  # another trial is computing it
-                try:
+                with _renewing(claims, key, trial):
                     tune.report({"cell": cell["id"], "stage": stage, "event": "start"})
                     inp = stage_dir(root, cfg, dep) if dep else None
                     result, status = run_stage(stage, cfg, out, inp, in_tune=True), "executed"
-                finally:
-                    ray.get(claims.release.remote(key, trial))
             rows[stage] = results.stage_row(ctx["study"], cell["id"], cell["axes"], stage, key,
                                             result, status, ctx["commit"], ctx["invocation"])
             results.write_cell(study_dir, cell["id"], list(rows.values()))
@@ -209,7 +242,7 @@ def run_study(study: Study, root: Location, *, address: str | None = None,
     study_dir = storage.join(root, study.name)
     claims_name = f"scaling-claims-{study.name}-{os.getpid()}"
     # The handle keeps the actor alive for the sweep; trials look it up by name.
-    claims = StageClaims.options(name=claims_name).remote()  # type: ignore[attr-defined]
+    claims = StageClaims.options(name=claims_name).remote()
     ctx = {"study": study.name, "stages": str(storage.join(root, "stages")),
            "study_dir": str(study_dir), "claims": claims_name, "commit": results.git_commit(),
            "stages_needed": list(required_stages(study)),

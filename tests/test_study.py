@@ -123,3 +123,24 @@ def test_bad_input_exits_2_before_any_ray_work(tmp_path, args, text):
     assert run.returncode == 2, run.stdout + run.stderr
     assert text in run.stderr
     assert not (tmp_path / "s").exists()  # nothing started, nothing written
+
+
+def test_a_stage_lease_held_by_a_dead_trial_runs_out():
+    """A trial that dies holding a stage stops renewing; after the lease time a
+    waiting trial takes the stage over. A live holder keeps it by renewing."""
+    from scaling.sweep import Leases
+
+    now = [0.0]
+    leases = Leases(seconds=60, clock=lambda: now[0])
+    assert leases.claim("pretrain-a", "t1") and not leases.claim("pretrain-a", "t2")
+    now[0] = 50
+    leases.renew("pretrain-a", "t1")
+    now[0] = 100
+    assert not leases.claim("pretrain-a", "t2")  # renewed at 50: still held
+    leases.renew("pretrain-a", "t2")  # only the holder renews
+    now[0] = 111
+    assert leases.claim("pretrain-a", "t2")  # t1 silent for 61 s: taken over
+    leases.release("pretrain-a", "t1")  # the old holder cannot release it any more
+    assert not leases.claim("pretrain-a", "t3")
+    leases.release("pretrain-a", "t2")
+    assert leases.claim("pretrain-a", "t3")
