@@ -121,3 +121,38 @@ def test_a_sigkilled_sweep_resumes_to_the_uninterrupted_result(tmp_path):
     # notices its driver is gone: it may finish the stage itself, atomically.)
     ft = [yaml.safe_load(p.read_text()) for p in stages.glob("finetune-*/result.json")]
     print("fine-tuning resumed from", [r["resumed_from"] for r in ft])
+
+
+def test_failed_cells_stay_failed_until_restart_errored(tmp_path):
+    """A cell whose loss becomes NaN fails alone; re-running resumes without it
+    (exit 1, its stage not started), and --restart-errored runs it again."""
+    spec = tmp_path / "study.yaml"
+    spec.write_text(yaml.safe_dump({
+        "base": str(REPO / "configs" / "tiny.yaml"),
+        "axes": {"width": [0.0625], "pretrain.optim.base_lr": [0.1, 1.0e30],
+                 "label_fraction": [0.5]},
+        "set": {"pretrain.epochs": 1, "finetune.epochs": 1, "supervised.epochs": 1,
+                "distill.epochs": 1, "pretrain.optim.warmup_fraction": 0.0,
+                "runtime.device": "cpu", "runtime.workers": 0},
+    }))
+    command = [sys.executable, "studies/model_size.py", "--file", str(spec), "--storage",
+               str(tmp_path / "s"), "--no-report"]
+
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*command, *extra], cwd=REPO, capture_output=True, text=True,
+                              timeout=600)
+
+    first = run()
+    assert first.returncode == 1, first.stdout[-3000:] + first.stderr[-3000:]
+    failed = [line for line in first.stdout.splitlines() if line.startswith("1 cells failed: ")]
+    assert len(failed) == 1 and "pretrain.optim.base_lr=1e+30" in failed[0], first.stdout
+    bad = failed[0].removeprefix("1 cells failed: ").split(";")[0]
+    table = pd.read_csv(tmp_path / "s" / "model_size-local" / "results.csv")
+    assert set(table["stage"]) == {"pretrain", "finetune", "distill", "supervised"}
+    assert (table["cell"] != bad).all()  # the good cell finished; the bad one wrote no rows
+    second = run()
+    assert second.returncode == 1 and "resuming the sweep" in second.stdout
+    assert f"[{bad}] pretrain: start" not in second.stdout  # left failed, not re-run
+    third = run("--restart-errored")
+    assert third.returncode == 1
+    assert f"[{bad}] pretrain: start" in third.stdout  # run again (and failed again)
