@@ -120,9 +120,13 @@ def run_cell(config: dict[str, Any], ctx: dict[str, Any]) -> None:
                 if not ray.get(claims.claim.remote(key, trial)):
                     continue  # another trial is computing it
                 with _renewing(claims, key, trial):
-                    tune.report({"cell": cell["id"], "stage": stage, "event": "start"})
-                    inp = stage_dir(root, cfg, dep) if dep else None
-                    result, status = run_stage(stage, cfg, out, inp, in_tune=True), "executed"
+                    # Finished by the previous holder between our look and our claim?
+                    result = storage.read_result(out)
+                    if result is None:
+                        tune.report({"cell": cell["id"], "stage": stage, "event": "start"})
+                        inp = stage_dir(root, cfg, dep) if dep else None
+                        result = run_stage(stage, cfg, out, inp, in_tune=True)
+                        status = "executed"
             rows[stage] = results.stage_row(ctx["study"], cell["id"], cell["axes"], stage, key,
                                             result, status, ctx["commit"], ctx["invocation"])
             results.write_cell(study_dir, cell["id"], list(rows.values()))
