@@ -4,16 +4,14 @@ pretrained and fine-tuned once and distilled into every student."""
 
 import sys
 
-from scaling.study_cli import Preset, StudyDef, main
+from scaling.study_cli import LOCAL_SCHEDULE, Preset, StudyDef, main
 
 STUDY = StudyDef(
     name="distillation",
     doc=__doc__,
     presets={
-        "local": Preset("fmnist-cpu", {"width": [0.125], "student_width": [0.0625, 0.125]}, {
-            "pretrain.epochs": 3, "finetune.epochs": 15, "supervised.epochs": 15,
-            "runtime.checkpoint_every": 200,
-            "distill.epochs": 1, "evaluate.linear_steps": 50}),
+        "local": Preset("fmnist-cpu", {"width": [0.125], "student_width": [0.0625, 0.125]},
+                        LOCAL_SCHEDULE),
         "fmnist-cpu": Preset("fmnist-cpu", {
             "width": [0.125, 0.25], "student_width": [0.0625, 0.125],
             "label_fraction": [0.01, 0.1]}, {"distill.epochs": 20}),

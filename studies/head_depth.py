@@ -4,7 +4,7 @@ Cells pretrain, fine-tune and train the supervised baseline; no distillation."""
 
 import sys
 
-from scaling.study_cli import Preset, StudyDef, main
+from scaling.study_cli import LOCAL_SCHEDULE, Preset, StudyDef, main
 
 STUDY = StudyDef(
     name="head_depth",
@@ -12,10 +12,7 @@ STUDY = StudyDef(
     stages=("pretrain", "finetune", "supervised"),
     presets={
         "local": Preset("fmnist-cpu", {"width": [0.0625], "head_depth": [2, 3],
-                                       "ft_layer": [0, 1]}, {
-            "pretrain.epochs": 3, "finetune.epochs": 15, "supervised.epochs": 15,
-            "runtime.checkpoint_every": 200,
-            "evaluate.linear_steps": 50}),
+                                       "ft_layer": [0, 1]}, LOCAL_SCHEDULE),
         "fmnist-cpu": Preset("fmnist-cpu", {"head_depth": [2, 3, 4], "ft_layer": [0, 1, 2],
                                             "label_fraction": [0.01, 0.1, 1.0]}),
         "cifar10-gpu": Preset("cifar10-gpu", {"head_depth": [2, 3, 4], "ft_layer": [0, 1, 2],

@@ -5,17 +5,14 @@ baseline on the same labels."""
 
 import sys
 
-from scaling.study_cli import Preset, StudyDef, main
+from scaling.study_cli import LOCAL_SCHEDULE, Preset, StudyDef, main
 
 STUDY = StudyDef(
     name="model_size",
     doc=__doc__,
     presets={
         # Fashion-MNIST on 2 cores in minutes: two widths, 1% and 10% labels, 14 stage runs.
-        "local": Preset("fmnist-cpu", {"depth": [18], "width": [0.0625, 0.125]}, {
-            "pretrain.epochs": 3, "finetune.epochs": 15, "supervised.epochs": 15,
-            "runtime.checkpoint_every": 200,
-            "distill.epochs": 1, "evaluate.linear_steps": 50}),
+        "local": Preset("fmnist-cpu", {"depth": [18], "width": [0.0625, 0.125]}, LOCAL_SCHEDULE),
         # A few hours on 2 cores: depth, width and SK on Fashion-MNIST.
         "fmnist-cpu": Preset("fmnist-cpu", {
             "depth": [18, 34], "width": [0.0625, 0.125, 0.25], "sk": [0.0, 0.0625],
