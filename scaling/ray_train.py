@@ -109,11 +109,15 @@ def run_stage(
         return done
     rt = cfg.runtime
     if rt.workers == 0:
+        import ray
+
         from scaling.env import Env
         from scaling.pipeline import run_local
 
         env = Env.local(rt.device, rt.compile)
         env.report = _tune_report if in_tune else None
+        if ray.is_initialized():  # a trial: record the Ray node it ran on
+            env.node = ray.get_runtime_context().get_node_id()
         return run_local(stage, cfg, out, input_dir, env)
     storage.delete(out, ERROR_FILE)
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig

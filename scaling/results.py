@@ -29,13 +29,18 @@ METRICS = {  # table column: result.json metrics key
 }
 
 
+CODE_PATHS = ("scaling", "studies", "analysis", "configs", "pyproject.toml")
+
+
 def git_commit() -> str:
     """The project's commit (with '+dirty' for local changes), or 'unknown'."""
     repo = Path(__file__).resolve().parent.parent
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
                               text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+        # Only what computes results counts; cluster nodes get just these (cluster/*.yaml).
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                *CODE_PATHS],
                                cwd=repo, capture_output=True, text=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

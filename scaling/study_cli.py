@@ -14,6 +14,7 @@ Everything is validated before Ray starts; a bad key or value exits with status
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -98,13 +99,17 @@ def parser(defn: StudyDef) -> argparse.ArgumentParser:
                    help="override base config keys, e.g. pretrain.epochs=5")
     p.add_argument("--seeds", help="comma-separated seeds (an axis)")
     p.add_argument("--repeats", type=int, help="seeds 0..N-1")
-    p.add_argument("--storage", default="runs",
-                   help="study storage: a directory or a URI (s3://bucket/studies)")
+    p.add_argument("--storage", default=os.environ.get("SCALING_STORAGE", "runs"),
+                   help="study storage: a directory or a URI (s3://bucket/studies); default "
+                        "$SCALING_STORAGE (set on nodes by cluster/*.yaml), else ./runs")
     p.add_argument("--address", default=None,
                    help="Ray address; default: the running cluster if there is one "
                         "(as under ray submit), else a local Ray on this machine")
     p.add_argument("--dry-run", action="store_true",
                    help="print the grid, the distinct stage runs and the compute; run nothing")
+    p.add_argument("--resume", action="store_true",
+                   help="require an earlier run's sweep state in --storage and continue it "
+                        "(a plain run resumes too, but starts afresh when there is none)")
     p.add_argument("--restart-errored", action="store_true",
                    help="when resuming, run the cells that failed last time again")
     p.add_argument("--no-report", action="store_true", help="skip the report at the end")
@@ -130,7 +135,7 @@ def main(defn: StudyDef, argv: list[str] | None = None) -> int:
         from scaling import storage, sweep
 
         outcome = sweep.run_study(study, args.storage, address=args.address,
-                                  restart_errored=args.restart_errored)
+                                  restart_errored=args.restart_errored, resume=args.resume)
     except (ConfigError, DataError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

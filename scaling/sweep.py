@@ -31,8 +31,9 @@ from typing import Any
 import pandas as pd
 import ray
 from ray import tune
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from scaling import results, storage
+from scaling import cluster, results, storage
 from scaling.config import ConfigError, ExperimentConfig, from_dict, to_dict
 from scaling.pipeline import stage_dir, stage_key
 from scaling.ray_train import run_stage
@@ -48,7 +49,8 @@ from scaling.study import (
 )
 
 POLL_SECONDS = 2.0
-DRIVER_RESOURCE = "TRAIN_DRIVER"  # a custom resource trial drivers are scheduled on
+TRIAL_RETRIES = 1  # Tune re-runs a trial whose process or node died
+DRIVER_RESOURCE = cluster.DRIVER_RESOURCE  # trial drivers are scheduled on it
 
 
 class Leases:
@@ -207,23 +209,50 @@ def capacity(cfg: ExperimentConfig, cluster: dict[str, float]) -> Capacity:
     return Capacity(max(concurrent, 1), resources)
 
 
-def connect(address: str | None, cfg: ExperimentConfig) -> None:
+def connect(address: str | None, cfg: ExperimentConfig) -> bool:
     """Join ``address`` ('auto': the running cluster, as under ``ray submit``) or
-    start a local Ray with every core and a driver resource."""
+    start a local Ray with every core and a driver resource. True if it joined."""
     if ray.is_initialized():
-        return
+        return False
     if address:
         ray.init(address=address)
-        return
+        return True
     try:  # a cluster already running here (ray start / ray submit)?
         ray.init(address="auto")
         print("joined the running Ray cluster", flush=True)
-        return
+        return True
     except ConnectionError:
         pass
     cpus = os.cpu_count() or 1
     capacity(cfg, {"CPU": cpus})  # fail before starting Ray
     ray.init(num_cpus=cpus, resources={DRIVER_RESOURCE: 1000}, include_dashboard=False)
+    return False
+
+
+def cluster_resources(joined: bool) -> dict[str, float]:
+    """What the cluster has now or, on a head node started by ``ray up``, what the
+    autoscaler can grow it to: GPU nodes start only once trials ask for them."""
+    now = dict(ray.cluster_resources())
+    most = cluster.autoscaling_limit() if joined else None
+    for key, value in (most or {}).items():
+        now[key] = max(now.get(key, 0.0), float(value))
+    return now
+
+
+def check_storage(root: Location, joined: bool) -> None:
+    """Fail before any trial starts if the study storage cannot be written, and warn
+    where a local path must be shared by several nodes."""
+    probe = f".write-probe-{os.getpid()}"
+    try:
+        storage.write_text(root, probe, "ok")
+        storage.delete(root, probe)
+    except OSError as e:
+        raise ConfigError("--storage", str(root),
+                          f"a directory or URI this machine can write ({e})") from None
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    if joined and not storage.is_uri(root) and (nodes > 1 or cluster.autoscaling_limit()):
+        eprint(f"warning: --storage {root} is a local path on a multi-node cluster: every "
+               "node must see it at that path (NFS); otherwise use s3://bucket/studies")
 
 
 @dataclass(frozen=True)
@@ -236,17 +265,21 @@ class Outcome:
 
 
 def run_study(study: Study, root: Location, *, address: str | None = None,
-              restart_errored: bool = False) -> Outcome:
-    """Run (or resume) the study's grid on Ray Tune; returns the results table."""
+              restart_errored: bool = False, resume: bool = False) -> Outcome:
+    """Run (or resume) the study's grid on Ray Tune; returns the results table.
+    ``resume``: there must be a sweep to resume in ``root`` (guards a mistyped URI)."""
     started = time.perf_counter()
     grid = cells(study)
-    connect(address, study.base)
-    cap = capacity(study.base, ray.cluster_resources())
+    joined = connect(address, study.base)
+    cap = capacity(study.base, cluster_resources(joined))
     root = storage.absolute(root)
+    check_storage(root, joined)
     study_dir = storage.join(root, study.name)
     claims_name = f"scaling-claims-{study.name}-{os.getpid()}"
     # The handle keeps the actor alive for the sweep; trials look it up by name.
-    claims = StageClaims.options(name=claims_name).remote()
+    # On this (the head) node: a trial's node may die; the claims must not.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    claims = StageClaims.options(name=claims_name, scheduling_strategy=here).remote()
     ctx = {"study": study.name, "stages": str(storage.join(root, "stages")),
            "study_dir": str(study_dir), "claims": claims_name, "commit": results.git_commit(),
            "stages_needed": list(required_stages(study)),
@@ -260,6 +293,10 @@ def run_study(study: Study, root: Location, *, address: str | None = None,
     path = str(storage.join(tune_root, name))
     print(f"{study.name}: {len(grid)} cells, up to {cap.concurrent} at once; "
           f"results in {study_dir}", flush=True)
+    if resume and not tune.Tuner.can_restore(path):
+        ray.kill(claims)
+        raise ConfigError("--resume", path, "the storage of an earlier run of this study "
+                          "(same --storage, preset and axes): no sweep state there")
     if tune.Tuner.can_restore(path):
         print(f"resuming the sweep in {path}", flush=True)
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
@@ -269,7 +306,10 @@ def run_study(study: Study, root: Location, *, address: str | None = None,
             trainable,
             param_space={"cell": tune.grid_search(payload)},
             tune_config=tune.TuneConfig(max_concurrent_trials=cap.concurrent),
+            # A trial whose node dies (spot reclaim, a crash) runs again on another,
+            # from its stages' last checkpoints. A failing cell also gets one retry.
             run_config=tune.RunConfig(name=name, storage_path=tune_root, callbacks=callbacks,
+                                      failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES),
                                       verbose=0),
         )
     try:

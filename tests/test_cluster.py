@@ -1,0 +1,222 @@
+"""cluster/*.yaml against Ray's own checks, offline; and the cluster path for real:
+`ray up` / `ray submit` / `ray down` over SSH on 127.0.0.1 with cluster/local.yaml,
+and a two-node cluster (`ray start` twice) that loses a node mid-sweep."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from scaling import cluster
+from scaling.config import ConfigError, load_config
+from scaling.study_cli import StudyDef
+from scaling.sweep import capacity
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = sorted((REPO / "cluster").glob("*.yaml"))
+VENV_BIN = Path(sys.executable).parent
+
+
+def _raw(name: str) -> dict:
+    return yaml.safe_load((REPO / "cluster" / name).read_text())
+
+
+# --- offline validation ---------------------------------------------------------------
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_cluster_yaml_passes_rays_checks(path):
+    config = cluster.validate(yaml.safe_load(path.read_text()), path.name)
+    assert config["head_node_type"] in config["available_node_types"]
+    # The same pins as pyproject: nodes install the project itself, never ray or torch alone.
+    assert any("pip install" in c and "simclrv2-scaling" in c for c in config["setup_commands"])
+    assert "RAY_AUTH_MODE=token" in " ".join(config["setup_commands"])
+
+
+def test_gpu_yaml_can_grow_to_every_gpu_preset():
+    """The cluster's autoscaling limit, not the head node alone, sizes the sweep: each
+    GPU preset's trials fit in what gpu.yaml can grow to."""
+    most = cluster.max_resources(cluster.validate(_raw("gpu.yaml")))
+    assert most is not None and most["GPU"] >= 8 and most[cluster.DRIVER_RESOURCE] >= 1
+    for script in ("model_size", "head_depth", "distillation"):
+        defn: StudyDef = __import__(f"studies.{script}", fromlist=["STUDY"]).STUDY
+        for name, preset in defn.presets.items():
+            if name.endswith("-gpu"):
+                from scaling.pipeline import resolve
+
+                cfg = load_config(resolve(preset.base), preset.set)
+                assert capacity(cfg, most).concurrent >= 1
+    with pytest.raises(ConfigError, match="runtime.workers"):  # the head alone cannot
+        capacity(load_config(resolve("imagenet-gpu"), {"runtime.workers": 8,
+                                                        "runtime.gpus_per_worker": 1}),
+                 {"CPU": 0, "TRAIN_DRIVER": 32})
+
+
+def test_max_resources_closed_form():
+    config = {"head_node_type": "h", "max_workers": 5, "available_node_types": {
+        "h": {"resources": {"CPU": 2, "TRAIN_DRIVER": 4}},
+        "small": {"max_workers": 10, "resources": {"CPU": 8, "GPU": 1}},
+        "big": {"max_workers": 2, "resources": {"CPU": 96, "GPU": 8}}}}
+    # Largest nodes first within the global 5: 2 big + 3 small.
+    assert cluster.max_resources(config) == {"CPU": 2 + 2 * 96 + 3 * 8, "GPU": 2 * 8 + 3,
+                                             "TRAIN_DRIVER": 4}
+    config["available_node_types"]["small"]["resources"] = {}
+    assert cluster.max_resources(config) is None  # detected at run time: unknown now
+
+
+def test_autoscaling_limit_reads_the_bootstrap_config(tmp_path, monkeypatch):
+    monkeypatch.setattr(cluster, "BOOTSTRAP", tmp_path / "ray_bootstrap_config.yaml")
+    assert cluster.autoscaling_limit() is None
+    prepared = cluster.validate(_raw("gpu.yaml"))
+    (tmp_path / "ray_bootstrap_config.yaml").write_text(yaml.safe_dump(prepared))
+    assert cluster.autoscaling_limit() == cluster.max_resources(prepared)
+
+
+@pytest.mark.parametrize("break_it, where", [
+    (lambda c: c.update(max_worker=3), "max_worker"),  # a typo of max_workers
+    (lambda c: c["available_node_types"]["gpu-1x"].update(resources={"CPU": 8, "GPU": 0.5}),
+     "available_node_types.gpu-1x.resources.GPU"),
+    (lambda c: c["available_node_types"]["gpu-8x"].pop("node_config"), "node_config"),
+    (lambda c: c.update(head_node_type="nope"), "head_node_type"),
+    (lambda c: c["available_node_types"]["head"].update(resources={"CPU": 0}), "TRAIN_DRIVER"),
+    (lambda c: c.update(setup_commands=["echo hi"]), "setup_commands"),
+])
+def test_broken_yaml_is_caught_with_a_clear_message(break_it, where):
+    raw = _raw("gpu.yaml")
+    break_it(raw)
+    with pytest.raises(ConfigError) as e:
+        cluster.validate(raw, "gpu.yaml")
+    assert where in str(e.value) and "gpu.yaml" in str(e.value)
+
+
+def test_cli_names_the_file_and_key_and_exits_2(tmp_path):
+    bad = _raw("local.yaml")
+    bad["provider"]["worker_ips"] = "10.0.0.2"  # a string, not a list
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    run = subprocess.run([sys.executable, "-m", "scaling.cluster", str(tmp_path / "bad.yaml")],
+                         cwd=REPO, capture_output=True, text=True)
+    assert run.returncode == 2
+    assert "bad.yaml" in run.stderr and "provider.worker_ips" in run.stderr
+
+
+def test_missing_local_files_are_named(tmp_path):
+    raw = _raw("local.yaml")
+    with pytest.raises(ConfigError, match="run ray up from the repository root"):
+        cluster.validate(raw, "local.yaml", base=tmp_path)  # no ./scaling there
+    raw["file_mounts"] = {"~/.ray/auth_token": str(tmp_path / "no-token")}
+    with pytest.raises(ConfigError, match="ray get-auth-token --generate"):
+        cluster.validate(raw, "local.yaml", base=REPO)
+
+
+# --- a real two-node cluster on loopback ----------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _ray_env(tmp: Path) -> dict[str, str]:
+    """Token auth set the same way on every process of the cluster (and the driver)."""
+    from ray._private.authentication.authentication_token_generator import (
+        generate_new_authentication_token,
+    )
+
+    token = tmp / "auth_token"
+    if not token.exists():
+        token.write_text(generate_new_authentication_token())
+    return {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
+            "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
+
+
+def _start_node(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    """`ray start --block` in its own process group: killing the group kills the node."""
+    return subprocess.Popen([str(VENV_BIN / "ray"), "start", "--block", *args], env=env,
+                            stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _kill(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
+    proc.wait(timeout=60)
+
+
+def _wait(ready, what: str, timeout: float = 300, procs=()) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        for p in procs:
+            assert p.poll() is None, f"{p.args[:3]} exited with {p.returncode} before {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def _two_node_study(tmp: Path, name: str, seeds: list[int]) -> list[str]:
+    spec = tmp / f"{name}.yaml"
+    spec.write_text(yaml.safe_dump({
+        "base": "tiny", "seeds": seeds,
+        "axes": {"width": [0.0625], "label_fraction": [0.1]},
+        "set": {"pretrain.epochs": 8, "pretrain.batch_size": 16, "finetune.epochs": 1,
+                "supervised.epochs": 1, "distill.epochs": 1, "runtime.device": "cpu",
+                "runtime.workers": 0, "runtime.checkpoint_every": 2, "runtime.log_every": 2}}))
+    return [sys.executable, "studies/model_size.py", "--file", str(spec), "--no-report"]
+
+
+def test_two_node_cluster_runs_trials_on_both_and_survives_losing_a_node(tmp_path):
+    """Head and worker node (1 CPU each, so two trials can only run one per node):
+    a sweep's rows come from both nodes; a second sweep loses the worker node while
+    both trials pretrain, and still finishes every cell."""
+    env = _ray_env(tmp_path)
+    port = _free_port()
+    node = ["--num-cpus", "1", "--resources", json.dumps({"TRAIN_DRIVER": 2}),
+            "--include-dashboard", "false", "--disable-usage-stats"]
+    head = _start_node(["--head", f"--port={port}", *node], env, tmp_path / "head.log")
+    worker = None
+    try:
+        address = f"127.0.0.1:{port}"
+        _wait(lambda: (tmp_path / "head.log").read_text().count("Ray runtime started") > 0,
+              "the head node", 120, [head])
+        worker = _start_node([f"--address={address}", *node], env, tmp_path / "worker.log")
+        _wait(lambda: "Ray runtime started" in (tmp_path / "worker.log").read_text(),
+              "the worker node", 120, [worker])
+        storage = tmp_path / "runs"  # the same machine: a path both nodes share
+
+        # 1. trials land on both nodes
+        run = subprocess.run([*_two_node_study(tmp_path, "both", [0, 1]), "--storage",
+                              str(storage), "--address", address], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        df = pd.read_csv(storage / "model_size-local" / "results.csv")
+        assert len(df) == 8 and df["node"].nunique() == 2, df[["cell", "stage", "node"]]
+
+        # 2. the worker node dies while both trials pretrain; the sweep still finishes
+        cmd = [*_two_node_study(tmp_path, "kill", [2, 3]), "--storage", str(storage),
+               "--address", address]
+        sweep = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=(tmp_path / "sweep.log").open("w"),
+                                 stderr=subprocess.STDOUT)
+        def both_pretraining() -> bool:
+            running = [d for d in (storage / "stages").glob("pretrain-*")
+                       if not (d / "result.json").exists() and any(d.glob("checkpoints/step-*"))]
+            return len(running) == 2
+
+        _wait(both_pretraining, "both trials' pretraining checkpoints", 300, [sweep])
+        _kill(worker)
+        worker = None
+        assert sweep.wait(timeout=600) == 0, (tmp_path / "sweep.log").read_text()[-4000:]
+        df = pd.read_csv(storage / "model_size-local" / "results.csv")
+        killed = df[df["cell"].str.contains("seed=2|seed=3")]
+        assert len(killed) == 8 and killed["top1"].notna().all()
+    finally:
+        if worker is not None:
+            _kill(worker, signal.SIGTERM)
+        _kill(head, signal.SIGTERM)
