@@ -217,16 +217,31 @@ def connect(address: str | None, cfg: ExperimentConfig) -> bool:
     if address:
         ray.init(address=address)
         return True
-    try:  # a cluster already running here (ray start / ray submit)?
-        ray.init(address="auto")
-        print("joined the running Ray cluster", flush=True)
-        return True
-    except ConnectionError:
-        pass
+    if _ray_running_here():  # a cluster started here (ray start / ray up; ray submit)?
+        try:
+            ray.init(address="auto")
+            print("joined the running Ray cluster", flush=True)
+            return True
+        except ConnectionError:
+            pass
     cpus = os.cpu_count() or 1
     capacity(cfg, {"CPU": cpus})  # fail before starting Ray
-    ray.init(num_cpus=cpus, resources={DRIVER_RESOURCE: 1000}, include_dashboard=False)
+    # "local": a new instance even where a dead cluster left its address file.
+    ray.init(address="local", num_cpus=cpus, resources={DRIVER_RESOURCE: 1000},
+             include_dashboard=False)
     return False
+
+
+def _ray_running_here() -> bool:
+    """RAY_ADDRESS set, or a GCS process on this machine. Not just Ray's address file:
+    a killed cluster leaves it behind, and joining that address hangs."""
+    if os.environ.get("RAY_ADDRESS"):
+        return True
+    try:
+        from ray._private.services import find_gcs_addresses
+    except ImportError:  # moved in a later Ray: let ray.init decide
+        return True
+    return bool(find_gcs_addresses())
 
 
 def cluster_resources(joined: bool) -> dict[str, float]:

@@ -7,10 +7,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -179,8 +181,9 @@ def test_two_node_cluster_runs_trials_on_both_and_survives_losing_a_node(tmp_pat
     env = _ray_env(tmp_path)
     port = _free_port()
     node = ["--num-cpus", "1", "--resources", json.dumps({"TRAIN_DRIVER": 2}),
-            "--include-dashboard", "false", "--disable-usage-stats"]
-    head = _start_node(["--head", f"--port={port}", *node], env, tmp_path / "head.log")
+            "--disable-usage-stats"]
+    head = _start_node(["--head", f"--port={port}", "--include-dashboard", "false", *node],
+                       env, tmp_path / "head.log")
     worker = None
     try:
         address = f"127.0.0.1:{port}"
@@ -214,9 +217,178 @@ def test_two_node_cluster_runs_trials_on_both_and_survives_losing_a_node(tmp_pat
         worker = None
         assert sweep.wait(timeout=600) == 0, (tmp_path / "sweep.log").read_text()[-4000:]
         df = pd.read_csv(storage / "model_size-local" / "results.csv")
-        killed = df[df["cell"].str.contains("seed=2|seed=3")]
-        assert len(killed) == 8 and killed["top1"].notna().all()
+        second = df[df["cell"].str.contains("seed=2|seed=3")]
+        assert len(second) == 8 and (second["status"] == "executed").all()
+        assert second.loc[second["stage"] != "pretrain", "top1"].notna().all()
+        # The trial on the dead node ran again on the head, from its last checkpoint.
+        assert "[pretrain] resumed from step" in (tmp_path / "sweep.log").read_text()
     finally:
         if worker is not None:
             _kill(worker, signal.SIGTERM)
         _kill(head, signal.SIGTERM)
+        _forget_address(port)
+
+
+def _forget_address(port: int) -> None:
+    """A killed head leaves its address in Ray's address file; `ray.init()` would then
+    try to join the dead cluster. `ray stop` clears it the same way."""
+    from ray._common.utils import get_ray_address_file
+
+    path = Path(get_ray_address_file(None))
+    if path.exists() and path.read_text().strip().endswith(f":{port}"):
+        path.unlink()
+
+
+# --- ray up / ray submit / ray down over SSH on 127.0.0.1 ----------------------------
+
+CI_USER = "scaling-ci"
+PACKAGES = "openssh-server rsync netcat-openbsd"
+
+
+def _sh(cmd: list[str] | str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, check=True, capture_output=True, text=True,
+                          shell=isinstance(cmd, str), **kw)
+
+
+def _have_ssh_tools() -> bool:
+    path = f"{os.environ['PATH']}:/usr/sbin"
+    return all(shutil.which(tool, path=path) for tool in ("sshd", "rsync", "nc"))
+
+
+@pytest.fixture
+def ssh_login(tmp_path):
+    """A throw-away login on 127.0.0.1, as a cloud node would offer: a user whose home
+    is a fresh folder, a key, and an sshd of our own on a free port."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: the test adds a login user and runs its own sshd")
+    if not _have_ssh_tools():
+        got = subprocess.run(f"apt-get install -y -q {PACKAGES} || (apt-get update -q && "
+                             f"apt-get install -y -q {PACKAGES})", shell=True,
+                             capture_output=True, text=True)
+        if got.returncode or not _have_ssh_tools():
+            pytest.skip(f"sshd could not be installed here: {got.stderr[-300:]}")
+    # Short paths: Ray's Unix sockets live under RAY_TMPDIR (a 107-byte limit).
+    home = Path(tempfile.mkdtemp(prefix="sci-", dir="/tmp"))
+    home.chmod(0o755)
+    subprocess.run(["pkill", "-u", CI_USER], capture_output=True)
+    subprocess.run(["userdel", "-f", CI_USER], capture_output=True)  # left by a killed run
+    _sh(["useradd", "-M", "-d", str(home), "-s", "/bin/bash", "-p", "*", CI_USER])
+    _sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "id")])
+    _sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "host")])
+    (home / ".ssh").mkdir()
+    shutil.copy(tmp_path / "id.pub", home / ".ssh" / "authorized_keys")
+    # This machine's /tmp/ray belongs to root's Ray: the node gets its own, as a real
+    # machine would (a test-environment setting, not part of cluster/local.yaml).
+    (home / ".bashrc").write_text(f"export RAY_TMPDIR={home}/t\n")
+    (home / "t").mkdir()
+    _offline_python(home)
+    _sh(["chown", "-R", f"{CI_USER}:{CI_USER}", str(home)])
+    port = _free_port()
+    (tmp_path / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {tmp_path / 'host'}\n"
+        f"PidFile {tmp_path / 'sshd.pid'}\nAuthorizedKeysFile .ssh/authorized_keys\n"
+        "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
+        f"StrictModes no\nAllowUsers {CI_USER}\nSubsystem sftp internal-sftp\n")
+    Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation directory
+    sshd = subprocess.Popen([shutil.which("sshd", path="/usr/sbin:/usr/bin"), "-D", "-e", "-f",
+                             str(tmp_path / "sshd_config")],
+                            stdout=(tmp_path / "sshd.log").open("w"), stderr=subprocess.STDOUT)
+    try:
+        _wait(lambda: _listening(port), "sshd", 30, [sshd])
+        yield {"home": home, "key": tmp_path / "id", "port": port}
+    finally:
+        sshd.terminate()
+        sshd.wait(timeout=30)
+        subprocess.run(["pkill", "-KILL", "-u", CI_USER], capture_output=True)
+        time.sleep(1)
+        subprocess.run(["userdel", "-f", CI_USER], capture_output=True)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _offline_python(home: Path) -> None:
+    """The node's Python without downloads: Debian's python3 plus this venv's packages
+    (hard links: the user cannot read root's venv, and a copy is 6 GB), standing in for
+    the `uv` lines of cluster/local.yaml, which need the internet."""
+    site = Path(sys.prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}"
+    _sh(["cp", "-al", str(site / "site-packages"), str(home / "packages")])
+    for stale in (home / "packages").glob("*simclrv2_scaling*"):  # the root checkout's install
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    _sh(["/usr/bin/python3", "-m", "venv", "--without-pip", str(home / "scaling-env")])
+    env_site = next((home / "scaling-env" / "lib").glob("python3*/site-packages"))
+    (env_site / "packages.pth").write_text(f"{home / 'packages'}\n")
+    ray = home / "scaling-env" / "bin" / "ray"  # what pip writes for ray's entry point
+    ray.write_text(f"#!{home}/scaling-env/bin/python\nimport sys\n"
+                   "from ray.scripts.scripts import main\nsys.exit(main())\n")
+    ray.chmod(0o755)
+
+
+def _loopback_config(login: dict, tmp_path: Path) -> Path:
+    """cluster/local.yaml pointed at 127.0.0.1. Changed: the machine list, the login,
+    the token file, the storage path, and the `uv` install lines (no internet in CI:
+    the same editable pip install of the mounted project, from local packages)."""
+    raw = _raw("local.yaml")
+    raw["cluster_name"] = f"simclrv2-ci-{os.getpid()}"
+    raw["provider"].update(head_ip="127.0.0.1", worker_ips=[])
+    raw["auth"] = {"ssh_user": CI_USER, "ssh_private_key": str(login["key"]),
+                   "ssh_proxy_command": f"nc 127.0.0.1 {login['port']}"}
+    raw["file_mounts"]["~/.ray/auth_token"] = str(_token(tmp_path))
+    install = ("~/scaling-env/bin/python -m pip install -q --no-deps --no-build-isolation "
+               "--no-index -e ~/simclrv2-scaling")
+    setup = [c for c in raw["setup_commands"] if "uv" not in c]
+    setup = [c.replace("/mnt/shared/scaling-studies", f"{login['home']}/studies") for c in setup]
+    assert len(setup) == len(raw["setup_commands"]) - 3 and any("studies" in c for c in setup)
+    raw["setup_commands"] = [install, *setup]
+    path = tmp_path / "loopback.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _token(tmp: Path) -> Path:
+    _ray_env(tmp)
+    return tmp / "auth_token"
+
+
+def test_ray_up_submit_down_on_loopback(ssh_login, tmp_path):
+    """The user's path, end to end: `ray up cluster/local.yaml`, `ray submit` a study
+    to it, the table in the study storage, `ray down`."""
+    config = _loopback_config(ssh_login, tmp_path)
+    home = ssh_login["home"]
+    spec = home / "smoke.yaml"  # a one-cell study on synthetic data, Train workers on
+    spec.write_text(yaml.safe_dump({
+        "base": "tiny", "axes": {"width": [0.0625], "label_fraction": [0.1]},
+        "set": {"pretrain.epochs": 1, "finetune.epochs": 1, "supervised.epochs": 1,
+                "runtime.device": "cpu", "runtime.workers": 1}}))
+    spec.chmod(0o644)
+    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
+    ray = str(VENV_BIN / "ray")
+    log = (tmp_path / "launcher.log").open("w")
+
+    def launcher(*args: str, timeout: float = 600) -> None:
+        log.write(f"$ ray {' '.join(args)}\n")
+        log.flush()
+        done = subprocess.run([ray, *args], cwd=REPO, env=env, stdout=log,
+                              stderr=subprocess.STDOUT, timeout=timeout)
+        assert done.returncode == 0, f"ray {args[0]}:\n" + (tmp_path / "launcher.log"
+                                                             ).read_text()[-6000:]
+
+    try:
+        launcher("up", "-y", "--no-config-cache", str(config))
+        assert (home / "ray_bootstrap_config.yaml").exists()
+        launcher("submit", str(config), "studies/model_size.py", "--", "--file", str(spec))
+        table = pd.read_csv(home / "studies" / "model_size-local" / "results.csv")
+        assert sorted(table["stage"]) == ["distill", "finetune", "pretrain", "supervised"]
+        assert (table["status"] == "executed").all() and table["node"].notna().all()
+        trained = table[table["stage"] != "pretrain"]
+        assert trained["top1"].notna().all() and table["knn_top1"].notna().any()
+        assert table["git_commit"].str.match(r"^[0-9a-f]{40}").all()  # .git was mounted
+        assert table["world_size"].eq(1).all()  # each stage ran on Ray Train
+    finally:
+        launcher("down", "-y", str(config))
+        log.close()
+    running = subprocess.run(["pgrep", "-u", CI_USER, "-f", "raylet"], capture_output=True)
+    assert running.returncode == 1, "ray down left Ray running"

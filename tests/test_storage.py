@@ -92,3 +92,63 @@ def test_pipeline_on_ray_with_s3_storage_and_a_fresh_node_resume(s3, tiny):
         assert run_pipeline(cfg, root, run_stage)[1:] == results[1:]
     finally:
         ray.shutdown()
+
+
+def test_study_resumes_from_s3_after_the_head_node_is_replaced(s3, tmp_path):
+    """The sweep's driver dies with its node (SIGKILL; its scratch mirror deleted);
+    `--resume` on a new 'head' with the same --storage URI finds the Tune state and
+    every finished stage on S3 and completes the sweep. A mistyped URI is refused."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import boto3
+    import yaml
+
+    repo = Path(__file__).resolve().parent.parent
+    spec = tmp_path / "study.yaml"
+    spec.write_text(yaml.safe_dump({
+        "base": "tiny", "axes": {"width": [0.0625], "label_fraction": [0.5]},
+        "set": {"pretrain.epochs": 1, "finetune.epochs": 8, "runtime.device": "cpu",
+                "runtime.workers": 0}}))
+    cmd = [sys.executable, "studies/model_size.py", "--file", str(spec), "--no-report",
+           "--storage", f"{s3}/studies"]
+
+    def env(node: str) -> dict[str, str]:
+        return {**os.environ, "SCALING_SCRATCH": str(tmp_path / node)}
+
+    refused = subprocess.run([*cmd[:-1], f"{s3}/stdies", "--resume"], cwd=repo, env=env("a"),
+                             capture_output=True, text=True)
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+    bucket = boto3.resource("s3").Bucket("bucket")
+
+    def pretrained() -> bool:
+        return any(o.key.endswith("result.json") and "/pretrain-" in o.key
+                   for o in bucket.objects.filter(Prefix="studies/stages/"))
+
+    first = subprocess.Popen(cmd, cwd=repo, env=env("a"), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not pretrained():
+        assert first.poll() is None and time.monotonic() < deadline, "never pretrained"
+        time.sleep(0.2)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    time.sleep(3)  # the orphaned trial notices its driver is gone
+    shutil.rmtree(tmp_path / "a")  # the old head's disk is gone with it
+    again = subprocess.run([*cmd, "--resume"], cwd=repo, env=env("b"), capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"resuming the sweep in {s3}/studies/model_size-local/_tune" in again.stdout
+    table = storage.read_text(f"{s3}/studies/model_size-local", "results.csv")
+    assert table is not None
+    import io
+
+    import pandas as pd
+
+    df = pd.read_csv(io.StringIO(table))
+    assert sorted(df["stage"]) == ["distill", "finetune", "pretrain", "supervised"]
+    assert df.set_index("stage").loc["pretrain", "status"] == "reused"  # not recomputed
