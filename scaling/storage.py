@@ -107,6 +107,36 @@ def write_text(location: Location, file: str, text: str) -> None:
         f.write(text.encode())
 
 
+def write_bytes(location: Location, file: str, data: bytes) -> None:
+    """One file written whole (a figure, a report)."""
+    if not is_uri(location):
+        from scaling.atomic import atomic_write
+
+        atomic_write(Path(location, file), lambda f: f.write(data))
+        return
+    fs, path = _fs(location)
+    fs.create_dir(path, recursive=True)
+    with fs.open_output_stream(f"{path}/{file}") as f:
+        f.write(data)
+
+
+def list_names(location: Location, suffix: str = "") -> list[str]:
+    """Names of the files directly in ``location`` ending with ``suffix``, sorted;
+    none where it does not exist."""
+    if not is_uri(location):
+        folder = Path(location)
+        if not folder.is_dir():
+            return []
+        return sorted(f.name for f in folder.iterdir() if f.is_file() and
+                      f.name.endswith(suffix) and not f.name.startswith("."))
+    import pyarrow.fs
+
+    fs, path = _fs(location)
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
+    return sorted(i.base_name for i in infos
+                  if i.type == pyarrow.fs.FileType.File and i.base_name.endswith(suffix))
+
+
 def delete(location: Location, file: str) -> None:
     if not is_uri(location):
         Path(location, file).unlink(missing_ok=True)

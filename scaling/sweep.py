@@ -19,8 +19,10 @@ Storage layout (a directory or a URI):
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
+import shlex
 import sys
 import threading
 import time
@@ -299,6 +301,12 @@ def run_study(study: Study, root: Location, *, address: str | None = None,
            "study_dir": str(study_dir), "claims": claims_name, "commit": results.git_commit(),
            "stages_needed": list(required_stages(study)),
            "invocation": time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"}
+    # What the grid is, for the report (which cells are missing) and for provenance.
+    storage.write_text(study_dir, "study.json", json.dumps({
+        "study": study.name, "cells": [c.id for c in grid], "stages": ctx["stages_needed"],
+        "command": " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable),
+                                                      *sys.argv]),
+        "git_commit": ctx["commit"]}, indent=1))
     payload = [{"id": c.id, "axes": {SHORT.get(k, k): v for k, v in c.values},
                 "config": to_dict(c.config)} for c in schedule_order(study, grid)]
     trainable = tune.with_resources(tune.with_parameters(run_cell, ctx=ctx), cap.resources)

@@ -1,0 +1,122 @@
+"""A study's results as one tidy table, for finished and interrupted sweeps alike.
+
+    df = load("runs/model_size-local")      # or "s3://bucket/studies/model_size-cifar10-gpu"
+
+One row per (cell, stage). A cell fixes the model, the label fraction and the seed,
+so this is one row per (cell, stage, label fraction, seed). The rows come from the
+study's ``cells/*.json`` (written as each stage finishes, so an interrupted sweep
+loses nothing), else from ``results.csv``. Columns: every column of results.csv
+(docs/studies.md) plus ``DERIVED`` (docs/analysis.md).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pandas as pd
+
+from scaling import results, storage
+from scaling.storage import Location
+
+CLASSES = {"fashion-mnist": 10, "cifar10": 10, "cifar100": 100, "stl10": 10, "synthetic": 4,
+           "imagefolder": 1000}  # imagefolder: the ImageNet presets
+
+DERIVED = {
+    "label_fraction": "fraction of the training labels the stage saw (pretraining: NaN)",
+    "seed": "the run's seed",
+    "depth": "ResNet depth", "width": "width multiplier", "sk": "selective-kernel ratio (0: none)",
+    "head_depth": "projection-head layers", "ft_layer": "head layer fine-tuning starts from",
+    "model": "a readable model name, e.g. 'R18 1/16x +SK'",
+    "student": "distillation rows: 'self' (the teacher's architecture) or the student model",
+    "classes": "number of classes (the random-guess error is 1 - 1/classes)",
+    "labels": "labelled examples the stage used",
+    "error": "1 - top1",
+    "relative_improvement": "top1 / top1 of the smallest model (fewest parameters) at the "
+                            "same stage, label fraction, head and seed, minus 1",
+    "gain_over_supervised": "top1 - supervised_top1 (same cell: same labels, model, seed)",
+}
+
+
+def read_rows(study_dir: Location) -> pd.DataFrame:
+    """Every row the study has written so far."""
+    rows: list[dict] = []
+    for name in storage.list_names(storage.join(study_dir, "cells"), ".json"):
+        text = storage.read_text(storage.join(study_dir, "cells"), name)
+        if text is not None:
+            rows += json.loads(text)["rows"]
+    if rows:
+        return results.table(rows)  # adds supervised_top1 beside every row of a cell
+    text = storage.read_text(study_dir, "results.csv")
+    if text is None:
+        raise FileNotFoundError(f"no results in {study_dir}: neither cells/*.json nor results.csv")
+    return pd.read_csv(io.StringIO(text))
+
+
+def load(study_dir: Location) -> pd.DataFrame:
+    return tidy(read_rows(study_dir))
+
+
+def model_name(depth: int, width: float, sk: float) -> str:
+    w = f"{width:g}x" if width >= 1 else f"1/{round(1 / width)}x"
+    return f"R{depth} {w}" + (" +SK" if sk > 0 else "")
+
+
+def _student(row: pd.Series) -> str:
+    depth = row.get("distill.student.depth")
+    if depth is None or pd.isna(depth):
+        return "self"
+    return model_name(int(depth), float(row["distill.student.width"]),
+                       float(row.get("distill.student.sk_ratio", 0.0) or 0.0))
+
+
+def tidy(raw: pd.DataFrame) -> pd.DataFrame:
+    """Add the DERIVED columns; sort by model size, stage, label fraction, seed."""
+    if raw.empty:
+        raise ValueError("the results table is empty: no stage has finished yet")
+    df = raw.copy()
+    order = {s: i for i, s in enumerate(("pretrain", "finetune", "distill", "supervised"))}
+    df["label_fraction"] = np.where(df["stage"] == "pretrain", np.nan,
+                                    df["finetune.label_fraction"].astype(float))
+    df["seed"] = df["seed"].astype(int)
+    df["depth"] = df["model.depth"].astype(int)
+    df["width"] = df["model.width"].astype(float)
+    df["sk"] = df["model.sk_ratio"].astype(float)
+    df["head_depth"] = df["head.num_layers"].astype(int)
+    df["ft_layer"] = df["finetune.head_layer"].astype(int)
+    df["model"] = [model_name(d, w, s) for d, w, s in zip(df["depth"], df["width"], df["sk"],
+                                                            strict=True)]
+    df["student"] = [_student(r) if st == "distill" else None
+                     for st, (_, r) in zip(df["stage"], df.iterrows(), strict=True)]
+    df["classes"] = df["data.name"].map(CLASSES).astype("Int64")
+    df["labels"] = df["labelled_examples"]
+    df["error"] = 1 - df["top1"]
+    df["gain_over_supervised"] = df["top1"] - df["supervised_top1"]
+    # The smallest model of each comparable group is the reference (paper Figure 1 right).
+    group = ["stage", "label_fraction", "head_depth", "ft_layer", "seed"]
+    keyed = df.assign(_lf=df["label_fraction"].fillna(-1))
+    key = [c if c != "label_fraction" else "_lf" for c in group]
+    smallest = keyed.loc[keyed.groupby(key, dropna=False)["params"].idxmin(), [*key, "top1"]]
+    ref = keyed.merge(smallest.rename(columns={"top1": "_ref"}), on=key, how="left")["_ref"]
+    df["relative_improvement"] = (df["top1"] / ref.to_numpy() - 1).where(df["top1"].notna())
+    df["_stage"] = df["stage"].map(order)
+    df = df.sort_values(["params", "sk", "head_depth", "ft_layer", "_stage", "label_fraction",
+                         "seed"], kind="stable", ignore_index=True)
+    return df.drop(columns="_stage")
+
+
+def expected_cells(study_dir: Location) -> list[str] | None:
+    """The grid's cells, from the study.json the sweep writes when it starts."""
+    text = storage.read_text(study_dir, "study.json")
+    return None if text is None else list(json.loads(text)["cells"])
+
+
+def missing(study_dir: Location, df: pd.DataFrame) -> list[str]:
+    """'cell: stage' for every stage of the grid without a row (a partial sweep)."""
+    text = storage.read_text(study_dir, "study.json")
+    if text is None:
+        return []
+    spec = json.loads(text)
+    have = set(zip(df["cell"], df["stage"], strict=True))
+    return [f"{c}: {s}" for c in spec["cells"] for s in spec["stages"] if (c, s) not in have]

@@ -1,0 +1,244 @@
+"""A study's report: figures, tables, fitted label-efficiency curves with 95%
+intervals, the protocol, the command and the commit, in one HTML file.
+
+    python -m analysis.report runs/model_size-local
+    python -m analysis.report s3://bucket/studies/model_size-cifar10-gpu
+
+Studies call ``write_report`` when they end. It writes into ``<study>/report/``:
+report.html (figures embedded), each figure as PNG and PDF, and results_tidy.csv
+(the table of analysis/collect.py). A partial sweep gets a report too, which lists
+what is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from analysis import collect, figures
+from analysis.fit import Bootstrap, Fit, FitError, bootstrap, efficiency, fit, fit_joint, select
+from scaling import storage
+from scaling.storage import Location
+
+GRID = 200  # label counts the fitted curves are drawn at
+REACH = "labels to reach the supervised baseline's best accuracy"
+
+
+@dataclass
+class Analysis:
+    """Curves per (model, stage), derived answers, and why anything was skipped."""
+    fits: dict[tuple[str, str], Fit | Bootstrap] = field(default_factory=dict)
+    chosen: dict[tuple[str, str], str] = field(default_factory=dict)  # form and how
+    derived: list[dict[str, object]] = field(default_factory=list)
+    joint: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+def _curve(f: Fit | Bootstrap) -> Fit:
+    return f.fit if isinstance(f, Bootstrap) else f
+
+
+def analyse(df: pd.DataFrame) -> Analysis:
+    out = Analysis()
+    rows = df[df["stage"].isin(["finetune", "supervised"]) & df["labels"].notna()
+              & df["error"].notna()]
+    ceiling = float(1 - 1 / df["classes"].dropna().iloc[0]) if df["classes"].notna().any() else 1.0
+    for (model, stage), g in rows.groupby(["model", "stage"]):
+        n, err, seeds = g["labels"].to_numpy(), g["error"].to_numpy(), g["seed"].to_numpy()
+        if np.unique(n).size < 3:
+            form, how = "power", (f"power law: {np.unique(n).size} label counts are too few "
+                                  "to choose a form by extrapolation (needs >= 3)")
+        else:
+            try:
+                sel = select(n, err, ceiling)
+                form, how = sel.best, (f"best at predicting {sel.held_out:g} labels from "
+                                       "fewer (|log error| there): "
+                                       + ", ".join(f"{k} {v:.3f}" for k, v in sel.scores.items()))
+            except FitError as e:
+                form, how = "power", f"power law (no selection: {e})"
+        try:
+            point = fit(n, err, form, ceiling)
+        except FitError as e:
+            out.notes.append(f"{model} {stage}: no curve: {e}")
+            continue
+        out.chosen[(model, stage)] = f"{form}; {how}"
+        target = 1 - float(df[(df["model"] == model) & (df["stage"] == "supervised")]
+                           .sort_values("labels")["top1"].iloc[-1]) \
+            if ((df["model"] == model) & (df["stage"] == "supervised")).any() else None
+        derived: dict[str, Callable[[Fit], float]] = {}
+        if target is not None:
+            derived[REACH] = lambda f, t=target: f.labels_for(t)  # type: ignore[misc]
+        try:
+            out.fits[(model, stage)] = bootstrap(n, err, seeds, form, ceiling, derived)
+        except FitError as e:
+            out.fits[(model, stage)] = point
+            out.notes.append(f"{model} {stage}: no intervals: {e}")
+    for model in rows["model"].unique():
+        ft, sup = out.fits.get((model, "finetune")), out.fits.get((model, "supervised"))
+        best = df[(df["model"] == model) & (df["stage"] == "supervised")].sort_values("labels")
+        if ft is None or sup is None or best.empty:
+            continue
+        acc = float(best["top1"].iloc[-1])
+        ft_fit, sup_fit = _curve(ft), _curve(sup)
+        out.derived.append({
+            "model": model, "target top-1 (supervised, most labels)": round(100 * acc, 2),
+            "labels, fine-tuned": ft_fit.labels_for(1 - acc),
+            "labels, supervised": sup_fit.labels_for(1 - acc),
+            "label-efficiency multiplier": efficiency(ft_fit, sup_fit, 1 - acc),
+            "95% interval, fine-tuned labels": _interval(ft, REACH)})
+    ft_rows = rows[rows["stage"] == "finetune"]
+    try:
+        j = fit_joint(ft_rows["labels"], ft_rows["params"], ft_rows["error"], ceiling)
+        out.joint = ("error(n, P) = {a:.3g} n^-{b:.3f} + {d:.3g} P^-{e:.3f} + {c:.4f}"
+                     .format(**j.params) + f" (rmse of log error {j.rmse_log:.3f}, "
+                     f"{j.points} points)")
+    except FitError as e:
+        out.joint = f"not fitted: {e}"
+    return out
+
+
+def _interval(f: Fit | Bootstrap, name: str) -> str:
+    if isinstance(f, Bootstrap) and name in f.intervals:
+        lo, hi = f.intervals[name]
+        return f"[{lo:.4g}, {hi:.4g}]"
+    return "n/a (one seed)"
+
+
+def params_table(a: Analysis) -> pd.DataFrame:
+    rows = []
+    for (model, stage), f in a.fits.items():
+        c = _curve(f)
+        for name, value in c.params.items():
+            rows.append({"model": model, "stage": stage, "form": c.form, "parameter": name,
+                         "value": value, "95% interval": _interval(f, name),
+                         "seeds": f.seeds if isinstance(f, Bootstrap) else 1,
+                         "rmse log error": round(c.rmse_log, 4)})
+    return pd.DataFrame(rows)
+
+
+def figure_set(df: pd.DataFrame, a: Analysis) -> dict[str, Callable[[], Figure]]:
+    """The figures this study's data can show."""
+    stages = set(df["stage"])
+    out: dict[str, Callable[[], Figure]] = {}
+    if "finetune" in stages:
+        out["table1"] = lambda: figures.table1_figure(df)
+        out["top1_vs_params"] = lambda: figures.top1_vs_params(df)
+        if df["params"].nunique() > 1:
+            out["relative_improvement"] = lambda: figures.relative_improvement(df)
+        if df["head_depth"].nunique() > 1 or df["ft_layer"].nunique() > 1:
+            out["head_depth"] = lambda: figures.head_depth(df)
+    if "distill" in stages:
+        out["distillation"] = lambda: figures.distillation(df)
+    if a.fits:
+        lab = df["labels"].dropna()
+        grid = np.geomspace(lab.min() / 2, lab.max() * 2, GRID)
+        bands = {k: f.band(grid) for k, f in a.fits.items() if isinstance(f, Bootstrap)}
+        out["label_efficiency"] = lambda: figures.label_efficiency(df, a.fits, bands)
+    return out
+
+
+def _table_html(df: pd.DataFrame) -> str:
+    return df.to_html(index=False, border=0, classes="t", float_format=lambda x: f"{x:.4g}",
+                      na_rep="-")
+
+
+def write_report(study_dir: Location) -> Location:
+    """Write the report into ``<study_dir>/report/``; returns report.html's location."""
+    df = collect.load(study_dir)
+    missing = collect.missing(study_dir, df)
+    spec_text = storage.read_text(study_dir, "study.json")
+    spec = json.loads(spec_text) if spec_text else {}
+    a = analyse(df)
+    out = storage.join(study_dir, "report")
+    storage.write_text(out, "results_tidy.csv", df.to_csv(index=False))
+    shown = []
+    for name, draw in figure_set(df, a).items():
+        fig = draw()
+        for fmt in ("png", "pdf"):
+            buf = io.BytesIO()
+            fig.savefig(buf, format=fmt, dpi=130, bbox_inches="tight")
+            storage.write_bytes(out, f"{name}.{fmt}", buf.getvalue())
+            if fmt == "png":
+                shown.append((name, base64.b64encode(buf.getvalue()).decode()))
+        plt.close(fig)
+    protocols = sorted(set(df["protocol"].dropna()))
+    study = str(df["study"].iloc[0])
+    parts = [
+        f"<h1>{html.escape(study)}</h1>",
+        f"<p>{df['cell'].nunique()} cells, {len(df)} (cell, stage) rows. Written "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S')}.</p>",
+        "<h2>Provenance</h2><ul>"
+        f"<li>command: <code>{html.escape(spec.get('command', 'unknown (no study.json)'))}"
+        "</code></li>"
+        f"<li>git commit: <code>{html.escape(', '.join(sorted(set(df['git_commit'].astype(str)))))}"
+        "</code></li></ul>",
+    ]
+    if missing:
+        parts.append(f"<h2>Missing ({len(missing)} stages: a partial sweep)</h2><ul>"
+                     + "".join(f"<li>{html.escape(m)}</li>" for m in missing) + "</ul>")
+    else:
+        parts.append("<p>Every stage of the grid has a result.</p>" if spec else
+                     "<p>(No study.json: the grid, and so what is missing, is unknown.)</p>")
+    if "finetune" in set(df["stage"]):
+        parts += ["<h2>Top-1 by model (Table 1 analogue, %)</h2>",
+                  _table_html(figures.table1(df))]
+    parts.append("<h2>Label-efficiency curves</h2>")
+    if a.fits:
+        chosen = pd.DataFrame([{"model": k[0], "stage": k[1], "form": v}
+                               for k, v in a.chosen.items()])
+        parts += [_table_html(chosen), _table_html(params_table(a))]
+    if a.derived:
+        parts += ["<h3>Labels needed and label efficiency</h3>",
+                  _table_html(pd.DataFrame(a.derived))]
+    parts.append(f"<p>Joint fit over label counts and parameters (fine-tuned): "
+                 f"{html.escape(a.joint)}</p>")
+    if a.notes:
+        parts.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in a.notes) + "</ul>")
+    parts.append("<h2>Figures</h2>")
+    parts += [f'<figure><img alt="{n}" src="data:image/png;base64,{b}">'
+              f"<figcaption>{n} (<a href='{n}.pdf'>PDF</a>)</figcaption></figure>"
+              for n, b in shown]
+    parts += ["<h2>Protocol</h2>"] + [f"<pre>{html.escape(json.dumps(json.loads(p), indent=1))}"
+                                      "</pre>" for p in protocols]
+    parts.append("<p>Every row: <a href='results_tidy.csv'>results_tidy.csv</a> "
+                 "(columns: docs/analysis.md).</p>")
+    page = ("<!doctype html><html><head><meta charset='utf-8'>"
+            f"<title>{html.escape(study)} report</title><style>{CSS}</style></head><body>"
+            + "\n".join(parts) + "</body></html>")
+    storage.write_text(out, "report.html", page)
+    return storage.join(out, "report.html")
+
+
+CSS = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}"
+       "table.t{border-collapse:collapse;margin:1em 0;font-size:13px}"
+       "table.t td,table.t th{border-bottom:1px solid #ddd;padding:3px 8px;text-align:right}"
+       "img{max-width:100%}figure{margin:1.5em 0}pre{background:#f6f6f6;padding:.5em}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("study", help="a study's storage: runs/model_size-local or an s3:// URI")
+    args = p.parse_args(argv)
+    try:
+        print(write_report(storage.absolute(storage.parse(args.study))))
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""analysis/: fits recover known curves from noisy synthetic data within their
+bootstrap intervals, model selection finds the true form, bad inputs get clear
+messages, every figure renders with its axes and legends, and the report is a
+page Chromium renders."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis import collect, figures, report
+from analysis.fit import FORMS, FitError, bootstrap, efficiency, fit, fit_joint, select
+
+matplotlib.use("Agg")
+CEILING = 0.9  # 10 classes
+TRUTH = {"power": [3.0, 0.35], "saturating": [4.0, 0.5, 0.08], "envelope": [40.0, 0.6, 0.05]}
+COUNTS = np.geomspace(60, 60000, 8)
+
+
+def _noisy(form: str, seeds: int = 6, noise: float = 0.03, rng: int = 0):
+    """Errors on a true curve times log-normal noise, per seed."""
+    g = np.random.default_rng(rng)
+    n = np.tile(COUNTS, seeds)
+    s = np.repeat(np.arange(seeds), COUNTS.size)
+    true = FORMS[form].curve(n, np.array(TRUTH[form]), CEILING)
+    return n, true * np.exp(g.normal(0, noise, n.size)), s
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_bootstrap_intervals_cover_the_true_parameters(form):
+    n, err, seeds = _noisy(form)
+    b = bootstrap(n, err, seeds, form, CEILING, resamples=300)
+    for name, truth in zip(FORMS[form].params, TRUTH[form], strict=True):
+        lo, hi = b.intervals[name]
+        print(f"{form} {name}: true {truth}, fitted {b.fit.params[name]:.4g}, "
+              f"95% [{lo:.4g}, {hi:.4g}]")
+        assert lo <= truth <= hi, (name, truth, lo, hi)
+        assert hi - lo < 0.5 * abs(truth) + 0.02  # and the interval says something
+    assert b.seeds == 6 and len(b.samples) > 250
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_selection_by_extrapolation_finds_the_true_form(form):
+    n, err, _ = _noisy(form, noise=0.005, rng=1)
+    sel = select(n, err, CEILING)
+    assert sel.best == form, sel.scores
+    assert sel.held_out == COUNTS.max()
+
+
+def test_labels_for_inverts_the_curve_and_the_efficiency_multiplier_is_closed_form():
+    n = COUNTS[2:]
+    ft = fit(n, 1.5 * n**-0.35, "power")
+    sup = fit(n, 3.0 * n**-0.35, "power")
+    target = 0.1
+    assert ft.labels_for(target) == pytest.approx((1.5 / target) ** (1 / 0.35), rel=1e-4)
+    # Same exponent: supervised needs (3/1.5)^(1/b) times the labels at any error.
+    assert efficiency(ft, sup, target) == pytest.approx(2 ** (1 / 0.35), rel=1e-3)
+    sat = fit(COUNTS, 4.0 * COUNTS**-0.5 + 0.08, "saturating", CEILING)
+    assert sat.labels_for(0.05) == float("inf")  # below the floor: never
+    assert sat.asymptote() == pytest.approx(0.08, rel=1e-3)
+
+
+def test_joint_fit_recovers_a_known_surface():
+    n, p = np.meshgrid(COUNTS, [1e4, 1e5, 1e6, 1e7])
+    err = 2.0 * n**-0.4 + 5.0 * p**-0.3 + 0.03
+    j = fit_joint(n.ravel(), p.ravel(), err.ravel(), CEILING)
+    assert j.rmse_log < 1e-3
+    assert np.allclose(j.predict(n, p), err, rtol=1e-2)
+
+
+def test_degenerate_inputs_get_clear_messages():
+    with pytest.raises(FitError, match="1 distinct label count"):
+        fit([100.0], [0.3], "power")
+    with pytest.raises(FitError, match="every label count: no curve"):
+        fit(COUNTS, np.full(COUNTS.size, 0.3), "power")
+    with pytest.raises(FitError, match="all 3 points are NaN"):
+        fit([1.0, 2.0, 3.0], [np.nan] * 3, "power")
+    with pytest.raises(FitError, match=r"errors in \(0, 1\]"):
+        fit(COUNTS[:3], [0.2, 1.5, 0.1], "power")
+    with pytest.raises(FitError, match="allowed: power, saturating, envelope"):
+        fit(COUNTS, COUNTS**-0.3, "cubic")
+    with pytest.raises(FitError, match="one label count only"):
+        select([100.0, 100.0], [0.3, 0.31])
+    n, err, seeds = _noisy("power", seeds=1)
+    with pytest.raises(FitError, match="1 seed.*--repeats 2"):
+        bootstrap(n, err, seeds, "power")
+    # NaN rows (unfinished stages) are dropped, not fitted as zeros.
+    with_nan = np.append(3.0 * COUNTS**-0.35, np.nan)
+    f = fit(np.append(COUNTS, 500.0), with_nan, "power")
+    assert f.points == COUNTS.size and f.params["b"] == pytest.approx(0.35, rel=1e-3)
+
+
+# --- synthetic study tables ------------------------------------------------------------
+
+MODELS = [(18, 0.0625, 0.0, 44_000), (18, 0.125, 0.0, 176_000), (34, 0.125, 0.0625, 340_000)]
+FRACTIONS = [0.01, 0.05, 0.1, 0.5, 1.0]
+
+
+def synthetic_rows(seeds=(0, 1, 2), fractions=FRACTIONS, head_depths=(3,), students=False):
+    """A study's rows as the sweep writes them: bigger models and fine-tuning are
+    better, more so with few labels."""
+    g = np.random.default_rng(0)
+    rows = []
+    for depth, width, sk, params in MODELS:
+        for hd in head_depths:
+            for ft_layer in range(min(hd, 2)):
+                for lf in fractions:
+                    for seed in seeds:
+                        cell = (f"depth={depth},width={width},sk={sk},head_depth={hd},"
+                                f"ft_layer={ft_layer},label_fraction={lf},seed={seed}")
+                        n = 60000 * lf
+                        size = (params / 44_000) ** -0.15
+                        ft_err = min(0.85, size * (2.5 * n**-0.35 + 0.05)) * np.exp(
+                            g.normal(0, 0.02))
+                        sup_err = min(0.85, size * (6.0 * n**-0.4 + 0.06)) * np.exp(
+                            g.normal(0, 0.02))
+                        base = {"study": "synthetic", "cell": cell, "status": "executed",
+                                "git_commit": "abc", "seed": seed, "model.depth": depth,
+                                "model.width": width, "model.sk_ratio": sk,
+                                "head.num_layers": hd, "finetune.head_layer": ft_layer,
+                                "finetune.label_fraction": lf, "data.name": "fashion-mnist",
+                                "params": params, "protocol": json.dumps({"probe": "test top-1"})}
+                        rows += [
+                            {**base, "stage": "pretrain", "stage_key": f"p{params}{hd}{seed}",
+                             "linear_top1": 0.7 + 0.02 * np.log(size ** -1 + 1),
+                             "knn_top1": 0.7},
+                            {**base, "stage": "finetune", "stage_key": f"f{cell}",
+                             "top1": 1 - ft_err, "labelled_examples": n},
+                            {**base, "stage": "distill", "stage_key": f"d{cell}",
+                             "top1": 1 - ft_err * 0.97, "teacher_top1": 1 - ft_err,
+                             "labelled_examples": None,
+                             **({"distill.student.depth": 18, "distill.student.width": 0.0625,
+                                 "distill.student.sk_ratio": 0.0} if students else {})},
+                            {**base, "stage": "supervised", "stage_key": f"s{cell}",
+                             "top1": 1 - sup_err, "labelled_examples": n},
+                        ]
+    return rows
+
+
+def _table(rows) -> pd.DataFrame:
+    from scaling.results import table
+
+    return collect.tidy(table(rows))
+
+
+def test_tidy_adds_the_derived_columns():
+    df = _table(synthetic_rows(seeds=(0,), fractions=[0.1]))
+    assert set(collect.DERIVED) <= set(df.columns)
+    ft = df[(df["stage"] == "finetune") & (df["ft_layer"] == 0)].set_index("params")
+    small = ft.loc[44_000, "top1"]
+    for _, row in ft.iterrows():
+        assert row["relative_improvement"] == pytest.approx(row["top1"] / small - 1)
+        assert row["gain_over_supervised"] == pytest.approx(row["top1"] - row["supervised_top1"])
+        assert row["error"] == pytest.approx(1 - row["top1"])
+        assert row["labels"] == 6000 and row["label_fraction"] == 0.1
+    assert list(df.drop_duplicates("model")["model"]) == ["R18 1/16x", "R18 1/8x",
+                                                           "R34 1/8x +SK"]
+    assert df.loc[df["stage"] == "pretrain", "label_fraction"].isna().all()
+    assert df.loc[df["stage"] == "distill", "student"].eq("self").all()
+    with pytest.raises(ValueError, match="empty"):
+        collect.tidy(pd.DataFrame())
+
+
+def _labels_and_legend(fig) -> None:
+    for ax in fig.axes:
+        if ax.axison:
+            assert ax.get_xlabel() and ax.get_ylabel(), ax
+            assert ax.get_legend() is not None and ax.get_legend().get_texts()
+            assert ax.lines or ax.containers or ax.collections
+
+
+def test_every_figure_renders_with_axes_labels_and_legends(tmp_path):
+    df = _table(synthetic_rows(head_depths=(2, 3), students=True))
+    a = report.analyse(df)
+    grid = np.geomspace(df["labels"].min() / 2, df["labels"].max() * 2, report.GRID)
+    bands = {k: f.band(grid) for k, f in a.fits.items() if hasattr(f, "band")}
+    made = {
+        "top1_vs_params": figures.top1_vs_params(df),
+        "relative_improvement": figures.relative_improvement(df),
+        "head_depth": figures.head_depth(df),
+        "distillation": figures.distillation(df),
+        "label_efficiency": figures.label_efficiency(df, a.fits, bands),
+    }
+    for name, fig in made.items():
+        _labels_and_legend(fig)
+        fig.savefig(tmp_path / f"{name}.png")
+        assert (tmp_path / f"{name}.png").stat().st_size > 10_000, name
+    assert len(made["head_depth"].axes) == len(FRACTIONS)  # a panel per label fraction
+    assert len(made["label_efficiency"].axes[0].collections) >= 3  # bands drawn
+    t = figures.table1(df)
+    assert list(t.columns[:2]) == ["model", "depth"] and "fine-tune 1%" in t and "linear" in t
+    assert "supervised 100%" in t and len(t) == len(MODELS)
+    assert figures.table1_figure(df).axes[0].tables
+
+
+def _write_study(tmp_path: Path, rows, drop_cell: str | None = None) -> Path:
+    from scaling.results import write_cell
+
+    study = tmp_path / "synthetic"
+    cells = list(dict.fromkeys(r["cell"] for r in rows))
+    for cell in cells:
+        if cell != drop_cell:
+            write_cell(study, cell, [r for r in rows if r["cell"] == cell])
+    (study / "study.json").write_text(json.dumps({
+        "study": "synthetic", "cells": cells,
+        "stages": ["pretrain", "finetune", "distill", "supervised"],
+        "command": "python studies/model_size.py --repeats 3", "git_commit": "abc"}))
+    return study
+
+
+def test_report_on_a_partial_sweep_and_chromium_renders_it(tmp_path):
+    rows = synthetic_rows(seeds=(0, 1, 2))
+    gone = rows[-1]["cell"]
+    study = _write_study(tmp_path, rows, drop_cell=gone)
+    path = Path(report.write_report(study))
+    page = path.read_text()
+    out = study / "report"
+    for name in ("table1", "top1_vs_params", "relative_improvement", "head_depth",
+                 "distillation", "label_efficiency"):
+        assert (out / f"{name}.png").stat().st_size > 0 and (out / f"{name}.pdf").exists()
+        assert f'alt="{name}"' in page
+    assert (out / "results_tidy.csv").exists()
+    assert f"{gone}: finetune" in page and "partial sweep" in page  # what is missing
+    assert "python studies/model_size.py --repeats 3" in page and "abc" in page
+    assert "95% interval" in page and "label-efficiency multiplier" in page
+    assert "Joint fit" in page and "not fitted" not in page
+    tidy = pd.read_csv(out / "results_tidy.csv")
+    assert len(tidy) == len(rows) - 4
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed (apt-get install chromium; .ci/run does)")
+    shot = tmp_path / "page.png"
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu",
+                    f"--screenshot={shot}", "--window-size=1200,3000", path.as_uri()],
+                   check=True, capture_output=True, timeout=120)
+    dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu",
+                          "--dump-dom", path.as_uri()], check=True, capture_output=True,
+                         text=True, timeout=120).stdout
+    assert dom.count("<img") == 6 and "Label-efficiency curves" in dom
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(shot).convert("L"))
+    assert pixels.shape[0] >= 2000 and (pixels < 200).mean() > 0.01  # drawn, not blank
+
+
+def test_report_cli_exits_2_without_results(tmp_path):
+    assert report.main([str(tmp_path / "nothing")]) == 2
