@@ -116,13 +116,17 @@ def parser(defn: StudyDef) -> argparse.ArgumentParser:
     return p
 
 
-def _report(study_dir: Any) -> None:
+def _report(study_dir: Any) -> bool:
+    """The study's report (analysis/report.py); the results are safe either way."""
+    from analysis.report import write_report
+
     try:
-        from analysis.report import write_report  # type: ignore[import-not-found, unused-ignore]
-    except ImportError:
-        print("(no report generator installed yet: analysis/report.py; the table is above)")
-        return
-    print(f"report: {write_report(study_dir)}")
+        print(f"report: {write_report(study_dir)}")
+    except Exception as e:  # noqa: BLE001 - never lose the sweep's exit status to a figure
+        print(f"error: the report failed ({type(e).__name__}: {e}); the results are in "
+              f"{study_dir}; retry with: python -m analysis.report {study_dir}", file=sys.stderr)
+        return False
+    return True
 
 
 def main(defn: StudyDef, argv: list[str] | None = None) -> int:
@@ -142,6 +146,5 @@ def main(defn: StudyDef, argv: list[str] | None = None) -> int:
     print(sweep.summary(outcome, study))
     study_dir = storage.join(storage.absolute(storage.parse(args.storage)), study.name)
     print(f"results table: {storage.join(study_dir, 'results.csv')}")
-    if not args.no_report and not outcome.table.empty:
-        _report(study_dir)
-    return 1 if outcome.errored else 0
+    reported = args.no_report or outcome.table.empty or _report(study_dir)
+    return 1 if outcome.errored or not reported else 0
