@@ -23,8 +23,11 @@ def test_each_distinct_stage_runs_once_across_concurrent_trials(tiny, tmp_path):
     trial pretrains while the other trains its supervised baseline, then reuses it."""
     from scaling.sweep import run_study
 
+    # Stages in the trial processes (workers=0): what is tested is the claims between
+    # trials; Train inside Tune is tested end to end in tests/test_cluster.py.
     base = with_overrides(tiny, {"pretrain.epochs": 1, "finetune.epochs": 1,
-                                 "supervised.epochs": 1, "runtime.log_every": 1})
+                                 "supervised.epochs": 1, "runtime.log_every": 1,
+                                 "runtime.workers": 0})
     study = make_study("dedup", base, {"width": [0.0625]})
     try:
         first = run_study(study, tmp_path)
