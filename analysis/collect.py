@@ -40,12 +40,17 @@ DERIVED = {
 
 
 def read_rows(study_dir: Location) -> pd.DataFrame:
-    """Every row the study has written so far."""
+    """Every row the study's grid has written so far. With study.json (written when
+    a sweep starts), only that grid's cells: a storage keeps cells of earlier grids."""
+    spec = storage.read_text(study_dir, "study.json")
     rows: list[dict] = []
-    for name in storage.list_names(storage.join(study_dir, "cells"), ".json"):
-        text = storage.read_text(storage.join(study_dir, "cells"), name)
-        if text is not None:
-            rows += json.loads(text)["rows"]
+    if spec is not None:
+        rows = results.read_cells(study_dir, list(json.loads(spec)["cells"]))
+    else:
+        for name in storage.list_names(storage.join(study_dir, "cells"), ".json"):
+            text = storage.read_text(storage.join(study_dir, "cells"), name)
+            if text is not None:
+                rows += json.loads(text)["rows"]
     if rows:
         return results.table(rows)  # adds supervised_top1 beside every row of a cell
     text = storage.read_text(study_dir, "results.csv")
@@ -104,12 +109,6 @@ def tidy(raw: pd.DataFrame) -> pd.DataFrame:
     df = df.sort_values(["params", "sk", "head_depth", "ft_layer", "_stage", "label_fraction",
                          "seed"], kind="stable", ignore_index=True)
     return df.drop(columns="_stage")
-
-
-def expected_cells(study_dir: Location) -> list[str] | None:
-    """The grid's cells, from the study.json the sweep writes when it starts."""
-    text = storage.read_text(study_dir, "study.json")
-    return None if text is None else list(json.loads(text)["cells"])
 
 
 def missing(study_dir: Location, df: pd.DataFrame) -> list[str]:

@@ -28,7 +28,17 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from analysis import collect, figures
-from analysis.fit import Bootstrap, Fit, FitError, bootstrap, efficiency, fit, fit_joint, select
+from analysis.fit import (
+    Bootstrap,
+    Fit,
+    FitError,
+    bootstrap,
+    efficiency,
+    fit,
+    fit_joint,
+    mean_interval,
+    select,
+)
 from scaling import storage
 from scaling.storage import Location
 
@@ -128,6 +138,22 @@ def params_table(a: Analysis) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def improvement_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Relative improvement over the smallest model per model, stage and label
+    fraction: mean over seeds and its 95% bootstrap interval (the paper's "bigger
+    models gain more from pretraining with fewer labels")."""
+    rows = []
+    keep = df["stage"].isin(["finetune", "supervised"]) & df["relative_improvement"].notna()
+    for (model, stage, lf), g in df[keep].groupby(["model", "stage", "label_fraction"],
+                                                  sort=False):
+        mean, lo, hi = mean_interval(g["relative_improvement"].to_numpy())
+        rows.append({"model": model, "params": int(g["params"].iloc[0]), "stage": stage,
+                     "label fraction": lf, "relative improvement %": round(100 * mean, 2),
+                     "95% interval": "n/a (one seed)" if np.isnan(lo) else
+                     f"[{100 * lo:.2f}, {100 * hi:.2f}]", "seeds": len(g)})
+    return pd.DataFrame(rows)
+
+
 def figure_set(df: pd.DataFrame, a: Analysis) -> dict[str, Callable[[], Figure]]:
     """The figures this study's data can show."""
     stages = set(df["stage"])
@@ -194,6 +220,9 @@ def write_report(study_dir: Location) -> Location:
     if "finetune" in set(df["stage"]):
         parts += ["<h2>Top-1 by model (Table 1 analogue, %)</h2>",
                   _table_html(figures.table1(df))]
+    if df["params"].nunique() > 1:
+        parts += ["<h2>Relative improvement over the smallest model</h2>",
+                  _table_html(improvement_table(df))]
     parts.append("<h2>Label-efficiency curves</h2>")
     if a.fits:
         chosen = pd.DataFrame([{"model": k[0], "stage": k[1], "form": v}

@@ -219,6 +219,10 @@ def test_report_on_a_partial_sweep_and_chromium_renders_it(tmp_path):
     rows = synthetic_rows(seeds=(0, 1, 2))
     gone = rows[-1]["cell"]
     study = _write_study(tmp_path, rows, drop_cell=gone)
+    from scaling.results import write_cell
+
+    # A cell of an earlier grid in the same storage is not part of this study.
+    write_cell(study, "an-earlier-grid", [{**rows[1], "cell": "an-earlier-grid"}])
     path = Path(report.write_report(study))
     page = path.read_text()
     out = study / "report"
@@ -231,8 +235,9 @@ def test_report_on_a_partial_sweep_and_chromium_renders_it(tmp_path):
     assert "python studies/model_size.py --repeats 3" in page and "abc" in page
     assert "95% interval" in page and "label-efficiency multiplier" in page
     assert "Joint fit" in page and "not fitted" not in page
+    assert "Relative improvement over the smallest model" in page
     tidy = pd.read_csv(out / "results_tidy.csv")
-    assert len(tidy) == len(rows) - 4
+    assert len(tidy) == len(rows) - 4 and "an-earlier-grid" not in set(tidy["cell"])
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
@@ -253,3 +258,19 @@ def test_report_on_a_partial_sweep_and_chromium_renders_it(tmp_path):
 
 def test_report_cli_exits_2_without_results(tmp_path):
     assert report.main([str(tmp_path / "nothing")]) == 2
+
+
+def test_improvement_table_is_the_mean_over_seeds_with_an_interval():
+    df = _table(synthetic_rows(seeds=(0, 1, 2), fractions=[0.01, 0.1]))
+    t = report.improvement_table(df)
+    big = df[(df["stage"] == "finetune") & (df["model"] == "R34 1/8x +SK")
+             & (df["label_fraction"] == 0.01)]
+    row = t[(t["model"] == "R34 1/8x +SK") & (t["stage"] == "finetune")
+            & (t["label fraction"] == 0.01)]
+    assert row["relative improvement %"].item() == pytest.approx(
+        100 * big["relative_improvement"].mean(), abs=0.01)
+    assert row["seeds"].item() == len(big) and row["95% interval"].item().startswith("[")
+    # The synthetic data make bigger models gain more with fewer labels.
+    gain = t[t["stage"] == "finetune"].set_index(["model", "label fraction"])
+    assert gain.loc[("R34 1/8x +SK", 0.01), "relative improvement %"] > gain.loc[
+        ("R34 1/8x +SK", 0.1), "relative improvement %"] > 0
