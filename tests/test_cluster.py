@@ -163,12 +163,12 @@ def _wait(ready, what: str, timeout: float = 300, procs=()) -> None:
         time.sleep(0.2)
 
 
-def _two_node_study(tmp: Path, name: str, seeds: list[int]) -> list[str]:
+def _two_node_study(tmp: Path, name: str, seeds: list[int], epochs: int = 8) -> list[str]:
     spec = tmp / f"{name}.yaml"
     spec.write_text(yaml.safe_dump({
         "base": "tiny", "seeds": seeds,
         "axes": {"width": [0.0625], "label_fraction": [0.1]},
-        "set": {"pretrain.epochs": 8, "pretrain.batch_size": 16, "finetune.epochs": 1,
+        "set": {"pretrain.epochs": epochs, "pretrain.batch_size": 16, "finetune.epochs": 1,
                 "supervised.epochs": 1, "distill.epochs": 1, "runtime.device": "cpu",
                 "runtime.workers": 0, "runtime.checkpoint_every": 2, "runtime.log_every": 2}}))
     return [sys.executable, "studies/model_size.py", "--file", str(spec), "--no-report"]
@@ -195,7 +195,7 @@ def test_two_node_cluster_runs_trials_on_both_and_survives_losing_a_node(tmp_pat
         storage = tmp_path / "runs"  # the same machine: a path both nodes share
 
         # 1. trials land on both nodes
-        run = subprocess.run([*_two_node_study(tmp_path, "both", [0, 1]), "--storage",
+        run = subprocess.run([*_two_node_study(tmp_path, "both", [0, 1], 2), "--storage",
                               str(storage), "--address", address], cwd=REPO, env=env,
                              capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

@@ -72,7 +72,10 @@ def test_pipeline_on_ray_with_s3_storage_and_a_fresh_node_resume(s3, tiny):
     root = f"{s3}/runs/tiny"
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        results = run_pipeline(cfg, root, run_stage)
+        # Pretraining on Ray Train (its checkpoints on S3), the rest of the chain in
+        # this process (workers=0: same stage keys, no worker start-up each).
+        run_stage("pretrain", cfg, stage_dir(root, cfg, "pretrain"))
+        results = run_pipeline(with_overrides(cfg, {"runtime.workers": 0}), root, run_stage)
         assert [r["stage"] for r in results] == ["pretrain", "finetune", "distill", "supervised"]
         half = fraction_configs(cfg)[0]
         for r, stage in zip(results, ["pretrain", "finetune", "distill", "supervised"],
