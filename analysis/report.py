@@ -60,6 +60,14 @@ def _curve(f: Fit | Bootstrap) -> Fit:
     return f.fit if isinstance(f, Bootstrap) else f
 
 
+def _baseline(df: pd.DataFrame, model: str) -> float | None:
+    """The supervised baseline's top-1 with the most labels (mean over seeds)."""
+    sup = df[(df["model"] == model) & (df["stage"] == "supervised") & df["top1"].notna()]
+    if sup.empty:
+        return None
+    return float(sup.loc[sup["labels"] == sup["labels"].max(), "top1"].mean())
+
+
 def analyse(df: pd.DataFrame) -> Analysis:
     out = Analysis()
     rows = df[df["stage"].isin(["finetune", "supervised"]) & df["labels"].notna()
@@ -84,12 +92,10 @@ def analyse(df: pd.DataFrame) -> Analysis:
             out.notes.append(f"{model} {stage}: no curve: {e}")
             continue
         out.chosen[(model, stage)] = f"{form}; {how}"
-        target = 1 - float(df[(df["model"] == model) & (df["stage"] == "supervised")]
-                           .sort_values("labels")["top1"].iloc[-1]) \
-            if ((df["model"] == model) & (df["stage"] == "supervised")).any() else None
+        acc = _baseline(df, str(model))
         derived: dict[str, Callable[[Fit], float]] = {}
-        if target is not None:
-            derived[REACH] = lambda f, t=target: f.labels_for(t)  # type: ignore[misc]
+        if acc is not None:
+            derived[REACH] = lambda f, t=1 - acc: f.labels_for(t)  # type: ignore[misc]
         try:
             out.fits[(model, stage)] = bootstrap(n, err, seeds, form, ceiling, derived)
         except FitError as e:
@@ -97,10 +103,9 @@ def analyse(df: pd.DataFrame) -> Analysis:
             out.notes.append(f"{model} {stage}: no intervals: {e}")
     for model in rows["model"].unique():
         ft, sup = out.fits.get((model, "finetune")), out.fits.get((model, "supervised"))
-        best = df[(df["model"] == model) & (df["stage"] == "supervised")].sort_values("labels")
-        if ft is None or sup is None or best.empty:
+        acc = _baseline(df, str(model))
+        if ft is None or sup is None or acc is None:
             continue
-        acc = float(best["top1"].iloc[-1])
         ft_fit, sup_fit = _curve(ft), _curve(sup)
         out.derived.append({
             "model": model, "target top-1 (supervised, most labels)": round(100 * acc, 2),

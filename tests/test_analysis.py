@@ -274,3 +274,17 @@ def test_improvement_table_is_the_mean_over_seeds_with_an_interval():
     gain = t[t["stage"] == "finetune"].set_index(["model", "label fraction"])
     assert gain.loc[("R34 1/8x +SK", 0.01), "relative improvement %"] > gain.loc[
         ("R34 1/8x +SK", 0.1), "relative improvement %"] > 0
+
+
+def test_label_efficiency_is_measured_against_the_mean_supervised_baseline():
+    df = _table(synthetic_rows(seeds=(0, 1, 2), fractions=[0.01, 0.1, 0.5]))
+    a = report.analyse(df)
+    row = next(d for d in a.derived if d["model"] == "R18 1/16x")
+    sup = df[(df["model"] == "R18 1/16x") & (df["stage"] == "supervised")
+             & (df["label_fraction"] == 0.5)]
+    assert len(sup) == 6  # 3 seeds x 2 fine-tune layers
+    assert row["target top-1 (supervised, most labels)"] == pytest.approx(
+        100 * sup["top1"].mean(), abs=0.01)
+    # In these data fine-tuning reaches the baseline's accuracy with fewer labels.
+    assert row["labels, fine-tuned"] < row["labels, supervised"]
+    assert row["label-efficiency multiplier"] > 1
