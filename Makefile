@@ -1,13 +1,13 @@
 # Two entry points, each doing its own set-up on a fresh Debian machine:
 #   make run   - venv + install + Fashion-MNIST, then the main job
-#   make test  - venv + install + Fashion-MNIST, then lint, types and tests
+#   make test  - venv + install + Fashion-MNIST + test tools, then lint, types and tests
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data run pipeline test lint
+.PHONY: setup data test-tools run pipeline test lint
 
 setup: $(VENV)/.installed data
 
@@ -21,6 +21,14 @@ data:
 	@test -d $(FMNIST) || { $(SUDO) apt-get update -q && \
 		$(SUDO) apt-get install -y -q dataset-fashion-mnist; }
 
+# What the tests drive besides Python: sshd, rsync and nc (`ray up` over SSH on
+# 127.0.0.1, tests/test_cluster.py) and Chromium (renders the report).
+TOOLS := /usr/sbin/sshd rsync nc chromium
+test-tools:
+	@for t in $(TOOLS); do command -v $$t >/dev/null || missing=1; done; \
+	if [ -n "$$missing" ]; then $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q \
+		openssh-server rsync netcat-openbsd chromium; fi
+
 run: setup
 	$(PY) studies/model_size.py
 
@@ -31,5 +39,5 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy scaling analysis
 
-test: lint
+test: lint test-tools
 	$(PY) -m pytest -q
