@@ -159,6 +159,20 @@ def improvement_table(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def protocol_table(df: pd.DataFrame) -> pd.DataFrame:
+    """What each stage's number means: a stage's protocol fields that are the same in
+    every row, and the names of those that vary between cells (paths, fractions)."""
+    rows = []
+    for stage, g in df.dropna(subset=["protocol"]).groupby("stage", sort=False):
+        dicts = [json.loads(p) for p in g["protocol"]]
+        keys = sorted({k for d in dicts for k in d})
+        same = {k: dicts[0].get(k) for k in keys
+                if all(json.dumps(d.get(k)) == json.dumps(dicts[0].get(k)) for d in dicts)}
+        rows.append({"stage": stage, "protocol": json.dumps(same),
+                     "varies by cell": ", ".join(k for k in keys if k not in same) or "-"})
+    return pd.DataFrame(rows)
+
+
 def figure_set(df: pd.DataFrame, a: Analysis) -> dict[str, Callable[[], Figure]]:
     """The figures this study's data can show."""
     stages = set(df["stage"])
@@ -204,7 +218,6 @@ def write_report(study_dir: Location) -> Location:
             if fmt == "png":
                 shown.append((name, base64.b64encode(buf.getvalue()).decode()))
         plt.close(fig)
-    protocols = sorted(set(df["protocol"].dropna()))
     study = str(df["study"].iloc[0])
     parts = [
         f"<h1>{html.escape(study)}</h1>",
@@ -244,8 +257,7 @@ def write_report(study_dir: Location) -> Location:
     parts += [f'<figure><img alt="{n}" src="data:image/png;base64,{b}">'
               f"<figcaption>{n} (<a href='{n}.pdf'>PDF</a>)</figcaption></figure>"
               for n, b in shown]
-    parts += ["<h2>Protocol</h2>"] + [f"<pre>{html.escape(json.dumps(json.loads(p), indent=1))}"
-                                      "</pre>" for p in protocols]
+    parts += ["<h2>Protocol</h2>", _table_html(protocol_table(df))]
     parts.append("<p>Every row: <a href='results_tidy.csv'>results_tidy.csv</a> "
                  "(columns: docs/analysis.md).</p>")
     page = ("<!doctype html><html><head><meta charset='utf-8'>"

@@ -236,6 +236,9 @@ def test_report_on_a_partial_sweep_and_chromium_renders_it(tmp_path):
     assert "95% interval" in page and "label-efficiency multiplier" in page
     assert "Joint fit" in page and "not fitted" not in page
     assert "Relative improvement over the smallest model" in page
+    protocols = report.protocol_table(collect.load(study))
+    assert list(protocols["stage"]) == ["pretrain", "finetune", "distill", "supervised"]
+    assert json.loads(protocols["protocol"].iloc[0]) == {"probe": "test top-1"}
     tidy = pd.read_csv(out / "results_tidy.csv")
     assert len(tidy) == len(rows) - 4 and "an-earlier-grid" not in set(tidy["cell"])
 
