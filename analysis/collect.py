@@ -39,13 +39,18 @@ DERIVED = {
 }
 
 
-def read_rows(study_dir: Location) -> pd.DataFrame:
-    """Every row the study's grid has written so far. With study.json (written when
-    a sweep starts), only that grid's cells: a storage keeps cells of earlier grids."""
-    spec = storage.read_text(study_dir, "study.json")
+def study_spec(study_dir: Location) -> dict | None:
+    """The study.json a sweep writes when it starts: grid cells, stages, command."""
+    text = storage.read_text(study_dir, "study.json")
+    return None if text is None else dict(json.loads(text))
+
+
+def read_rows(study_dir: Location, spec: dict | None = None) -> pd.DataFrame:
+    """Every row the study's grid has written so far. With a spec (study.json), only
+    that grid's cells: a storage keeps cells of earlier grids."""
     rows: list[dict] = []
     if spec is not None:
-        rows = results.read_cells(study_dir, list(json.loads(spec)["cells"]))
+        rows = results.read_cells(study_dir, list(spec["cells"]))
     else:
         for name in storage.list_names(storage.join(study_dir, "cells"), ".json"):
             text = storage.read_text(storage.join(study_dir, "cells"), name)
@@ -59,8 +64,9 @@ def read_rows(study_dir: Location) -> pd.DataFrame:
     return pd.read_csv(io.StringIO(text))
 
 
-def load(study_dir: Location) -> pd.DataFrame:
-    return tidy(read_rows(study_dir))
+def load(study_dir: Location, spec: dict | None = None) -> pd.DataFrame:
+    """The tidy table; ``spec`` defaults to the study's study.json."""
+    return tidy(read_rows(study_dir, spec if spec is not None else study_spec(study_dir)))
 
 
 def model_name(depth: int, width: float, sk: float) -> str:
@@ -111,11 +117,9 @@ def tidy(raw: pd.DataFrame) -> pd.DataFrame:
     return df.drop(columns="_stage")
 
 
-def missing(study_dir: Location, df: pd.DataFrame) -> list[str]:
+def missing(spec: dict | None, df: pd.DataFrame) -> list[str]:
     """'cell: stage' for every stage of the grid without a row (a partial sweep)."""
-    text = storage.read_text(study_dir, "study.json")
-    if text is None:
+    if spec is None:
         return []
-    spec = json.loads(text)
     have = set(zip(df["cell"], df["stage"], strict=True))
     return [f"{c}: {s}" for c in spec["cells"] for s in spec["stages"] if (c, s) not in have]

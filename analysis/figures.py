@@ -19,7 +19,7 @@ import seaborn as sns  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from analysis.collect import model_name  # noqa: E402
-from analysis.fit import Bootstrap, Fit  # noqa: E402
+from analysis.fit import Bootstrap, Fit, curve  # noqa: E402
 
 STYLE = {"style": "whitegrid", "context": "paper", "font_scale": 1.1}
 
@@ -38,6 +38,18 @@ def _errorbar(ax: plt.Axes, x: pd.Series, m: pd.DataFrame, scale: float = 100, *
     ax.errorbar(x, scale * m["mean"], yerr=scale * m["sd"].fillna(0), capsize=3, **kw)
 
 
+def _finish(fig: Figure, ax: plt.Axes, xlabel: str, ylabel: str, title: str,
+            legend: dict[str, Any]) -> Figure:
+    """Log-scaled x (parameters or labels), labels, title and legend."""
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(**legend)
+    fig.tight_layout()
+    return fig
+
+
 def top1_vs_params(df: pd.DataFrame, stage: str = "finetune") -> Figure:
     """Paper Figure 1 (left): top-1 against parameters, a line per label fraction;
     selective-kernel models marked with filled squares, others with circles."""
@@ -52,13 +64,8 @@ def top1_vs_params(df: pd.DataFrame, stage: str = "finetune") -> Figure:
             label = f"{_pct(lf)} labels" + (" (SK)" if sk > 0 else "")
             _errorbar(ax, sub["params"], sub, color=color, marker="s" if sk > 0 else "o",
                       linestyle="--" if sk > 0 else "-", label=label)
-    ax.set_xscale("log")
-    ax.set_xlabel("encoder parameters")
-    ax.set_ylabel(f"top-1 accuracy after {stage} (%)")
-    ax.set_title("Top-1 vs model size")
-    ax.legend(title="label fraction")
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, "encoder parameters", f"top-1 accuracy after {stage} (%)",
+                   "Top-1 vs model size", {"title": "label fraction"})
 
 
 def relative_improvement(df: pd.DataFrame) -> Figure:
@@ -74,13 +81,9 @@ def relative_improvement(df: pd.DataFrame) -> Figure:
             _errorbar(ax, sub["params"], sub, color=color, marker="o", linestyle=style,
                       label=f"{stage}, {_pct(float(lf))} labels")  # type: ignore[arg-type]
     ax.axhline(0, color="grey", linewidth=0.8)
-    ax.set_xscale("log")
-    ax.set_xlabel("encoder parameters")
-    ax.set_ylabel("relative improvement over the smallest model (%)")
-    ax.set_title("Bigger models gain more with fewer labels?")
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, "encoder parameters",
+                   "relative improvement over the smallest model (%)",
+                   "Bigger models gain more with fewer labels?", {"fontsize": "small"})
 
 
 def head_depth(df: pd.DataFrame) -> Figure:
@@ -147,19 +150,15 @@ def label_efficiency(df: pd.DataFrame, fits: Mapping[tuple[str, str], Fit | Boot
                     label=f"{model} {'fine-tuned' if ft else 'supervised'}")
         f = fits.get((model, stage))
         if f is not None:
-            curve = f.fit if isinstance(f, Bootstrap) else f
-            ax.plot(grid, curve.predict(grid), color=palette[model], linestyle="-" if ft else "--")
+            ax.plot(grid, curve(f).predict(grid), color=palette[model],
+                    linestyle="-" if ft else "--")
         if bands and (model, stage) in bands:
             low, up = bands[(model, stage)]
             ax.fill_between(grid, low, up, color=palette[model], alpha=0.15, linewidth=0)
-    ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("labelled examples")
-    ax.set_ylabel("test error")
-    ax.set_title("Label efficiency (curves: fitted; bands: 95% over seeds)")
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, "labelled examples", "test error",
+                   "Label efficiency (curves: fitted; bands: 95% over seeds)",
+                   {"fontsize": "small"})
 
 
 def table1(df: pd.DataFrame) -> pd.DataFrame:

@@ -244,6 +244,11 @@ def bootstrap(n: ArrayLike, err: ArrayLike, seed: ArrayLike, form: str,
     return Bootstrap(central, intervals, resamples, int(seeds.size), tuple(samples))
 
 
+def curve(f: Fit | Bootstrap) -> Fit:
+    """The central fit, whether or not it came with a bootstrap."""
+    return f.fit if isinstance(f, Bootstrap) else f
+
+
 def efficiency(finetuned: Fit, supervised: Fit, error: float) -> float:
     """How many times fewer labels fine-tuning needs than supervised training to
     reach ``error`` (the label-efficiency multiplier); inf / nan where unreachable."""

@@ -33,6 +33,7 @@ from analysis.fit import (
     Fit,
     FitError,
     bootstrap,
+    curve,
     efficiency,
     fit,
     fit_joint,
@@ -54,10 +55,6 @@ class Analysis:
     derived: list[dict[str, object]] = field(default_factory=list)
     joint: str = ""
     notes: list[str] = field(default_factory=list)
-
-
-def _curve(f: Fit | Bootstrap) -> Fit:
-    return f.fit if isinstance(f, Bootstrap) else f
 
 
 def _baseline(df: pd.DataFrame, model: str) -> float | None:
@@ -106,7 +103,7 @@ def analyse(df: pd.DataFrame) -> Analysis:
         acc = _baseline(df, str(model))
         if ft is None or sup is None or acc is None:
             continue
-        ft_fit, sup_fit = _curve(ft), _curve(sup)
+        ft_fit, sup_fit = curve(ft), curve(sup)
         out.derived.append({
             "model": model, "target top-1 (supervised, most labels)": round(100 * acc, 2),
             "labels, fine-tuned": ft_fit.labels_for(1 - acc),
@@ -134,7 +131,7 @@ def _interval(f: Fit | Bootstrap, name: str) -> str:
 def params_table(a: Analysis) -> pd.DataFrame:
     rows = []
     for (model, stage), f in a.fits.items():
-        c = _curve(f)
+        c = curve(f)
         for name, value in c.params.items():
             rows.append({"model": model, "stage": stage, "form": c.form, "parameter": name,
                          "value": value, "95% interval": _interval(f, name),
@@ -201,10 +198,9 @@ def _table_html(df: pd.DataFrame) -> str:
 
 def write_report(study_dir: Location) -> Location:
     """Write the report into ``<study_dir>/report/``; returns report.html's location."""
-    df = collect.load(study_dir)
-    missing = collect.missing(study_dir, df)
-    spec_text = storage.read_text(study_dir, "study.json")
-    spec = json.loads(spec_text) if spec_text else {}
+    spec = collect.study_spec(study_dir) or {}
+    df = collect.load(study_dir, spec or None)
+    missing = collect.missing(spec or None, df)
     a = analyse(df)
     out = storage.join(study_dir, "report")
     storage.write_text(out, "results_tidy.csv", df.to_csv(index=False))

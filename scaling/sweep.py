@@ -246,17 +246,16 @@ def _ray_running_here() -> bool:
     return bool(find_gcs_addresses())
 
 
-def cluster_resources(joined: bool) -> dict[str, float]:
+def cluster_resources(limit: dict[str, float] | None) -> dict[str, float]:
     """What the cluster has now or, on a head node started by ``ray up``, what the
-    autoscaler can grow it to: GPU nodes start only once trials ask for them."""
+    autoscaler can grow it to (``limit``): GPU nodes start only once trials ask."""
     now = dict(ray.cluster_resources())
-    most = cluster.autoscaling_limit() if joined else None
-    for key, value in (most or {}).items():
+    for key, value in (limit or {}).items():
         now[key] = max(now.get(key, 0.0), float(value))
     return now
 
 
-def check_storage(root: Location, joined: bool) -> None:
+def check_storage(root: Location, joined: bool, limit: dict[str, float] | None) -> None:
     """Fail before any trial starts if the study storage cannot be written, and warn
     where a local path must be shared by several nodes."""
     probe = f".write-probe-{os.getpid()}"
@@ -267,7 +266,7 @@ def check_storage(root: Location, joined: bool) -> None:
         raise ConfigError("--storage", str(root),
                           f"a directory or URI this machine can write ({e})") from None
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
-    if joined and not storage.is_uri(root) and (nodes > 1 or cluster.autoscaling_limit()):
+    if joined and not storage.is_uri(root) and (nodes > 1 or limit):
         eprint(f"warning: --storage {root} is a local path on a multi-node cluster: every "
                "node must see it at that path (NFS); otherwise use s3://bucket/studies")
 
@@ -288,10 +287,17 @@ def run_study(study: Study, root: Location, *, address: str | None = None,
     started = time.perf_counter()
     grid = cells(study)
     joined = connect(address, study.base)
-    cap = capacity(study.base, cluster_resources(joined))
+    limit = cluster.autoscaling_limit() if joined else None
+    cap = capacity(study.base, cluster_resources(limit))
     root = storage.absolute(root)
-    check_storage(root, joined)
+    check_storage(root, joined, limit)
     study_dir = storage.join(root, study.name)
+    tune_root = str(storage.join(study_dir, "_tune"))
+    name = f"{study.name}-{grid_hash(study)}"
+    path = str(storage.join(tune_root, name))
+    if resume and not tune.Tuner.can_restore(path):  # before writing anything there
+        raise ConfigError("--resume", path, "the storage of an earlier run of this study "
+                          "(same --storage, preset and axes): no sweep state there")
     claims_name = f"scaling-claims-{study.name}-{os.getpid()}"
     # The handle keeps the actor alive for the sweep; trials look it up by name.
     # On this (the head) node: a trial's node may die; the claims must not.
@@ -310,16 +316,9 @@ def run_study(study: Study, root: Location, *, address: str | None = None,
     payload = [{"id": c.id, "axes": {SHORT.get(k, k): v for k, v in c.values},
                 "config": to_dict(c.config)} for c in schedule_order(study, grid)]
     trainable = tune.with_resources(tune.with_parameters(run_cell, ctx=ctx), cap.resources)
-    tune_root = str(storage.join(study_dir, "_tune"))
-    name = f"{study.name}-{grid_hash(study)}"
     callbacks: list[tune.Callback] = [Console(study_dir, [c.id for c in grid])]
-    path = str(storage.join(tune_root, name))
     print(f"{study.name}: {len(grid)} cells, up to {cap.concurrent} at once; "
           f"results in {study_dir}", flush=True)
-    if resume and not tune.Tuner.can_restore(path):
-        ray.kill(claims)
-        raise ConfigError("--resume", path, "the storage of an earlier run of this study "
-                          "(same --storage, preset and axes): no sweep state there")
     if tune.Tuner.can_restore(path):
         print(f"resuming the sweep in {path}", flush=True)
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,

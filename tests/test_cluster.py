@@ -130,14 +130,7 @@ def _free_port() -> int:
 
 def _ray_env(tmp: Path) -> dict[str, str]:
     """Token auth set the same way on every process of the cluster (and the driver)."""
-    from ray._private.authentication.authentication_token_generator import (
-        generate_new_authentication_token,
-    )
-
-    token = tmp / "auth_token"
-    if not token.exists():
-        token.write_text(generate_new_authentication_token())
-    return {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
+    return {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(_token(tmp)),
             "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
 
 
@@ -349,8 +342,15 @@ def _loopback_config(login: dict, tmp_path: Path) -> Path:
 
 
 def _token(tmp: Path) -> Path:
-    _ray_env(tmp)
-    return tmp / "auth_token"
+    """A cluster token, as `ray get-auth-token --generate` makes one."""
+    from ray._private.authentication.authentication_token_generator import (
+        generate_new_authentication_token,
+    )
+
+    token = tmp / "auth_token"
+    if not token.exists():
+        token.write_text(generate_new_authentication_token())
+    return token
 
 
 def test_ray_up_submit_down_on_loopback(ssh_login, tmp_path):
