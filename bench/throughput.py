@@ -1,0 +1,307 @@
+"""Training throughput of each stage: a bare PyTorch loop vs the project's stage vs Ray Train.
+
+    .venv/bin/python bench/throughput.py [--config fmnist-cpu] [--epochs 1] [--repeats 2]
+
+For the same model, batch, data, optimiser and augmentation, each stage runs as
+  (a) ``bare``:  a plain loop written below (batch, augment, forward, loss,
+                 backward, step; fixed learning rate, no bookkeeping),
+  (b) ``stage``: the project's stage function in a single process,
+  (c) ``ray``:   the same stage on Ray Train with 1 worker (same thread count).
+Every run is a fresh Python process (so no run inherits another's warm caches,
+threads or Ray daemons), in the order a b c a b c ... so that drift on the
+machine shows up as spread between repeats, not as a ratio. Images/s counts the
+training steps only (pretraining: image pairs), from the first step to the last.
+Prints each run, the median per variant, and the ratios b/a and c/a.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from scaling.augment import CROP_FLIP, augment
+from scaling.checkpoint import load_final_models
+from scaling.config import ExperimentConfig, from_dict, load_config, to_dict
+from scaling.data import ImageData, load_dataset
+from scaling.network import build_classifier, build_contrastive, classifier_from
+from scaling.optimizer import build_optimizer
+from scaling.pipeline import resolve
+from scaling.schedule import scaled_lr
+
+STAGES = ("pretrain", "finetune", "distill")
+VARIANTS = ("bare", "stage", "ray")
+INPUT = {"finetune": "pretrain", "distill": "finetune"}  # the stage whose result it reads
+
+
+# --- (a) the bare loops -------------------------------------------------------
+
+def plain_nt_xent(z: torch.Tensor, temperature: float) -> torch.Tensor:
+    """NT-Xent over 2N embeddings; rows i and i+N are the two views of image i."""
+    n = z.shape[0] // 2
+    z = F.normalize(z, dim=1)
+    sim = (z @ z.T / temperature).fill_diagonal_(float("-inf"))  # 2Nx2N, no self-pairs
+    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    return F.cross_entropy(sim, targets)
+
+
+def _timed_loop(cfg: ExperimentConfig, n_images: int, batch: int, epochs: int,
+                step: Any, device: torch.device) -> dict[str, Any]:
+    """Run ``step(indices)`` over ``epochs`` of shuffled full batches; time the steps."""
+    rng = np.random.default_rng(cfg.seed)
+    steps = n_images // batch * epochs
+    orders = [rng.permutation(n_images) for _ in range(epochs)]
+    order = np.concatenate([o[: n_images // batch * batch] for o in orders])
+    started = time.perf_counter()
+    for s in range(steps):
+        step(order[s * batch:(s + 1) * batch])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    return {"steps": steps, "train_seconds": seconds, "images_per_s": steps * batch / seconds}
+
+
+def _images(cfg: ExperimentConfig, device: torch.device
+            ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The training split on the device: uint8 NxCxHxW images, labels, class count."""
+    d = cfg.data
+    train = load_dataset(d.name, "train", d.root, d.download, d.image_size)
+    if not isinstance(train, ImageData):
+        sys.exit(f"data.name={d.name!r}: the bare loops need an in-memory dataset")
+    return train.images.to(device), train.labels.to(device), train.num_classes
+
+
+def _on_device(net: torch.nn.Module, device: torch.device) -> Any:
+    net.to(device)
+    if device.type == "cuda":  # what the stage's Env does on CUDA
+        net.to(memory_format=torch.channels_last)
+    return net
+
+
+def _autocast(device: torch.device) -> Any:
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def bare_pretrain(cfg: ExperimentConfig, device: torch.device) -> dict[str, Any]:
+    p = cfg.pretrain
+    images, _, _ = _images(cfg, device)
+    torch.manual_seed(cfg.seed)
+    net = _on_device(build_contrastive(cfg.model, cfg.head, images.shape[1], images.shape[2]),
+                     device)
+    opt = build_optimizer(p.optim, net)
+    for group in opt.param_groups:
+        group["lr"] = scaled_lr(p.optim.base_lr, p.batch_size, p.optim.lr_scaling)
+    gen = torch.Generator(device).manual_seed(cfg.seed)
+    view = p.augment.view()
+
+    def step(idx: np.ndarray) -> None:
+        x = images[torch.from_numpy(idx).to(device)]
+        views = torch.cat([augment(x, view, gen), augment(x, view, gen)])
+        with _autocast(device):
+            z = net(views.contiguous(memory_format=torch.channels_last)
+                    if device.type == "cuda" else views)[-1]
+        loss = plain_nt_xent(z.float(), p.temperature)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return _timed_loop(cfg, len(images), p.batch_size, p.epochs, step, device)
+
+
+def bare_finetune(cfg: ExperimentConfig, pretrained: Path, device: torch.device
+                  ) -> dict[str, Any]:
+    ft = cfg.finetune
+    images, labels, classes = _images(cfg, device)
+    torch.manual_seed(cfg.seed)
+    net = build_contrastive(cfg.model, cfg.head, images.shape[1], images.shape[2])
+    weights = load_final_models(pretrained)
+    net.encoder.load_state_dict(weights["encoder"])
+    net.head.load_state_dict(weights["head"])
+    clf = _on_device(classifier_from(net, ft.head_layer, classes), device)
+    opt = build_optimizer(ft.optim, clf, exclude=[clf.classifier])
+    for group in opt.param_groups:
+        group["lr"] = scaled_lr(ft.optim.base_lr, ft.batch_size, ft.optim.lr_scaling)
+    gen = torch.Generator(device).manual_seed(cfg.seed)
+
+    def step(idx: np.ndarray) -> None:
+        i = torch.from_numpy(idx).to(device)
+        with _autocast(device):
+            logits = clf(augment(images[i], CROP_FLIP, gen))
+        loss = F.cross_entropy(logits.float(), labels[i])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    n = round(len(images) * (ft.label_fraction or 1.0))  # the bench fine-tunes on 100%
+    return _timed_loop(cfg, n, ft.batch_size, ft.epochs, step, device)
+
+
+def bare_distill(cfg: ExperimentConfig, teacher_dir: Path, device: torch.device
+                 ) -> dict[str, Any]:
+    dc = cfg.distill
+    images, _, classes = _images(cfg, device)
+    c, size = images.shape[1], images.shape[2]
+    teacher = build_classifier(cfg.model, cfg.head, cfg.finetune.head_layer, c, size, classes)
+    teacher.load_state_dict(load_final_models(teacher_dir)["classifier"])
+    teacher = _on_device(teacher, device).eval().requires_grad_(False)
+    torch.manual_seed(cfg.seed)
+    student = _on_device(build_classifier(dc.student or cfg.model, cfg.head,
+                                          cfg.finetune.head_layer, c, size, classes), device)
+    opt = build_optimizer(dc.optim, student, exclude=[student.classifier])
+    for group in opt.param_groups:
+        group["lr"] = scaled_lr(dc.optim.base_lr, dc.batch_size, dc.optim.lr_scaling)
+    gen = torch.Generator(device).manual_seed(cfg.seed)
+    t = dc.temperature
+
+    def step(idx: np.ndarray) -> None:
+        view = augment(images[torch.from_numpy(idx).to(device)], CROP_FLIP, gen)
+        with _autocast(device):
+            with torch.no_grad():
+                target = F.softmax(teacher(view).float() / t, dim=1)
+            logits = student(view).float()
+        loss = -(target * F.log_softmax(logits / t, dim=1)).sum(1).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return _timed_loop(cfg, len(images), dc.batch_size, dc.epochs, step, device)
+
+
+# --- (b), (c): the project's stage, alone or on Ray Train ---------------------
+
+def stage_run(variant: str, stage: str, cfg: ExperimentConfig, out: Path,
+              input_dir: Path | None) -> dict[str, Any]:
+    started = time.perf_counter()
+    if variant == "stage":
+        from scaling.pipeline import run_local
+        result = run_local(stage, cfg, out, input_dir)
+    else:
+        import ray
+
+        from scaling.ray_train import run_stage
+        ray.init(num_cpus=cfg.runtime.cpus_per_worker, num_gpus=cfg.runtime.gpus_per_worker,
+                 include_dashboard=False, log_to_driver=False)
+        result = run_stage(stage, cfg, out, input_dir)
+        ray.shutdown()
+    m = result["metrics"]
+    return {"steps": result["step"], "train_seconds": m["train_seconds"],
+            "images_per_s": m["images_per_s"], "stage_wall_seconds": m["wall_seconds"],
+            "call_seconds": time.perf_counter() - started}
+
+
+def child(spec: dict[str, Any]) -> dict[str, Any]:
+    cfg = from_dict(ExperimentConfig, spec["cfg"])
+    torch.set_num_threads(spec["threads"])
+    device = torch.device(spec["device"])
+    input_dir = Path(spec["input"]) if spec["input"] else None
+    if spec["variant"] == "bare":
+        if spec["stage"] == "pretrain":
+            return bare_pretrain(cfg, device)
+        assert input_dir is not None
+        bare = bare_finetune if spec["stage"] == "finetune" else bare_distill
+        return bare(cfg, input_dir, device)
+    return stage_run(spec["variant"], spec["stage"], cfg, Path(spec["out"]), input_dir)
+
+
+def run_child(spec: dict[str, Any]) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)],
+                          capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        sys.exit(f"{spec['variant']} {spec['stage']} failed (exit {proc.returncode}):\n"
+                 f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return dict(json.loads(lines[-1][len("RESULT "):]))
+
+
+def bench_config(name: str, epochs: int, threads: int, device: str) -> ExperimentConfig:
+    return load_config(resolve(name), {
+        "pretrain.epochs": epochs, "finetune.epochs": epochs, "distill.epochs": epochs,
+        # 100% labels: as many fine-tuning steps per epoch as the other stages
+        "finetune.label_fraction": 1.0, "finetune.labels_per_class": None,
+        "runtime.device": device, "runtime.log_every": 10_000,
+        "runtime.workers": 1, "runtime.cpus_per_worker": threads,  # same threads on Ray
+        "runtime.gpus_per_worker": int(device == "cuda"),
+        "evaluate.linear_steps": 1, "evaluate.knn_k": 1,
+    })
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="fmnist-cpu")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--stages", default=",".join(STAGES))
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(child(json.loads(args.child))), flush=True)
+        return
+    stages, variants = args.stages.split(","), args.variants.split(",")
+    for key, given, allowed in (("--stages", stages, STAGES), ("--variants", variants, VARIANTS)):
+        bad = [g for g in given if g not in allowed]
+        if bad:
+            sys.exit(f"{key}={','.join(bad)} is invalid; allowed: {', '.join(allowed)}")
+    threads = torch.get_num_threads()
+    cfg = bench_config(args.config, args.epochs, threads, args.device)
+    print(f"config {args.config}: R{cfg.model.depth} w{cfg.model.width} on {cfg.data.name}, "
+          f"{args.epochs} epoch(s) per run, batch {cfg.pretrain.batch_size}, {threads} torch "
+          f"threads, {args.device}, torch {torch.__version__}", flush=True)
+    runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        made: dict[str, Path] = {}  # stage -> a result directory later stages read
+
+        def ensure(stage: str) -> Path:
+            """A finished result of ``stage`` (and of its inputs), made once, untimed."""
+            if stage not in made:
+                prior = ensure(INPUT[stage]) if stage in INPUT else None
+                made[stage] = Path(tmp) / f"{stage}-input"
+                run_child(_spec("stage", stage, cfg, made[stage], prior, threads, args.device))
+            return made[stage]
+
+        for stage in stages:
+            input_dir = ensure(INPUT[stage]) if stage in INPUT else None
+            for r in range(args.repeats):
+                for variant in variants:
+                    out = Path(tmp) / f"{stage}-{variant}-{r}"
+                    res = run_child(_spec(variant, stage, cfg, out, input_dir, threads,
+                                          args.device))
+                    runs.setdefault((stage, variant), []).append(res)
+                    extra = (f", stage wall {res['stage_wall_seconds']:.1f} s, call "
+                             f"{res['call_seconds']:.1f} s" if variant != "bare" else "")
+                    print(f"{stage:9s} {variant:6s} run {r + 1}: {res['images_per_s']:8.1f} "
+                          f"img/s ({res['steps']} steps in {res['train_seconds']:.1f} s{extra})",
+                          flush=True)
+                    if variant == "stage" and stage not in made:
+                        made[stage] = out
+    print("\nmedian images/s (pretraining: image pairs) and ratios to the bare loop")
+    for stage in stages:
+        med = {v: statistics.median(r["images_per_s"] for r in runs[(stage, v)])
+               for v in variants}
+        line = "  ".join(f"{v} {med[v]:8.1f}" for v in variants)
+        ratios = "  ".join(f"{v}/bare {med[v] / med['bare']:.3f}"
+                           for v in variants if v != "bare" and "bare" in med)
+        print(f"{stage:9s} {line}  {ratios}")
+
+
+def _spec(variant: str, stage: str, cfg: ExperimentConfig, out: Path, input_dir: Path | None,
+          threads: int, device: str) -> dict[str, Any]:
+    return {"variant": variant, "stage": stage, "cfg": to_dict(cfg), "out": str(out),
+            "input": str(input_dir) if input_dir else None, "threads": threads,
+            "device": device}
+
+
+if __name__ == "__main__":
+    main()
