@@ -292,15 +292,19 @@ def main() -> None:
                           flush=True)
                     if variant == "stage" and stage not in made:
                         made[stage] = out
-    print("\nmedian images/s (pretraining: image pairs) and ratios to the bare loop")
+    print("\nmedian images/s (pretraining: image pairs) and ratios to the bare loop: of the "
+          "medians, and the median [min, max] of each repeat's own ratio (runs side by side)")
     for stage in stages:
-        med = {v: statistics.median(r["images_per_s"] for r in runs[(stage, v)])
-               for v in variants}
-        line = "  ".join(f"{v} {med[v]:8.1f}" for v in variants)
-        ratios = "  ".join(f"{v}/bare {med[v] / med['bare']:.3f}"
-                           for v in variants if v != "bare" and "bare" in med)
-        print(f"{stage:9s} {line}  {ratios}")
-
+        rates = {v: [r["images_per_s"] for r in runs[(stage, v)]] for v in variants}
+        med = {v: statistics.median(rates[v]) for v in variants}
+        line = "  ".join(f"{v} {med[v]:7.1f}" for v in variants)
+        print(f"{stage:9s} {line}")
+        for v in variants:
+            if v == "bare" or "bare" not in rates:
+                continue
+            paired = [x / b for x, b in zip(rates[v], rates["bare"], strict=True)]
+            print(f"{'':9s} {v}/bare {med[v] / med['bare']:.3f}; per repeat "
+                  f"{statistics.median(paired):.3f} [{min(paired):.3f}, {max(paired):.3f}]")
 
 def _spec(variant: str, stage: str, cfg: ExperimentConfig, out: Path, input_dir: Path | None,
           threads: int, device: str) -> dict[str, Any]:

@@ -84,29 +84,42 @@ def sample_crops(
     return torch.stack([y0, x0, h, w], dim=1)
 
 
+def _pixel_centres(n: int, like: torch.Tensor) -> torch.Tensor:
+    """Centres of n pixels in [-1, 1] coordinates (align_corners=False)."""
+    return (torch.arange(n, device=like.device, dtype=like.dtype) * 2 + 1) / n - 1
+
+
 def resized_crop(
     x: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, out_size: tuple[int, int]
 ) -> torch.Tensor:
     """Crop each image to its box, flip where asked, resize to ``out_size`` (bilinear)."""
-    n, _, height, width = x.shape
-    y0, x0, h, w = boxes.unbind(1)
-    # Affine map from output coords in [-1, 1] to input coords (align_corners=False:
-    # -1 and 1 are the outer pixel edges, so a box maps by its edges).
-    sx = w / width * torch.where(flips, -1.0, 1.0)
+    _, _, height, width = x.shape
+    y0, x0, h, w = boxes.to(x.dtype).unbind(1)
+    # Map output pixel centres in [-1, 1] to input coordinates (align_corners=False:
+    # -1 and 1 are the outer pixel edges, so a box maps by its edges). The map is
+    # axis-aligned, so the sampling grid is an outer sum of two vectors per image;
+    # F.affine_grid builds the same grid with a batched matmul that took 45% of the
+    # augmentation's time on a CPU (bench/augment.py).
+    sx = w / width * torch.where(flips, -1.0, 1.0).to(x.dtype)
     sy = h / height
     cx = (x0 + w / 2) / width * 2 - 1
     cy = (y0 + h / 2) / height * 2 - 1
-    zero = torch.zeros_like(sx)
-    theta = torch.stack([torch.stack([sx, zero, cx], 1), torch.stack([zero, sy, cy], 1)], 1)
-    grid = F.affine_grid(theta.to(x.dtype), [n, x.shape[1], *out_size], align_corners=False)
+    gx = sx[:, None] * _pixel_centres(out_size[1], x)[None] + cx[:, None]  # N x W_out
+    gy = sy[:, None] * _pixel_centres(out_size[0], x)[None] + cy[:, None]  # N x H_out
+    grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
     if x.shape[1] == 1:
         return x
-    w = x.new_tensor(GRAY_WEIGHTS).view(1, 3, 1, 1)
-    return (x * w).sum(1, keepdim=True).expand_as(x)
+    return _gray(x).expand_as(x)
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    """Nx1xHxW luma of RGB images."""
+    r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
+    return r * GRAY_WEIGHTS[0] + g * GRAY_WEIGHTS[1] + b * GRAY_WEIGHTS[2]
 
 
 def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
@@ -126,31 +139,13 @@ def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
 
 
 def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
+    """Branch-free: channel n is v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6,
+    n = 5, 3, 1 for r, g, b (the piecewise-linear sector formula in closed form)."""
     h, s, v = x.unbind(1)
-    i = torch.floor(h * 6.0)
-    f = h * 6.0 - i
-    i = i.to(torch.int64) % 6
-    p = (v * (1.0 - s)).clamp(0, 1)
-    q = (v * (1.0 - s * f)).clamp(0, 1)
-    t = (v * (1.0 - s * (1.0 - f))).clamp(0, 1)
-    sector = F.one_hot(i, 6).movedim(-1, 1).to(x.dtype)  # Nx6xHxW
-    r = torch.stack([v, q, p, p, t, v], 1)
-    g = torch.stack([t, v, v, q, p, p], 1)
-    b = torch.stack([p, p, t, v, v, q], 1)
-    return torch.stack([(c * sector).sum(1) for c in (r, g, b)], 1)
-
-
-def _brightness(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    return x * f  # multiplicative, the reference's "simclrv2" brightness
-
-
-def _contrast(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    mean = x.mean((2, 3), keepdim=True)  # per channel, as tf.image.adjust_contrast
-    return (x - mean) * f + mean
-
-
-def _saturation(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    return x * f + grayscale(x) * (1 - f)
+    n = x.new_tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1)
+    k = torch.remainder(n + 6.0 * h[:, None], 6.0)
+    ramp = torch.minimum(k, 4.0 - k).clamp(0, 1)
+    return (v[:, None] * (1 - s[:, None] * ramp)).clamp(0, 1)
 
 
 def _hue(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -158,8 +153,6 @@ def _hue(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     h = torch.remainder(hsv[:, :1] + delta, 1.0)
     return hsv_to_rgb(torch.cat([h, hsv[:, 1:]], 1))
 
-
-JITTER_OPS = (_brightness, _contrast, _saturation, _hue)
 
 
 def sample_jitter(
@@ -177,16 +170,35 @@ def sample_jitter(
     return factors, order
 
 
-def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """Apply the four jitter ops in each image's own order, clipping after each."""
-    ops = range(4) if x.shape[1] == 3 else range(2)  # 1 channel: no saturation/hue
-    x = x.clone()
+def color_jitter(
+    x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, where: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Apply the four jitter ops in each image's own order, clipping after each,
+    to the images ``where`` is true (all by default); the others pass unchanged.
+
+    Brightness (multiplicative, the reference's "simclrv2" rule), contrast (around
+    each channel's mean, as tf.image.adjust_contrast) and saturation (around the
+    grey image, torchvision's rule) all blend: x f + t (1 - f) with t = 0, the
+    channel mean, the grey image. So each position is one pass over the whole
+    batch, images whose op there is another (or none) taking f = 1, which leaves
+    them exactly as they are: no gathers, and no device sync on a GPU. Hue, an HSV
+    round trip, runs only on the images whose op it is.
+    """
+    n, channels = x.shape[:2]
+    chosen = torch.ones(n, dtype=torch.bool, device=x.device) if where is None else where
+    blended = 3 if channels == 3 else 2  # 1 channel: saturation and hue are identities
     for position in range(4):
-        for k in ops:
-            idx = (order[:, position] == k).nonzero().squeeze(1)
-            if idx.numel():
-                f = factors[idx, k].view(-1, 1, 1, 1)
-                x[idx] = JITTER_OPS[k](x[idx], f).clamp(0, 1)
+        op = order[:, position]
+        f = factors.gather(1, op[:, None]).squeeze(1)
+        f = torch.where(chosen & (op < blended), f, 1.0).to(x.dtype).view(-1, 1, 1, 1)
+        target = (op == 1).view(-1, 1, 1, 1) * x.mean((2, 3), keepdim=True)  # NxCx1x1
+        if channels == 3:
+            target = target + (op == 2).view(-1, 1, 1, 1) * _gray(x)  # NxCxHxW
+        # lerp is exact at f = 1 (it computes x - (x - t)(1 - f) for f >= 0.5).
+        x = torch.lerp(target.expand_as(x), x, f).clamp_(0, 1)
+        if channels == 3:
+            idx = _where(chosen & (op == 3))
+            x.index_copy_(0, idx, _hue(x[idx], factors[idx, 3].view(-1, 1, 1, 1)).clamp_(0, 1))
     return x
 
 
@@ -247,11 +259,9 @@ def apply_view(
         x = x.float().div_(255)
     x = resized_crop(x, p.boxes, p.flips, out_size or (x.shape[2], x.shape[3]))
     if spec.color_strength > 0:
-        idx = _where(p.jitter)
-        x[idx] = color_jitter(x[idx], p.factors[idx], p.order[idx])
+        x = color_jitter(x, p.factors, p.order, p.jitter)
     if x.shape[1] == 3:
-        idx = _where(p.gray)
-        x[idx] = grayscale(x[idx]).contiguous()
+        x = torch.where(p.gray.view(-1, 1, 1, 1), _gray(x), x)
     idx = _where(p.blur)
     if idx.numel():
         x[idx] = gaussian_blur(x[idx], p.sigma[idx])

@@ -164,3 +164,40 @@ def test_augment_runs_on_cuda():
     g = torch.Generator(device="cuda").manual_seed(0)
     y = augment(x, ViewSpec(blur_p=0.5), g)
     assert y.device.type == "cuda" and y.shape == x.shape
+
+
+def test_hsv_to_rgb_matches_colorsys():
+    import colorsys
+
+    hsv = torch.rand(1, 3, 7, 9, generator=gen(3))
+    got = hsv_to_rgb(hsv)[0].permute(1, 2, 0).reshape(-1, 3)
+    want = torch.tensor([colorsys.hsv_to_rgb(*px.tolist())
+                         for px in hsv[0].permute(1, 2, 0).reshape(-1, 3)])
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_resized_crop_matches_an_affine_grid():
+    """The outer-sum grid is F.affine_grid's for the crop's axis-aligned map."""
+    import torch.nn.functional as F
+
+    x = torch.rand(6, 3, 20, 24, generator=gen(4))
+    boxes = sample_crops(6, 20, 24, (0.08, 1.0), (3 / 4, 4 / 3), gen(5), CPU)
+    flips = torch.tensor([True, False] * 3)
+    y0, x0, h, w = boxes.unbind(1)
+    sx = w / 24 * torch.where(flips, -1.0, 1.0)
+    zero = torch.zeros(6)
+    theta = torch.stack([torch.stack([sx, zero, (x0 + w / 2) / 24 * 2 - 1], 1),
+                         torch.stack([zero, h / 20, (y0 + h / 2) / 20 * 2 - 1], 1)], 1)
+    grid = F.affine_grid(theta, [6, 3, 16, 12], align_corners=False)
+    want = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    assert torch.allclose(resized_crop(x, boxes, flips, (16, 12)), want, atol=1e-5)
+
+
+def test_jitter_mask_leaves_other_images_untouched():
+    x = torch.rand(8, 3, 6, 6, generator=gen(6))
+    factors, order = sample_jitter(8, 1.0, gen(7), CPU)
+    mask = torch.tensor([True, False] * 4)
+    y = color_jitter(x, factors, order, mask)
+    assert torch.equal(y[~mask], x[~mask])
+    assert torch.allclose(y[mask], color_jitter(x[mask], factors[mask], order[mask]))
+    assert not torch.allclose(y[mask], x[mask])

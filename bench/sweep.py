@@ -1,0 +1,99 @@
+"""What a local sweep spends: stage runs and compute with dedup vs a naive grid, and
+the share of the sweep's time not spent in training steps.
+
+    .venv/bin/python bench/sweep.py [--preset local] [-- extra studies/model_size.py args]
+
+Plans the study (cells, stage runs and training FLOPs, deduplicated and naive:
+every cell computing its own chain), then runs ``studies/model_size.py`` as a
+user would, into a fresh storage (so every distinct stage executes), with
+``--no-report``, and times it. From the results table:
+- dedup: executed stage runs, each stage key executed once, pretraining runs
+  executed == distinct pretraining keys; measured compute (seconds in training
+  steps) executed vs what the naive grid would have spent (every row's stage
+  computed for its cell);
+- time: the sweep's slot time is (trials at once) x (wall time). Of it, training
+  steps; inside the stages but outside steps (data loading, evaluation and
+  probes, checkpoints); and outside the stages (Ray and Tune start-up, Ray Train
+  worker groups, trial scheduling, lanes left idle). "Overhead" is everything but
+  training steps, as a share of slot time; "scheduler" is the outside-stages part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from scaling.study import cells, plan, required_stages, stage_flops  # noqa: E402
+from scaling.study_cli import build, parser  # noqa: E402
+from studies.model_size import STUDY  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="local")
+    ap.add_argument("--storage", help="default: a fresh temporary directory")
+    ap.add_argument("extra", nargs="*", help="more studies/model_size.py arguments (after --)")
+    args = ap.parse_args()
+    study_args = ["--preset", args.preset, *args.extra]
+    study = build(STUDY, parser(STUDY).parse_args(study_args))
+    grid, need = cells(study), required_stages(study)
+    p = plan(study)
+    naive_flops = sum(stage_flops(c.config, s) for c in grid for s in need)
+    print(f"{study.name}: {p.cells} cells; stage runs: naive {p.naive_stage_runs}, dedup "
+          f"{p.stage_runs} ({', '.join(f'{s} {n}' for s, n in p.distinct.items())})")
+    print(f"training FLOPs (estimate): naive {naive_flops:.3g}, dedup {p.flops:.3g} "
+          f"({p.flops / naive_flops:.3f} of naive)", flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        storage = Path(args.storage or tmp)
+        command = [sys.executable, "studies/model_size.py", *study_args, "--storage",
+                   str(storage), "--no-report"]
+        print("running:", " ".join(command[1:]), flush=True)
+        started = time.perf_counter()
+        proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+        wall = time.perf_counter() - started
+        if proc.returncode:
+            sys.exit(f"the sweep failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                     f"{proc.stderr[-3000:]}")
+        lanes = int(re.search(r"up to (\d+) at once", proc.stdout).group(1))  # type: ignore[union-attr]
+        df = pd.read_csv(storage / study.name / "results.csv")
+
+    ran = df[df["status"] == "executed"]
+    twice = ran["stage_key"].duplicated().sum()
+    pre_keys = df.loc[df["stage"] == "pretrain", "stage_key"].nunique()
+    pre_ran = (ran["stage"] == "pretrain").sum()
+    print(f"\ndedup: {len(ran)} stage runs executed, {len(df) - len(ran)} reused, for "
+          f"{len(df)} (cell, stage) rows; stage keys executed twice: {twice}; pretraining "
+          f"executed {pre_ran} times for {pre_keys} distinct pretraining keys "
+          f"(naive: {(df['stage'] == 'pretrain').sum()})")
+    naive_s, dedup_s = df["train_seconds"].sum(), ran["train_seconds"].sum()
+    print(f"compute in training steps: executed {dedup_s:.0f} s; the naive grid "
+          f"{naive_s:.0f} s ({dedup_s / naive_s:.3f} of naive)")
+
+    slot = lanes * wall
+    steps = ran["train_seconds"].sum()
+    in_stage = (ran["wall_seconds"] - ran["train_seconds"]).sum()
+    outside = slot - steps - in_stage
+    print(f"\nsweep wall {wall:.0f} s with {lanes} trials at once: slot time {slot:.0f} s")
+    print(f"  training steps            {steps:7.0f} s  {100 * steps / slot:5.1f}%")
+    print(f"  in stages, outside steps  {in_stage:7.0f} s  {100 * in_stage / slot:5.1f}%  "
+          "(data, evaluation/probes, checkpoints)")
+    print(f"  outside the stages        {outside:7.0f} s  {100 * outside / slot:5.1f}%  "
+          "(Ray/Tune/Train start-up, scheduling, idle lanes)")
+    print(f"overhead (all but training steps) {100 * (1 - steps / slot):.1f}% of slot time; "
+          f"scheduler (outside the stages) {100 * outside / slot:.1f}%")
+
+
+if __name__ == "__main__":
+    main()

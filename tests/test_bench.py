@@ -1,0 +1,71 @@
+"""The benchmarks compute what they claim to (no timing is asserted here)."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+from scaling.augment import ViewSpec
+from scaling.losses import nt_xent
+from scaling.measure import forward_flops_per_image
+from scaling.network import build_contrastive
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _bench(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_bare_loops_nt_xent_is_the_projects():
+    plain = _bench("throughput").plain_nt_xent
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(16, 8, generator=g), torch.randn(16, 8, generator=g)
+    for t in (0.1, 0.5):
+        assert plain(torch.cat([z1, z2]), t).item() == pytest.approx(
+            nt_xent(z1, z2, t).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("case", ["fmnist", "rgb32", "rgb224"])
+def test_the_torchvision_pipeline_makes_views_like_ours(case):
+    augment = _bench("augment")
+    channels, source, out, spec, _ = augment.CASES[case]
+    view = augment.torchvision_view(spec, out)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (channels, source, source), dtype=torch.uint8, generator=g)
+    v = view(x)
+    assert v.shape == (channels, out, out) and v.dtype == torch.float32
+    assert v.min() >= 0 and v.max() <= 1
+    # The same recipe as ours, step by step.
+    names = [type(t).__name__ for t in view.transforms]
+    assert names[:4] == ["RandomResizedCrop", "RandomHorizontalFlip", "RandomApply",
+                         "RandomGrayscale"]
+    assert ("RandomApply" in names[4:]) == (spec.blur_p > 0)
+
+
+def test_gpu_script_runs_its_smoke_case_and_counts_training_flops():
+    done = subprocess.run([sys.executable, "bench/gpu.py", "--smoke"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    gpu = _bench("gpu")
+    case = gpu.SMOKE["smoke"]
+    line = next(ln for ln in done.stdout.splitlines() if "GFLOP per pair" in ln)
+    per_pair = float(line.split()[0]) * 1e9
+    net = build_contrastive(gpu.ModelConfig(case.depth, case.width, stem=case.stem),
+                            gpu.HeadConfig(3, 128), 3, case.side)
+    forward = forward_flops_per_image(net, torch.zeros(1, 3, case.side, case.side))
+    # Training a pair: two views, each forward + backward (~2x forward; the first
+    # convolution needs no input gradient, so a little under 3x).
+    assert 2 * 2.5 * forward < per_pair <= 2 * 3.0 * forward
+    assert "image pairs/s" in done.stdout and isinstance(case.spec, ViewSpec)
