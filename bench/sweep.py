@@ -60,7 +60,7 @@ def main() -> None:
         command = [sys.executable, "studies/model_size.py", *study_args, "--storage",
                    str(storage), "--no-report"]
         print("running:", " ".join(command[1:]), flush=True)
-        started = time.perf_counter()
+        started, t0 = time.perf_counter(), time.time()
         proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
         wall = time.perf_counter() - started
         if proc.returncode:
@@ -68,8 +68,14 @@ def main() -> None:
                      f"{proc.stderr[-3000:]}")
         lanes = int(re.search(r"up to (\d+) at once", proc.stdout).group(1))  # type: ignore[union-attr]
         df = pd.read_csv(storage / study.name / "results.csv")
+        ran = df[df["status"] == "executed"]
+        # Each executed stage's interval: its result is written last, so the file's
+        # time is its end, and the stage's own wall clock gives its start.
+        ends = [(storage / "stages" / f"{r.stage}-{r.stage_key}" / "result.json").stat().st_mtime
+                - t0 for r in ran.itertuples()]
+        spans = sorted(zip([e - w for e, w in zip(ends, ran["wall_seconds"], strict=True)],
+                           ends, strict=True))
 
-    ran = df[df["status"] == "executed"]
     twice = ran["stage_key"].duplicated().sum()
     pre_keys = df.loc[df["stage"] == "pretrain", "stage_key"].nunique()
     pre_ran = (ran["stage"] == "pretrain").sum()
@@ -91,8 +97,31 @@ def main() -> None:
           "(data, evaluation/probes, checkpoints)")
     print(f"  outside the stages        {outside:7.0f} s  {100 * outside / slot:5.1f}%  "
           "(Ray/Tune/Train start-up, scheduling, idle lanes)")
+    timeline(spans, wall, lanes)
     print(f"overhead (all but training steps) {100 * (1 - steps / slot):.1f}% of slot time; "
           f"scheduler (outside the stages) {100 * outside / slot:.1f}%")
+
+
+def timeline(spans: list[tuple[float, float]], wall: float, lanes: int) -> None:
+    """Where lanes stood idle: before the first stage, after the last, and between."""
+    first, last = spans[0][0], max(e for _, e in spans)
+    edges = sorted({0.0, wall, *(t for span in spans for t in span)})
+    idle_between = idle_tail = 0.0
+    busy_all = max((b for a, b in zip(edges, edges[1:], strict=False)
+                    if sum(s <= a and b <= e for s, e in spans) >= lanes), default=first)
+    for a, b in zip(edges, edges[1:], strict=False):
+        if a < first or b > last:
+            continue
+        free = max(lanes - sum(s <= a and b <= e for s, e in spans), 0) * (b - a)
+        if a >= busy_all:
+            idle_tail += free
+        else:
+            idle_between += free
+    print(f"  of which: start-up to the first stage {first:.0f} s x {lanes} lanes; after the "
+          f"last stage {wall - last:.0f} s x {lanes}; lanes free between stages "
+          f"{idle_between:.0f} s, in the tail (after the last moment all {lanes} were busy) "
+          f"{idle_tail:.0f} s; the rest is each stage's data loading and model build "
+          "(before its clock starts)")
 
 
 if __name__ == "__main__":

@@ -137,11 +137,15 @@ def cells(study: Study) -> list[Cell]:
 
 def schedule_order(study: Study, grid: list[Cell]) -> list[Cell]:
     """Cells round-robin over their pretraining runs, so trials started together
-    pretrain different models instead of waiting for one another."""
+    pretrain different models instead of waiting for one another; and longest
+    first (by estimated FLOPs), so the short cells fill the lanes at the end
+    instead of one long cell running alone there (bench/sweep.py's idle tail)."""
+    need = required_stages(study)
+    cost = {c.id: sum(stage_flops(c.config, s) for s in need) for c in grid}
     groups: dict[str, list[Cell]] = {}
-    for cell in grid:
+    for cell in sorted(grid, key=lambda c: -cost[c.id]):  # stable: grid order on ties
         groups.setdefault(stage_key(cell.config, "pretrain"), []).append(cell)
-    lanes = list(groups.values())
+    lanes = list(groups.values())  # in order of their longest cell
     return [lane[i] for i in range(max(map(len, lanes))) for lane in lanes if i < len(lane)]
 
 

@@ -26,10 +26,15 @@ from scaling.data import DataError
 from scaling.pipeline import parse_overrides, resolve
 from scaling.study import Study, describe, make_study, plan
 
-# The `local` presets' schedule: Fashion-MNIST on 2 cores in minutes.
+# The `local` presets' schedule: Fashion-MNIST on 2 cores in minutes. Stages run
+# inside their trial's process (workers: 0): on one machine a one-worker Ray Train
+# group adds nothing Tune's trial retry does not, and with its start-up and
+# tear-down for each of the 14 stage runs the local model_size sweep took 631 s
+# instead of 317 s (bench/sweep.py, docs/performance.md).
 LOCAL_SCHEDULE: dict[str, Any] = {
     "pretrain.epochs": 3, "finetune.epochs": 15, "supervised.epochs": 15,
-    "distill.epochs": 1, "evaluate.linear_steps": 50, "runtime.checkpoint_every": 200}
+    "distill.epochs": 1, "evaluate.linear_steps": 50, "runtime.checkpoint_every": 200,
+    "runtime.workers": 0}
 
 
 @dataclass(frozen=True)

@@ -49,10 +49,12 @@ def test_student_axes_start_from_the_teachers_architecture(tiny):
     assert (student.depth, student.width) == (tiny.model.depth, 0.0625)
 
 
-def test_schedule_interleaves_cells_that_share_pretraining(tiny):
+def test_schedule_interleaves_cells_that_share_pretraining_longest_first(tiny):
     study = make_study("s", tiny, {"width": [0.0625, 0.125], "label_fraction": [0.1, 0.5]})
-    order = [c.config.model.width for c in schedule_order(study, cells(study))]
-    assert order == [0.0625, 0.125, 0.0625, 0.125]
+    order = [(c.config.model.width, c.config.finetune.label_fraction)
+             for c in schedule_order(study, cells(study))]
+    # The wider model and the larger label fraction cost most.
+    assert order == [(0.125, 0.5), (0.0625, 0.5), (0.125, 0.1), (0.0625, 0.1)]
 
 
 @pytest.mark.parametrize("axes, key, text", [
