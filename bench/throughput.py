@@ -60,9 +60,8 @@ def _timed_loop(cfg: ExperimentConfig, n_images: int, batch: int, epochs: int,
                 device: torch.device) -> dict[str, Any]:
     """Run ``step(indices)`` over ``epochs`` of shuffled full batches; time the steps.
 
-    The learning rate follows the stage's warmup + cosine schedule: with a constant
-    peak rate from step 0 the weights take other values, and CPU arithmetic speed
-    depends on values (a first version of this loop ran 23% slower that way).
+    The learning rate follows the stage's warmup + cosine schedule, so the loop
+    does the stage's arithmetic on the stage's kind of values.
     """
     rng = np.random.default_rng(cfg.seed)
     steps = n_images // batch * epochs
