@@ -20,6 +20,7 @@ A batch that does not fit is halved and retried; a deadline skips cases left.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -232,7 +233,7 @@ def main() -> int:
             batch = case.batch
             while True:
                 try:
-                    r = run_case(Case(**{**case.__dict__, "batch": batch}), device,
+                    r = run_case(dataclasses.replace(case, batch=batch), device,
                                  mode == "compile", args.steps, args.warmup)
                     break
                 except torch.cuda.OutOfMemoryError:

@@ -105,14 +105,14 @@ def main() -> None:
 def timeline(spans: list[tuple[float, float]], wall: float, lanes: int) -> None:
     """Where lanes stood idle: before the first stage, after the last, and between."""
     first, last = spans[0][0], max(e for _, e in spans)
-    edges = sorted({0.0, wall, *(t for span in spans for t in span)})
+    edges = sorted({t for span in spans for t in span})
+    # (start, end, stages running) of each interval between consecutive edges
+    pieces = [(a, b, sum(s <= a and b <= e for s, e in spans))
+              for a, b in zip(edges, edges[1:], strict=False)]
+    busy_all = max((b for _, b, running in pieces if running >= lanes), default=first)
     idle_between = idle_tail = 0.0
-    busy_all = max((b for a, b in zip(edges, edges[1:], strict=False)
-                    if sum(s <= a and b <= e for s, e in spans) >= lanes), default=first)
-    for a, b in zip(edges, edges[1:], strict=False):
-        if a < first or b > last:
-            continue
-        free = max(lanes - sum(s <= a and b <= e for s, e in spans), 0) * (b - a)
+    for a, b, running in pieces:
+        free = max(lanes - running, 0) * (b - a)
         if a >= busy_all:
             idle_tail += free
         else:

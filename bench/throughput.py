@@ -34,7 +34,9 @@ from scaling.augment import CROP_FLIP, augment
 from scaling.checkpoint import load_final_models
 from scaling.config import ExperimentConfig, OptimConfig, from_dict, load_config, to_dict
 from scaling.data import ImageData, load_dataset
-from scaling.network import build_classifier, build_contrastive, classifier_from
+from scaling.env import Env
+from scaling.finetune import pretrained_classifier
+from scaling.network import build_classifier, build_contrastive
 from scaling.optimizer import build_optimizer
 from scaling.pipeline import resolve
 from scaling.schedule import scaled_lr, warmup_cosine
@@ -90,23 +92,12 @@ def _images(cfg: ExperimentConfig, device: torch.device
     return train.images.to(device), train.labels.to(device), train.num_classes
 
 
-def _on_device(net: torch.nn.Module, device: torch.device) -> Any:
-    net.to(device)
-    if device.type == "cuda":  # what the stage's Env does on CUDA
-        net.to(memory_format=torch.channels_last)
-    return net
-
-
-def _autocast(device: torch.device) -> Any:
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
 def bare_pretrain(cfg: ExperimentConfig, device: torch.device) -> dict[str, Any]:
     p = cfg.pretrain
+    env = Env(device)
     images, _, _ = _images(cfg, device)
     torch.manual_seed(cfg.seed)
-    net = _on_device(build_contrastive(cfg.model, cfg.head, images.shape[1], images.shape[2]),
-                     device)
+    net = env.prepare(build_contrastive(cfg.model, cfg.head, images.shape[1], images.shape[2]))
     opt = build_optimizer(p.optim, net)
     gen = torch.Generator(device).manual_seed(cfg.seed)
     view = p.augment.view()
@@ -114,9 +105,8 @@ def bare_pretrain(cfg: ExperimentConfig, device: torch.device) -> dict[str, Any]
     def step(idx: np.ndarray) -> None:
         x = images[torch.from_numpy(idx).to(device)]
         views = torch.cat([augment(x, view, gen), augment(x, view, gen)])
-        with _autocast(device):
-            z = net(views.contiguous(memory_format=torch.channels_last)
-                    if device.type == "cuda" else views)[-1]
+        with env.autocast():
+            z = net(env.images(views))[-1]
         loss = plain_nt_xent(z.float(), p.temperature)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -129,20 +119,18 @@ def bare_pretrain(cfg: ExperimentConfig, device: torch.device) -> dict[str, Any]
 def bare_finetune(cfg: ExperimentConfig, pretrained: Path, device: torch.device
                   ) -> dict[str, Any]:
     ft = cfg.finetune
+    env = Env(device)
     images, labels, classes = _images(cfg, device)
     torch.manual_seed(cfg.seed)
-    net = build_contrastive(cfg.model, cfg.head, images.shape[1], images.shape[2])
-    weights = load_final_models(pretrained)
-    net.encoder.load_state_dict(weights["encoder"])
-    net.head.load_state_dict(weights["head"])
-    clf = _on_device(classifier_from(net, ft.head_layer, classes), device)
+    clf = pretrained_classifier(cfg, pretrained, images.shape[1], images.shape[2], classes)
+    model = env.prepare(clf)  # in place; the unwrapped module names the optimiser's groups
     opt = build_optimizer(ft.optim, clf, exclude=[clf.classifier])
     gen = torch.Generator(device).manual_seed(cfg.seed)
 
     def step(idx: np.ndarray) -> None:
         i = torch.from_numpy(idx).to(device)
-        with _autocast(device):
-            logits = clf(augment(images[i], CROP_FLIP, gen))
+        with env.autocast():
+            logits = model(env.images(augment(images[i], CROP_FLIP, gen)))
         loss = F.cross_entropy(logits.float(), labels[i])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -155,24 +143,27 @@ def bare_finetune(cfg: ExperimentConfig, pretrained: Path, device: torch.device
 def bare_distill(cfg: ExperimentConfig, teacher_dir: Path, device: torch.device
                  ) -> dict[str, Any]:
     dc = cfg.distill
+    env = Env(device)
     images, _, classes = _images(cfg, device)
     c, size = images.shape[1], images.shape[2]
     teacher = build_classifier(cfg.model, cfg.head, cfg.finetune.head_layer, c, size, classes)
     teacher.load_state_dict(load_final_models(teacher_dir)["classifier"])
-    teacher = _on_device(teacher, device).eval().requires_grad_(False)
+    env.prepare(teacher)  # moves it in place (one process: no wrapper)
+    teacher.eval().requires_grad_(False)
     torch.manual_seed(cfg.seed)
-    student = _on_device(build_classifier(dc.student or cfg.model, cfg.head,
-                                          cfg.finetune.head_layer, c, size, classes), device)
+    student = build_classifier(dc.student or cfg.model, cfg.head, cfg.finetune.head_layer,
+                               c, size, classes)
+    model = env.prepare(student)
     opt = build_optimizer(dc.optim, student, exclude=[student.classifier])
     gen = torch.Generator(device).manual_seed(cfg.seed)
     t = dc.temperature
 
     def step(idx: np.ndarray) -> None:
-        view = augment(images[torch.from_numpy(idx).to(device)], CROP_FLIP, gen)
-        with _autocast(device):
+        view = env.images(augment(images[torch.from_numpy(idx).to(device)], CROP_FLIP, gen))
+        with env.autocast():
             with torch.no_grad():
                 target = F.softmax(teacher(view).float() / t, dim=1)
-            logits = student(view).float()
+            logits = model(view).float()
         loss = -(target * F.log_softmax(logits / t, dim=1)).sum(1).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()

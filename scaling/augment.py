@@ -195,7 +195,7 @@ def color_jitter(
         if channels == 3:
             target = target + (op == 2).view(-1, 1, 1, 1) * _gray(x)  # NxCxHxW
         # lerp is exact at f = 1 (it computes x - (x - t)(1 - f) for f >= 0.5).
-        x = torch.lerp(target.expand_as(x), x, f).clamp_(0, 1)
+        x = torch.lerp(target, x, f).clamp_(0, 1)
         if channels == 3:
             idx = _where(chosen & (op == 3))
             x.index_copy_(0, idx, _hue(x[idx], factors[idx, 3].view(-1, 1, 1, 1)).clamp_(0, 1))

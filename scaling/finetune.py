@@ -44,16 +44,23 @@ def finetune(
 ) -> dict[str, Any]:
     """Fine-tune the whole network from head layer ``cfg.finetune.head_layer``."""
     def build(channels: int, size: int, classes: int) -> Classifier:
-        weights = load_final_models(pretrained)
-        net = build_contrastive(cfg.model, cfg.head, channels, size)
-        net.encoder.load_state_dict(weights["encoder"])
-        net.head.load_state_dict(weights["head"])
-        return classifier_from(net, cfg.finetune.head_layer, classes)
+        return pretrained_classifier(cfg, pretrained, channels, size, classes)
 
     ft = cfg.finetune
     extra = {"head_layer": ft.head_layer, "pretrained": str(pretrained)}
     return train_classifier(cfg, "finetune", out, env, build, ft.epochs, ft.batch_size,
                             ft.optim, extra)
+
+
+def pretrained_classifier(
+    cfg: ExperimentConfig, pretrained: Path, channels: int, size: int, classes: int
+) -> Classifier:
+    """The pretrained encoder and first ``finetune.head_layer`` head layers + a new classifier."""
+    weights = load_final_models(pretrained)
+    net = build_contrastive(cfg.model, cfg.head, channels, size)
+    net.encoder.load_state_dict(weights["encoder"])
+    net.head.load_state_dict(weights["head"])
+    return classifier_from(net, cfg.finetune.head_layer, classes)
 
 
 def supervised(cfg: ExperimentConfig, out: Path, env: Env | None = None) -> dict[str, Any]:
