@@ -49,12 +49,13 @@ INPUT = {"finetune": "pretrain", "distill": "finetune"}  # the stage whose resul
 # --- (a) the bare loops -------------------------------------------------------
 
 def plain_nt_xent(z: torch.Tensor, temperature: float) -> torch.Tensor:
-    """NT-Xent over 2N embeddings; rows i and i+N are the two views of image i."""
+    """NT-Xent over 2N embeddings; rows i and i+N are the two views of image i.
+    Scaled as the reference (and scaling.losses): 2x the mean over the 2N anchors."""
     n = z.shape[0] // 2
     z = F.normalize(z, dim=1)
     sim = (z @ z.T / temperature).fill_diagonal_(float("-inf"))  # 2Nx2N, no self-pairs
     targets = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
-    return F.cross_entropy(sim, targets)
+    return 2 * F.cross_entropy(sim, targets)
 
 
 def _timed_loop(cfg: ExperimentConfig, n_images: int, batch: int, epochs: int,

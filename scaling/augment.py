@@ -16,6 +16,7 @@ images skip saturation, hue and grayscale, which are identities for them.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -284,3 +285,19 @@ def augment(
     rank, world = shard
     params = sample_view(n * world, height, width, spec, g, x.device)
     return apply_view(x, params.rows(rank * n, (rank + 1) * n), spec, out_size)
+
+
+def augment_views(
+    x: torch.Tensor, spec: ViewSpec, g: torch.Generator, views: int,
+    out_size: tuple[int, int] | None = None, shard: tuple[int, int] = (0, 1),
+) -> list[torch.Tensor]:
+    """``views`` augmented views of every image of this worker's batch.
+
+    x: NxCxHxW images, cropped here (batched), or NxVxCxSxS crops a folder dataset
+    already cut from the full decoded images (scaling.data.FolderImages): then the
+    crop is that one, and flip, colour and blur run here as for the others.
+    """
+    if x.dim() == 5:
+        whole = dataclasses.replace(spec, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0))
+        return [augment(x[:, v], whole, g, out_size, shard) for v in range(views)]
+    return [augment(x, spec, g, out_size, shard) for _ in range(views)]

@@ -8,10 +8,12 @@ worker agrees on the global order without communicating.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from scaling.augment import ViewSpec
 from scaling.data import Dataset, ImageData
 
 
@@ -44,6 +46,38 @@ def epoch_batches(
             for b in range(steps)]
 
 
+@dataclass(frozen=True)
+class Crops:
+    """Random-resized crops a folder dataset cuts from each full decoded image
+    (in-memory datasets are cropped batched by scaling.augment instead)."""
+
+    views: int  # crops per image (2 for pretraining)
+    scale: tuple[float, float]  # area fraction range
+    ratio: tuple[float, float]  # aspect range
+    seed: int  # of the epoch: with the image index, it fixes that image's boxes
+
+
+def item_seeds(seed: int, indices: np.ndarray) -> np.ndarray:
+    """A 63-bit seed per (seed, index): splitmix64's finaliser, so neighbouring
+    indices and epochs get unrelated generators."""
+    with np.errstate(over="ignore"):
+        z = (np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
+             + indices.astype(np.uint64) * np.uint64(0xBF58476D1CE4E5B9))
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(1)).astype(np.int64)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return int(item_seeds(seed, np.array([epoch]))[0])
+
+
+def crops_for(spec: ViewSpec, views: int, seed: int, epoch: int) -> Crops:
+    """The full-image crops of ``spec`` for one epoch (used by folder datasets only)."""
+    return Crops(views, spec.crop_scale, spec.crop_ratio, epoch_seed(seed, epoch))
+
+
 class Fetcher:
     """Turns index arrays into (uint8 images, labels) on the training device.
 
@@ -65,18 +99,29 @@ class Fetcher:
             return self.images[i], self.labels[i]
         return next(self.stream([idx]))
 
-    def stream(self, batches: list[np.ndarray]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def stream(
+        self, batches: list[np.ndarray], crops: Crops | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches of (images, labels). A folder dataset with ``crops`` yields
+        NxVxCxSxS random crops of the full images; otherwise NxCxHxW images
+        (a folder dataset's evaluation view)."""
         if isinstance(self.dataset, ImageData):
             yield from (self(b) for b in batches)
             return
+        keys: list[list] = [b.tolist() for b in batches]
+        if crops is not None:
+            c = crops
+            keys = [[(i, s, c.views, c.scale, c.ratio)
+                     for i, s in zip(b.tolist(), item_seeds(c.seed, b).tolist(), strict=True)]
+                    for b in batches]
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=[b.tolist() for b in batches],
+            self.dataset, batch_sampler=keys,
             num_workers=self.workers, pin_memory=self.device.type == "cuda",
         )
         for x, y in loader:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
-def eval_batches(n: int, batch: int) -> list[np.ndarray]:
-    """Every example once, in order, last batch possibly short."""
-    return [np.arange(s, min(s + batch, n)) for s in range(0, n, batch)]
+def eval_batches(indices: np.ndarray, batch: int) -> list[np.ndarray]:
+    """Every index once, in order, last batch possibly short."""
+    return [indices[s:s + batch] for s in range(0, len(indices), batch)]

@@ -76,13 +76,32 @@ class DataConfig:
     )
     root: str | None = None  # None: the system copy (Fashion-MNIST only)
     download: bool = False  # never fetch unless asked: tests and clusters stay offline
-    image_size: int | None = None  # imagefolder resize / synthetic side; None: native size
+    image_size: int | None = None  # imagefolder crop side / synthetic side; None: native size
+    # A class-balanced validation split carved from the training split, for every
+    # choice (presets, LRs, recipes); the test split only reports. None: VAL_SIZES.
+    val_size: int | None = None
+    val_seed: int = 0  # which images go to validation (recorded in every result)
+    # Image names (or indices) never put in validation: the official ImageNet 10%
+    # list (which holds the 1% list), so the paper's label subsets stay whole.
+    val_excluded_file: str | None = None
 
     def __post_init__(self) -> None:
         check(self.image_size is None or self.image_size >= 8, "image_size", self.image_size,
               "null or >= 8")
         check(not self.download or self.root is not None, "download", self.download,
               "true only together with data.root")
+        check(self.val_size is None or self.val_size >= 0, "val_size", self.val_size,
+              "null (the dataset's default) or >= 0 (0: no validation split)")
+
+    def resolved_val_size(self) -> int:
+        return VAL_SIZES[self.name] if self.val_size is None else self.val_size
+
+
+# Default validation sizes: 10% of the small sets' training splits (the common
+# CIFAR 45k/5k split), 10 images a class for ImageNet (a "minival" from train),
+# 50 a class of STL-10's 5,000 labelled images, 8 a class of the synthetic set.
+VAL_SIZES = {"fashion-mnist": 6000, "cifar10": 5000, "cifar100": 5000, "stl10": 500,
+             "imagefolder": 10000, "synthetic": 32}
 
 
 @dataclass(frozen=True)
@@ -154,6 +173,28 @@ class PretrainConfig:
 
 
 @dataclass(frozen=True)
+class FractionSettings:
+    """Fine-tuning settings for one label fraction; unset (null) fields keep finetune's."""
+
+    head_layer: int | None = None
+    epochs: int | None = None
+    base_lr: float | None = None
+    min_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        check(self.head_layer is None or 0 <= self.head_layer <= 5, "head_layer",
+              self.head_layer, "null or 0..head.num_layers")
+        check(self.epochs is None or self.epochs >= 1, "epochs", self.epochs, "null or >= 1")
+        check(self.base_lr is None or self.base_lr > 0, "base_lr", self.base_lr, "null or > 0")
+        check(self.min_steps is None or self.min_steps >= 0, "min_steps", self.min_steps,
+              "null or >= 0")
+
+
+def _check_min_steps(min_steps: int) -> None:
+    check(min_steps >= 0, "min_steps", min_steps, ">= 0 (0: epochs alone set the schedule)")
+
+
+@dataclass(frozen=True)
 class FinetuneConfig:
     epochs: int = 60  # paper: 60 on 1%, 30 on 10% and 100%
     batch_size: int = 256
@@ -161,12 +202,25 @@ class FinetuneConfig:
     label_fraction: float | None = 0.01  # class-balanced; or set labels_per_class
     labels_per_class: int | None = None
     subset_seed: int = 0
+    # Epochs grow until the schedule has at least this many steps: 1% of a small set
+    # is a few batches, and 60 epochs of 2 steps is no fine-tuning at all.
+    min_steps: int = 0
+    # The labelled subset as a file (image names or indices; relative paths also
+    # resolve against the project, e.g. subsets/imagenet/1percent.txt); null: a
+    # random class-balanced subset of label_fraction / labels_per_class.
+    subset_file: str | None = None
+    # Per label fraction, e.g. {0.01: {epochs: 60}, 1.0: {head_layer: 0, epochs: 30}}
+    # (the paper's schedule). Resolved into the fields above for each fraction's run.
+    per_fraction: dict[float, FractionSettings] = field(default_factory=dict)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
         base_lr=0.005, weight_decay=0.0, warmup_fraction=0.0))  # reference fine-tuning
 
     def __post_init__(self) -> None:
         _check_epochs_batch(self.epochs, self.batch_size)
+        _check_min_steps(self.min_steps)
         check(0 <= self.head_layer <= 5, "head_layer", self.head_layer, "0..head.num_layers")
+        for f in self.per_fraction:
+            check(0 < f <= 1, f"per_fraction[{f!r}]", f, "label fractions in (0, 1] as keys")
         check((self.label_fraction is None) != (self.labels_per_class is None),
               "label_fraction", self.label_fraction,
               "exactly one of label_fraction and labels_per_class set")
@@ -180,16 +234,18 @@ class FinetuneConfig:
 class DistillConfig:
     epochs: int = 60
     batch_size: int = 256
-    temperature: float = 1.0  # the paper: 1.0 big-to-small, 0.1 for self-distillation
+    # null: the paper's choice, 0.1 for self-distillation and 1.0 big-to-small.
+    temperature: float | None = None
     alpha: float = 0.0  # weight of the label loss; the paper's best runs use 0
     student: ModelConfig | None = None  # None: self-distillation (teacher's architecture)
     unlabelled: DataConfig | None = None  # None: the pretraining set
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
-        name="sgd", base_lr=0.1, lr_scaling="linear", weight_decay=1e-4))
+    # null: pretraining's LARS recipe (the paper distils with its pretraining settings).
+    optim: OptimConfig | None = None
 
     def __post_init__(self) -> None:
         _check_epochs_batch(self.epochs, self.batch_size)
-        check(self.temperature > 0, "temperature", self.temperature, "> 0")
+        check(self.temperature is None or self.temperature > 0, "temperature",
+              self.temperature, "null (0.1 self-distillation, 1.0 otherwise) or > 0")
         check(0 <= self.alpha <= 1, "alpha", self.alpha, "0 <= alpha <= 1")
 
 
@@ -197,11 +253,13 @@ class DistillConfig:
 class SupervisedConfig:
     epochs: int = 90  # the paper's supervised baseline schedule
     batch_size: int = 256
+    min_steps: int = 0  # the same budget rule as fine-tuning (FinetuneConfig.min_steps)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
         name="sgd", base_lr=0.1, lr_scaling="linear", weight_decay=1e-4))
 
     def __post_init__(self) -> None:
         _check_epochs_batch(self.epochs, self.batch_size)
+        _check_min_steps(self.min_steps)
 
 
 @dataclass(frozen=True)
@@ -267,6 +325,55 @@ class ExperimentConfig:
             check(0 < f <= 1, "label_fractions", self.label_fractions, "fractions in (0, 1]")
         check(self.finetune.head_layer <= self.head.num_layers, "finetune.head_layer",
               self.finetune.head_layer, f"0..head.num_layers ({self.head.num_layers})")
+        for f, s in self.finetune.per_fraction.items():
+            if self.label_fractions:
+                check(any(_same(f, g) for g in self.label_fractions), f"finetune.per_fraction[{f}]",
+                      f, f"one of label_fractions {list(self.label_fractions)}")
+            if s.head_layer is not None:
+                check(s.head_layer <= self.head.num_layers,
+                      f"finetune.per_fraction[{f}].head_layer", s.head_layer,
+                      f"0..head.num_layers ({self.head.num_layers})")
+
+    @property
+    def student(self) -> ModelConfig:
+        return self.distill.student or self.model
+
+    @property
+    def self_distillation(self) -> bool:
+        """A student of the teacher's architecture, however it was written."""
+        return self.student == self.model
+
+    def distill_temperature(self) -> float:
+        if self.distill.temperature is not None:
+            return self.distill.temperature
+        return 0.1 if self.self_distillation else 1.0  # the paper's two settings
+
+    def distill_optim(self) -> OptimConfig:
+        return self.distill.optim or self.pretrain.optim
+
+
+def _same(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-9 * max(abs(a), abs(b))
+
+
+def resolve_fraction(cfg: ExperimentConfig, keep: tuple[str, ...] = ()) -> ExperimentConfig:
+    """``cfg`` with ``finetune.per_fraction``'s entry for ``finetune.label_fraction``
+    written into the fine-tuning fields, and ``per_fraction`` emptied: so a stage's
+    key and recorded config hold the settings it ran, and one fraction's settings
+    never change another's key. Dotted keys in ``keep`` (a study's axes) win."""
+    ft = cfg.finetune
+    if not ft.per_fraction:
+        return cfg
+    overrides: dict[str, Any] = {"finetune.per_fraction": {}}
+    if ft.label_fraction is not None:
+        match = [s for f, s in ft.per_fraction.items() if _same(f, ft.label_fraction)]
+        fields = {"head_layer": "finetune.head_layer", "epochs": "finetune.epochs",
+                  "base_lr": "finetune.optim.base_lr", "min_steps": "finetune.min_steps"}
+        for name, key in fields.items():
+            value = getattr(match[0], name) if match else None
+            if value is not None and key not in keep:
+                overrides[key] = value
+    return with_overrides(cfg, overrides)
 
 
 T = TypeVar("T")
@@ -291,6 +398,19 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         check(len(value) == len(args), key, value, f"a list of {len(args)} values")
         pairs = enumerate(zip(args, value, strict=True))
         return tuple(_convert(a, v, f"{key}[{i}]") for i, (a, v) in pairs)
+    if origin is dict:
+        check(isinstance(value, dict), key, value, "a mapping")
+        key_type, item = args
+        out = {}
+        for k, v in value.items():
+            if key_type is float and isinstance(k, str):
+                try:  # YAML reads `1.0e-2:` as a string key in places; JSON keys are strings
+                    k = float(k)
+                except ValueError:
+                    raise ConfigError(f"{key}[{k!r}]", k, "a number as the key") from None
+            k = _convert(key_type, k, f"{key}[{k!r}]")
+            out[k] = _convert(item, v, f"{key}[{k!r}]")
+        return out
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         check(isinstance(value, dict), key, value, f"a mapping of {tp.__name__} fields")
         return from_dict(tp, value, key)

@@ -54,11 +54,23 @@ class ImageData:
         return self.images.shape[2]
 
 
-class FolderImages(torch.utils.data.Dataset):
-    """ImageNet layout (root/split/class/*.jpg), decoded and resized on access.
+# An evaluation view keeps the central 87.5% of the shorter side, then resizes
+# (the reference's crop_proportion, data_util.center_crop).
+CENTER_CROP_PROPORTION = 0.875
 
-    Each image is resized (shorter side) and centre-cropped to ``image_size``
-    as uint8; the random augmentation then runs batched on the device.
+# A training request for a folder image: (index, seed, views, crop scale, crop ratio).
+CropRequest = tuple[int, int, int, tuple[float, float], tuple[float, float]]
+
+
+class FolderImages(torch.utils.data.Dataset):
+    """ImageNet layout (root/split/class/*.jpg), decoded on access.
+
+    ``ds[i]`` is the evaluation view: the central 87.5% square of the shorter side,
+    resized to ``image_size``. ``ds[(i, seed, views, scale, ratio)]`` is ``views``
+    random-resized crops (area ``scale``, aspect ``ratio``) of the *full* decoded
+    image, resized to ``image_size``: one decode, any number of views, boxes drawn
+    from ``seed`` alone (so a resumed or sharded run draws the same ones). Colour,
+    flip and blur then run batched on the device (scaling.augment).
     """
 
     def __init__(self, root: Path, image_size: int, name: str) -> None:
@@ -75,13 +87,32 @@ class FolderImages(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.folder)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        from torchvision.transforms.v2.functional import center_crop, pil_to_tensor, resize
+    def decode(self, i: int) -> torch.Tensor:
+        from torchvision.transforms.v2.functional import pil_to_tensor
 
-        path, label = self.folder.samples[i]
-        img = pil_to_tensor(self.folder.loader(path))  # PIL decode, RGB
-        img = center_crop(resize(img, [self.image_size], antialias=True), [self.image_size])
-        return img, label
+        path, _ = self.folder.samples[i]
+        return pil_to_tensor(self.folder.loader(path))  # PIL decode, RGB uint8 CxHxW
+
+    def __getitem__(self, key: int | CropRequest) -> tuple[torch.Tensor, int]:
+        from torchvision.transforms.v2.functional import resized_crop
+
+        from scaling.augment import sample_crops
+
+        size = [self.image_size, self.image_size]
+        if isinstance(key, tuple):
+            i, seed, views, scale, ratio = key
+            img = self.decode(i)
+            g = torch.Generator().manual_seed(seed)
+            boxes = sample_crops(views, img.shape[1], img.shape[2], scale, ratio, g,
+                                 torch.device("cpu")).round().long().tolist()
+            crops = [resized_crop(img, y0, x0, max(h, 1), max(w, 1), size, antialias=True)
+                     for y0, x0, h, w in boxes]
+            return torch.stack(crops), int(self.labels[i])  # VxCxSxS
+        img = self.decode(key)
+        h, w = img.shape[1:]
+        side = round(CENTER_CROP_PROPORTION * min(h, w))
+        top, left = (h - side) // 2, (w - side) // 2
+        return resized_crop(img, top, left, side, side, size, antialias=True), int(self.labels[key])
 
 
 Dataset = ImageData | FolderImages
@@ -161,6 +192,15 @@ def stl10(split: str, root: str | None, download: bool) -> ImageData:
     return ImageData(images, labels, 10, "stl10")
 
 
+def stl10_pool(root: str | None, download: bool) -> ImageData:
+    """STL-10's train and unlabeled splits as one set (5,000 + 100,000 images; the
+    unlabelled ones carry label -1): what STL-10 self-supervised work pretrains on."""
+    train = stl10("train", root, download)
+    unl = stl10("unlabelled", root, download)
+    return ImageData(torch.cat([train.images, unl.images]),
+                     torch.cat([train.labels, torch.full((len(unl),), -1)]), 10, "stl10")
+
+
 def imagefolder(split: str, root: str | None, image_size: int | None) -> FolderImages:
     if root is None:
         raise DataError("imagefolder needs data.root: a directory with train/ and val/ inside")
@@ -217,19 +257,41 @@ def load_dataset(
     raise DataError(f"dataset={name!r} is not registered; allowed: {', '.join(DATASETS)}")
 
 
-def subset_from_file(dataset: Dataset, path: str | os.PathLike[str]) -> np.ndarray:
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+def project_path(path: str | os.PathLike[str]) -> Path:
+    """``path`` as given if it exists, else relative to the project (shipped lists
+    such as subsets/imagenet/1percent.txt work from any directory and on clusters)."""
+    p = Path(path)
+    return p if p.exists() or p.is_absolute() else PROJECT / p
+
+
+def subset_from_file(
+    dataset: Dataset, path: str | os.PathLike[str], key: str = "subset file"
+) -> np.ndarray:
     """Indices named by a subset file: integers (our index files) or file names
-    (the official ImageNet 1%/10% lists, one ``n01440764_10026.JPEG`` per line)."""
+    (the official ImageNet 1%/10% lists, one ``n01440764_10026.JPEG`` per line).
+    ``key`` names the setting in errors (e.g. finetune.subset_file)."""
+    file = project_path(path)
+    if not file.is_file():
+        raise DataError(f"{key}={str(path)!r}: no such file (relative paths are looked up "
+                        f"in the working directory, then in {PROJECT})")
+    path = file
     lines = Path(path).read_text().split()
     if all(t.isdigit() for t in lines):
         idx = load_indices(path)
         if len(idx) and idx.max() >= len(dataset):
-            raise DataError(f"{path}: index {idx.max()} out of range for {len(dataset)} images")
+            raise DataError(f"{key}={str(path)!r}: index {idx.max()} out of range; allowed: "
+                            f"0..{len(dataset) - 1}")
         return idx
     if not isinstance(dataset, FolderImages):
-        raise DataError(f"{path}: file-name subsets only apply to imagefolder datasets")
+        raise DataError(f"{key}={str(path)!r}: file-name subsets only apply to imagefolder "
+                        "datasets; allowed here: a file of integer indices")
     where = {f: i for i, f in enumerate(dataset.files)}
     missing = [t for t in lines if t not in where]
     if missing:
-        raise DataError(f"{path}: {len(missing)} files not in the dataset, e.g. {missing[0]}")
+        raise DataError(f"{key}={str(path)!r}: {len(missing)} of its {len(lines)} names are not "
+                        f"images of the dataset, e.g. {missing[0]}; allowed: names of files "
+                        "under the training folder")
     return np.sort(np.array([where[t] for t in lines], dtype=np.int64))

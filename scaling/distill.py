@@ -1,10 +1,13 @@
 """Stage 3: distil the fine-tuned teacher into a student on unlabelled images.
 
 The teacher is fixed (eval mode, no gradient). Teacher and student see the same
-crop+flip view (paper section 2). The student is a fresh ``Classifier`` of the
-teacher's shape (self-distillation) or of ``distill.student``'s. The unlabelled
-images are the pretraining set by default or ``distill.unlabelled``; images of
-another size or channel count are cropped to the teacher's input shape.
+crop+flip view (paper section 2). The student is a fresh encoder + linear
+classifier (no projection-head layers, as in the paper) of the teacher's
+architecture (self-distillation) or of ``distill.student``'s. The unlabelled
+images are the pretraining pool by default (never validation) or all of
+``distill.unlabelled``; images of another size or channel count are cropped to
+the teacher's input shape. Optimiser and temperature default to the paper's:
+pretraining's LARS recipe, and tau 0.1 for self-distillation, 1.0 otherwise.
 """
 
 from __future__ import annotations
@@ -15,19 +18,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from scaling.augment import CROP_FLIP, augment
-from scaling.batches import Fetcher, epoch_batches, steps_per_epoch
+from scaling.augment import CROP_FLIP, augment, augment_views
+from scaling.batches import Fetcher, crops_for, epoch_batches, steps_per_epoch
 from scaling.checkpoint import load_final_models, read_result
 from scaling.config import ExperimentConfig, to_dict
-from scaling.data import load_dataset
 from scaling.env import Env
-from scaling.evaluate import apply, top1
-from scaling.finetune import labelled_indices
+from scaling.evaluate import split_top1
 from scaling.losses import distillation_loss
 from scaling.measure import forward_flops_per_image, size_metrics
 from scaling.network import build_classifier
 from scaling.optimizer import build_optimizer
 from scaling.schedule import scaled_lr, warmup_cosine
+from scaling.splits import distill_pool, labelled_subset, load_splits
 from scaling.stage import StageRun, augment_generator, set_lr
 
 
@@ -48,15 +50,14 @@ def distill(
     dc = cfg.distill
 
     # Data: unlabelled images; the labelled subset only when alpha mixes in labels.
-    d = cfg.data
-    train = load_dataset(d.name, "train", d.root, d.download, d.image_size)
-    test = load_dataset(d.name, "test", d.root, d.download, d.image_size)
-    u = dc.unlabelled or d
-    unlabelled = load_dataset(u.name, "unlabelled", u.root, u.download, u.image_size)
+    splits = load_splits(cfg.data)
+    train = splits.train
+    unlabelled, pool, unlabelled_name = distill_pool(cfg, splits)
     fetch = Fetcher(unlabelled, env.device, cfg.runtime.loader_workers)
-    labelled_fetch = Fetcher(train, env.device, cfg.runtime.loader_workers)
-    labelled = labelled_indices(cfg, train)
-    spe = steps_per_epoch(len(unlabelled), dc.batch_size)
+    labelled_fetch = fetch if unlabelled is train else Fetcher(train, env.device,
+                                                                cfg.runtime.loader_workers)
+    labelled = labelled_subset(cfg, splits)
+    spe = steps_per_epoch(len(pool), dc.batch_size)
     shape = (train.image_size, train.image_size)
 
     # Teacher: the fine-tuned classifier, frozen.
@@ -68,29 +69,31 @@ def distill(
     if env.cuda:
         teacher.to(memory_format=torch.channels_last)
 
+    # Student: encoder + linear classifier, no head layers (paper section 2.2).
     torch.manual_seed(cfg.seed)
-    student_cfg = dc.student or cfg.model
-    net = build_classifier(student_cfg, cfg.head, head_layer, train.channels, train.image_size,
+    net = build_classifier(cfg.student, cfg.head, 0, train.channels, train.image_size,
                            train.num_classes)
     flops = forward_flops_per_image(net, labelled_fetch(labelled[:1])[0].float())
-    model = env.prepare(net)
-    optimizer = build_optimizer(dc.optim, net, exclude=[net.classifier])
-    peak_lr = scaled_lr(dc.optim.base_lr, dc.batch_size, dc.optim.lr_scaling)
+    model = env.prepare(net, sync_bn=True)  # global BN, as in pretraining
+    optim, temperature = cfg.distill_optim(), cfg.distill_temperature()
+    optimizer = build_optimizer(optim, net, exclude=[net.classifier])
+    peak_lr = scaled_lr(optim.base_lr, dc.batch_size, optim.lr_scaling)
     total = spe * dc.epochs
-    warmup = round(dc.optim.warmup_fraction * total)
+    warmup = round(optim.warmup_fraction * total)
 
     gen = augment_generator(env, cfg.seed)
     run = StageRun("distill", out, env, cfg.runtime, spe, dc.epochs,
                    {"model": net, "optimizer": optimizer}, gen)
     per_worker = dc.batch_size // env.world
     while run.step < total:
-        batches = epoch_batches(np.arange(len(unlabelled)), dc.batch_size, cfg.seed, run.epoch,
-                                env.rank, env.world)
-        for x, _ in fetch.stream(batches[run.skip_in_epoch():]):
+        batches = epoch_batches(pool, dc.batch_size, cfg.seed, run.epoch, env.rank, env.world)
+        crops = crops_for(CROP_FLIP, 1, cfg.seed, run.epoch)  # folder data: from the full image
+        for x, _ in fetch.stream(batches[run.skip_in_epoch():], crops):
             lr = warmup_cosine(run.step, peak_lr, total, warmup)
             set_lr(optimizer, lr)
             shard = (env.rank, env.world)
-            view = match_channels(augment(x, CROP_FLIP, gen, shape, shard), train.channels)
+            (view,) = augment_views(x, CROP_FLIP, gen, 1, shape, shard)
+            view = match_channels(view, train.channels)
             n = view.shape[0]
             labels = None
             if dc.alpha > 0:  # a global labelled batch drawn by (seed, step): resumable
@@ -105,7 +108,7 @@ def distill(
                 # One student forward for both batches: DDP expects one per step.
                 logits = model(env.images(view)).float()
             labelled_logits = logits[n:] if labels is not None else None
-            loss = distillation_loss(logits[:n], teacher_logits.float(), dc.temperature,
+            loss = distillation_loss(logits[:n], teacher_logits.float(), temperature,
                                      labelled_logits, labels, dc.alpha)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -114,18 +117,18 @@ def distill(
 
     metrics: dict[str, Any] = size_metrics(net, flops)
     if env.is_main:
-        test_fetch = Fetcher(test, env.device)
-        logits, y = apply(net, [net], test_fetch, len(test), env)
-        t_logits, _ = apply(teacher, [teacher], test_fetch, len(test), env)
-        metrics |= {"test_top1": top1(logits, y), "teacher_test_top1": top1(t_logits, y)}
+        metrics |= split_top1(net, splits, env) | split_top1(teacher, splits, env, "teacher_")
     protocol = {
-        "student": to_dict(student_cfg), "self_distillation": dc.student is None,
-        "unlabelled": u.name, "temperature": dc.temperature, "alpha": dc.alpha,
-        "batch_size": dc.batch_size, "epochs": dc.epochs, "head_layer": head_layer,
+        "student": to_dict(cfg.student), "self_distillation": cfg.self_distillation,
+        "student_head_layers": 0, "unlabelled": unlabelled_name, "images": len(pool),
+        "temperature": temperature, "alpha": dc.alpha, "optimizer": optim.name,
+        "base_lr": optim.base_lr, "lr_scaling": optim.lr_scaling, "peak_lr": peak_lr,
+        "weight_decay": optim.weight_decay, "global_bn": True, "val_size": len(splits.val),
+        "batch_size": dc.batch_size, "epochs": dc.epochs, "teacher_head_layer": head_layer,
         "label_fraction": cfg.finetune.label_fraction,
         "labels_per_class": cfg.finetune.labels_per_class,
         "subset_seed": cfg.finetune.subset_seed, "augment": "crop+flip, same view for both",
-        "probe": "student classifier, test split top-1", "teacher": str(teacher_dir),
+        "probe": "student classifier; top-1 on val and test", "teacher": str(teacher_dir),
     }
     return run.finish({"classifier": net.state_dict()}, metrics, protocol,
                       {"config": to_dict(cfg)})

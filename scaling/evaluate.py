@@ -11,23 +11,26 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from scaling.batches import Fetcher, eval_batches
 from scaling.env import Env, eval_mode
+from scaling.splits import Splits
 
 EVAL_BATCH = 1024
 
 
 def apply(
     fn: Callable[[torch.Tensor], torch.Tensor], modules: list[torch.nn.Module], fetch: Fetcher,
-    n: int, env: Env,
+    indices: np.ndarray, env: Env,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run ``fn`` on every image (float in [0, 1]) in eval mode -> (outputs, labels)."""
+    """Run ``fn`` on the images at ``indices`` (float in [0, 1], the evaluation
+    view) in eval mode -> (outputs, labels)."""
     outs, labels = [], []
     with eval_mode(*modules):
-        for x, y in fetch.stream(eval_batches(n, EVAL_BATCH)):
+        for x, y in fetch.stream(eval_batches(indices, EVAL_BATCH)):
             with env.autocast():
                 outs.append(fn(env.images(x.float().div_(255))).float())
             labels.append(y)
@@ -36,6 +39,19 @@ def apply(
 
 def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float((logits.argmax(1) == labels).float().mean())
+
+
+def split_top1(
+    net: torch.nn.Module, splits: Splits, env: Env, prefix: str = ""
+) -> dict[str, float | None]:
+    """``{prefix}val_top1`` (None without a validation split) and ``{prefix}test_top1``."""
+    val = None
+    if len(splits.val):
+        logits, labels = apply(net, [net], Fetcher(splits.train, env.device), splits.val, env)
+        val = top1(logits, labels)
+    test = Fetcher(splits.test, env.device)
+    logits, labels = apply(net, [net], test, np.arange(len(splits.test)), env)
+    return {f"{prefix}val_top1": val, f"{prefix}test_top1": top1(logits, labels)}
 
 
 def knn_accuracy(
@@ -61,8 +77,17 @@ def linear_probe(
     test_labels: torch.Tensor, classes: int, steps: int = 100, weight_decay: float = 1e-4,
 ) -> float:
     """Logistic regression on frozen features (L-BFGS, standardised inputs) -> test top-1."""
+    predict = fit_linear_probe(train, train_labels, classes, steps, weight_decay)
+    return top1(predict(test), test_labels)
+
+
+def fit_linear_probe(
+    train: torch.Tensor, train_labels: torch.Tensor, classes: int, steps: int = 100,
+    weight_decay: float = 1e-4,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Fit once, evaluate on several splits: features -> logits."""
     mean, std = train.mean(0), train.std(0).clamp_min(1e-6)
-    xtr, xte = (train - mean) / std, (test - mean) / std
+    xtr = (train - mean) / std
     w = torch.zeros(xtr.shape[1], classes, device=xtr.device, requires_grad=True)
     b = torch.zeros(classes, device=xtr.device, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
@@ -74,5 +99,5 @@ def linear_probe(
         return loss
 
     opt.step(closure)
-    with torch.no_grad():
-        return top1(xte @ w + b, test_labels)
+    w, b = w.detach(), b.detach()
+    return lambda x: ((x - mean) / std) @ w + b

@@ -11,32 +11,24 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from scaling.augment import CROP_FLIP, augment
-from scaling.batches import Fetcher, epoch_batches, steps_per_epoch
+from scaling.augment import CROP_FLIP, augment_views
+from scaling.batches import Fetcher, crops_for, epoch_batches, steps_per_epoch
 from scaling.checkpoint import load_final_models, read_result
 from scaling.config import ExperimentConfig, OptimConfig, to_dict
-from scaling.data import Dataset, load_dataset
 from scaling.env import Env
-from scaling.evaluate import apply, top1
+from scaling.evaluate import split_top1
 from scaling.measure import forward_flops_per_image, size_metrics
 from scaling.network import Classifier, build_classifier, build_contrastive, classifier_from
 from scaling.optimizer import build_optimizer
 from scaling.schedule import scaled_lr, warmup_cosine
+from scaling.splits import labelled_subset, load_splits, schedule_epochs
 from scaling.stage import StageRun, augment_generator, set_lr
-from scaling.subsets import label_subset, save_indices
+from scaling.subsets import save_indices
 
 Build = Callable[[int, int, int], Classifier]  # (channels, image size, classes) -> model
-
-
-def labelled_indices(cfg: ExperimentConfig, train: Dataset) -> np.ndarray:
-    """The class-balanced labelled subset every label-using stage of ``cfg`` shares."""
-    ft = cfg.finetune
-    labels = train.labels.numpy()
-    return label_subset(labels, ft.label_fraction, ft.labels_per_class, ft.subset_seed)
 
 
 def finetune(
@@ -48,8 +40,8 @@ def finetune(
 
     ft = cfg.finetune
     extra = {"head_layer": ft.head_layer, "pretrained": str(pretrained)}
-    return train_classifier(cfg, "finetune", out, env, build, ft.epochs, ft.batch_size,
-                            ft.optim, extra)
+    return train_classifier(cfg, "finetune", out, env, build, ft.epochs, ft.min_steps,
+                            ft.batch_size, ft.optim, extra)
 
 
 def pretrained_classifier(
@@ -69,24 +61,23 @@ def supervised(cfg: ExperimentConfig, out: Path, env: Env | None = None) -> dict
         return build_classifier(cfg.model, cfg.head, 0, channels, size, classes)
 
     s = cfg.supervised
-    return train_classifier(cfg, "supervised", out, env, build, s.epochs, s.batch_size, s.optim,
-                            {"head_layer": 0})
+    return train_classifier(cfg, "supervised", out, env, build, s.epochs, s.min_steps,
+                            s.batch_size, s.optim, {"head_layer": 0})
 
 
 def train_classifier(
-    cfg: ExperimentConfig, name: str, out: Path, env: Env | None, build: Build,
-    epochs: int, batch_size: int, optim: OptimConfig, extra_protocol: dict[str, Any],
+    cfg: ExperimentConfig, name: str, out: Path, env: Env | None, build: Build, epochs: int,
+    min_steps: int, batch_size: int, optim: OptimConfig, extra_protocol: dict[str, Any],
 ) -> dict[str, Any]:
     done = read_result(out)
     if done is not None:
         return done
     env = env or Env.local(cfg.runtime.device, cfg.runtime.compile)
 
-    # Data: the labelled subset of the training split; crop+flip views.
-    d = cfg.data
-    train = load_dataset(d.name, "train", d.root, d.download, d.image_size)
-    test = load_dataset(d.name, "test", d.root, d.download, d.image_size)
-    labelled = labelled_indices(cfg, train)
+    # Data: the labelled subset of the training split outside validation; crop+flip.
+    splits = load_splits(cfg.data)
+    train = splits.train
+    labelled = labelled_subset(cfg, splits)
     if env.is_main:
         save_indices(out / "labels.txt", labelled)
     # Small subsets (1% of a small set) can hold fewer images than a batch:
@@ -94,11 +85,12 @@ def train_classifier(
     batch = min(batch_size, len(labelled) // env.world * env.world)
     fetch = Fetcher(train, env.device, cfg.runtime.loader_workers)
     spe = steps_per_epoch(len(labelled), batch)
+    epochs = schedule_epochs(epochs, min_steps, spe)
 
     torch.manual_seed(cfg.seed)
     net = build(train.channels, train.image_size, train.num_classes)
     flops = forward_flops_per_image(net, fetch(labelled[:1])[0].float())
-    model = env.prepare(net)
+    model = env.prepare(net, sync_bn=True)  # global BN, as in pretraining
     # The reference excludes the classifier from LARS adaptation and weight decay.
     optimizer = build_optimizer(optim, net, exclude=[net.classifier])
     peak_lr = scaled_lr(optim.base_lr, batch, optim.lr_scaling)
@@ -110,11 +102,13 @@ def train_classifier(
                    {"model": net, "optimizer": optimizer}, gen)
     while run.step < total:
         batches = epoch_batches(labelled, batch, cfg.seed, run.epoch, env.rank, env.world)
-        for x, y in fetch.stream(batches[run.skip_in_epoch():]):
+        crops = crops_for(CROP_FLIP, 1, cfg.seed, run.epoch)  # folder data: from the full image
+        for x, y in fetch.stream(batches[run.skip_in_epoch():], crops):
             lr = warmup_cosine(run.step, peak_lr, total, warmup)
             set_lr(optimizer, lr)
+            (view,) = augment_views(x, CROP_FLIP, gen, 1, shard=(env.rank, env.world))
             with env.autocast():
-                logits = model(env.images(augment(x, CROP_FLIP, gen, shard=(env.rank, env.world))))
+                logits = model(env.images(view))
             loss = F.cross_entropy(logits.float(), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -123,15 +117,17 @@ def train_classifier(
 
     metrics: dict[str, Any] = {**size_metrics(net, flops), "labelled_examples": len(labelled)}
     if env.is_main:
-        logits, labels = apply(net, [net], Fetcher(test, env.device), len(test), env)
-        metrics["test_top1"] = top1(logits, labels)
+        metrics |= split_top1(net, splits, env)
     ft = cfg.finetune
     protocol = {
         "stem": cfg.model.resolved_stem(train.image_size), "image_size": train.image_size,
         "label_fraction": ft.label_fraction, "labels_per_class": ft.labels_per_class,
-        "subset_seed": ft.subset_seed, "batch_size": batch, "epochs": epochs,
-        "augment": "crop+flip", "probe": "fine-tuned classifier, test split top-1",
-        **extra_protocol,
+        "subset_seed": ft.subset_seed, "subset_file": ft.subset_file, "batch_size": batch,
+        "epochs": epochs, "steps": total, "min_steps": min_steps, "optimizer": optim.name,
+        "base_lr": optim.base_lr, "lr_scaling": optim.lr_scaling, "peak_lr": peak_lr,
+        "weight_decay": optim.weight_decay, "global_bn": True,
+        "val_size": len(splits.val), "val_seed": cfg.data.val_seed, "augment": "crop+flip",
+        "probe": "the trained classifier; top-1 on val and test", **extra_protocol,
     }
     return run.finish({"classifier": net.state_dict()}, metrics, protocol,
                       {"config": to_dict(cfg), "labels_file": "labels.txt"})

@@ -28,8 +28,11 @@ def nt_xent(
     gradients, so W workers with batch N compute the loss of one worker with
     batch W*N (see tests/test_losses.py).
 
-    Returns the mean over the 2N local anchors. The reference sums the two
-    directions' means instead, which is exactly 2x this value.
+    Returns the reference's value (tf2/objective.py): the mean over the N local
+    anchors of view 1 plus the mean over those of view 2, i.e. 2x the "mean over
+    2N anchors" convention. The scale matters: LARS adds weight decay to the
+    gradient before its trust ratio, and BN/bias parameters take plain momentum
+    steps, so the paper's learning rates and weight decay assume this sum.
     """
     if z1.shape != z2.shape or z1.dim() != 2:
         raise ValueError(f"z1 and z2 must both be NxD; got {tuple(z1.shape)}, {tuple(z2.shape)}")
@@ -52,7 +55,7 @@ def nt_xent(
             parts.append(a @ extra.T / temperature)  # NxK
         return F.cross_entropy(torch.cat(parts, dim=1), targets)
 
-    return 0.5 * (direction(z1, z2_all, z1_all) + direction(z2, z1_all, z2_all))
+    return direction(z1, z2_all, z1_all) + direction(z2, z1_all, z2_all)
 
 
 def distillation_loss(

@@ -21,7 +21,14 @@ import yaml
 
 from scaling import storage
 from scaling.checkpoint import CheckpointError
-from scaling.config import ConfigError, ExperimentConfig, config_hash, load_config, with_overrides
+from scaling.config import (
+    ConfigError,
+    ExperimentConfig,
+    config_hash,
+    load_config,
+    resolve_fraction,
+    with_overrides,
+)
 from scaling.data import DataError
 from scaling.distill import distill
 from scaling.env import Env
@@ -58,9 +65,11 @@ def stage_dir(root: Location, cfg: ExperimentConfig, stage: str) -> Location:
 
 
 def fraction_configs(cfg: ExperimentConfig) -> list[ExperimentConfig]:
+    """One configuration per label fraction, its ``finetune.per_fraction`` settings resolved."""
     if not cfg.label_fractions:
-        return [cfg]
-    return [with_overrides(cfg, {"finetune.label_fraction": f, "finetune.labels_per_class": None})
+        return [resolve_fraction(cfg)]
+    return [resolve_fraction(with_overrides(cfg, {"finetune.label_fraction": f,
+                                                  "finetune.labels_per_class": None}))
             for f in cfg.label_fractions]
 
 
@@ -121,16 +130,19 @@ def _pct(x: float | None) -> str:
 
 
 def summary(results: list[dict[str, Any]]) -> str:
-    """One screen: per stage and fraction, accuracy, wall time and images/s."""
-    rows = [f"{'stage':<11}{'labels':>8}{'top-1 %':>9}{'kNN %':>7}{'linear %':>9}"
-            f"{'train s':>9}{'img/s':>8}"]
+    """One screen: per stage and fraction, validation and test accuracy (probes for
+    pretraining), wall time and images/s. Choices are made on the val columns."""
+    rows = [f"{'stage':<11}{'labels':>8}{'val %':>7}{'test %':>8}{'kNN val/test':>14}"
+            f"{'linear val/test':>17}{'train s':>9}{'img/s':>8}"]
     for r in results:
         m, p = r["metrics"], r["protocol"]
         frac = p.get("label_fraction")
         labels = "-" if r["stage"] == "pretrain" else (
             f"{100 * frac:g}%" if frac is not None else f"{p['labels_per_class']}/cl")
-        rows.append(f"{r['stage']:<11}{labels:>8}{_pct(m.get('test_top1')):>9}"
-                    f"{_pct(m.get('knn_top1')):>7}{_pct(m.get('linear_top1')):>9}"
+        knn = f"{_pct(m.get('knn_val_top1'))}/{_pct(m.get('knn_top1'))}"
+        linear = f"{_pct(m.get('linear_val_top1'))}/{_pct(m.get('linear_top1'))}"
+        rows.append(f"{r['stage']:<11}{labels:>8}{_pct(m.get('val_top1')):>7}"
+                    f"{_pct(m.get('test_top1')):>8}{knn:>14}{linear:>17}"
                     f"{m['train_seconds']:>9.0f}{m['images_per_s']:>8.0f}")
     return "\n".join(rows)
 

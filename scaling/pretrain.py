@@ -8,19 +8,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from scaling.augment import augment
-from scaling.batches import Fetcher, epoch_batches, steps_per_epoch
+from scaling.augment import augment_views
+from scaling.batches import Fetcher, crops_for, epoch_batches, steps_per_epoch
 from scaling.checkpoint import read_result
 from scaling.config import ExperimentConfig, to_dict
-from scaling.data import load_dataset
 from scaling.env import Env
-from scaling.evaluate import apply, knn_accuracy, linear_probe
+from scaling.evaluate import apply, fit_linear_probe, knn_accuracy, top1
 from scaling.losses import nt_xent
 from scaling.measure import forward_flops_per_image, size_metrics
 from scaling.memory import NegativeQueue, ema_update, momentum_copy
 from scaling.network import ContrastiveNet, build_contrastive
 from scaling.optimizer import build_optimizer
 from scaling.schedule import scaled_lr, warmup_cosine
+from scaling.splits import Splits, load_splits, unlabelled_pool
 from scaling.stage import StageRun, augment_generator, set_lr
 
 
@@ -32,11 +32,12 @@ def pretrain(cfg: ExperimentConfig, out: Path, env: Env | None = None) -> dict[s
     env = env or Env.local(cfg.runtime.device, cfg.runtime.compile)
     p = cfg.pretrain
 
-    # Data: the training split, labels unused.
-    train = load_dataset(cfg.data.name, "train", cfg.data.root, cfg.data.download,
-                         cfg.data.image_size)
-    fetch = Fetcher(train, env.device, cfg.runtime.loader_workers)
-    spe = steps_per_epoch(len(train), p.batch_size)
+    # Data: the training split without validation (STL-10: + unlabelled), labels unused.
+    splits = load_splits(cfg.data)
+    train = splits.train
+    pool, indices = unlabelled_pool(cfg.data, splits)
+    fetch = Fetcher(pool, env.device, cfg.runtime.loader_workers)
+    spe = steps_per_epoch(len(indices), p.batch_size)
 
     # Model: one forward over both views, so BN statistics cover both (global BN).
     torch.manual_seed(cfg.seed)
@@ -59,15 +60,13 @@ def pretrain(cfg: ExperimentConfig, out: Path, env: Env | None = None) -> dict[s
     gen = augment_generator(env, cfg.seed)
     run = StageRun("pretrain", out, env, cfg.runtime, spe, p.epochs, objects, gen)
     view = p.augment.view()
-    indices = np.arange(len(train))
     while run.step < total:
         batches = epoch_batches(indices, p.batch_size, cfg.seed, run.epoch, env.rank, env.world)
-        for x, _ in fetch.stream(batches[run.skip_in_epoch():]):
+        crops = crops_for(view, 2, cfg.seed, run.epoch)  # folder data: from the full image
+        for x, _ in fetch.stream(batches[run.skip_in_epoch():], crops):
             lr = warmup_cosine(run.step, peak_lr, total, warmup)
             set_lr(optimizer, lr)
-            shard = (env.rank, env.world)
-            views = torch.cat([augment(x, view, gen, shard=shard),
-                               augment(x, view, gen, shard=shard)])  # 2NxCxHxW
+            views = torch.cat(augment_views(x, view, gen, 2, shard=(env.rank, env.world)))
             with env.autocast():
                 z = model(env.images(views))[-1]
             z1, z2 = z.float().chunk(2)
@@ -84,30 +83,41 @@ def pretrain(cfg: ExperimentConfig, out: Path, env: Env | None = None) -> dict[s
 
     metrics: dict[str, Any] = size_metrics(net, flops)
     if env.is_main:
-        metrics |= probe(cfg, net, fetch, env)
+        metrics |= probe(cfg, net, splits, fetch if pool is train else None, env)
     protocol = {
         "stem": cfg.model.resolved_stem(train.image_size), "image_size": train.image_size,
         "head_layers": cfg.head.num_layers, "batch_size": p.batch_size, "epochs": p.epochs,
         "temperature": p.temperature, "queue_size": p.memory.queue_size,
-        "loss": "nt_xent mean over 2N anchors (reference value / 2)",
-        "probe": f"frozen encoder, unaugmented features, 100% train labels; kNN k="
-                 f"{cfg.evaluate.knn_k} T={cfg.evaluate.knn_temperature}; logistic L-BFGS",
+        "images": len(indices), "val_size": len(splits.val), "val_seed": cfg.data.val_seed,
+        "loss": "nt_xent as the reference: mean over view-1 anchors + mean over view-2 anchors",
+        "probe": f"frozen encoder, unaugmented features; fitted on the training split's labels "
+                 f"without validation; kNN k={cfg.evaluate.knn_k} T="
+                 f"{cfg.evaluate.knn_temperature}; logistic L-BFGS; reported on val and test",
     }
     models = {"encoder": net.encoder.state_dict(), "head": net.head.state_dict()}
     return run.finish(models, metrics, protocol, {"config": to_dict(cfg)})
 
 
-def probe(cfg: ExperimentConfig, net: ContrastiveNet, fetch: Fetcher, env: Env) -> dict[str, Any]:
-    """kNN and linear-probe top-1 of the encoder on the test split."""
-    test = load_dataset(cfg.data.name, "test", cfg.data.root, cfg.data.download,
-                        cfg.data.image_size)
-    test_fetch = Fetcher(test, env.device, cfg.runtime.loader_workers)
-    f_train, y_train = apply(net.encoder, [net], fetch, len(fetch.dataset), env)
-    f_test, y_test = apply(net.encoder, [net], test_fetch, len(test), env)
-    classes = test.num_classes
+def probe(
+    cfg: ExperimentConfig, net: ContrastiveNet, splits: Splits, fetch: Fetcher | None, env: Env
+) -> dict[str, Any]:
+    """kNN and linear-probe top-1 of the encoder: fitted on the labelled training
+    images outside validation, reported on validation (``*_val_top1``) and test."""
+    workers = cfg.runtime.loader_workers
+    train_fetch = fetch or Fetcher(splits.train, env.device, workers)
+    f_train, y_train = apply(net.encoder, [net], train_fetch, splits.rest, env)
+    keep = y_train >= 0
+    f_train, y_train = f_train[keep], y_train[keep]
+    evals = {"": apply(net.encoder, [net], Fetcher(splits.test, env.device, workers),
+                       np.arange(len(splits.test)), env)}
+    if len(splits.val):
+        evals["val_"] = apply(net.encoder, [net], train_fetch, splits.val, env)
+    classes = splits.test.num_classes
     ev = cfg.evaluate
-    return {
-        "knn_top1": knn_accuracy(f_train, y_train, f_test, y_test, classes, ev.knn_k,
-                                 ev.knn_temperature),
-        "linear_top1": linear_probe(f_train, y_train, f_test, y_test, classes, ev.linear_steps),
-    }
+    linear = fit_linear_probe(f_train, y_train, classes, ev.linear_steps)
+    out: dict[str, Any] = {"knn_val_top1": None, "linear_val_top1": None}
+    for split, (f, y) in evals.items():
+        out[f"knn_{split}top1"] = knn_accuracy(f_train, y_train, f, y, classes, ev.knn_k,
+                                               ev.knn_temperature)
+        out[f"linear_{split}top1"] = top1(linear(f), y)
+    return out

@@ -19,9 +19,11 @@ from scaling.storage import Location
 
 TABLE = "results.csv"
 CELLS = "cells"
-METRICS = {  # table column: result.json metrics key
-    "top1": "test_top1", "linear_top1": "linear_top1", "knn_top1": "knn_top1",
-    "teacher_top1": "teacher_test_top1", "params": "params",
+METRICS = {  # table column: result.json metrics key (top1 columns: the test split)
+    "top1": "test_top1", "val_top1": "val_top1", "linear_top1": "linear_top1",
+    "linear_val_top1": "linear_val_top1", "knn_top1": "knn_top1",
+    "knn_val_top1": "knn_val_top1", "teacher_top1": "teacher_test_top1",
+    "teacher_val_top1": "teacher_val_top1", "params": "params",
     "params_with_head": "params_with_head", "forward_flops": "forward_flops_per_image",
     "labelled_examples": "labelled_examples", "images_per_s": "images_per_s",
     "train_seconds": "train_seconds", "wall_seconds": "wall_seconds",

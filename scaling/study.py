@@ -19,7 +19,14 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-from scaling.config import ConfigError, ExperimentConfig, ModelConfig, config_hash, with_overrides
+from scaling.config import (
+    ConfigError,
+    ExperimentConfig,
+    ModelConfig,
+    config_hash,
+    resolve_fraction,
+    with_overrides,
+)
 from scaling.pipeline import stage_key
 
 ALIASES = {
@@ -111,7 +118,8 @@ def _cell_config(base: ExperimentConfig, values: tuple[tuple[str, Any], ...]) ->
         overrides["distill.unlabelled"] = dataclasses.asdict(base.data)
     for k, v in values:
         overrides[k] = v
-    return with_overrides(base, overrides)
+    # The cell's fraction picks its per-fraction fine-tuning settings; axes win.
+    return resolve_fraction(with_overrides(base, overrides), keep=tuple(k for k, _ in values))
 
 
 def _fmt(v: Any) -> str:
@@ -220,9 +228,11 @@ def stage_flops(cfg: ExperimentConfig, stage: str) -> float:
     if stage == "pretrain":
         return 3 * fwd * 2 * n * cfg.pretrain.epochs
     if stage == "finetune":
-        return 3 * fwd * fraction * n * cfg.finetune.epochs
+        return 3 * fwd * max(fraction * n * cfg.finetune.epochs,
+                             cfg.finetune.min_steps * cfg.finetune.batch_size)
     if stage == "supervised":
-        return 3 * fwd * fraction * n * cfg.supervised.epochs
+        return 3 * fwd * max(fraction * n * cfg.supervised.epochs,
+                             cfg.supervised.min_steps * cfg.supervised.batch_size)
     student = cfg.distill.student or cfg.model
     unl = cfg.distill.unlabelled or cfg.data
     n_unl, _, _ = DATA_SHAPES[unl.name]

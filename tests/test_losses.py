@@ -12,7 +12,8 @@ from scaling.losses import distillation_loss, nt_xent
 
 
 def naive_nt_xent(z1, z2, t, extra=None):
-    """SimCLR eq. 1 written as a loop over the 2N anchors."""
+    """SimCLR eq. 1 as a loop over the 2N anchors, at the reference's scale: the sum
+    over all 2N anchors divided by N (= the mean of each direction, summed)."""
     z = F.normalize(torch.cat([z1, z2]), dim=1)
     q = None if extra is None else F.normalize(extra, dim=1)
     n = z1.shape[0]
@@ -23,35 +24,68 @@ def naive_nt_xent(z1, z2, t, extra=None):
         if q is not None:
             sims += [torch.dot(z[i], q[k]) / t for k in range(q.shape[0])]
         total = total - (torch.dot(z[i], z[pos]) / t - torch.logsumexp(torch.stack(sims), 0))
-    return total / (2 * n)
+    return total / n
+
+
+def reference_nt_xent(z1, z2, t):
+    """google-research/simclr tf2/objective.py add_contrastive_loss, transcribed:
+    logits_aa/bb masked with LARGE_NUM on the diagonal, loss_a + loss_b, each a
+    softmax cross-entropy averaged over the N anchors of its view."""
+    large = 1e9
+    h1, h2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
+    n = h1.shape[0]
+    labels = F.one_hot(torch.arange(n), 2 * n).to(h1.dtype)
+    masks = F.one_hot(torch.arange(n), n).to(h1.dtype)
+    logits_aa = h1 @ h1.T / t - masks * large
+    logits_bb = h2 @ h2.T / t - masks * large
+    logits_ab, logits_ba = h1 @ h2.T / t, h2 @ h1.T / t
+
+    def softmax_ce(lab, logits):
+        return -(lab * F.log_softmax(logits, 1)).sum(1).mean()
+
+    loss_a = softmax_ce(labels, torch.cat([logits_ab, logits_aa], 1))
+    loss_b = softmax_ce(labels, torch.cat([logits_ba, logits_bb], 1))
+    return loss_a + loss_b
 
 
 @pytest.mark.parametrize("t", [0.1, 0.5, 1.0])
-def test_nt_xent_matches_naive_loop(t):
+def test_nt_xent_equals_the_reference_formula(t):
+    # float64 throughout: the check is of the formula, not of float32 rounding.
     g = torch.Generator().manual_seed(0)
-    z1, z2 = torch.randn(7, 5, generator=g), torch.randn(7, 5, generator=g)
-    assert torch.allclose(nt_xent(z1, z2, t), naive_nt_xent(z1, z2, t), atol=1e-5)
+    z1, z2 = (torch.randn(7, 5, generator=g, dtype=torch.float64) for _ in range(2))
+    ours = nt_xent(z1, z2, t)
+    assert torch.allclose(ours, reference_nt_xent(z1, z2, t), rtol=1e-10, atol=0)
+    assert torch.allclose(ours, naive_nt_xent(z1, z2, t), rtol=1e-10, atol=0)
+
+
+def test_nt_xent_float32_is_close_to_float64():
+    g = torch.Generator().manual_seed(2)
+    z1, z2 = (torch.randn(16, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    exact = nt_xent(z1, z2, 0.1)
+    assert torch.allclose(nt_xent(z1.float(), z2.float(), 0.1).double(), exact, rtol=1e-5)
 
 
 def test_nt_xent_with_extra_negatives_matches_naive_loop():
     g = torch.Generator().manual_seed(1)
-    z1, z2, q = (torch.randn(n, 6, generator=g) for n in (5, 5, 11))
+    z1, z2, q = (torch.randn(n, 6, generator=g, dtype=torch.float64) for n in (5, 5, 11))
     assert torch.allclose(nt_xent(z1, z2, 0.2, negatives=q), naive_nt_xent(z1, z2, 0.2, q),
-                          atol=1e-5)
+                          rtol=1e-10, atol=0)
 
 
 def test_closed_forms():
-    # All embeddings equal: every logit is 1/t, so the loss is log(2N - 1).
+    # Computed in float64 so that the comparison is exact to 1e-12 on any CPU.
+    # All embeddings equal: every logit is 1/t, so each direction is log(2N - 1).
     n = 6
-    z = torch.ones(n, 4)
-    assert math.isclose(nt_xent(z, z, 0.5).item(), math.log(2 * n - 1), rel_tol=1e-6)
+    z = torch.ones(n, 4, dtype=torch.float64)
+    assert math.isclose(nt_xent(z, z, 0.5).item(), 2 * math.log(2 * n - 1), rel_tol=1e-12)
     # One image: the positive is the only candidate, so the loss is 0.
-    assert nt_xent(torch.randn(1, 3), torch.randn(1, 3), 0.1).item() == pytest.approx(0, abs=1e-6)
-    # Orthonormal embeddings, views identical: positive logit 1/t, negatives 0.
+    one = torch.randn(1, 3, dtype=torch.float64)
+    assert nt_xent(one, -one, 0.1).item() == pytest.approx(0, abs=1e-12)
+    # Orthonormal embeddings, views identical: positive logit 1/t, 2N - 2 negatives at 0.
     t = 0.25
-    e = torch.eye(4)
-    expected = -(1 / t - math.log(math.exp(1 / t) + 2 * 4 - 2))
-    assert nt_xent(e, e, t).item() == pytest.approx(expected, rel=1e-6)
+    e = torch.eye(4, dtype=torch.float64)
+    expected = -2 * (1 / t - math.log(math.exp(1 / t) + 2 * 4 - 2))
+    assert nt_xent(e, e, t).item() == pytest.approx(expected, rel=1e-12)
 
 
 def test_gradcheck():
@@ -92,11 +126,11 @@ def test_two_workers_equal_one_worker_with_double_batch():
         out = mp.Manager().dict()
         mp.spawn(_worker, args=(2, os.path.join(d, "init"), z1, z2, out), nprocs=2)
     mean_loss = out[0][0]
-    assert torch.allclose(mean_loss, full.detach(), atol=1e-6)
+    assert torch.allclose(mean_loss, full.detach(), rtol=1e-5, atol=1e-6)
     for rank in range(2):
         ga, gb = out[rank][1].chunk(2)
-        assert torch.allclose(ga, a.grad[rank * 4:(rank + 1) * 4], atol=1e-6)
-        assert torch.allclose(gb, b.grad[rank * 4:(rank + 1) * 4], atol=1e-6)
+        assert torch.allclose(ga, a.grad[rank * 4:(rank + 1) * 4], rtol=1e-4, atol=1e-6)
+        assert torch.allclose(gb, b.grad[rank * 4:(rank + 1) * 4], rtol=1e-4, atol=1e-6)
 
 
 def test_distillation_closed_forms():
