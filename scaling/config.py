@@ -180,6 +180,7 @@ class FractionSettings:
     epochs: int | None = None
     base_lr: float | None = None
     min_steps: int | None = None
+    subset_file: str | None = None
 
     def __post_init__(self) -> None:
         check(self.head_layer is None or 0 <= self.head_layer <= 5, "head_layer",
@@ -210,7 +211,8 @@ class FinetuneConfig:
     # random class-balanced subset of label_fraction / labels_per_class.
     subset_file: str | None = None
     # Per label fraction, e.g. {0.01: {epochs: 60}, 1.0: {head_layer: 0, epochs: 30}}
-    # (the paper's schedule). Resolved into the fields above for each fraction's run.
+    # (the paper's schedule). Resolved into the fields above for each fraction's run;
+    # an entry's fields win over the ones above (a study's axes win over both).
     per_fraction: dict[float, FractionSettings] = field(default_factory=dict)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
         base_lr=0.005, weight_decay=0.0, warmup_fraction=0.0))  # reference fine-tuning
@@ -368,7 +370,8 @@ def resolve_fraction(cfg: ExperimentConfig, keep: tuple[str, ...] = ()) -> Exper
     if ft.label_fraction is not None:
         match = [s for f, s in ft.per_fraction.items() if _same(f, ft.label_fraction)]
         fields = {"head_layer": "finetune.head_layer", "epochs": "finetune.epochs",
-                  "base_lr": "finetune.optim.base_lr", "min_steps": "finetune.min_steps"}
+                  "base_lr": "finetune.optim.base_lr", "min_steps": "finetune.min_steps",
+                  "subset_file": "finetune.subset_file"}
         for name, key in fields.items():
             value = getattr(match[0], name) if match else None
             if value is not None and key not in keep:

@@ -31,7 +31,7 @@ METRICS = {  # table column: result.json metrics key (top1 columns: the test spl
 }
 
 
-CODE_PATHS = ("scaling", "studies", "analysis", "configs", "pyproject.toml")
+CODE_PATHS = ("scaling", "studies", "analysis", "configs", "subsets", "pyproject.toml")
 
 
 def git_commit() -> str:
