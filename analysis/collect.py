@@ -75,11 +75,17 @@ def model_name(depth: int, width: float, sk: float) -> str:
 
 
 def _student(row: pd.Series) -> str:
+    """'self' when the student has the teacher's architecture, however the config
+    said so (no student, or a student axis equal to the teacher)."""
     depth = row.get("distill.student.depth")
     if depth is None or pd.isna(depth):
         return "self"
-    return model_name(int(depth), float(row["distill.student.width"]),
-                       float(row.get("distill.student.sk_ratio", 0.0) or 0.0))
+    student = (int(depth), float(row["distill.student.width"]),
+               float(row.get("distill.student.sk_ratio", 0.0) or 0.0))
+    teacher = (int(row["model.depth"]), float(row["model.width"]),
+               float(row.get("model.sk_ratio", 0.0) or 0.0))
+    same_stem = row.get("distill.student.stem") == row.get("model.stem")
+    return "self" if student == teacher and same_stem else model_name(*student)
 
 
 def tidy(raw: pd.DataFrame) -> pd.DataFrame:

@@ -25,16 +25,21 @@ def test_pipeline_end_to_end_and_rerun_reuses(tiny, tmp_path):
     for key in ("knn_top1", "linear_top1", "images_per_s", "wall_seconds", "params",
                 "forward_flops_per_image", "peak_memory_bytes"):
         assert pre["metrics"][key] > 0, key
-    assert pre["history"] and pre["history"][-1]["step"] == pre["step"] == 16
+    # 224 training images (256 less 32 for validation) / batch 32 x 2 epochs.
+    assert pre["history"] and pre["history"][-1]["step"] == pre["step"] == 14
+    for key in ("knn_val_top1", "linear_val_top1"):
+        assert 0 < pre["metrics"][key] <= 1, key
     for r in results[1:]:
         assert 0 <= r["metrics"]["test_top1"] <= 1
+        assert 0 <= r["metrics"]["val_top1"] <= 1
         for key in ("stem", "batch_size", "epochs", "subset_seed", "probe", "head_layer"):
             assert key in r["protocol"] or r["stage"] == "distill", key
     ft = results[1]
     assert ft["protocol"]["label_fraction"] == 0.1 and ft["protocol"]["head_layer"] == 1
     labels = np.loadtxt(stage_dir(tmp_path, with_overrides(
         tiny, {"finetune.label_fraction": 0.1}), "finetune") / "labels.txt")
-    assert len(labels) == ft["metrics"]["labelled_examples"] == 24  # 4 classes x round(6.4)
+    # 4 classes x round(0.1 x 56): the 224 images outside the 32 of validation
+    assert len(labels) == ft["metrics"]["labelled_examples"] == 24
     # Pretraining is shared by both fractions: one pretrain directory only.
     assert len(list(tmp_path.glob("pretrain-*"))) == 1
     assert "finetune" in summary(results)
