@@ -191,6 +191,19 @@ def figure_set(df: pd.DataFrame, a: Analysis) -> dict[str, Callable[[], Figure]]
     return out
 
 
+def splits_note(df: pd.DataFrame) -> str:
+    """Which split chose what, and which one the numbers below are on."""
+    sizes = sorted({json.loads(p).get("val_size") for p in df["protocol"].dropna()} - {None})
+    val = (f"{', '.join(map(str, sizes))} training images held out, class-balanced"
+           if sizes else "none recorded (results from before validation splits)")
+    return ("<h2>Splits</h2><p>Every accuracy below is top-1 on the <b>test</b> split, which "
+            "chose nothing. Presets, learning rates (the supervised baseline's included) "
+            f"and recipes were chosen on the <b>validation</b> split ({html.escape(val)}); "
+            "its numbers are the <code>val_top1</code>, <code>linear_val_top1</code> and "
+            "<code>knn_val_top1</code> columns of results_tidy.csv. Label subsets, "
+            "pretraining and distillation images never include a validation image.</p>")
+
+
 def _table_html(df: pd.DataFrame) -> str:
     return df.to_html(index=False, border=0, classes="t", float_format=lambda x: f"{x:.4g}",
                       na_rep="-")
@@ -225,6 +238,7 @@ def write_report(study_dir: Location) -> Location:
         f"<li>git commit: <code>{html.escape(', '.join(sorted(set(df['git_commit'].astype(str)))))}"
         "</code></li></ul>",
     ]
+    parts.append(splits_note(df))
     if missing:
         parts.append(f"<h2>Missing ({len(missing)} stages: a partial sweep)</h2><ul>"
                      + "".join(f"<li>{html.escape(m)}</li>" for m in missing) + "</ul>")

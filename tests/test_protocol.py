@@ -278,3 +278,12 @@ def test_stl10_pretrains_on_train_and_unlabelled(monkeypatch):
     assert len(pool) == 150 and len(idx) == 140  # 40 labelled outside validation + 100
     assert np.intersect1d(idx, splits.val).size == 0
     assert (pool.labels[idx[40:]] == -1).all()
+
+
+def test_the_report_says_which_split_chose_what():
+    from analysis.report import splits_note
+
+    df = pd.DataFrame({"protocol": ['{"val_size": 6000}', '{"val_size": 6000}', None]})
+    note = splits_note(df)
+    assert "top-1 on the <b>test</b> split, which chose nothing" in note
+    assert "6000 training images held out" in note
