@@ -69,3 +69,17 @@ def test_gpu_script_runs_its_smoke_case_and_counts_training_flops():
     # convolution needs no input gradient, so a little under 3x).
     assert 2 * 2.5 * forward < per_pair <= 2 * 3.0 * forward
     assert "image pairs/s" in done.stdout and isinstance(case.spec, ViewSpec)
+
+
+def test_the_folder_bench_times_both_paths_on_real_jpegs(tmp_path):
+    folder = _bench("folder")
+    folder.make_jpegs(tmp_path, 3)
+    files = sorted((tmp_path / "train" / "c").glob("*.JPEG"))
+    assert len(files) == 3 and files[0].read_bytes()[:2] == b"\xff\xd8"  # JPEG magic
+    from PIL import Image
+
+    assert Image.open(files[0]).size == (500, 375)
+    r = folder.run(images=4, batch=2, repeats=1)
+    for key in ("decode_img_s", "eval_img_s", "old_pairs_s", "new_pairs_s", "new_cpu_pairs_s"):
+        assert r[key] > 0, key
+    assert 0 < r["new_cpu_share"] <= 1

@@ -1,0 +1,133 @@
+"""ImageNet-style folders: training views cut from the full image vs the old centre square.
+
+    .venv/bin/python bench/folder.py [--images 256] [--batch 64] [--repeats 3]
+
+Generates ``--images`` JPEGs of ImageNet's typical size (500x375, quality 90; smooth
+random colour fields, so they compress like photos rather than like noise) and
+times, in this one process with one torch thread (so the numbers are per core):
+  decode   PIL decode to a uint8 tensor only
+  old      decode, resize the short side to 224, centre-crop 224 (the previous
+           FolderImages), then two batched views (crop, flip, colour, blur)
+  new      decode once, two random-resized crops of the full image resized to 224
+           with antialiasing (FolderImages' training request), then flip, colour,
+           blur batched (scaling.augment.augment_views)
+  eval     decode, central 87.5% square, resize to 224 (the evaluation view)
+Each variant runs ``--repeats`` times, alternating; medians are printed with the
+new/old ratio, the share of the new path spent on the CPU side (decode + crops),
+and the CPU cores that side needs to feed a GPU at 3,500 pairs/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from scaling.augment import ViewSpec, augment, augment_views
+from scaling.data import FolderImages
+
+SPEC = ViewSpec(color_strength=1.0, blur_p=0.5)  # the ImageNet recipe
+SIZE = 224
+TARGET_PAIRS_PER_S = 3500  # an H100/H200-class GPU on ResNet-50 (issue 18's figure)
+
+
+def make_jpegs(root: Path, n: int, width: int = 500, height: int = 375) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (root / "train" / "c").mkdir(parents=True)
+    for i in range(n):
+        coarse = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+        img = Image.fromarray(coarse).resize((width, height), Image.BICUBIC)
+        noise = rng.integers(-12, 13, (height, width, 3))
+        pixels = np.clip(np.asarray(img).astype(int) + noise, 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(root / "train" / "c" / f"img_{i}.JPEG", quality=90)
+
+
+def old_view(ds: FolderImages, i: int) -> torch.Tensor:
+    from torchvision.transforms.v2.functional import center_crop, resize
+
+    img = ds.decode(i)
+    return center_crop(resize(img, [SIZE], antialias=True), [SIZE])
+
+
+def timed(fn: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def run(images: int, batch: int, repeats: int) -> dict[str, float]:
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        make_jpegs(Path(tmp), images)
+        ds = FolderImages(Path(tmp) / "train", SIZE, "imagefolder")
+        gen = torch.Generator().manual_seed(0)
+        batches = [range(s, min(s + batch, images)) for s in range(0, images, batch)]
+        crop_s: dict[str, list[float]] = {k: [] for k in ("decode", "old", "new", "eval")}
+        aug_s: dict[str, list[float]] = {"old": [], "new": []}
+
+        def old() -> None:
+            for b in batches:
+                t0 = time.perf_counter()
+                x = torch.stack([old_view(ds, i) for i in b])
+                t1 = time.perf_counter()
+                augment(x, SPEC, gen), augment(x, SPEC, gen)
+                crop_s["old"][-1] += t1 - t0
+                aug_s["old"][-1] += time.perf_counter() - t1
+
+        def new() -> None:
+            for b in batches:
+                t0 = time.perf_counter()
+                x = torch.stack([ds[(i, i, 2, SPEC.crop_scale, SPEC.crop_ratio)][0] for i in b])
+                t1 = time.perf_counter()
+                augment_views(x, SPEC, gen, 2)
+                crop_s["new"][-1] += t1 - t0
+                aug_s["new"][-1] += time.perf_counter() - t1
+
+        for _ in range(repeats):
+            crop_s["decode"].append(timed(lambda: [ds.decode(i) for i in range(images)]))
+            crop_s["eval"].append(timed(lambda: [ds[i] for i in range(images)]))
+            for name, fn in (("old", old), ("new", new)):
+                crop_s[name].append(0.0)
+                aug_s[name].append(0.0)
+                fn()
+    med = {k: statistics.median(v) for k, v in crop_s.items()}
+    aug = {k: statistics.median(v) for k, v in aug_s.items()}
+    return {
+        "decode_img_s": images / med["decode"], "eval_img_s": images / med["eval"],
+        "old_pairs_s": images / (med["old"] + aug["old"]),
+        "new_pairs_s": images / (med["new"] + aug["new"]),
+        "new_cpu_pairs_s": images / med["new"], "new_cpu_share": med["new"] / (
+            med["new"] + aug["new"]),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    r = run(args.images, args.batch, args.repeats)
+    print(f"{args.images} JPEGs 500x375 q90, 1 torch thread, torch {torch.__version__}")
+    print(f"decode only                    {r['decode_img_s']:8.1f} images/s per core")
+    print(f"eval view (87.5% centre, 224)  {r['eval_img_s']:8.1f} images/s per core")
+    print(f"old: centre square + 2 views   {r['old_pairs_s']:8.1f} pairs/s per core")
+    print(f"new: full-image crops + views  {r['new_pairs_s']:8.1f} pairs/s per core "
+          f"(new/old {r['new_pairs_s'] / r['old_pairs_s']:.2f})")
+    print(f"new, decode + 2 crops only     {r['new_cpu_pairs_s']:8.1f} pairs/s per core "
+          f"({100 * r['new_cpu_share']:.0f}% of the new path on a CPU)")
+    print(f"cores to decode + crop {TARGET_PAIRS_PER_S} pairs/s (colour ops on the GPU): "
+          f"{TARGET_PAIRS_PER_S / r['new_cpu_pairs_s']:.0f}")
+
+
+if __name__ == "__main__":
+    main()
