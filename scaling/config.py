@@ -256,12 +256,18 @@ class SupervisedConfig:
     epochs: int = 90  # the paper's supervised baseline schedule
     batch_size: int = 256
     min_steps: int = 0  # the same budget rule as fine-tuning (FinetuneConfig.min_steps)
+    # Base LRs to try: one run each, and the baseline is the run with the best
+    # validation top-1 (so it is tuned as well as fine-tuning is, and never on
+    # test). Empty: optim.base_lr alone.
+    lr_grid: tuple[float, ...] = ()
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
         name="sgd", base_lr=0.1, lr_scaling="linear", weight_decay=1e-4))
 
     def __post_init__(self) -> None:
         _check_epochs_batch(self.epochs, self.batch_size)
         _check_min_steps(self.min_steps)
+        check(all(lr > 0 for lr in self.lr_grid) and len(set(self.lr_grid)) == len(self.lr_grid),
+              "lr_grid", self.lr_grid, "distinct base LRs > 0, or [] for optim.base_lr alone")
 
 
 @dataclass(frozen=True)
@@ -335,6 +341,10 @@ class ExperimentConfig:
                 check(s.head_layer <= self.head.num_layers,
                       f"finetune.per_fraction[{f}].head_layer", s.head_layer,
                       f"0..head.num_layers ({self.head.num_layers})")
+
+        check(not self.supervised.lr_grid or self.data.val_size != 0, "supervised.lr_grid",
+              self.supervised.lr_grid, "[] when data.val_size is 0 (choosing needs a "
+              "validation split)")
 
     @property
     def student(self) -> ModelConfig:

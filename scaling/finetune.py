@@ -7,6 +7,7 @@ pretrained encoder + first k head layers, or random) and in their schedule.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 
 from scaling.augment import CROP_FLIP, augment_views
 from scaling.batches import Fetcher, crops_for, epoch_batches, steps_per_epoch
-from scaling.checkpoint import load_final_models, read_result
+from scaling.checkpoint import load_final_models, read_result, write_result
 from scaling.config import ExperimentConfig, OptimConfig, to_dict
 from scaling.env import Env
 from scaling.evaluate import split_top1
@@ -56,13 +57,39 @@ def pretrained_classifier(
 
 
 def supervised(cfg: ExperimentConfig, out: Path, env: Env | None = None) -> dict[str, Any]:
-    """The same architecture from scratch (encoder + linear) on the same labels."""
+    """The same architecture from scratch (encoder + linear) on the same labels.
+
+    With ``supervised.lr_grid`` every base LR trains in its own resumable directory
+    (``out/lr-<value>``) and the baseline is the run with the best validation top-1;
+    its weights and metrics become this stage's, with every LR's validation top-1
+    in the protocol and the grid's summed training time as ``train_seconds``.
+    """
     def build(channels: int, size: int, classes: int) -> Classifier:
         return build_classifier(cfg.model, cfg.head, 0, channels, size, classes)
 
     s = cfg.supervised
-    return train_classifier(cfg, "supervised", out, env, build, s.epochs, s.min_steps,
-                            s.batch_size, s.optim, {"head_layer": 0})
+
+    def run(where: Path, lr: float) -> dict[str, Any]:
+        optim = dataclasses.replace(s.optim, base_lr=lr)
+        return train_classifier(cfg, "supervised", where, env, build, s.epochs, s.min_steps,
+                                s.batch_size, optim, {"head_layer": 0})
+
+    if not s.lr_grid:
+        return run(out, s.optim.base_lr)
+    done = read_result(out)
+    if done is not None:
+        return done
+    runs = {lr: run(out / f"lr-{lr:g}", lr) for lr in s.lr_grid}
+    if env is not None and not env.is_main:
+        return runs[s.lr_grid[0]]  # only the main worker has validation numbers and writes
+    val = {lr: r["metrics"]["val_top1"] for lr, r in runs.items()}
+    best = max(s.lr_grid, key=lambda lr: val[lr])  # ties: the first listed
+    chosen = {k: v for k, v in runs[best].items() if k != "model_sha256"}
+    chosen["metrics"] = {**chosen["metrics"], "train_seconds": sum(
+        r["metrics"]["train_seconds"] for r in runs.values())}
+    chosen["protocol"] = {**chosen["protocol"], "lr_chosen_on": "validation top-1",
+                          "lr_grid_val_top1": {f"{lr:g}": v for lr, v in val.items()}}
+    return write_result(out, load_final_models(out / f"lr-{best:g}"), chosen)
 
 
 def train_classifier(

@@ -287,3 +287,25 @@ def test_the_report_says_which_split_chose_what():
     note = splits_note(df)
     assert "top-1 on the <b>test</b> split, which chose nothing" in note
     assert "6000 training images held out" in note
+
+
+def test_the_supervised_baseline_takes_the_lr_with_the_best_validation_top1(tiny, tmp_path):
+    from scaling.checkpoint import load_final_models
+
+    cfg = with_overrides(tiny, {"finetune.label_fraction": 1.0, "supervised.epochs": 8,
+                                "supervised.batch_size": 32, "supervised.lr_grid": [1e-6, 2.0]})
+    r = supervised(cfg, tmp_path / "sup")
+    val = r["protocol"]["lr_grid_val_top1"]
+    assert set(val) == {"1e-06", "2"} and val["2"] > val["1e-06"]  # 4 classes: 1e-6 learns nothing
+    assert r["protocol"]["base_lr"] == 2.0 and r["metrics"]["val_top1"] == val["2"]
+    # The grid's own directories, finished: read back, not trained again.
+    single = with_overrides(cfg, {"supervised.lr_grid": []})
+    runs = [supervised(single, tmp_path / "sup" / f"lr-{lr}") for lr in ("1e-06", "2")]
+    assert r["metrics"]["train_seconds"] == pytest.approx(
+        sum(x["metrics"]["train_seconds"] for x in runs))
+    chosen = load_final_models(tmp_path / "sup" / "lr-2")["classifier"]
+    final = load_final_models(tmp_path / "sup")["classifier"]
+    assert all(torch.equal(final[k], v) for k, v in chosen.items())
+    assert supervised(cfg, tmp_path / "sup") == r
+    with pytest.raises(ConfigError, match=r"supervised.lr_grid=\(1e-06, 2.0\) .*val_size is 0"):
+        with_overrides(cfg, {"data.val_size": 0})
