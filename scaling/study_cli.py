@@ -30,9 +30,12 @@ from scaling.study import Study, describe, make_study, plan
 # inside their trial's process (workers: 0): on one machine a one-worker Ray Train
 # group adds nothing Tune's trial retry does not, and with its start-up and
 # tear-down for each of the 14 stage runs the local model_size sweep took 631 s
-# instead of 317 s (bench/sweep.py, docs/performance.md).
+# instead of 317 s (bench/sweep.py, docs/performance.md). Fine-tuning and the
+# baseline share one step budget, and the baseline still picks its LR on validation,
+# from a shorter grid than fmnist-cpu's.
 LOCAL_SCHEDULE: dict[str, Any] = {
     "pretrain.epochs": 3, "finetune.epochs": 15, "supervised.epochs": 15,
+    "finetune.min_steps": 150, "supervised.min_steps": 150, "supervised.lr_grid": [0.4, 1.6],
     "distill.epochs": 1, "evaluate.linear_steps": 50, "runtime.checkpoint_every": 200,
     "runtime.workers": 0}
 
