@@ -368,6 +368,27 @@ def _same(a: float, b: float) -> bool:
     return abs(a - b) <= 1e-9 * max(abs(a), abs(b))
 
 
+# FractionSettings field -> the finetune key it replaces.
+PER_FRACTION_KEYS = {"head_layer": "finetune.head_layer", "epochs": "finetune.epochs",
+                     "base_lr": "finetune.optim.base_lr", "min_steps": "finetune.min_steps",
+                     "subset_file": "finetune.subset_file"}
+
+
+def check_per_fraction_overrides(cfg: ExperimentConfig, overrides: dict[str, Any]) -> None:
+    """An override of a key that ``finetune.per_fraction`` sets for some fraction would
+    be silently replaced there: stop instead, naming both."""
+    for name, key in PER_FRACTION_KEYS.items():
+        if key not in overrides:
+            continue
+        covered = [f for f, s in cfg.finetune.per_fraction.items()
+                   if getattr(s, name) is not None]
+        check(not covered, key, overrides[key],
+              f"not with finetune.per_fraction setting {name} for fractions "
+              f"{', '.join(f'{f:g}' for f in covered)}: set it there (e.g. "
+              f"finetune.per_fraction='{{{covered[0]:g}: {{{name}: ...}}}}'), or clear "
+              "it with finetune.per_fraction={}")
+
+
 def resolve_fraction(cfg: ExperimentConfig, keep: tuple[str, ...] = ()) -> ExperimentConfig:
     """``cfg`` with ``finetune.per_fraction``'s entry for ``finetune.label_fraction``
     written into the fine-tuning fields, and ``per_fraction`` emptied: so a stage's
@@ -379,10 +400,7 @@ def resolve_fraction(cfg: ExperimentConfig, keep: tuple[str, ...] = ()) -> Exper
     overrides: dict[str, Any] = {"finetune.per_fraction": {}}
     if ft.label_fraction is not None:
         match = [s for f, s in ft.per_fraction.items() if _same(f, ft.label_fraction)]
-        fields = {"head_layer": "finetune.head_layer", "epochs": "finetune.epochs",
-                  "base_lr": "finetune.optim.base_lr", "min_steps": "finetune.min_steps",
-                  "subset_file": "finetune.subset_file"}
-        for name, key in fields.items():
+        for name, key in PER_FRACTION_KEYS.items():
             value = getattr(match[0], name) if match else None
             if value is not None and key not in keep:
                 overrides[key] = value
@@ -496,4 +514,8 @@ def load_config(path: str | os.PathLike[str], overrides: dict[str, Any] | None =
     if not isinstance(data, dict):
         raise ConfigError("<root>", data, f"a mapping at the top of {path}")
     cfg = from_dict(ExperimentConfig, data)
-    return with_overrides(cfg, overrides) if overrides else cfg
+    if not overrides:
+        return cfg
+    cfg = with_overrides(cfg, overrides)
+    check_per_fraction_overrides(cfg, overrides)
+    return cfg

@@ -309,3 +309,14 @@ def test_the_supervised_baseline_takes_the_lr_with_the_best_validation_top1(tiny
     assert supervised(cfg, tmp_path / "sup") == r
     with pytest.raises(ConfigError, match=r"supervised.lr_grid=\(1e-06, 2.0\) .*val_size is 0"):
         with_overrides(cfg, {"data.val_size": 0})
+
+
+def test_an_override_that_per_fraction_would_replace_is_refused(tmp_path):
+    preset = PRESETS / "cifar10-gpu.yaml"
+    with pytest.raises(ConfigError, match=r"finetune.epochs=5 .*per_fraction setting epochs for "
+                                          r"fractions 0.01, 0.1, 1"):
+        load_config(preset, {"finetune.epochs": 5})
+    cleared = load_config(preset, {"finetune.epochs": 5, "finetune.per_fraction": {}})
+    assert {c.finetune.epochs for c in fraction_configs(cleared)} == {5}
+    moved = load_config(preset, {"finetune.per_fraction": {0.01: {"epochs": 5}}})
+    assert [c.finetune.epochs for c in fraction_configs(moved)] == [5, 60, 60]
