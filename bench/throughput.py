@@ -152,12 +152,13 @@ def bare_distill(cfg: ExperimentConfig, teacher_dir: Path, device: torch.device
     env.prepare(teacher)  # moves it in place (one process: no wrapper)
     teacher.eval().requires_grad_(False)
     torch.manual_seed(cfg.seed)
-    student = build_classifier(dc.student or cfg.model, cfg.head, cfg.finetune.head_layer,
-                               c, size, classes)
+    # As the stage: no head layers, pretraining's optimiser, the paper's temperature.
+    student = build_classifier(cfg.student, cfg.head, 0, c, size, classes)
     model = env.prepare(student)
-    opt = build_optimizer(dc.optim, student, exclude=[student.classifier])
+    optim = cfg.distill_optim()
+    opt = build_optimizer(optim, student)
     gen = torch.Generator(device).manual_seed(cfg.seed)
-    t = dc.temperature
+    t = cfg.distill_temperature()
 
     def step(idx: np.ndarray) -> None:
         view = env.images(augment(images[torch.from_numpy(idx).to(device)], CROP_FLIP, gen))
@@ -170,8 +171,7 @@ def bare_distill(cfg: ExperimentConfig, teacher_dir: Path, device: torch.device
         loss.backward()
         opt.step()
 
-    return _timed_loop(cfg, len(images), dc.batch_size, dc.epochs, dc.optim, opt, step,
-                       device)
+    return _timed_loop(cfg, len(images), dc.batch_size, dc.epochs, optim, opt, step, device)
 
 
 # --- (b), (c): the project's stage, alone or on Ray Train ---------------------
