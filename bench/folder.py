@@ -44,7 +44,7 @@ def make_jpegs(root: Path, n: int, width: int = 500, height: int = 375) -> None:
     (root / "train" / "c").mkdir(parents=True)
     for i in range(n):
         coarse = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
-        img = Image.fromarray(coarse).resize((width, height), Image.BICUBIC)
+        img = Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC)
         noise = rng.integers(-12, 13, (height, width, 3))
         pixels = np.clip(np.asarray(img).astype(int) + noise, 0, 255).astype(np.uint8)
         Image.fromarray(pixels).save(root / "train" / "c" / f"img_{i}.JPEG", quality=90)
