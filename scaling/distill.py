@@ -128,6 +128,7 @@ def distill(
         "temperature": temperature, "alpha": dc.alpha, "optimizer": optim.name,
         "base_lr": optim.base_lr, "lr_scaling": optim.lr_scaling, "peak_lr": peak_lr,
         "weight_decay": optim.weight_decay, "global_bn": True, "val_size": len(splits.val),
+        "val_seed": cfg.data.val_seed,
         "batch_size": dc.batch_size, "epochs": dc.epochs, "teacher_head_layer": head_layer,
         "label_fraction": cfg.finetune.label_fraction,
         "labels_per_class": cfg.finetune.labels_per_class,
