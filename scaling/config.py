@@ -382,11 +382,13 @@ def check_per_fraction_overrides(cfg: ExperimentConfig, overrides: dict[str, Any
             continue
         covered = [f for f, s in cfg.finetune.per_fraction.items()
                    if getattr(s, name) is not None]
-        check(not covered, key, overrides[key],
-              f"not with finetune.per_fraction setting {name} for fractions "
-              f"{', '.join(f'{f:g}' for f in covered)}: set it there (e.g. "
-              f"finetune.per_fraction='{{{covered[0]:g}: {{{name}: ...}}}}'), or clear "
-              "it with finetune.per_fraction={}")
+        if covered:
+            raise ConfigError(
+                key, overrides[key],
+                f"not with finetune.per_fraction setting {name} for fractions "
+                f"{', '.join(f'{f:g}' for f in covered)}: set it there (e.g. "
+                f"finetune.per_fraction='{{{covered[0]:g}: {{{name}: ...}}}}'), or clear it "
+                "with finetune.per_fraction={}")
 
 
 def resolve_fraction(cfg: ExperimentConfig, keep: tuple[str, ...] = ()) -> ExperimentConfig:

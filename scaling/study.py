@@ -230,9 +230,10 @@ def stage_flops(cfg: ExperimentConfig, stage: str) -> float:
     if stage == "finetune":
         return 3 * fwd * max(fraction * n * cfg.finetune.epochs,
                              cfg.finetune.min_steps * cfg.finetune.batch_size)
-    if stage == "supervised":
-        return 3 * fwd * max(fraction * n * cfg.supervised.epochs,
-                             cfg.supervised.min_steps * cfg.supervised.batch_size)
+    if stage == "supervised":  # one run per LR of the grid
+        runs = max(1, len(cfg.supervised.lr_grid))
+        return runs * 3 * fwd * max(fraction * n * cfg.supervised.epochs,
+                                    cfg.supervised.min_steps * cfg.supervised.batch_size)
     student = cfg.distill.student or cfg.model
     unl = cfg.distill.unlabelled or cfg.data
     n_unl, _, _ = DATA_SHAPES[unl.name]

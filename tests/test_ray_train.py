@@ -25,7 +25,8 @@ def losses(result):
 def test_one_ray_worker_reproduces_the_single_process_run(ray_local, tiny, tmp_path):
     from scaling.ray_train import run_stage
 
-    cfg = with_overrides(tiny, {"pretrain.epochs": 1, "runtime.log_every": 1})
+    cfg = with_overrides(tiny, {"pretrain.epochs": 1, "runtime.log_every": 1,
+                                "data.val_size": 0})
     on_ray = run_stage("pretrain", cfg, tmp_path / "ray")
     # Ray gives its worker one CPU thread; match it so float reductions agree.
     threads = torch.get_num_threads()
@@ -55,6 +56,7 @@ def test_two_workers_compute_what_one_worker_computes(ray_local, tiny, tmp_path)
 
     cfg = with_overrides(tiny, {
         "pretrain.epochs": 1, "pretrain.batch_size": 256, "runtime.log_every": 1,
+        "data.val_size": 0,  # the whole synthetic set in one batch
         "pretrain.optim": {"name": "sgd", "base_lr": 1.0, "lr_scaling": "linear",
                            "momentum": 0.0, "weight_decay": 0.0, "warmup_fraction": 0.0},
     })
@@ -90,7 +92,8 @@ def test_killed_worker_is_replaced_and_the_stage_resumes(ray_local, tiny, tmp_pa
     from scaling.ray_train import run_stage
 
     cfg = with_overrides(tiny, {"pretrain.epochs": 8, "pretrain.batch_size": 16,
-                                "runtime.checkpoint_every": 4, "runtime.max_failures": 2})
+                                "runtime.checkpoint_every": 4, "runtime.max_failures": 2,
+                                "data.val_size": 0})
     out = tmp_path / "pre"
     box: dict = {}
     driver = threading.Thread(target=lambda: box.update(r=run_stage("pretrain", cfg, out)))
@@ -125,6 +128,7 @@ def test_killed_driver_resumes_when_the_command_is_run_again(tmp_path):
     cfg = yaml.safe_load((repo / "configs" / "tiny.yaml").read_text())
     cfg["label_fractions"] = [0.5]
     cfg["pretrain"].update(epochs=8, batch_size=16)
+    cfg["data"]["val_size"] = 0  # all 256 images: 16 steps an epoch
     cfg["runtime"] = {"device": "cpu", "checkpoint_every": 4, "log_every": 4}
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))

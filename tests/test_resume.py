@@ -19,6 +19,7 @@ def write_config(tmp_path: Path, **extra) -> Path:
     cfg = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
     cfg["label_fractions"] = [0.5]
     cfg["pretrain"]["epochs"] = 6
+    cfg["data"]["val_size"] = 0  # all 256 images: 8 steps an epoch
     cfg["runtime"] = {"device": "cpu", "checkpoint_every": 2, "log_every": 2}
     cfg.update(extra)
     path = tmp_path / "cfg.yaml"
@@ -92,7 +93,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tiny, tmp_path, capsys
     from scaling.pretrain import pretrain
 
     cfg = with_overrides(tiny, {"pretrain.epochs": 1, "runtime.checkpoint_every": 2,
-                                "runtime.keep_checkpoints": 3})
+                                "runtime.keep_checkpoints": 3, "data.val_size": 0})
     out = tmp_path / "pre"
     pretrain(cfg, out)
     steps = sorted((out / "checkpoints").glob("step-*"))
