@@ -108,12 +108,11 @@ class Fetcher:
         if isinstance(self.dataset, ImageData):
             yield from (self(b) for b in batches)
             return
-        keys: list[list] = [b.tolist() for b in batches]
-        if crops is not None:
-            c = crops
-            keys = [[(i, s, c.views, c.scale, c.ratio)
-                     for i, s in zip(b.tolist(), item_seeds(c.seed, b).tolist(), strict=True)]
-                    for b in batches]
+        c = crops
+        keys = [b.tolist() if c is None else
+                [(i, s, c.views, c.scale, c.ratio)
+                 for i, s in zip(b.tolist(), item_seeds(c.seed, b).tolist(), strict=True)]
+                for b in batches]
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=keys,
             num_workers=self.workers, pin_memory=self.device.type == "cuda",

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from scaling.augment import sample_crops
 from scaling.subsets import load_indices
 
 SPLITS = ("train", "test", "unlabelled")
@@ -95,8 +96,6 @@ class FolderImages(torch.utils.data.Dataset):
 
     def __getitem__(self, key: int | CropRequest) -> tuple[torch.Tensor, int]:
         from torchvision.transforms.v2.functional import resized_crop
-
-        from scaling.augment import sample_crops
 
         size = [self.image_size, self.image_size]
         if isinstance(key, tuple):
@@ -192,15 +191,6 @@ def stl10(split: str, root: str | None, download: bool) -> ImageData:
     return ImageData(images, labels, 10, "stl10")
 
 
-def stl10_pool(root: str | None, download: bool) -> ImageData:
-    """STL-10's train and unlabeled splits as one set (5,000 + 100,000 images; the
-    unlabelled ones carry label -1): what STL-10 self-supervised work pretrains on."""
-    train = stl10("train", root, download)
-    unl = stl10("unlabelled", root, download)
-    return ImageData(torch.cat([train.images, unl.images]),
-                     torch.cat([train.labels, torch.full((len(unl),), -1)]), 10, "stl10")
-
-
 def imagefolder(split: str, root: str | None, image_size: int | None) -> FolderImages:
     if root is None:
         raise DataError("imagefolder needs data.root: a directory with train/ and val/ inside")
@@ -277,10 +267,9 @@ def subset_from_file(
     if not file.is_file():
         raise DataError(f"{key}={str(path)!r}: no such file (relative paths are looked up "
                         f"in the working directory, then in {PROJECT})")
-    path = file
-    lines = Path(path).read_text().split()
+    lines = file.read_text().split()
     if all(t.isdigit() for t in lines):
-        idx = load_indices(path)
+        idx = load_indices(file)
         if len(idx) and idx.max() >= len(dataset):
             raise DataError(f"{key}={str(path)!r}: index {idx.max()} out of range; allowed: "
                             f"0..{len(dataset) - 1}")

@@ -121,7 +121,7 @@ def distill(
 
     metrics: dict[str, Any] = size_metrics(net, flops)
     if env.is_main:
-        metrics |= split_top1(net, splits, env) | split_top1(teacher, splits, env, "teacher_")
+        metrics |= split_top1({"": net, "teacher_": teacher}, splits, labelled_fetch, env)
     protocol = {
         "student": to_dict(cfg.student), "self_distillation": cfg.self_distillation,
         "student_head_layers": 0, "unlabelled": unlabelled_name, "images": len(pool),

@@ -42,16 +42,19 @@ def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def split_top1(
-    net: torch.nn.Module, splits: Splits, env: Env, prefix: str = ""
+    nets: dict[str, torch.nn.Module], splits: Splits, train_fetch: Fetcher, env: Env
 ) -> dict[str, float | None]:
-    """``{prefix}val_top1`` (None without a validation split) and ``{prefix}test_top1``."""
-    val = None
-    if len(splits.val):
-        logits, labels = apply(net, [net], Fetcher(splits.train, env.device), splits.val, env)
-        val = top1(logits, labels)
-    test = Fetcher(splits.test, env.device)
-    logits, labels = apply(net, [net], test, np.arange(len(splits.test)), env)
-    return {f"{prefix}val_top1": val, f"{prefix}test_top1": top1(logits, labels)}
+    """``{prefix}val_top1`` (None without a validation split) and ``{prefix}test_top1``
+    for each ``prefix: net``; ``train_fetch`` serves the training split (validation)."""
+    test_fetch = Fetcher(splits.test, env.device)
+    out: dict[str, float | None] = {}
+    for prefix, net in nets.items():
+        out[f"{prefix}val_top1"] = None
+        if len(splits.val):
+            out[f"{prefix}val_top1"] = top1(*apply(net, [net], train_fetch, splits.val, env))
+        test = apply(net, [net], test_fetch, np.arange(len(splits.test)), env)
+        out[f"{prefix}test_top1"] = top1(*test)
+    return out
 
 
 def knn_accuracy(

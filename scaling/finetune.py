@@ -144,7 +144,7 @@ def train_classifier(
 
     metrics: dict[str, Any] = {**size_metrics(net, flops), "labelled_examples": len(labelled)}
     if env.is_main:
-        metrics |= split_top1(net, splits, env)
+        metrics |= split_top1({"": net}, splits, fetch, env)
     ft = cfg.finetune
     protocol = {
         "stem": cfg.model.resolved_stem(train.image_size), "image_size": train.image_size,

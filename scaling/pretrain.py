@@ -106,8 +106,6 @@ def probe(
     workers = cfg.runtime.loader_workers
     train_fetch = fetch or Fetcher(splits.train, env.device, workers)
     f_train, y_train = apply(net.encoder, [net], train_fetch, splits.rest, env)
-    keep = y_train >= 0
-    f_train, y_train = f_train[keep], y_train[keep]
     evals = {"": apply(net.encoder, [net], Fetcher(splits.test, env.device, workers),
                        np.arange(len(splits.test)), env)}
     if len(splits.val):

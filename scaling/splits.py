@@ -14,9 +14,10 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from scaling.config import ConfigError, DataConfig, ExperimentConfig
-from scaling.data import DataError, Dataset, load_dataset, stl10_pool, subset_from_file
+from scaling.data import DataError, Dataset, ImageData, load_dataset, subset_from_file
 from scaling.subsets import label_subset
 
 
@@ -69,11 +70,14 @@ def load_splits(data: DataConfig) -> Splits:
 def unlabelled_pool(data: DataConfig, splits: Splits) -> tuple[Dataset, np.ndarray]:
     """Images for pretraining (and distillation on the same data): the training
     split without validation; for STL-10 also its 100,000 unlabelled images."""
+    train = splits.train
     if data.name != "stl10":
-        return splits.train, splits.rest
-    pool = stl10_pool(data.root, data.download)
-    extra = np.arange(len(splits.train), len(pool))
-    return pool, np.concatenate([splits.rest, extra])
+        return train, splits.rest
+    unl = load_dataset("stl10", "unlabelled", data.root, data.download)
+    assert isinstance(train, ImageData) and isinstance(unl, ImageData)  # STL-10 is in memory
+    pool = ImageData(torch.cat([train.images, unl.images]),
+                     torch.cat([train.labels, torch.full((len(unl),), -1)]), 10, "stl10")
+    return pool, np.concatenate([splits.rest, np.arange(len(train), len(pool))])
 
 
 def distill_pool(cfg: ExperimentConfig, splits: Splits) -> tuple[Dataset, np.ndarray, str]:
