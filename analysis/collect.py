@@ -49,8 +49,8 @@ def read_rows(study_dir: Location, spec: dict | None = None) -> pd.DataFrame:
     """Every row the study's grid has written so far. With a spec (study.json), only
     that grid's cells: a storage keeps cells of earlier grids."""
     rows: list[dict] = []
-    if spec is not None:
-        rows = results.read_cells(study_dir, list(spec["cells"]))
+    if spec is not None and "keys" in spec:  # study.json of an older version: no keys
+        rows = results.read_cells(study_dir, list(spec["keys"]))
     else:
         for name in storage.list_names(storage.join(study_dir, "cells"), ".json"):
             text = storage.read_text(storage.join(study_dir, "cells"), name)

@@ -39,6 +39,8 @@ class Env:
     # Called after every checkpoint and at the end with (metrics, directory or None).
     report: Report | None = None
     node: str = field(default_factory=socket.gethostname)  # Ray: the node id
+    # Print progress lines here; off in a Tune trial, whose driver prints them once.
+    progress_lines: bool = True
 
     @property
     def is_main(self) -> bool:

@@ -107,6 +107,16 @@ def _dispatch(
     return distill(cfg, out, input_dir, env)
 
 
+def stage_runs(cfg: ExperimentConfig, root: Location
+               ) -> list[tuple[str, ExperimentConfig, Location]]:
+    """(stage, its configuration, its directory) in the order the pipeline runs them."""
+    runs: list[tuple[str, ExperimentConfig, Location]] = [
+        ("pretrain", cfg, stage_dir(root, cfg, "pretrain"))]
+    for c in fraction_configs(cfg):
+        runs += [(s, c, stage_dir(root, c, s)) for s in ("finetune", "distill", "supervised")]
+    return runs
+
+
 def run_pipeline(
     cfg: ExperimentConfig, root: Location, run: Runner = run_local
 ) -> list[dict[str, Any]]:
@@ -115,13 +125,10 @@ def run_pipeline(
     ``run`` executes one stage: in this process (default) or on Ray
     (``scaling.ray_train.run_stage``); the chain is the same.
     """
-    pre_dir = stage_dir(root, cfg, "pretrain")
-    results = [run("pretrain", cfg, pre_dir, None)]
-    for c in fraction_configs(cfg):
-        ft_dir = stage_dir(root, c, "finetune")
-        results.append(run("finetune", c, ft_dir, pre_dir))
-        results.append(run("distill", c, stage_dir(root, c, "distill"), ft_dir))
-        results.append(run("supervised", c, stage_dir(root, c, "supervised"), None))
+    results = []
+    for stage, c, out in stage_runs(cfg, root):
+        dep = {"finetune": "pretrain", "distill": "finetune"}.get(stage)
+        results.append(run(stage, c, out, stage_dir(root, c, dep) if dep else None))
     return results
 
 
@@ -181,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", default=None,
                         help="with --ray: a running cluster ('auto'); default: start one here")
     args = parser.parse_args(argv)
+    cfg: ExperimentConfig | None = None
     try:
         cfg = load_config(resolve(args.config), parse_overrides(args.set))
         root = storage.join(storage.absolute(storage.parse(args.out)), cfg.name)
@@ -197,6 +205,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, NonFiniteLoss, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # every write is atomic: finished stages and checkpoints stay
+        if cfg is None:
+            print("interrupted before anything ran", file=sys.stderr)
+            return 130
+        runs = stage_runs(cfg, storage.join(storage.absolute(storage.parse(args.out)), cfg.name))
+        done = sum(storage.read_result(d) is not None for _, _, d in runs)
+        print(f"interrupted after {done}/{len(runs)} stage runs; run the same command to "
+              "resume", file=sys.stderr)
+        return 130
     print(f"\n{cfg.name}: {len(results)} stage results in {root} "
           f"({time.perf_counter() - started:.0f} s this run)")
     print(summary(results))

@@ -70,7 +70,8 @@ def _worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     env = Env(ray.train.torch.get_device(), rank=ctx.get_world_rank(),
               world=ctx.get_world_size(), compile=cfg.runtime.compile, report=_report,
-              node=ray.get_runtime_context().get_node_id())
+              node=ray.get_runtime_context().get_node_id(),
+              progress_lines=not config["in_tune"])
     _restore(storage.local_dir(out))
     from scaling.pipeline import run_local
 
@@ -116,6 +117,7 @@ def run_stage(
 
         env = Env.local(rt.device, rt.compile)
         env.report = _tune_report if in_tune else None
+        env.progress_lines = not in_tune
         if ray.is_initialized():  # a trial: record the Ray node it ran on
             env.node = ray.get_runtime_context().get_node_id()
         return run_local(stage, cfg, out, input_dir, env)
@@ -134,7 +136,7 @@ def run_stage(
     trainer = TorchTrainer(
         _worker,
         train_loop_config={
-            "stage": stage, "cfg": to_dict(cfg), "out": str(out),
+            "stage": stage, "cfg": to_dict(cfg), "out": str(out), "in_tune": in_tune,
             "input": None if input_dir is None else str(storage.absolute(input_dir))},
         scaling_config=ScalingConfig(num_workers=rt.workers, use_gpu=rt.gpus_per_worker > 0,
                                      resources_per_worker=resources),

@@ -6,9 +6,9 @@ those files, so an interrupted sweep loses nothing and never half-writes a row.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -49,11 +49,11 @@ def git_commit() -> str:
     return head + ("+dirty" if dirty else "")
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out |= _flatten(v, f"{prefix}{k}.")
+            out |= flatten(v, f"{prefix}{k}.")
         else:
             out[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, list) else v
     return out
@@ -79,24 +79,34 @@ def stage_row(study: str, cell: str, axes: dict[str, Any], stage: str, key: str,
         "node": result.get("node"), "git_commit": commit,
         "protocol": json.dumps(result["protocol"], sort_keys=True),
     }
-    return row | _flatten({k: v for k, v in result["config"].items() if k != "runtime"})
+    return row | flatten({k: v for k, v in result["config"].items() if k != "runtime"})
 
 
-def cell_file(cell: str) -> str:
-    return f"{hashlib.sha256(cell.encode()).hexdigest()[:16]}.json"
+def cell_file(key: str) -> str:
+    """A cell's file, named by its key (scaling.study.cell_key): axis values and
+    stage runs, so rows of another configuration can never take its place."""
+    return f"{key}.json"
 
 
-def write_cell(study_dir: Location, cell: str, rows: list[dict[str, Any]]) -> None:
-    text = json.dumps({"cell": cell, "rows": rows})  # key order = column order
-    storage.write_text(storage.join(study_dir, CELLS), cell_file(cell), text)
+def write_cell(study_dir: Location, cell: str, key: str, rows: list[dict[str, Any]]) -> None:
+    text = json.dumps({"cell": cell, "key": key, "rows": rows})  # key order = column order
+    storage.write_text(storage.join(study_dir, CELLS), cell_file(key), text)
 
 
-def read_cells(study_dir: Location, cells: list[str]) -> list[dict[str, Any]]:
+def read_cells(study_dir: Location, keys: list[str]) -> list[dict[str, Any]]:
+    """The rows of the cells with these keys; a file that does not parse is named
+    and skipped (its stages are reused, so the next run writes it again)."""
     rows: list[dict[str, Any]] = []
-    for cell in cells:
-        text = storage.read_text(storage.join(study_dir, CELLS), cell_file(cell))
-        if text is not None:
+    folder = storage.join(study_dir, CELLS)
+    for key in keys:
+        text = storage.read_text(folder, cell_file(key))
+        if text is None:
+            continue
+        try:
             rows += json.loads(text)["rows"]
+        except (ValueError, KeyError, TypeError) as e:
+            print(f"warning: {storage.join(folder, cell_file(key))} is unreadable "
+                  f"({type(e).__name__}: {e}); skipped", file=sys.stderr, flush=True)
     return rows
 
 

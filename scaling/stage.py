@@ -57,7 +57,7 @@ class StageRun:
             if env.is_main:
                 print(f"[{name}] resumed from step {self.step} ({out})", flush=True)
         self.progress = Progress(
-            name, self.total_steps, env.is_main,
+            name, self.total_steps, env.is_main and env.progress_lines,
             prior.get("history"), prior.get("step_seconds", 0.0), prior.get("images", 0),
         )
         self._bad = torch.zeros((), dtype=torch.bool, device=env.device)

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -150,7 +151,15 @@ def read_result(location: Location) -> dict[str, Any] | None:
     if not is_uri(location):
         return read_local_result(Path(location))
     text = read_text(location, RESULT)
-    return None if text is None else dict(json.loads(text))
+    if text is None:
+        return None
+    try:
+        return dict(json.loads(text))
+    except ValueError as e:  # the model's sha256 is checked where it is fetched
+        print(f"warning: {join(location, RESULT)} is unreadable ({e}); the stage is "
+              "recomputed", file=sys.stderr, flush=True)
+        delete(location, RESULT)
+        return None
 
 
 def fetch(location: Location) -> Path:

@@ -19,6 +19,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
+from scaling import storage
 from scaling.config import (
     ConfigError,
     ExperimentConfig,
@@ -27,7 +28,8 @@ from scaling.config import (
     resolve_fraction,
     with_overrides,
 )
-from scaling.pipeline import stage_key
+from scaling.pipeline import stage_dir, stage_key
+from scaling.storage import Location
 
 ALIASES = {
     "depth": "model.depth", "width": "model.width", "sk": "model.sk_ratio",
@@ -178,6 +180,12 @@ def required_stages(study: Study) -> tuple[str, ...]:
     return tuple(s for s in STAGE_INPUT if s in need)
 
 
+def cell_key(study: Study, cell: Cell) -> str:
+    """A cell's identity: its axis values and the stage runs its configuration makes.
+    The same axis values under another base configuration are another cell."""
+    return config_hash({"cell": cell.id, "stages": cell_stages(study, cell)})
+
+
 def grid_hash(study: Study) -> str:
     return config_hash({"name": study.name, "cells": [c.id for c in cells(study)],
                         "keys": [cell_stages(study, c) for c in cells(study)]})
@@ -242,15 +250,29 @@ def stage_flops(cfg: ExperimentConfig, stage: str) -> float:
     return (3 * s_fwd + t_fwd) * n_unl * cfg.distill.epochs
 
 
-def plan(study: Study) -> Plan:
-    grid = cells(study)
+def distinct_runs(study: Study) -> dict[str, dict[str, ExperimentConfig]]:
+    """Per stage, its distinct runs (stage key -> a configuration that makes it)."""
     need = required_stages(study)
     seen: dict[str, dict[str, ExperimentConfig]] = {s: {} for s in need}
-    for cell in grid:
+    for cell in cells(study):
         for stage in need:
             seen[stage].setdefault(stage_key(cell.config, stage), cell.config)
-    flops = sum(stage_flops(cfg, s) for s in need for cfg in seen[s].values())
-    return Plan(len(grid), len(grid) * len(need), {s: len(v) for s, v in seen.items()}, flops)
+    return seen
+
+
+def plan(study: Study) -> Plan:
+    seen = distinct_runs(study)
+    flops = sum(stage_flops(cfg, s) for s, runs in seen.items() for cfg in runs.values())
+    return Plan(len(cells(study)), len(cells(study)) * len(seen),
+                {s: len(v) for s, v in seen.items()}, flops)
+
+
+def finished(study: Study, root: Location) -> dict[str, tuple[int, int]]:
+    """Per stage: (distinct runs finished in the storage ``root``, distinct runs)."""
+    stages = storage.join(root, "stages")
+    return {stage: (sum(storage.read_result(stage_dir(stages, cfg, stage)) is not None
+                        for cfg in runs.values()), len(runs))
+            for stage, runs in distinct_runs(study).items()}
 
 
 def describe(study: Study, p: Plan) -> str:

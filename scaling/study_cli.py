@@ -15,16 +15,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
+from scaling import storage
 from scaling.config import ConfigError, load_config
 from scaling.data import DataError
 from scaling.pipeline import parse_overrides, resolve
-from scaling.study import Study, describe, make_study, plan
+from scaling.study import Study, describe, finished, make_study, plan
 
 # The `local` presets' schedule: Fashion-MNIST on 2 cores in minutes. Stages run
 # inside their trial's process (workers: 0): on one machine a one-worker Ray Train
@@ -95,13 +97,18 @@ def build(defn: StudyDef, args: argparse.Namespace) -> Study:
         seeds = list(range(args.repeats))
     if seeds is not None:
         axes["seed"] = seeds
-    return make_study(f"{defn.name}-{name}", base, axes, defn.stages)
+    study_name = args.name or f"{defn.name}-{name}"
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", study_name):
+        raise ConfigError("--name", study_name, "letters, digits, '.', '_' and '-'")
+    return make_study(study_name, base, axes, defn.stages)
 
 
 def parser(defn: StudyDef) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=f"{defn.doc}\n\n{__doc__}",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", help=f"one of: {', '.join(defn.presets)} (default {defn.default})")
+    p.add_argument("--name", help=f"the study's folder in --storage (default {defn.name}-PRESET);"
+                   " one name holds one configuration's results")
     p.add_argument("--file", help="a study YAML: preset, base, set, axes, seeds")
     p.add_argument("--axis", action="append", default=[], metavar="NAME=V1,V2",
                    help="replace an axis, e.g. --axis width=0.0625,0.125 (repeatable)")
@@ -139,20 +146,37 @@ def _report(study_dir: Any) -> bool:
     return True
 
 
+def interrupted(study: Study | None, root: str) -> int:
+    """Ctrl-C: say how far the study got and how to go on; exit status 130."""
+    if study is None:
+        print("interrupted before anything ran", file=sys.stderr)
+    else:
+        counts = finished(study, storage.absolute(storage.parse(root))).values()
+        done, total = sum(d for d, _ in counts), sum(n for _, n in counts)
+        print(f"interrupted after {done}/{total} stage runs; run the same command to resume",
+              file=sys.stderr)
+    return 130
+
+
 def main(defn: StudyDef, argv: list[str] | None = None) -> int:
     args = parser(defn).parse_args(argv)
+    study = None
     try:
         study = build(defn, args)
         print(describe(study, plan(study)), flush=True)
         if args.dry_run:
             return 0
-        from scaling import storage, sweep
+        from scaling import sweep
 
         outcome = sweep.run_study(study, args.storage, address=args.address,
                                   restart_errored=args.restart_errored, resume=args.resume)
     except (ConfigError, DataError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before the sweep started
+        return interrupted(study, args.storage)
+    if outcome.interrupted:
+        return interrupted(study, args.storage)
     print(sweep.summary(outcome, study))
     study_dir = storage.join(storage.absolute(storage.parse(args.storage)), study.name)
     print(f"results table: {storage.join(study_dir, 'results.csv')}")

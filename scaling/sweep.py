@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import shlex
@@ -44,10 +45,13 @@ from scaling.study import (
     SHORT,
     STAGE_INPUT,
     Study,
+    cell_key,
     cells,
+    distinct_runs,
     grid_hash,
     required_stages,
     schedule_order,
+    stage_flops,
 )
 
 POLL_SECONDS = 2.0
@@ -127,14 +131,15 @@ def run_cell(config: dict[str, Any], ctx: dict[str, Any]) -> None:
                     # Finished by the previous holder between our look and our claim?
                     result = storage.read_result(out)
                     if result is None:
-                        tune.report({"cell": cell["id"], "stage": stage, "event": "start"})
+                        tune.report({"cell": cell["id"], "stage": stage, "key": key,
+                                     "event": "start"})
                         inp = stage_dir(root, cfg, dep) if dep else None
                         result = run_stage(stage, cfg, out, inp, in_tune=True)
                         status = "executed"
             rows[stage] = results.stage_row(ctx["study"], cell["id"], cell["axes"], stage, key,
                                             result, status, ctx["commit"], ctx["invocation"])
-            results.write_cell(study_dir, cell["id"], list(rows.values()))
-            tune.report({"cell": cell["id"], "stage": stage, "event": status,
+            results.write_cell(study_dir, cell["id"], cell["key"], list(rows.values()))
+            tune.report({"cell": cell["id"], "stage": stage, "key": key, "event": status,
                          "top1": result["metrics"].get("test_top1")})
             pending.remove(stage)
             ran = True
@@ -144,11 +149,23 @@ def run_cell(config: dict[str, Any], ctx: dict[str, Any]) -> None:
 
 
 class Console(tune.Callback):
-    """One line per progress report (cell, stage, epoch, ETA); the table kept fresh."""
+    """One line per progress report (cell, stage, epoch, ETA), and after every stage
+    run one line for the whole sweep: k/N distinct stage runs and an ETA from this
+    run's measured rate (training FLOPs finished per second). The table kept fresh."""
 
-    def __init__(self, study_dir: Location, cell_ids: list[str]) -> None:
-        self.study_dir, self.cell_ids = study_dir, cell_ids
+    def __init__(self, study_dir: Location, cell_keys: list[str],
+                 flops: dict[tuple[str, str], float], done: set[tuple[str, str]]) -> None:
+        self.study_dir, self.cell_keys = study_dir, cell_keys
+        self.flops, self.done = flops, set(done)
+        self.started, self.executed_flops = time.monotonic(), 0.0
         self.last: dict[str, float] = {}
+
+    def sweep_line(self) -> str:
+        left = sum(f for k, f in self.flops.items() if k not in self.done)
+        rate = self.executed_flops / max(time.monotonic() - self.started, 1e-9)
+        eta = f"ETA {fmt_duration(left / rate)}" if rate > 0 and left else (
+            "done" if not left else "ETA after the first stage run")
+        return f"[sweep] {len(self.done)}/{len(self.flops)} stage runs, {eta}"
 
     def on_trial_result(self, iteration: int, trials: list[Any], trial: Any,
                         result: dict[str, Any], **info: Any) -> None:
@@ -156,7 +173,13 @@ class Console(tune.Callback):
         if result.get("event"):
             print(f"[{cell}] {result['stage']}: {result['event']}", flush=True)
             if result["event"] != "start":
-                update_table(self.study_dir, self.cell_ids)
+                run = (result["stage"], result["key"])
+                if result["event"] == "executed" and run not in self.done:
+                    self.executed_flops += self.flops.get(run, 0.0)
+                if run not in self.done:
+                    self.done.add(run)
+                    print(self.sweep_line(), flush=True)
+                update_table(self.study_dir, self.cell_keys)
             return
         if "total_steps" not in result:
             return
@@ -169,11 +192,16 @@ class Console(tune.Callback):
         loss = f" loss {result['loss']:.4f}" if "loss" in result else ""
         print(f"[{cell}] {result['stage']} epoch {epoch}/{result['epochs']} "
               f"step {result['step']}/{result['total_steps']}{loss} "
-              f"ETA {result['eta_s']:.0f} s", flush=True)
+              f"ETA {fmt_duration(result['eta_s'])}", flush=True)
 
 
-def update_table(study_dir: Location, cell_ids: list[str]) -> pd.DataFrame:
-    rows = results.read_cells(study_dir, cell_ids)
+def fmt_duration(seconds: float) -> str:
+    s = round(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def update_table(study_dir: Location, cell_keys: list[str]) -> pd.DataFrame:
+    rows = results.read_cells(study_dir, cell_keys)
     df = results.table(rows)
     if not df.empty:
         results.write_table(study_dir, df)
@@ -255,9 +283,8 @@ def cluster_resources(limit: dict[str, float] | None) -> dict[str, float]:
     return now
 
 
-def check_storage(root: Location, joined: bool, limit: dict[str, float] | None) -> None:
-    """Fail before any trial starts if the study storage cannot be written, and warn
-    where a local path must be shared by several nodes."""
+def check_writable(root: Location) -> None:
+    """Fail before Ray starts if the study storage cannot be written."""
     probe = f".write-probe-{os.getpid()}"
     try:
         storage.write_text(root, probe, "ok")
@@ -265,10 +292,75 @@ def check_storage(root: Location, joined: bool, limit: dict[str, float] | None) 
     except OSError as e:
         raise ConfigError("--storage", str(root),
                           f"a directory or URI this machine can write ({e})") from None
+
+
+def warn_if_not_shared(root: Location, joined: bool, limit: dict[str, float] | None) -> None:
+    """A local path must be shared (NFS) by every node of a multi-node cluster."""
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
     if joined and not storage.is_uri(root) and (nodes > 1 or limit):
         eprint(f"warning: --storage {root} is a local path on a multi-node cluster: every "
                "node must see it at that path (NFS); otherwise use s3://bucket/studies")
+
+
+def study_record(study: Study) -> dict[str, Any]:
+    """study.json: what the grid is (cells, their keys, the base configuration), for
+    the report (which cells are missing), for provenance, and to tell studies apart."""
+    grid = cells(study)
+    base = {k: v for k, v in to_dict(study.base).items() if k not in ("runtime", "name")}
+    record = {"study": study.name, "grid_hash": grid_hash(study),
+            "cells": [c.id for c in grid], "keys": [cell_key(study, c) for c in grid],
+            "stages": list(required_stages(study)),
+            "axes": {SHORT.get(k, k): list(v) for k, v in study.axes},
+            "config": results.flatten(base),
+            "command": " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable),
+                                                          *sys.argv]),
+            "git_commit": results.git_commit()}
+    return dict(json.loads(json.dumps(record)))  # as it reads back: tuples become lists
+
+
+class StudyClash(ConfigError):
+    """The study's folder holds the results of another configuration."""
+
+    def __init__(self, message: str) -> None:
+        self.key, self.value, self.allowed = "--name", None, message
+        ValueError.__init__(self, message)
+
+
+def check_owner(study_dir: Location, record: dict[str, Any]) -> None:
+    """A study folder holds one configuration's results. Another configuration under
+    the same name stops here, naming what differs, before anything is written."""
+    text = storage.read_text(study_dir, "study.json")
+    if text is None:
+        return
+    try:
+        old = json.loads(text)
+    except ValueError as e:
+        raise ConfigError("--name", record["study"], f"a study whose {study_dir}/study.json "
+                          f"parses ({e}); restore or remove that file") from None
+    same = (old.get("grid_hash") == record["grid_hash"] if "grid_hash" in old
+            else old.get("cells") == record["cells"])  # written by an older version
+    if same:
+        return
+    raise StudyClash(f"{study_dir} holds the study {record['study']!r} with another "
+                     f"configuration ({difference(old, record)}); nothing was run or written. "
+                     "Pass --name NEW to keep both (finished stage runs are shared: nothing "
+                     "computed runs again), or use another --storage")
+
+
+def difference(old: dict[str, Any], new: dict[str, Any], most: int = 4) -> str:
+    """What differs between two study records, e.g. 'finetune.epochs 15 -> 2'."""
+    out = []
+    for part in ("axes", "config"):
+        a, b = old.get(part, {}), new.get(part, {})
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                label = f"axis {key}" if part == "axes" else key
+                out.append(f"{label} {json.dumps(a.get(key, '-'))} -> "
+                           f"{json.dumps(b.get(key, '-'))}")
+    if not out:
+        return "another grid"
+    more = f", and {len(out) - most} more" if len(out) > most else ""
+    return "; ".join(out[:most]) + more
 
 
 @dataclass(frozen=True)
@@ -278,6 +370,7 @@ class Outcome:
     reused: int
     errored: list[str]
     seconds: float
+    interrupted: bool = False  # Ctrl-C: stopped with cells unfinished; resumable
 
 
 def run_study(study: Study, root: Location, *, address: str | None = None,
@@ -286,37 +379,41 @@ def run_study(study: Study, root: Location, *, address: str | None = None,
     ``resume``: there must be a sweep to resume in ``root`` (guards a mistyped URI)."""
     started = time.perf_counter()
     grid = cells(study)
-    joined = connect(address, study.base)
-    limit = cluster.autoscaling_limit() if joined else None
-    cap = capacity(study.base, cluster_resources(limit))
     root = storage.absolute(root)
-    check_storage(root, joined, limit)
     study_dir = storage.join(root, study.name)
     tune_root = str(storage.join(study_dir, "_tune"))
     name = f"{study.name}-{grid_hash(study)}"
     path = str(storage.join(tune_root, name))
-    if resume and not tune.Tuner.can_restore(path):  # before writing anything there
-        raise ConfigError("--resume", path, "the storage of an earlier run of this study "
-                          "(same --storage, preset and axes): no sweep state there")
+    # Every check that can fail runs before Ray starts and before anything is written.
+    if resume and not tune.Tuner.can_restore(path):
+        raise ConfigError("--resume", str(root), "the storage of an earlier run of this study "
+                          f"(same --storage, preset, axes and --set): no sweep state in {path}")
+    record = study_record(study)
+    check_owner(study_dir, record)
+    check_writable(root)
+    joined = connect(address, study.base)
+    limit = cluster.autoscaling_limit() if joined else None
+    cap = capacity(study.base, cluster_resources(limit))
+    warn_if_not_shared(root, joined, limit)
     claims_name = f"scaling-claims-{study.name}-{os.getpid()}"
     # The handle keeps the actor alive for the sweep; trials look it up by name.
     # On this (the head) node: a trial's node may die; the claims must not.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     claims = StageClaims.options(name=claims_name, scheduling_strategy=here).remote()
     ctx = {"study": study.name, "stages": str(storage.join(root, "stages")),
-           "study_dir": str(study_dir), "claims": claims_name, "commit": results.git_commit(),
+           "study_dir": str(study_dir), "claims": claims_name, "commit": record["git_commit"],
            "stages_needed": list(required_stages(study)),
            "invocation": time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"}
-    # What the grid is, for the report (which cells are missing) and for provenance.
-    storage.write_text(study_dir, "study.json", json.dumps({
-        "study": study.name, "cells": [c.id for c in grid], "stages": ctx["stages_needed"],
-        "command": " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable),
-                                                      *sys.argv]),
-        "git_commit": ctx["commit"]}, indent=1))
-    payload = [{"id": c.id, "axes": {SHORT.get(k, k): v for k, v in c.values},
+    storage.write_text(study_dir, "study.json", json.dumps(record, indent=1))
+    payload = [{"id": c.id, "key": cell_key(study, c),
+                "axes": {SHORT.get(k, k): v for k, v in c.values},
                 "config": to_dict(c.config)} for c in schedule_order(study, grid)]
     trainable = tune.with_resources(tune.with_parameters(run_cell, ctx=ctx), cap.resources)
-    callbacks: list[tune.Callback] = [Console(study_dir, [c.id for c in grid])]
+    runs = distinct_runs(study)
+    flops = {(s, k): stage_flops(c, s) for s, keyed in runs.items() for k, c in keyed.items()}
+    done = {(s, k) for s, keyed in runs.items() for k, c in keyed.items()
+            if storage.read_result(stage_dir(storage.join(root, "stages"), c, s)) is not None}
+    callbacks: list[tune.Callback] = [Console(study_dir, record["keys"], flops, done)]
     print(f"{study.name}: {len(grid)} cells, up to {cap.concurrent} at once; "
           f"results in {study_dir}", flush=True)
     if tune.Tuner.can_restore(path):
@@ -334,16 +431,33 @@ def run_study(study: Study, root: Location, *, address: str | None = None,
                                       failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES),
                                       verbose=0),
         )
+    tune_log = logging.getLogger("ray.tune.tune")
+    tune_log.addFilter(_quiet_interrupt)
     try:
         grid_results = tuner.fit()
     finally:
+        tune_log.removeFilter(_quiet_interrupt)
         ray.kill(claims)
     errored = [(grid_results[i].config or {})["cell"]["id"] for i in range(len(grid_results))
                if grid_results[i].error is not None]
-    df = update_table(study_dir, [c.id for c in grid])
+    df = update_table(study_dir, record["keys"])
     now = df[df["invocation"] == ctx["invocation"]] if not df.empty else df
     executed = int((now["status"] == "executed").sum()) if not now.empty else 0
-    return Outcome(df, executed, len(now) - executed, errored, time.perf_counter() - started)
+    # Tune ends a run it was asked to stop (SIGINT) like a finished one; a cell that
+    # neither failed nor has all its rows tells them apart.
+    stages_per_cell = {} if df.empty else df.groupby("cell")["stage"].nunique().to_dict()
+    interrupted = any(stages_per_cell.get(c.id, 0) < len(ctx["stages_needed"])
+                      and c.id not in errored for c in grid)
+    return Outcome(df, executed, len(now) - executed, errored, time.perf_counter() - started,
+                   interrupted)
+
+
+def _quiet_interrupt(record: logging.LogRecord) -> bool:
+    """Drop Tune's own words on an interrupt: its resume hint (Tuner.restore(...)) is
+    wrong for this CLI, which prints how to resume itself."""
+    text = record.getMessage()
+    return not any(t in text for t in ("Stop signal received", "has been interrupted",
+                                       "Trials did not complete"))
 
 
 def summary(outcome: Outcome, study: Study) -> str:

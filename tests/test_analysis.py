@@ -207,9 +207,9 @@ def _write_study(tmp_path: Path, rows, drop_cell: str | None = None) -> Path:
     cells = list(dict.fromkeys(r["cell"] for r in rows))
     for cell in cells:
         if cell != drop_cell:
-            write_cell(study, cell, [r for r in rows if r["cell"] == cell])
+            write_cell(study, cell, f"key-{cell}", [r for r in rows if r["cell"] == cell])
     (study / "study.json").write_text(json.dumps({
-        "study": "synthetic", "cells": cells,
+        "study": "synthetic", "cells": cells, "keys": [f"key-{c}" for c in cells],
         "stages": ["pretrain", "finetune", "distill", "supervised"],
         "command": "python studies/model_size.py --repeats 3", "git_commit": "abc"}))
     return study
@@ -222,7 +222,7 @@ def test_report_on_a_partial_sweep_and_chromium_renders_it(tmp_path):
     from scaling.results import write_cell
 
     # A cell of an earlier grid in the same storage is not part of this study.
-    write_cell(study, "an-earlier-grid", [{**rows[1], "cell": "an-earlier-grid"}])
+    write_cell(study, "an-earlier-grid", "key-x", [{**rows[1], "cell": "an-earlier-grid"}])
     path = Path(report.write_report(study))
     page = path.read_text()
     out = study / "report"
