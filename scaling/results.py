@@ -59,10 +59,12 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def stage_row(study: str, cell: str, axes: dict[str, Any], stage: str, key: str,
-              result: dict[str, Any], status: str, commit: str, invocation: str
+def stage_row(study: str, cell: str, axes: dict[str, Any], config: dict[str, Any], stage: str,
+              key: str, result: dict[str, Any], status: str, commit: str, invocation: str
               ) -> dict[str, Any]:
-    """One (cell, stage) row: identity, metrics, cost, provenance, every config key."""
+    """One (cell, stage) row: identity, metrics, cost, provenance, and every key of
+    the cell's configuration (a reused run was computed by another cell, whose
+    settings of later stages may differ: ``stage_key`` names the run itself)."""
     m = result["metrics"]
     rt = result["config"]["runtime"]
     device_hours = m["train_seconds"] * result["world_size"] / 3600
@@ -79,7 +81,7 @@ def stage_row(study: str, cell: str, axes: dict[str, Any], stage: str, key: str,
         "node": result.get("node"), "git_commit": commit,
         "protocol": json.dumps(result["protocol"], sort_keys=True),
     }
-    return row | flatten({k: v for k, v in result["config"].items() if k != "runtime"})
+    return row | flatten({k: v for k, v in config.items() if k != "runtime"})
 
 
 def cell_file(key: str) -> str:

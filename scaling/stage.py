@@ -54,7 +54,7 @@ class StageRun:
             torch.set_rng_state(state["rng"]["torch"])
             self.step = self.resumed_from = meta["step"]
             prior = meta["progress"]
-            if env.is_main:
+            if env.is_main and env.progress_lines:  # else the sweep's driver says it
                 print(f"[{name}] resumed from step {self.step} ({out})", flush=True)
         self.progress = Progress(
             name, self.total_steps, env.is_main and env.progress_lines,
@@ -132,6 +132,7 @@ class StageRun:
         if self.env.report is not None:
             last = self.progress.history[-1] if self.progress.history else {}
             progress = {"stage": self.name, **last, "step": self.step,
+                        "resumed_from": self.resumed_from,
                         "total_steps": self.total_steps, "epochs": self.epochs,
                         "eta_s": self.progress.eta_seconds(self.step)}
             self.env.report(progress, path)

@@ -136,7 +136,8 @@ def run_cell(config: dict[str, Any], ctx: dict[str, Any]) -> None:
                         inp = stage_dir(root, cfg, dep) if dep else None
                         result = run_stage(stage, cfg, out, inp, in_tune=True)
                         status = "executed"
-            rows[stage] = results.stage_row(ctx["study"], cell["id"], cell["axes"], stage, key,
+            rows[stage] = results.stage_row(ctx["study"], cell["id"], cell["axes"],
+                                            cell["config"], stage, key,
                                             result, status, ctx["commit"], ctx["invocation"])
             results.write_cell(study_dir, cell["id"], cell["key"], list(rows.values()))
             tune.report({"cell": cell["id"], "stage": stage, "key": key, "event": status,
@@ -158,7 +159,7 @@ class Console(tune.Callback):
         self.study_dir, self.cell_keys = study_dir, cell_keys
         self.flops, self.done = flops, set(done)
         self.started, self.executed_flops = time.monotonic(), 0.0
-        self.last: dict[str, float] = {}
+        self.last: dict[Any, float] = {}  # trial id: last line; (trial, stage): seen
 
     def sweep_line(self) -> str:
         left = sum(f for k, f in self.flops.items() if k not in self.done)
@@ -172,7 +173,7 @@ class Console(tune.Callback):
         cell = trial.config["cell"]["id"]
         if result.get("event"):
             print(f"[{cell}] {result['stage']}: {result['event']}", flush=True)
-            if result["event"] != "start":
+            if result["event"] in ("executed", "reused"):
                 run = (result["stage"], result["key"])
                 if result["event"] == "executed" and run not in self.done:
                     self.executed_flops += self.flops.get(run, 0.0)
@@ -183,6 +184,11 @@ class Console(tune.Callback):
             return
         if "total_steps" not in result:
             return
+        first = (trial.trial_id, result["stage"])
+        if result.get("resumed_from") is not None and first not in self.last:
+            print(f"[{cell}] {result['stage']}: resumed from step {result['resumed_from']}",
+                  flush=True)
+        self.last.setdefault(first, 0.0)
         now = time.monotonic()
         if now - self.last.get(trial.trial_id, 0) < 10 and result["step"] < result["total_steps"]:
             return

@@ -1,0 +1,123 @@
+"""The study and pipeline command lines as a user meets them, in real processes:
+a study folder keeps one configuration's results, Ctrl-C stops with exit 130 and
+says how to resume, and the same command then finishes."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+pytest.importorskip("ray")
+REPO = Path(__file__).resolve().parent.parent
+TINY = {"pretrain.epochs": 2, "finetune.epochs": 3, "supervised.epochs": 2,
+        "runtime.device": "cpu", "runtime.workers": 0, "runtime.log_every": 4}
+
+
+def study_command(tmp_path: Path, storage: Path, axes: dict, **extra) -> list[str]:
+    spec = tmp_path / "study.yaml"
+    spec.write_text(yaml.safe_dump({"base": str(REPO / "configs" / "tiny.yaml"),
+                                    "axes": axes, "set": {**TINY, **extra}}))
+    return [sys.executable, "studies/model_size.py", "--file", str(spec), "--storage",
+            str(storage), "--no-report"]
+
+
+def run(command: list[str], *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*command, *extra], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+
+
+def ok(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_a_variant_run_never_replaces_the_default_studys_results(tmp_path):
+    """The sequence a user hit: the default study, a variant with other axes and a
+    --set on the same storage, then the default again."""
+    storage = tmp_path / "S"
+    default = study_command(tmp_path, storage, {"width": [0.0625], "label_fraction": [0.1, 0.5]})
+    ok(run(default))
+    table = storage / "model_size-local" / "results.csv"
+    before = pd.read_csv(table)
+    assert len(before) == 8
+
+    variant = ["--axis", "width=0.0625", "--axis", "label_fraction=0.1",
+               "--set", "finetune.epochs=2"]
+    clash = run(default, *variant)
+    assert clash.returncode == 2, clash.stdout + clash.stderr
+    assert "holds the study 'model_size-local' with another configuration" in clash.stderr
+    assert "finetune.epochs 3 -> 2" in clash.stderr and "--name" in clash.stderr
+    pd.testing.assert_frame_equal(pd.read_csv(table), before)  # untouched
+
+    out = ok(run(default, *variant, "--name", "short-ft"))
+    # Its own fine-tuning and distillation; pretraining and the baseline are shared.
+    assert "this run: 2 stage runs executed, 2 reused" in out
+    short = pd.read_csv(storage / "short-ft" / "results.csv")
+    assert len(short) == 4 and set(short["finetune.epochs"]) == {2}
+
+    again = ok(run(default))
+    assert "0 stage runs executed" in again
+    pd.testing.assert_frame_equal(pd.read_csv(table), before)
+    assert set(before["finetune.epochs"]) == {3}
+
+
+def _interrupt_when(command: list[str], ready, timeout: float = 300) -> subprocess.Popen:
+    """Start ``command`` in its own process group and Ctrl-C it (SIGINT to the whole
+    group, as a terminal does) as soon as ``ready()``."""
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "interrupt point never reached"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.wait(timeout=120)
+    return proc
+
+
+def test_ctrl_c_on_a_study_exits_130_and_the_same_command_resumes(tmp_path):
+    storage = tmp_path / "S"
+    command = study_command(tmp_path, storage, {"width": [0.0625], "label_fraction": [0.5]},
+                            **{"pretrain.epochs": 6, "runtime.checkpoint_every": 4})
+    proc = _interrupt_when(command, lambda: any(
+        storage.glob("stages/pretrain-*/checkpoints/step-*")))
+    out, err = proc.stdout.read(), proc.stderr.read()
+    assert proc.returncode == 130, out[-3000:] + err[-3000:]
+    assert err.strip().splitlines()[-1] == (
+        "interrupted after 0/4 stage runs; run the same command to resume")
+    for noise in ("Tuner.restore", "results table:", "Traceback", "KeyboardInterrupt"):
+        assert noise not in out + err, noise
+
+    resumed = run(command)
+    out = ok(resumed)
+    assert "resuming the sweep" in out and "resumed from step" in out
+    assert "Traceback" not in out + resumed.stderr
+    assert "Exception ignored" not in out + resumed.stderr
+    # Each progress line once, from the sweep's driver; one whole-sweep line per stage run.
+    assert "(run_cell pid=" not in out and "repeated" not in out
+    assert "[sweep] 4/4 stage runs, done" in out
+    assert len(pd.read_csv(storage / "model_size-local" / "results.csv")) == 4
+
+
+def test_ctrl_c_on_the_pipeline_exits_130_and_the_same_command_resumes(tmp_path):
+    cfg = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    cfg.update(label_fractions=[0.5], runtime={"device": "cpu", "checkpoint_every": 2})
+    cfg["pretrain"]["epochs"] = 6
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    command = [sys.executable, "-m", "scaling.pipeline", str(path), "--out", str(tmp_path)]
+    proc = _interrupt_when(command, lambda: any(
+        tmp_path.glob("tiny/pretrain-*/checkpoints/step-*")))
+    err = proc.stderr.read()
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines() == [
+        "interrupted after 0/4 stage runs; run the same command to resume"]
+    out = ok(run(command))
+    assert "resumed from step" in out and "4 stage results" in out
