@@ -284,7 +284,7 @@ CSS = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("study", help="a study's storage: runs/model_size-local or an s3:// URI")
     args = p.parse_args(argv)

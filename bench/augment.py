@@ -164,10 +164,12 @@ def step_share(steps: int, device: torch.device) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batches", type=int, default=20)
+    parser.add_argument("--batches", type=int, default=20, help="augmentation batches timed")
     parser.add_argument("--steps", type=int, default=30, help="pretraining steps timed")
-    parser.add_argument("--cases", default=",".join(CASES))
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--cases", default=",".join(CASES),
+                        help="comma-separated cases to time (default: all)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="where the augmentation runs")
     args = parser.parse_args()
     device = torch.device(args.device)
     workers = len(os.sched_getaffinity(0))

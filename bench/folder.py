@@ -112,9 +112,11 @@ def run(images: int, batch: int, repeats: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--images", type=int, default=256,
+                        help="JPEG images written to a temporary folder and decoded")
+    parser.add_argument("--batch", type=int, default=64, help="images per timed batch")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed passes per loader (the median is printed)")
     args = parser.parse_args()
     r = run(args.images, args.batch, args.repeats)
     print(f"{args.images} JPEGs 500x375 q90, 1 torch thread, torch {torch.__version__}")

@@ -194,10 +194,11 @@ def run_case(case: Case, device: torch.device, compile: bool, steps: int, warmup
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--cases", default=",".join(CASES),
+                    help="comma-separated cases to time (default: all)")
     ap.add_argument("--steps", type=int, default=30, help="timed steps per case")
     ap.add_argument("--warmup", type=int, default=8, help="untimed steps (and compilation)")
-    ap.add_argument("--modes", default="eager,compile")
+    ap.add_argument("--modes", default="eager,compile", help="eager, compile or both")
     ap.add_argument("--deadline", type=float, default=270.0,
                     help="seconds after which cases not yet started are skipped")
     ap.add_argument("--smoke", action="store_true", help="a tiny case on the CPU, 2 steps")

@@ -41,7 +41,7 @@ from studies.model_size import STUDY  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="local")
+    ap.add_argument("--preset", default="local", help="studies/model_size.py's preset to time")
     ap.add_argument("--storage", help="default: a fresh temporary directory")
     ap.add_argument("extra", nargs="*", help="more studies/model_size.py arguments (after --)")
     args = ap.parse_args()

@@ -235,12 +235,16 @@ def bench_config(name: str, epochs: int, threads: int, device: str) -> Experimen
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="fmnist-cpu")
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--stages", default=",".join(STAGES))
-    parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--config", default="fmnist-cpu", help="a preset or YAML to time")
+    parser.add_argument("--epochs", type=int, default=1, help="epochs per timed run")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="timed runs per variant (medians and ranges are printed)")
+    parser.add_argument("--stages", default=",".join(STAGES),
+                        help="comma-separated stages to time (default: all)")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="comma-separated loop variants to compare (default: all)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="where the stages run")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

@@ -7,6 +7,7 @@ worker agrees on the global order without communicating.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -14,17 +15,17 @@ import numpy as np
 import torch
 
 from scaling.augment import ViewSpec
+from scaling.config import ConfigError
 from scaling.data import Dataset, ImageData
 
 
-def steps_per_epoch(n: int, global_batch: int) -> int:
-    """Full batches only: contrastive and BN statistics want equal batch sizes."""
+def steps_per_epoch(n: int, global_batch: int, key: str = "batch_size") -> int:
+    """Full batches only: contrastive and BN statistics want equal batch sizes.
+    ``key`` names the setting in the error when not one batch fits."""
     steps = n // global_batch
     if steps == 0:
-        raise ValueError(
-            f"batch_size={global_batch} is larger than the {n} training examples; "
-            f"allowed: batch_size <= {n}"
-        )
+        raise ConfigError(key, global_batch, f"<= {n}, the training images there are (after "
+                          "the validation split): fewer than one batch")
     return steps
 
 
@@ -78,6 +79,13 @@ def crops_for(spec: ViewSpec, views: int, seed: int, epoch: int) -> Crops:
     return Crops(views, spec.crop_scale, spec.crop_ratio, epoch_seed(seed, epoch))
 
 
+def default_loader_workers() -> int:
+    """Decode processes: the cores this process may use, less one for the loop, <= 8
+    (more than the cores only makes torch warn and the processes contend)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(0, min(8, (cores or 1) - 1))
+
+
 class Fetcher:
     """Turns index arrays into (uint8 images, labels) on the training device.
 
@@ -85,10 +93,11 @@ class Fetcher:
     there; folder datasets decode through a DataLoader in worker processes.
     """
 
-    def __init__(self, dataset: Dataset, device: torch.device, workers: int = 4) -> None:
+    def __init__(self, dataset: Dataset, device: torch.device, workers: int | None = None
+                 ) -> None:
         self.dataset = dataset
         self.device = device
-        self.workers = workers
+        self.workers = default_loader_workers() if workers is None else workers
         if isinstance(dataset, ImageData):
             self.images = dataset.images.to(device)
             self.labels = dataset.labels.to(device)

@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from scaling.config import ConfigError
+from scaling.config import ConfigError, ConfigFileError, parse_yaml
 
 DRIVER_RESOURCE = "TRAIN_DRIVER"  # the custom resource trial drivers are scheduled on
 # Written on the head node by `ray up`: the config as the launcher prepared it.
@@ -33,6 +33,24 @@ BOOTSTRAP = Path("~/ray_bootstrap_config.yaml")
 
 def _where(path: Any) -> str:
     return ".".join(str(p) for p in path) or "(top level)"
+
+
+def _schema_error(e: Any, source: str) -> ConfigError:
+    """Ray's schema error naming the one offending key, never the whole mapping."""
+    path = list(e.absolute_path)
+    if e.validator == "additionalProperties" and isinstance(e.instance, dict):
+        known = set(e.schema.get("properties", {}))
+        extra = sorted(k for k in e.instance if k not in known)[0]
+        return ConfigFileError(_where([*path, extra]), f"{source}: {_where([*path, extra])} "
+                               "is not a key Ray's cluster schema knows there; allowed: "
+                               + ", ".join(sorted(known)))
+    if e.validator == "required":
+        missing = e.message.split("'")[1]
+        return ConfigFileError(_where([*path, missing]), f"{source}: {_where([*path, missing])}"
+                               " is missing; Ray's cluster schema requires it")
+    value = e.instance if not isinstance(e.instance, dict | list) else type(e.instance).__name__
+    return ConfigError(f"{source}: {_where(path)}", value, f"Ray's cluster schema: "
+                       f"{e.message if len(e.message) < 200 else e.validator}")
 
 
 def validate(raw: Any, source: str = "cluster config", base: Path | None = None) -> dict:
@@ -58,8 +76,7 @@ def validate(raw: Any, source: str = "cluster config", base: Path | None = None)
             config = prepare_config(copy.deepcopy(raw))
             validate_config(config)
     except jsonschema.ValidationError as e:
-        raise ConfigError(f"{source}: {_where(e.absolute_path)}", e.instance,
-                          f"Ray's cluster schema: {e.message}") from None
+        raise _schema_error(e, source) from None
     except Exception as e:  # noqa: BLE001 - Ray raises ValueError, KeyError, click errors
         printed = [line.strip() for line in said.getvalue().splitlines()
                    if line.strip() and "WARN" not in line and "To ensure" not in line]
@@ -95,9 +112,7 @@ def _check_project(raw: dict, config: dict, source: str, base: Path | None) -> N
 
 
 def load(path: str | Path, base: Path | None = None) -> dict:
-    with open(path) as f:
-        raw = yaml.safe_load(f)
-    return validate(raw, str(path), base)
+    return validate(parse_yaml(Path(path).read_text(), str(path)), str(path), base)
 
 
 def max_resources(config: dict) -> dict[str, float] | None:
@@ -132,7 +147,7 @@ def autoscaling_limit() -> dict[str, float] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m scaling.cluster", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("configs", nargs="+", help="cluster YAML files")
     args = p.parse_args(argv)
@@ -141,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             config = load(path, base=Path.cwd())
         except (ConfigError, OSError, yaml.YAMLError) as e:
-            print(f"{path}: error: {e}", file=sys.stderr)
+            print(f"error: {e}", file=sys.stderr)  # every message names the file
             failed += 1
             continue
         most = max_resources(config)

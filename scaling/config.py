@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -33,6 +34,39 @@ class ConfigError(ValueError):
 
     def under(self, prefix: str) -> ConfigError:
         return ConfigError(f"{prefix}.{self.key}" if prefix else self.key, self.value, self.allowed)
+
+
+class ConfigFileError(ConfigError):
+    """A config problem whose message is whole (a file that does not parse, ...)."""
+
+    def __init__(self, key: str, message: str) -> None:
+        self.key, self.value, self.allowed = key, None, message
+        ValueError.__init__(self, message)
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML as researchers write it: ``1e-3`` is a float (YAML 1.1 wants ``1.0e-3``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """``text`` parsed; a syntax error names ``source`` (a file, a flag) and the line."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigFileError(source, f"{source}{where}: not valid YAML ({problem})") from None
+
+
+def read_yaml(path: str | os.PathLike[str]) -> Any:
+    return parse_yaml(Path(path).read_text(), str(path))
 
 
 def check(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -76,7 +110,10 @@ class DataConfig:
     )
     root: str | None = None  # None: the system copy (Fashion-MNIST only)
     download: bool = False  # never fetch unless asked: tests and clusters stay offline
-    image_size: int | None = None  # imagefolder crop side / synthetic side; None: native size
+    # Side of the images the network sees. imagefolder: crops resized to it (None:
+    # 224); synthetic: generated at it (None: 16); in-memory sets keep their native
+    # size (28 Fashion-MNIST, 32 CIFAR, 96 STL-10).
+    image_size: int | None = None
     # A class-balanced validation split carved from the training split, for every
     # choice (presets, LRs, recipes); the test split only reports. None: VAL_SIZES.
     val_size: int | None = None
@@ -291,7 +328,9 @@ class RuntimeConfig:
     checkpoint_every: int = 0  # steps between checkpoints; 0: at the end of each epoch
     log_every: int = 20  # steps between progress lines and loss-curve points
     keep_checkpoints: int = 2  # the previous one is the fallback for a corrupt latest
-    loader_workers: int = 4  # decode processes for imagefolder data only
+    # Decode processes for imagefolder data (training and evaluation); None: one per
+    # core this process may use, less one for the training loop, at most 8.
+    loader_workers: int | None = None
     # Ray Train (scaling.ray_train); the single-process pipeline ignores these.
     # Data-parallel workers per stage (the global batch is split); 0: run the stage
     # in the calling process (a study's trial), without Ray Train's start-up cost.
@@ -308,7 +347,8 @@ class RuntimeConfig:
         check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, ">= 0")
         check(self.log_every >= 1, "log_every", self.log_every, ">= 1")
         check(self.keep_checkpoints >= 2, "keep_checkpoints", self.keep_checkpoints, ">= 2")
-        check(self.loader_workers >= 0, "loader_workers", self.loader_workers, ">= 0")
+        check(self.loader_workers is None or self.loader_workers >= 0, "loader_workers",
+              self.loader_workers, "null (follow the machine's cores) or >= 0")
 
 
 @dataclass(frozen=True)
@@ -511,8 +551,7 @@ def load_config(path: str | os.PathLike[str], overrides: dict[str, Any] | None =
     ExperimentConfig
 ):
     """Read a YAML experiment config; missing keys take the dataclass defaults."""
-    text = Path(path).read_text()
-    data = yaml.safe_load(text) or {}
+    data = read_yaml(path) or {}
     if not isinstance(data, dict):
         raise ConfigError("<root>", data, f"a mapping at the top of {path}")
     cfg = from_dict(ExperimentConfig, data)

@@ -30,6 +30,13 @@ FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 class DataError(RuntimeError):
     """A dataset is missing or malformed; the message says how to fix it."""
 
+    def __init__(self, message: str) -> None:
+        # Raised in a DataLoader worker, it comes back with the worker's traceback
+        # in its message: keep our own last line, which names the file.
+        if "Original Traceback" in message:
+            message = message.strip().splitlines()[-1].split("DataError: ", 1)[-1]
+        super().__init__(message)
+
 
 @dataclass(frozen=True)
 class ImageData:
@@ -77,7 +84,11 @@ class FolderImages(torch.utils.data.Dataset):
     def __init__(self, root: Path, image_size: int, name: str) -> None:
         from torchvision.datasets import ImageFolder
 
-        self.folder = ImageFolder(str(root))
+        try:
+            self.folder = ImageFolder(str(root))
+        except FileNotFoundError as e:  # no class folders, or no images in them
+            raise DataError(f"data.root: {root} is not an image folder ({e}); allowed: "
+                            f"{root}/CLASS/IMAGE (docs/data.md)") from None
         self.labels = torch.tensor(self.folder.targets, dtype=torch.int64)
         self.num_classes = len(self.folder.classes)
         self.image_size = image_size
@@ -92,7 +103,11 @@ class FolderImages(torch.utils.data.Dataset):
         from torchvision.transforms.v2.functional import pil_to_tensor
 
         path, _ = self.folder.samples[i]
-        return pil_to_tensor(self.folder.loader(path))  # PIL decode, RGB uint8 CxHxW
+        try:
+            return pil_to_tensor(self.folder.loader(path))  # PIL decode, RGB uint8 CxHxW
+        except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for broken files
+            raise DataError(f"{path} does not decode ({type(e).__name__}: {e}); replace or "
+                            "remove it") from None
 
     def __getitem__(self, key: int | CropRequest) -> tuple[torch.Tensor, int]:
         from torchvision.transforms.v2.functional import resized_crop
@@ -137,9 +152,10 @@ def _find_idx(dirs: list[Path], stem: str) -> Path | None:
 
 def fashion_mnist(split: str, root: str | None, download: bool) -> ImageData:
     prefix = "t10k" if split == "test" else "train"
+    # A root the user gave must hold the data: never train on a copy from elsewhere.
     dirs = [FASHION_MNIST_SYSTEM_DIR]
     if root is not None:
-        dirs = [Path(root), Path(root) / "FashionMNIST" / "raw", *dirs]
+        dirs = [Path(root), Path(root) / "FashionMNIST" / "raw"]
     images_path = _find_idx(dirs, f"{prefix}-images-idx3-ubyte")
     if images_path is None and download and root is not None:
         from torchvision.datasets import FashionMNIST
@@ -147,6 +163,12 @@ def fashion_mnist(split: str, root: str | None, download: bool) -> ImageData:
         FashionMNIST(root, train=split != "test", download=True)
         images_path = _find_idx(dirs, f"{prefix}-images-idx3-ubyte")
     labels_path = _find_idx(dirs, f"{prefix}-labels-idx1-ubyte")
+    if (images_path is None or labels_path is None) and root is not None:
+        raise DataError(
+            f"data.root={root!r} holds no Fashion-MNIST {prefix} files (looked for "
+            f"{prefix}-images-idx3-ubyte[.gz] in {', '.join(map(str, dirs))}); allowed: a "
+            "directory with them, data.download: true to fetch them there, or no data.root "
+            f"for the system copy ({FASHION_MNIST_SYSTEM_DIR})")
     if images_path is None or labels_path is None:
         raise DataError(
             f"Fashion-MNIST files not found in {', '.join(map(str, dirs))}. Install them with "
@@ -197,7 +219,8 @@ def imagefolder(split: str, root: str | None, image_size: int | None) -> FolderI
     sub = {"train": "train", "unlabelled": "train", "test": "val"}[split]
     path = Path(root) / sub
     if not path.is_dir():
-        raise DataError(f"imagefolder: {path} does not exist (expected root/{sub}/CLASS/*.jpg)")
+        raise DataError(f"data.root={root!r} has no {sub}/ folder; allowed: an image folder "
+                        f"root/train/CLASS/IMAGE and root/val/CLASS/IMAGE (docs/data.md)")
     return FolderImages(path, image_size or 224, "imagefolder")
 
 

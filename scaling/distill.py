@@ -57,7 +57,7 @@ def distill(
     labelled_fetch = fetch if unlabelled is train else Fetcher(train, env.device,
                                                                 cfg.runtime.loader_workers)
     labelled = labelled_subset(cfg, splits)
-    spe = steps_per_epoch(len(pool), dc.batch_size)
+    spe = steps_per_epoch(len(pool), dc.batch_size, "distill.batch_size")
     shape = (train.image_size, train.image_size)
 
     # Teacher: the fine-tuned classifier, frozen.

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from scaling.config import ConfigError
 from scaling.global_bn import convert_global_bn
 
 Report = Callable[[dict[str, Any], Path | None], None]
@@ -26,7 +27,7 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("runtime.device='cuda' but no CUDA device is visible; use 'auto'")
+        raise ConfigError("runtime.device", name, "auto or cpu: no CUDA device is visible here")
     return torch.device(name)
 
 

@@ -1,6 +1,7 @@
-"""One configuration end to end, single process, no Ray:
+"""One configuration end to end: in this process (no Ray needed), or with --ray
+each stage on Ray Train:
 
-    python -m scaling.pipeline CONFIG.yaml|PRESET [--out runs] [--set key=value ...]
+    python -m scaling.pipeline CONFIG.yaml|PRESET [--out runs] [--set key=value ...] [--ray]
 
 pretrain once -> for each label fraction: fine-tune, distil, supervised baseline.
 Each stage's directory is named by a hash of exactly the settings it depends on,
@@ -17,8 +18,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from scaling import storage
 from scaling.checkpoint import CheckpointError
 from scaling.config import (
@@ -26,6 +25,7 @@ from scaling.config import (
     ExperimentConfig,
     config_hash,
     load_config,
+    parse_yaml,
     resolve_fraction,
     with_overrides,
 )
@@ -160,7 +160,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError("--set", item, "KEY=VALUE, e.g. pretrain.epochs=5")
         key, value = item.split("=", 1)
-        out[key] = yaml.safe_load(value)
+        out[key] = parse_yaml(value, f"--set {key}")
     return out
 
 
@@ -178,20 +178,25 @@ def resolve(config: str) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scaling.pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", help="YAML file or preset name (configs/*.yaml)")
+    parser.add_argument("config", nargs="?", help="YAML file or preset name (configs/*.yaml)")
     parser.add_argument("--out", default="runs",
                         help="root of stage outputs: a directory or a URI (s3://bucket/runs)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="override config keys, e.g. pretrain.epochs=5")
+    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="override config keys, e.g. pretrain.epochs=5 (repeatable)")
     parser.add_argument("--ray", action="store_true",
                         help="run each stage on Ray Train (runtime.workers workers)")
     parser.add_argument("--address", default=None,
                         help="with --ray: a running cluster ('auto'); default: start one here")
     args = parser.parse_args(argv)
+    if args.config is None and args.set and "=" not in args.set[-1]:
+        args.config = args.set.pop()  # `--set k=v CONFIG`: --set took the config's place
+    if args.config is None:
+        parser.error("the following arguments are required: config")
     cfg: ExperimentConfig | None = None
     try:
         cfg = load_config(resolve(args.config), parse_overrides(args.set))
         root = storage.join(storage.absolute(storage.parse(args.out)), cfg.name)
+        storage.check_writable(root, "--out")
         started = time.perf_counter()
         run: Runner = run_local
         if args.ray:

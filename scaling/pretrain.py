@@ -37,7 +37,7 @@ def pretrain(cfg: ExperimentConfig, out: Path, env: Env | None = None) -> dict[s
     train = splits.train
     pool, indices = unlabelled_pool(cfg.data, splits)
     fetch = Fetcher(pool, env.device, cfg.runtime.loader_workers)
-    spe = steps_per_epoch(len(indices), p.batch_size)
+    spe = steps_per_epoch(len(indices), p.batch_size, "pretrain.batch_size")
 
     # Model: one forward over both views, so BN statistics cover both (global BN).
     torch.manual_seed(cfg.seed)

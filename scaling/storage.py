@@ -201,3 +201,17 @@ def publish(local: Path, location: Location) -> None:
     for file in (MODEL, RESULT):
         pyarrow.fs.copy_files(str(local / file), f"{path}/{file}", destination_filesystem=fs,
                               source_filesystem=pyarrow.fs.LocalFileSystem())
+
+
+def check_writable(location: Location, key: str) -> None:
+    """Fail before any work if ``location`` cannot be written; ``key`` names the flag.
+    Raises ConfigError (scaling.config) naming the location and why."""
+    from scaling.config import ConfigError
+
+    probe = f".write-probe-{os.getpid()}"
+    try:
+        write_text(location, probe, "ok")
+        delete(location, probe)
+    except OSError as e:
+        raise ConfigError(key, str(location), "a directory or URI this machine can write "
+                          f"({type(e).__name__}: {e})") from None

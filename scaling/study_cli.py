@@ -20,10 +20,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
-
 from scaling import storage
-from scaling.config import ConfigError, load_config
+from scaling.config import ConfigError, load_config, parse_yaml, read_yaml
 from scaling.data import DataError
 from scaling.pipeline import parse_overrides, resolve
 from scaling.study import Study, describe, finished, make_study, plan
@@ -61,15 +59,14 @@ class StudyDef:
 
 
 def _values(text: str) -> list[Any]:
-    return [yaml.safe_load(v) for v in text.split(",") if v != ""]
+    return [parse_yaml(v, "--axis") for v in text.split(",") if v != ""]
 
 
 def build(defn: StudyDef, args: argparse.Namespace) -> Study:
     """The study the arguments describe: preset, then --file, then the flags."""
     spec: dict[str, Any] = {}
     if args.file:
-        with open(args.file) as f:
-            spec = yaml.safe_load(f) or {}
+        spec = read_yaml(args.file) or {}
         if not isinstance(spec, dict):
             raise ConfigError("--file", args.file, "a YAML mapping: preset, base, set, axes, seeds")
         for key in spec:
@@ -92,6 +89,9 @@ def build(defn: StudyDef, args: argparse.Namespace) -> Study:
     if args.seeds:
         seeds = _values(args.seeds)
     if args.repeats is not None:
+        if args.seeds:
+            raise ConfigError("--repeats", args.repeats, "either --repeats N (seeds 0..N-1) or "
+                              f"--seeds (here {args.seeds}), not both")
         if args.repeats < 1:
             raise ConfigError("--repeats", args.repeats, ">= 1")
         seeds = list(range(args.repeats))
@@ -104,7 +104,10 @@ def build(defn: StudyDef, args: argparse.Namespace) -> Study:
 
 
 def parser(defn: StudyDef) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=f"{defn.doc}\n\n{__doc__}",
+    script = f"studies/{defn.name}.py"  # the examples name the study they help with
+    p = argparse.ArgumentParser(prog=f"python {script}",
+                                description=f"{defn.doc}\n\n{__doc__}".replace(
+                                    "studies/model_size.py", script),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", help=f"one of: {', '.join(defn.presets)} (default {defn.default})")
     p.add_argument("--name", help=f"the study's folder in --storage (default {defn.name}-PRESET);"
@@ -112,8 +115,8 @@ def parser(defn: StudyDef) -> argparse.ArgumentParser:
     p.add_argument("--file", help="a study YAML: preset, base, set, axes, seeds")
     p.add_argument("--axis", action="append", default=[], metavar="NAME=V1,V2",
                    help="replace an axis, e.g. --axis width=0.0625,0.125 (repeatable)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="override base config keys, e.g. pretrain.epochs=5")
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="override base config keys, e.g. pretrain.epochs=5 (repeatable)")
     p.add_argument("--seeds", help="comma-separated seeds (an axis)")
     p.add_argument("--repeats", type=int, help="seeds 0..N-1")
     p.add_argument("--storage", default=os.environ.get("SCALING_STORAGE", "runs"),

@@ -38,6 +38,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from scaling import cluster, results, storage
 from scaling.config import ConfigError, ExperimentConfig, from_dict, to_dict
+from scaling.env import pick_device
 from scaling.pipeline import stage_dir, stage_key
 from scaling.ray_train import run_stage
 from scaling.storage import Location
@@ -262,6 +263,7 @@ def connect(address: str | None, cfg: ExperimentConfig) -> bool:
             pass
     cpus = os.cpu_count() or 1
     capacity(cfg, {"CPU": cpus})  # fail before starting Ray
+    pick_device(cfg.runtime.device)  # runtime.device=cuda on a machine without one
     # "local": a new instance even where a dead cluster left its address file.
     ray.init(address="local", num_cpus=cpus, resources={DRIVER_RESOURCE: 1000},
              include_dashboard=False)
@@ -287,17 +289,6 @@ def cluster_resources(limit: dict[str, float] | None) -> dict[str, float]:
     for key, value in (limit or {}).items():
         now[key] = max(now.get(key, 0.0), float(value))
     return now
-
-
-def check_writable(root: Location) -> None:
-    """Fail before Ray starts if the study storage cannot be written."""
-    probe = f".write-probe-{os.getpid()}"
-    try:
-        storage.write_text(root, probe, "ok")
-        storage.delete(root, probe)
-    except OSError as e:
-        raise ConfigError("--storage", str(root),
-                          f"a directory or URI this machine can write ({e})") from None
 
 
 def warn_if_not_shared(root: Location, joined: bool, limit: dict[str, float] | None) -> None:
@@ -396,7 +387,7 @@ def run_study(study: Study, root: Location, *, address: str | None = None,
                           f"(same --storage, preset, axes and --set): no sweep state in {path}")
     record = study_record(study)
     check_owner(study_dir, record)
-    check_writable(root)
+    storage.check_writable(root, "--storage")
     joined = connect(address, study.base)
     limit = cluster.autoscaling_limit() if joined else None
     cap = capacity(study.base, cluster_resources(limit))
