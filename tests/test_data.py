@@ -30,6 +30,10 @@ def test_fashion_mnist_from_the_debian_package():
 def test_missing_fashion_mnist_says_how_to_get_it(tmp_path, monkeypatch):
     monkeypatch.setattr("scaling.data.FASHION_MNIST_SYSTEM_DIR", tmp_path / "none")
     with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
+        load_dataset("fashion-mnist", "train")
+    # A root that was given must hold the data, even where the system has a copy.
+    monkeypatch.undo()
+    with pytest.raises(DataError, match=f"data.root='{tmp_path}' holds no Fashion-MNIST"):
         load_dataset("fashion-mnist", "train", root=tmp_path)
 
 

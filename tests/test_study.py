@@ -117,6 +117,8 @@ def test_cli_overrides_axes_seeds_and_files(tmp_path, capsys):
     (["--axis", "colour=1"], "axes.colour=[1] is invalid"),
     (["--preset", "huge"], "--preset='huge' is invalid; allowed: local, fmnist-cpu"),
     (["--set", "runtime.workers=64"], "runtime.workers=64 is invalid"),
+    # A mistyped storage with --resume: refused before Ray starts, nothing created.
+    (["--resume"], "no sweep state in"),
 ])
 def test_bad_input_exits_2_before_any_ray_work(tmp_path, args, text):
     run = subprocess.run([sys.executable, "studies/model_size.py", "--storage",
