@@ -261,13 +261,20 @@ def connect(address: str | None, cfg: ExperimentConfig) -> bool:
             return True
         except ConnectionError:
             pass
-    cpus = os.cpu_count() or 1
-    capacity(cfg, {"CPU": cpus})  # fail before starting Ray
-    pick_device(cfg.runtime.device)  # runtime.device=cuda on a machine without one
+    cpus = check_local(cfg)
     # "local": a new instance even where a dead cluster left its address file.
     ray.init(address="local", num_cpus=cpus, resources={DRIVER_RESOURCE: 1000},
              include_dashboard=False)
     return False
+
+
+def check_local(cfg: ExperimentConfig) -> int:
+    """What a Ray started on this machine would refuse: more workers than cores,
+    runtime.device=cuda without a GPU. Returns the cores."""
+    cpus = os.cpu_count() or 1
+    capacity(cfg, {"CPU": cpus})
+    pick_device(cfg.runtime.device)
+    return cpus
 
 
 def _ray_running_here() -> bool:
@@ -387,6 +394,8 @@ def run_study(study: Study, root: Location, *, address: str | None = None,
                           f"(same --storage, preset, axes and --set): no sweep state in {path}")
     record = study_record(study)
     check_owner(study_dir, record)
+    if address is None and not ray.is_initialized() and not _ray_running_here():
+        check_local(study.base)  # before the storage is touched
     storage.check_writable(root, "--storage")
     joined = connect(address, study.base)
     limit = cluster.autoscaling_limit() if joined else None
