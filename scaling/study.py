@@ -14,12 +14,13 @@ import dataclasses
 import functools
 import itertools
 import json
-import math
+import os
 import typing
 from dataclasses import dataclass
 from typing import Any
 
 from scaling import storage
+from scaling.cluster import DRIVER_RESOURCE
 from scaling.config import (
     ConfigError,
     ExperimentConfig,
@@ -28,6 +29,7 @@ from scaling.config import (
     resolve_fraction,
     with_overrides,
 )
+from scaling.env import pick_device
 from scaling.pipeline import stage_dir, stage_key
 from scaling.storage import Location
 
@@ -230,7 +232,7 @@ def _forward_flops(model: ModelConfig, data_name: str, image_size: int | None) -
 def stage_flops(cfg: ExperimentConfig, stage: str) -> float:
     """Training FLOPs of one stage run: 3x forward per image per pass (fwd + bwd),
     plus the teacher's forward in distillation. The head is ignored (small)."""
-    n, _, _ = DATA_SHAPES[cfg.data.name]
+    n = DATA_SHAPES[cfg.data.name][0] - cfg.data.resolved_val_size()  # validation: no training
     fwd = _forward_flops(cfg.model, cfg.data.name, cfg.data.image_size)
     fraction = cfg.finetune.label_fraction or 1.0
     if stage == "pretrain":
@@ -244,7 +246,7 @@ def stage_flops(cfg: ExperimentConfig, stage: str) -> float:
                                     cfg.supervised.min_steps * cfg.supervised.batch_size)
     student = cfg.distill.student or cfg.model
     unl = cfg.distill.unlabelled or cfg.data
-    n_unl, _, _ = DATA_SHAPES[unl.name]
+    n_unl = DATA_SHAPES[unl.name][0] - (unl.resolved_val_size() if unl == cfg.data else 0)
     s_fwd = _forward_flops(student, unl.name, unl.image_size)
     t_fwd = _forward_flops(cfg.model, unl.name, unl.image_size)
     return (3 * s_fwd + t_fwd) * n_unl * cfg.distill.epochs
@@ -267,12 +269,12 @@ def plan(study: Study) -> Plan:
                 {s: len(v) for s, v in seen.items()}, flops)
 
 
-def finished(study: Study, root: Location) -> dict[str, tuple[int, int]]:
-    """Per stage: (distinct runs finished in the storage ``root``, distinct runs)."""
+def finished(study: Study, root: Location) -> set[tuple[str, str]]:
+    """The study's distinct (stage, key) runs already finished in the storage ``root``."""
     stages = storage.join(root, "stages")
-    return {stage: (sum(storage.read_result(stage_dir(stages, cfg, stage)) is not None
-                        for cfg in runs.values()), len(runs))
-            for stage, runs in distinct_runs(study).items()}
+    return {(stage, key) for stage, runs in distinct_runs(study).items()
+            for key, cfg in runs.items()
+            if storage.read_result(stage_dir(stages, cfg, stage)) is not None}
 
 
 def describe(study: Study, p: Plan) -> str:
@@ -283,12 +285,54 @@ def describe(study: Study, p: Plan) -> str:
     per = ", ".join(f"{s} {n}" for s, n in p.distinct.items())
     lines.append(f"stage runs: {p.stage_runs} distinct ({per}); "
                  f"a naive grid would run {p.naive_stage_runs}")
-    # A stated assumption, not a measurement: 40% of an H100's dense bf16 peak.
-    gpu_hours = p.flops / (0.4 * 989e12) / 3600
-    lines.append(f"estimated training compute: {p.flops:.3g} FLOPs "
-                 f"(~{gpu_hours:.3g} H100-hours at 40% of bf16 peak)")
     return "\n".join(lines)
 
 
-def fmt_hours(seconds: float) -> str:
-    return f"{seconds / 3600:.3f}" if math.isfinite(seconds) else "-"
+def gpu_hours(flops: float) -> float:
+    """A stated assumption, not a measurement: 40% of an H100's dense bf16 peak."""
+    return flops / (0.4 * 989e12) / 3600
+
+
+@dataclass(frozen=True)
+class Capacity:
+    concurrent: int  # trials at once
+    resources: dict[str, float]  # one trial driver's own resources
+
+
+def capacity(cfg: ExperimentConfig, cluster: dict[str, float]) -> Capacity:
+    """Trials that fit at once without starving their own Train workers."""
+    rt = cfg.runtime
+    per_trial_cpu = max(rt.workers, 1) * rt.cpus_per_worker
+    per_trial_gpu = rt.workers * rt.gpus_per_worker
+    cpus, gpus = cluster.get("CPU", 0), cluster.get("GPU", 0)
+    if per_trial_cpu > cpus:
+        raise ConfigError("runtime.workers", rt.workers,
+                          f"workers x cpus_per_worker <= the cluster's {cpus:g} CPUs")
+    if per_trial_gpu > gpus:
+        raise ConfigError("runtime.workers", rt.workers,
+                          f"workers x gpus_per_worker <= the cluster's {gpus:g} GPUs")
+    concurrent = int(cpus // per_trial_cpu)
+    if per_trial_gpu:
+        concurrent = min(concurrent, int(gpus // per_trial_gpu))
+    # With workers=0 the driver trains itself and holds the CPUs; otherwise it only
+    # waits on its TorchTrainer and sits on the driver resource (or a little memory).
+    resources: dict[str, float] = {"CPU": rt.cpus_per_worker} if rt.workers == 0 else {}
+    if DRIVER_RESOURCE in cluster:
+        resources[DRIVER_RESOURCE] = 1
+    elif not resources:
+        resources["memory"] = 256 * 2**20
+    return Capacity(max(concurrent, 1), resources)
+
+
+def check_local(cfg: ExperimentConfig) -> int:
+    """What a Ray started on this machine would refuse: more workers than cores,
+    runtime.device=cuda without a GPU. Returns the cores."""
+    cpus = os.cpu_count() or 1
+    capacity(cfg, {"CPU": cpus})
+    pick_device(cfg.runtime.device)
+    return cpus
+
+
+def fmt_duration(seconds: float) -> str:
+    s = round(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"

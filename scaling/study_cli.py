@@ -20,11 +20,26 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from scaling import storage
 from scaling.config import ConfigError, load_config, parse_yaml, read_yaml
 from scaling.data import DataError
+from scaling.estimate import wall_clock
 from scaling.pipeline import parse_overrides, resolve
-from scaling.study import Study, describe, finished, make_study, plan
+from scaling.study import (
+    Study,
+    check_local,
+    describe,
+    distinct_runs,
+    finished,
+    fmt_duration,
+    gpu_hours,
+    make_study,
+    plan,
+    stage_flops,
+)
+from scaling.study_folder import check_owner, study_record
 
 # The `local` presets' schedule: Fashion-MNIST on 2 cores in minutes. Stages run
 # inside their trial's process (workers: 0): on one machine a one-worker Ray Train
@@ -154,11 +169,41 @@ def interrupted(study: Study | None, root: str) -> int:
     if study is None:
         print("interrupted before anything ran", file=sys.stderr)
     else:
-        counts = finished(study, storage.absolute(storage.parse(root))).values()
-        done, total = sum(d for d, _ in counts), sum(n for _, n in counts)
-        print(f"interrupted after {done}/{total} stage runs; run the same command to resume",
-              file=sys.stderr)
+        done = len(finished(study, storage.absolute(storage.parse(root))))
+        print(f"interrupted after {done}/{plan(study).stage_runs} stage runs; run the same "
+              "command to resume", file=sys.stderr)
     return 130
+
+
+def dry_run(study: Study, args: argparse.Namespace) -> str:
+    """What a run would do: the checks it makes before Ray, the stage runs already in
+    the storage, and how long the rest takes here (measured) or on GPUs (assumed)."""
+    root = storage.absolute(storage.parse(args.storage))
+    rt = study.base.runtime
+    on_cluster = args.address or os.environ.get("RAY_ADDRESS")
+    if not on_cluster and rt.gpus_per_worker == 0:
+        check_local(study.base)  # a CPU preset runs here: refuse what the run would
+    check_owner(storage.join(root, study.name), study_record(study))
+    runs = distinct_runs(study)
+    done = finished(study, root)
+    left = [(s, c) for s, keyed in runs.items() for k, c in keyed.items() if (s, k) not in done]
+    per = ", ".join(f"{s} {sum((s, k) in done for k in keyed)}/{len(keyed)}"
+                    for s, keyed in runs.items())
+    lines = [f"in {root}: {len(done)} of {sum(map(len, runs.values()))} stage runs finished "
+             f"({per}); {len(left)} to run"]
+    if not left:
+        return "\n".join(lines)
+    flops = sum(stage_flops(c, s) for s, c in left)
+    if rt.gpus_per_worker == 0 or torch.cuda.is_available():
+        est = wall_clock(left)
+        rates = ", ".join(f"{m} {r / 1e9:.1f}" for m, r in est.rates.items())
+        lines.append(f"estimated time here ({est.device}): ~{fmt_duration(est.seconds)} of "
+                     f"training steps for the {len(left)} to run, at speeds measured just now "
+                     f"(GFLOP/s: {rates}); evaluation and start-up come on top")
+    if rt.gpus_per_worker > 0:
+        lines.append(f"estimated training compute to run: {flops:.3g} FLOPs (~"
+                     f"{gpu_hours(flops):.3g} H100-hours at an assumed 40% of bf16 peak)")
+    return "\n".join(lines)
 
 
 def main(defn: StudyDef, argv: list[str] | None = None) -> int:
@@ -168,6 +213,7 @@ def main(defn: StudyDef, argv: list[str] | None = None) -> int:
         study = build(defn, args)
         print(describe(study, plan(study)), flush=True)
         if args.dry_run:
+            print(dry_run(study, args))
             return 0
         from scaling import sweep
 

@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import os
-import shlex
 import sys
 import threading
 import time
@@ -38,7 +37,6 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from scaling import cluster, results, storage
 from scaling.config import ConfigError, ExperimentConfig, from_dict, to_dict
-from scaling.env import pick_device
 from scaling.pipeline import stage_dir, stage_key
 from scaling.ray_train import run_stage
 from scaling.storage import Location
@@ -46,14 +44,19 @@ from scaling.study import (
     SHORT,
     STAGE_INPUT,
     Study,
+    capacity,
     cell_key,
     cells,
+    check_local,
     distinct_runs,
+    finished,
+    fmt_duration,
     grid_hash,
     required_stages,
     schedule_order,
     stage_flops,
 )
+from scaling.study_folder import check_owner, study_record
 
 POLL_SECONDS = 2.0
 TRIAL_RETRIES = 1  # Tune re-runs a trial whose process or node died
@@ -202,48 +205,12 @@ class Console(tune.Callback):
               f"ETA {fmt_duration(result['eta_s'])}", flush=True)
 
 
-def fmt_duration(seconds: float) -> str:
-    s = round(seconds)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
 def update_table(study_dir: Location, cell_keys: list[str]) -> pd.DataFrame:
     rows = results.read_cells(study_dir, cell_keys)
     df = results.table(rows)
     if not df.empty:
         results.write_table(study_dir, df)
     return df
-
-
-@dataclass(frozen=True)
-class Capacity:
-    concurrent: int  # trials at once
-    resources: dict[str, float]  # one trial driver's own resources
-
-
-def capacity(cfg: ExperimentConfig, cluster: dict[str, float]) -> Capacity:
-    """Trials that fit at once without starving their own Train workers."""
-    rt = cfg.runtime
-    per_trial_cpu = max(rt.workers, 1) * rt.cpus_per_worker
-    per_trial_gpu = rt.workers * rt.gpus_per_worker
-    cpus, gpus = cluster.get("CPU", 0), cluster.get("GPU", 0)
-    if per_trial_cpu > cpus:
-        raise ConfigError("runtime.workers", rt.workers,
-                          f"workers x cpus_per_worker <= the cluster's {cpus:g} CPUs")
-    if per_trial_gpu > gpus:
-        raise ConfigError("runtime.workers", rt.workers,
-                          f"workers x gpus_per_worker <= the cluster's {gpus:g} GPUs")
-    concurrent = int(cpus // per_trial_cpu)
-    if per_trial_gpu:
-        concurrent = min(concurrent, int(gpus // per_trial_gpu))
-    # With workers=0 the driver trains itself and holds the CPUs; otherwise it only
-    # waits on its TorchTrainer and sits on the driver resource (or a little memory).
-    resources: dict[str, float] = {"CPU": rt.cpus_per_worker} if rt.workers == 0 else {}
-    if DRIVER_RESOURCE in cluster:
-        resources[DRIVER_RESOURCE] = 1
-    elif not resources:
-        resources["memory"] = 256 * 2**20
-    return Capacity(max(concurrent, 1), resources)
 
 
 def connect(address: str | None, cfg: ExperimentConfig) -> bool:
@@ -266,15 +233,6 @@ def connect(address: str | None, cfg: ExperimentConfig) -> bool:
     ray.init(address="local", num_cpus=cpus, resources={DRIVER_RESOURCE: 1000},
              include_dashboard=False)
     return False
-
-
-def check_local(cfg: ExperimentConfig) -> int:
-    """What a Ray started on this machine would refuse: more workers than cores,
-    runtime.device=cuda without a GPU. Returns the cores."""
-    cpus = os.cpu_count() or 1
-    capacity(cfg, {"CPU": cpus})
-    pick_device(cfg.runtime.device)
-    return cpus
 
 
 def _ray_running_here() -> bool:
@@ -304,67 +262,6 @@ def warn_if_not_shared(root: Location, joined: bool, limit: dict[str, float] | N
     if joined and not storage.is_uri(root) and (nodes > 1 or limit):
         eprint(f"warning: --storage {root} is a local path on a multi-node cluster: every "
                "node must see it at that path (NFS); otherwise use s3://bucket/studies")
-
-
-def study_record(study: Study) -> dict[str, Any]:
-    """study.json: what the grid is (cells, their keys, the base configuration), for
-    the report (which cells are missing), for provenance, and to tell studies apart."""
-    grid = cells(study)
-    base = {k: v for k, v in to_dict(study.base).items() if k not in ("runtime", "name")}
-    record = {"study": study.name, "grid_hash": grid_hash(study),
-            "cells": [c.id for c in grid], "keys": [cell_key(study, c) for c in grid],
-            "stages": list(required_stages(study)),
-            "axes": {SHORT.get(k, k): list(v) for k, v in study.axes},
-            "config": results.flatten(base),
-            "command": " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable),
-                                                          *sys.argv]),
-            "git_commit": results.git_commit()}
-    return dict(json.loads(json.dumps(record)))  # as it reads back: tuples become lists
-
-
-class StudyClash(ConfigError):
-    """The study's folder holds the results of another configuration."""
-
-    def __init__(self, message: str) -> None:
-        self.key, self.value, self.allowed = "--name", None, message
-        ValueError.__init__(self, message)
-
-
-def check_owner(study_dir: Location, record: dict[str, Any]) -> None:
-    """A study folder holds one configuration's results. Another configuration under
-    the same name stops here, naming what differs, before anything is written."""
-    text = storage.read_text(study_dir, "study.json")
-    if text is None:
-        return
-    try:
-        old = json.loads(text)
-    except ValueError as e:
-        raise ConfigError("--name", record["study"], f"a study whose {study_dir}/study.json "
-                          f"parses ({e}); restore or remove that file") from None
-    same = (old.get("grid_hash") == record["grid_hash"] if "grid_hash" in old
-            else old.get("cells") == record["cells"])  # written by an older version
-    if same:
-        return
-    raise StudyClash(f"{study_dir} holds the study {record['study']!r} with another "
-                     f"configuration ({difference(old, record)}); nothing was run or written. "
-                     "Pass --name NEW to keep both (finished stage runs are shared: nothing "
-                     "computed runs again), or use another --storage")
-
-
-def difference(old: dict[str, Any], new: dict[str, Any], most: int = 4) -> str:
-    """What differs between two study records, e.g. 'finetune.epochs 15 -> 2'."""
-    out = []
-    for part in ("axes", "config"):
-        a, b = old.get(part, {}), new.get(part, {})
-        for key in sorted(set(a) | set(b)):
-            if a.get(key) != b.get(key):
-                label = f"axis {key}" if part == "axes" else key
-                out.append(f"{label} {json.dumps(a.get(key, '-'))} -> "
-                           f"{json.dumps(b.get(key, '-'))}")
-    if not out:
-        return "another grid"
-    more = f", and {len(out) - most} more" if len(out) > most else ""
-    return "; ".join(out[:most]) + more
 
 
 @dataclass(frozen=True)
@@ -417,9 +314,8 @@ def run_study(study: Study, root: Location, *, address: str | None = None,
     trainable = tune.with_resources(tune.with_parameters(run_cell, ctx=ctx), cap.resources)
     runs = distinct_runs(study)
     flops = {(s, k): stage_flops(c, s) for s, keyed in runs.items() for k, c in keyed.items()}
-    done = {(s, k) for s, keyed in runs.items() for k, c in keyed.items()
-            if storage.read_result(stage_dir(storage.join(root, "stages"), c, s)) is not None}
-    callbacks: list[tune.Callback] = [Console(study_dir, record["keys"], flops, done)]
+    callbacks: list[tune.Callback] = [Console(study_dir, record["keys"], flops,
+                                              finished(study, root))]
     print(f"{study.name}: {len(grid)} cells, up to {cap.concurrent} at once; "
           f"results in {study_dir}", flush=True)
     if tune.Tuner.can_restore(path):
