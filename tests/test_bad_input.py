@@ -135,6 +135,9 @@ def test_repeated_flags_all_count(tmp_path):
                        "pretrain.epochs=1", "tiny"), "model.depth=7 is invalid")
     one_line_error(run("studies/model_size.py", "--seeds", "5,6", "--repeats", "2", "--dry-run"),
                    "--repeats=2 is invalid", "not both")
+    # --dry-run refuses what the run would refuse on this machine.
+    one_line_error(run("studies/model_size.py", "--dry-run", "--storage", str(tmp_path / "s"),
+                       "--set", "runtime.workers=64"), "runtime.workers=64 is invalid")
 
 
 def test_cluster_errors_name_the_key_not_the_whole_config(tmp_path):

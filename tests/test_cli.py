@@ -55,6 +55,13 @@ def test_a_variant_run_never_replaces_the_default_studys_results(tmp_path):
     assert "finetune.epochs 3 -> 2" in clash.stderr and "--name" in clash.stderr
     pd.testing.assert_frame_equal(pd.read_csv(table), before)  # untouched
 
+    # --dry-run checks what the run checks and shows what is left of the study.
+    assert "7 of 7 stage runs finished" in ok(run(default, "--dry-run"))
+    assert run(default, *variant, "--dry-run").returncode == 2
+    plan = ok(run(default, *variant, "--name", "short-ft", "--dry-run"))
+    assert "2 of 4 stage runs finished" in plan and "2 to run" in plan
+    assert "estimated time here (cpu): ~" in plan and "H100" not in plan
+    assert not (storage / "short-ft").exists()
     out = ok(run(default, *variant, "--name", "short-ft"))
     # Its own fine-tuning and distillation; pretraining and the baseline are shared.
     assert "this run: 2 stage runs executed, 2 reused" in out
