@@ -64,6 +64,9 @@ class StageRun:
         self._loss_sum = torch.zeros((), device=env.device)
         self._loss_n = 0
         self._last = time.perf_counter()
+        # Curve points reported so far: none, so a resumed stage's first report carries
+        # its whole history (the points before the interrupt included).
+        self._reported = 0
 
     @property
     def epoch(self) -> int:
@@ -131,7 +134,9 @@ class StageRun:
     def _report(self, path: Path | None) -> None:
         if self.env.report is not None:
             last = self.progress.history[-1] if self.progress.history else {}
-            progress = {"stage": self.name, **last, "step": self.step,
+            points = self.progress.history[self._reported:]  # since the last report
+            self._reported = len(self.progress.history)
+            progress = {"stage": self.name, **last, "step": self.step, "points": points,
                         "resumed_from": self.resumed_from,
                         "total_steps": self.total_steps, "epochs": self.epochs,
                         "eta_s": self.progress.eta_seconds(self.step)}

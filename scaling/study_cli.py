@@ -148,6 +148,9 @@ def parser(defn: StudyDef) -> argparse.ArgumentParser:
     p.add_argument("--restart-errored", action="store_true",
                    help="when resuming, run the cells that failed last time again")
     p.add_argument("--no-report", action="store_true", help="skip the report at the end")
+    p.add_argument("--mlflow", metavar="URI",
+                   help="also log each stage's curves and metrics to MLflow at this tracking "
+                        "URI (file:///path/mlruns or http://server:5000); needs mlflow installed")
     return p
 
 
@@ -218,7 +221,8 @@ def main(defn: StudyDef, argv: list[str] | None = None) -> int:
         from scaling import sweep
 
         outcome = sweep.run_study(study, args.storage, address=args.address,
-                                  restart_errored=args.restart_errored, resume=args.resume)
+                                  restart_errored=args.restart_errored, resume=args.resume,
+                                  mlflow=args.mlflow)
     except (ConfigError, DataError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

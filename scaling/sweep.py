@@ -28,11 +28,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import ray
 from ray import tune
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from scaling import cluster, results, storage
@@ -57,6 +59,7 @@ from scaling.study import (
     stage_flops,
 )
 from scaling.study_folder import check_owner, study_record
+from scaling.tracking import MLflow, TensorBoard, check_mlflow
 
 POLL_SECONDS = 2.0
 TRIAL_RETRIES = 1  # Tune re-runs a trial whose process or node died
@@ -275,9 +278,11 @@ class Outcome:
 
 
 def run_study(study: Study, root: Location, *, address: str | None = None,
-              restart_errored: bool = False, resume: bool = False) -> Outcome:
+              restart_errored: bool = False, resume: bool = False,
+              mlflow: str | None = None) -> Outcome:
     """Run (or resume) the study's grid on Ray Tune; returns the results table.
-    ``resume``: there must be a sweep to resume in ``root`` (guards a mistyped URI)."""
+    ``resume``: there must be a sweep to resume in ``root`` (guards a mistyped URI).
+    ``mlflow``: a tracking URI to log the stages' curves to, besides TensorBoard."""
     started = time.perf_counter()
     grid = cells(study)
     root = storage.absolute(root)
@@ -291,6 +296,8 @@ def run_study(study: Study, root: Location, *, address: str | None = None,
                           f"(same --storage, preset, axes and --set): no sweep state in {path}")
     record = study_record(study)
     check_owner(study_dir, record)
+    if mlflow:
+        check_mlflow(mlflow)
     if address is None and not ray.is_initialized() and not _ray_running_here():
         check_local(study.base)  # before the storage is touched
     storage.check_writable(root, "--storage")
@@ -314,10 +321,19 @@ def run_study(study: Study, root: Location, *, address: str | None = None,
     trainable = tune.with_resources(tune.with_parameters(run_cell, ctx=ctx), cap.resources)
     runs = distinct_runs(study)
     flops = {(s, k): stage_flops(c, s) for s, keyed in runs.items() for k, c in keyed.items()}
-    callbacks: list[tune.Callback] = [Console(study_dir, record["keys"], flops,
-                                              finished(study, root))]
+    stages = storage.join(root, "stages")
+    logdir = storage.local_dir(study_dir) / "tensorboard" if storage.is_uri(study_dir) else (
+        Path(study_dir) / "tensorboard")
+    # Tune's own TensorBoard logger joins every stage into one curve per trial under
+    # /tmp/ray: ours (scaling.tracking) replaces it; its CSV/JSON loggers stay.
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    callbacks: list[tune.Callback] = [
+        Console(study_dir, record["keys"], flops, finished(study, root)),
+        TensorBoard(logdir, stages), CSVLoggerCallback(), JsonLoggerCallback()]
+    if mlflow:
+        callbacks.append(MLflow(mlflow, study.name, stages))
     print(f"{study.name}: {len(grid)} cells, up to {cap.concurrent} at once; "
-          f"results in {study_dir}", flush=True)
+          f"results in {study_dir}; curves: tensorboard --logdir {logdir}", flush=True)
     if tune.Tuner.can_restore(path):
         print(f"resuming the sweep in {path}", flush=True)
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,

@@ -15,6 +15,8 @@ import yaml
 
 pytest.importorskip("ray")
 REPO = Path(__file__).resolve().parent.parent
+# MLflow 3 keeps its file store only on request; the test needs no server.
+ENV = {**os.environ, "MLFLOW_ALLOW_FILE_STORE": "true"}
 TINY = {"pretrain.epochs": 2, "finetune.epochs": 3, "supervised.epochs": 2,
         "runtime.device": "cpu", "runtime.workers": 0, "runtime.log_every": 4}
 
@@ -29,7 +31,7 @@ def study_command(tmp_path: Path, storage: Path, axes: dict, **extra) -> list[st
 
 def run(command: list[str], *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run([*command, *extra], cwd=REPO, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=600, env=ENV)
 
 
 def ok(proc: subprocess.CompletedProcess) -> str:
@@ -78,7 +80,7 @@ def _interrupt_when(command: list[str], ready, timeout: float = 300) -> subproce
     """Start ``command`` in its own process group and Ctrl-C it (SIGINT to the whole
     group, as a terminal does) as soon as ``ready()``."""
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True, env=ENV)
     deadline = time.monotonic() + timeout
     while not ready():
         assert proc.poll() is None, proc.communicate()
@@ -89,10 +91,12 @@ def _interrupt_when(command: list[str], ready, timeout: float = 300) -> subproce
     return proc
 
 
-def test_ctrl_c_on_a_study_exits_130_and_the_same_command_resumes(tmp_path):
+def test_ctrl_c_on_a_study_exits_130_and_the_same_command_resumes(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     storage = tmp_path / "S"
     command = study_command(tmp_path, storage, {"width": [0.0625], "label_fraction": [0.5]},
                             **{"pretrain.epochs": 6, "runtime.checkpoint_every": 4})
+    command += ["--mlflow", f"file://{tmp_path}/mlruns"]
     proc = _interrupt_when(command, lambda: any(
         storage.glob("stages/pretrain-*/checkpoints/step-*")))
     out, err = proc.stdout.read(), proc.stderr.read()
@@ -111,6 +115,34 @@ def test_ctrl_c_on_a_study_exits_130_and_the_same_command_resumes(tmp_path):
     assert "(run_cell pid=" not in out and "repeated" not in out
     assert "[sweep] 4/4 stage runs, done" in out
     assert len(pd.read_csv(storage / "model_size-local" / "results.csv")) == 4
+    check_curves(storage / "model_size-local", tmp_path / "mlruns")
+
+
+def check_curves(study: Path, mlruns: Path) -> None:
+    """TensorBoard and MLflow hold each stage's own curve on its own step axis: every
+    point of the stored history once, and the stage's final metrics."""
+    import mlflow
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    pre = yaml.safe_load(next(study.parent.glob("stages/pretrain-*/result.json")).read_text())
+    want = [(p["step"], pytest.approx(p["loss"], rel=1e-6)) for p in pre["history"]]
+    assert len(want) > 4
+    runs = list((study / "tensorboard").iterdir())
+    assert [r.name for r in runs] == ["depth=18,width=0.0625,label_fraction=0.5"]
+    events = EventAccumulator(str(runs[0]))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"pretrain/loss", "pretrain/lr", "pretrain/knn_val_top1", "finetune/loss",
+            "finetune/val_top1", "distill/loss", "supervised/test_top1"} <= tags
+    assert [(e.step, e.value) for e in events.Scalars("pretrain/loss")] == want
+    client = mlflow.MlflowClient(f"file://{mlruns}")
+    runs = client.search_runs([client.get_experiment_by_name("model_size-local").experiment_id])
+    # The interrupted invocation's run stays, unfinished; the resumed one is complete.
+    (run,) = [r for r in runs if r.info.status == "FINISHED"]
+    assert run.data.params["label_fraction"] == "0.5"
+    history = client.get_metric_history(run.info.run_id, "pretrain/loss")
+    assert sorted((m.step, m.value) for m in history) == want
+    assert "finetune/val_top1" in run.data.metrics
 
 
 def test_ctrl_c_on_the_pipeline_exits_130_and_the_same_command_resumes(tmp_path):
