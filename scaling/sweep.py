@@ -114,8 +114,19 @@ def _renewing(claims: Any, key: str, trial: str) -> Iterator[None]:
         ray.get(claims.release.remote(key, trial))
 
 
+def quiet_shutdown(unraisable: Any) -> None:
+    """sys.unraisablehook for trial processes: Ray ends a finished trial's process by
+    raising SystemExit in it, which can land inside a weakref callback and print an
+    "Exception ignored ... SystemExit" traceback at the end of a sweep. That one is
+    the shutdown itself; every other unraisable exception is printed as usual."""
+    if isinstance(unraisable.exc_value, SystemExit | KeyboardInterrupt):
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def run_cell(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     """The Tune trainable: run or reuse every stage of one cell."""
+    sys.unraisablehook = quiet_shutdown
     cell = config["cell"]
     cfg = from_dict(ExperimentConfig, cell["config"])
     root, study_dir = storage.parse(ctx["stages"]), storage.parse(ctx["study_dir"])

@@ -160,3 +160,20 @@ def test_ctrl_c_on_the_pipeline_exits_130_and_the_same_command_resumes(tmp_path)
         "interrupted after 0/4 stage runs; run the same command to resume"]
     out = ok(run(command))
     assert "resumed from step" in out and "4 stage results" in out
+
+
+def test_a_trial_process_ends_quietly_but_other_unraisable_errors_print(capsys, monkeypatch):
+    from scaling.sweep import quiet_shutdown
+
+    class RaisesWhenCollected:
+        def __init__(self, exc: BaseException) -> None:
+            self.exc = exc
+
+        def __del__(self) -> None:
+            raise self.exc
+
+    monkeypatch.setattr(sys, "unraisablehook", quiet_shutdown)
+    RaisesWhenCollected(SystemExit(1))  # what Ray's shutdown of a trial process raises
+    assert capsys.readouterr().err == ""
+    RaisesWhenCollected(ValueError("a real problem"))
+    assert "ValueError: a real problem" in capsys.readouterr().err
