@@ -18,7 +18,15 @@ from typing import Any
 from scaling import results, storage
 from scaling.config import ConfigFileError, to_dict
 from scaling.storage import Location
-from scaling.study import SHORT, Study, cell_key, cells, grid_hash, required_stages
+from scaling.study import (
+    SHORT,
+    Study,
+    cell_key,
+    cells,
+    distinct_runs,
+    grid_hash,
+    required_stages,
+)
 
 
 def study_record(study: Study) -> dict[str, Any]:
@@ -29,6 +37,7 @@ def study_record(study: Study) -> dict[str, Any]:
     record = {"study": study.name, "grid_hash": grid_hash(study),
             "cells": [c.id for c in grid], "keys": [cell_key(study, c) for c in grid],
             "stages": list(required_stages(study)),
+            "runs": [[s, k] for s, keyed in distinct_runs(study).items() for k in keyed],
             "axes": {SHORT.get(k, k): list(v) for k, v in study.axes},
             "config": results.flatten(base),
             "command": " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable),

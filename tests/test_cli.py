@@ -76,9 +76,10 @@ def test_a_variant_run_never_replaces_the_default_studys_results(tmp_path):
     assert set(before["finetune.epochs"]) == {3}
 
 
-def _interrupt_when(command: list[str], ready, timeout: float = 300) -> subprocess.Popen:
+def _interrupt_when(command: list[str], ready, timeout: float = 300,
+                    meanwhile=lambda: None) -> subprocess.Popen:
     """Start ``command`` in its own process group and Ctrl-C it (SIGINT to the whole
-    group, as a terminal does) as soon as ``ready()``."""
+    group, as a terminal does) as soon as ``ready()``, after calling ``meanwhile()``."""
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True, env=ENV)
     deadline = time.monotonic() + timeout
@@ -86,6 +87,7 @@ def _interrupt_when(command: list[str], ready, timeout: float = 300) -> subproce
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "interrupt point never reached"
         time.sleep(0.05)
+    meanwhile()
     os.killpg(proc.pid, signal.SIGINT)
     proc.wait(timeout=120)
     return proc
@@ -97,14 +99,25 @@ def test_ctrl_c_on_a_study_exits_130_and_the_same_command_resumes(tmp_path, monk
     command = study_command(tmp_path, storage, {"width": [0.0625], "label_fraction": [0.5]},
                             **{"pretrain.epochs": 6, "runtime.checkpoint_every": 4})
     command += ["--mlflow", f"file://{tmp_path}/mlruns"]
+    watched = []
+
+    def watch() -> None:  # from another terminal, while the study runs
+        watched.append(run([sys.executable, "-m", "scaling.watch",
+                            str(storage / "model_size-local"), "--ray"]))
+
     proc = _interrupt_when(command, lambda: any(
-        storage.glob("stages/pretrain-*/checkpoints/step-*")))
+        storage.glob("stages/pretrain-*/checkpoints/step-*")), meanwhile=watch)
     out, err = proc.stdout.read(), proc.stderr.read()
     assert proc.returncode == 130, out[-3000:] + err[-3000:]
+    finished = len(list(storage.glob("stages/*/result.json")))
     assert err.strip().splitlines()[-1] == (
-        "interrupted after 0/4 stage runs; run the same command to resume")
+        f"interrupted after {finished}/4 stage runs; run the same command to resume")
     for noise in ("Tuner.restore", "results table:", "Traceback", "KeyboardInterrupt"):
         assert noise not in out + err, noise
+    seen = ok(watched[0])
+    assert "study model_size-local: " in seen and "/4 stage runs finished" in seen
+    assert "running, checkpoint at step" in seen and "tensorboard --logdir" in seen
+    assert "Resources" in seen and "CPU" in seen  # ray status, authenticated
 
     resumed = run(command)
     out = ok(resumed)
