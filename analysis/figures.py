@@ -1,6 +1,7 @@
 """The report's figures: one function per figure, each taking the tidy table
 (analysis/collect.py) and returning a matplotlib Figure. Points are means over
-seeds; error bars their standard deviation where there are several seeds.
+seeds; error bars their standard deviation where there are several seeds (the
+gain figure: 95% BCa intervals). Accuracies and errors are drawn in percent.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
+from matplotlib.container import BarContainer  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import PercentFormatter  # noqa: E402
 
 from analysis.collect import model_name  # noqa: E402
-from analysis.fit import Bootstrap, Fit, curve  # noqa: E402
+from analysis.fit import Bootstrap, Fit, curve, mean_interval  # noqa: E402
 
 STYLE = {"style": "whitegrid", "context": "paper", "font_scale": 1.1}
 
@@ -38,9 +41,20 @@ def _errorbar(ax: plt.Axes, x: pd.Series, m: pd.DataFrame, scale: float = 100, *
     ax.errorbar(x, scale * m["mean"], yerr=scale * m["sd"].fillna(0), capsize=3, **kw)
 
 
+def _label_models(ax: plt.Axes, m: pd.DataFrame, names: dict[float, str], y: str = "mean",
+                  scale: float = 100) -> None:
+    """Name each model beside its point (``m``: one row per model, x in 'params')."""
+    for params, value in zip(m["params"], m[y], strict=True):
+        ax.annotate(names.get(float(params), ""), (params, scale * value),
+                    textcoords="offset points", xytext=(4, 6), fontsize=7)
+
+
 def _finish(fig: Figure, ax: plt.Axes, xlabel: str, ylabel: str, title: str,
-            legend: dict[str, Any]) -> Figure:
-    """Log-scaled x (parameters or labels), labels, title and legend."""
+            legend: dict[str, Any], percent: float | None = 100) -> Figure:
+    """Log-scaled x (parameters or labels), a percent y axis (values in [0, percent]),
+    labels, title and legend."""
+    if percent is not None:
+        ax.yaxis.set_major_formatter(PercentFormatter(percent, decimals=None))
     ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -64,8 +78,14 @@ def top1_vs_params(df: pd.DataFrame, stage: str = "finetune") -> Figure:
             label = f"{_pct(lf)} labels" + (" (SK)" if sk > 0 else "")
             _errorbar(ax, sub["params"], sub, color=color, marker="s" if sk > 0 else "o",
                       linestyle="--" if sk > 0 else "-", label=label)
-    return _finish(fig, ax, "encoder parameters", f"top-1 accuracy after {stage} (%)",
+    if not m.empty:  # name the models once, on the line with the most labels
+        _label_models(ax, m[m["label_fraction"] == m["label_fraction"].max()], _names(rows))
+    return _finish(fig, ax, "encoder parameters", f"top-1 accuracy after {stage}",
                    "Top-1 vs model size", {"title": "label fraction"})
+
+
+def _names(df: pd.DataFrame) -> dict[float, str]:
+    return {float(p): str(m) for p, m in zip(df["params"], df["model"], strict=True)}
 
 
 def relative_improvement(df: pd.DataFrame) -> Figure:
@@ -80,9 +100,12 @@ def relative_improvement(df: pd.DataFrame) -> Figure:
         for color, (lf, sub) in zip(palette, m.groupby("label_fraction"), strict=False):
             _errorbar(ax, sub["params"], sub, color=color, marker="o", linestyle=style,
                       label=f"{stage}, {_pct(float(lf))} labels")  # type: ignore[arg-type]
+        if stage == "finetune" and not m.empty:
+            _label_models(ax, m[m["label_fraction"] == m["label_fraction"].min()],
+                          _names(df))
     ax.axhline(0, color="grey", linewidth=0.8)
     return _finish(fig, ax, "encoder parameters",
-                   "relative improvement over the smallest model (%)",
+                   "relative improvement over the smallest model",
                    "Bigger models gain more with fewer labels?", {"fontsize": "small"})
 
 
@@ -99,7 +122,8 @@ def head_depth(df: pd.DataFrame) -> Figure:
         for hd, sub in m.groupby("head_depth"):
             _errorbar(ax, sub["ft_layer"], sub, marker="o", label=f"{hd}-layer head")
         ax.set_xlabel("fine-tuned from head layer")
-        ax.set_ylabel("top-1 (%)")
+        ax.set_ylabel("top-1")
+        ax.yaxis.set_major_formatter(PercentFormatter(100, decimals=None))
         ax.set_title(f"{_pct(lf)} labels")
         ax.legend(fontsize="small")
     fig.suptitle("Projection-head depth and the layer fine-tuning starts from")
@@ -117,10 +141,18 @@ def distillation(df: pd.DataFrame) -> Figure:
     both = pd.concat([ft, dist], ignore_index=True)
     both["group"] = both["model"] + ", " + both["label_fraction"].map(_pct) + " labels"
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * both["group"].nunique() + 3), 4))
-    sns.barplot(both.assign(top1_pct=100 * both["top1"]), x="group", y="top1_pct", hue="kind",
+    pct = 100 * both["top1"]
+    sns.barplot(both.assign(top1_pct=pct), x="group", y="top1_pct", hue="kind",
                 errorbar="sd", ax=ax)
+    for bars in ax.containers:
+        if isinstance(bars, BarContainer):
+            ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
+    # Not from 0: the differences between teacher and student are a few points.
+    if len(pct.dropna()):
+        ax.set_ylim(max(0.0, pct.min() - 8), min(100.0, pct.max() + 4))
+    ax.yaxis.set_major_formatter(PercentFormatter(100, decimals=None))
     ax.set_xlabel("teacher model, label fraction")
-    ax.set_ylabel("top-1 (%)")
+    ax.set_ylabel("top-1 (axis not from 0)")
     ax.set_title("Distillation on unlabelled data")
     ax.tick_params(axis="x", labelrotation=20)
     ax.legend(title="model")
@@ -149,49 +181,114 @@ def label_efficiency(df: pd.DataFrame, fits: Mapping[tuple[str, str], Fit | Boot
                     color=palette[model], mfc=None if ft else "white", capsize=3,
                     label=f"{model} {'fine-tuned' if ft else 'supervised'}")
         f = fits.get((model, stage))
-        if f is not None:
-            ax.plot(grid, curve(f).predict(grid), color=palette[model],
+        if f is not None:  # solid (dashed) over the measured labels, dotted beyond them
+            inside = (grid >= m["labels"].min()) & (grid <= m["labels"].max())
+            pred = curve(f).predict(grid)
+            ax.plot(grid[inside], pred[inside], color=palette[model],
                     linestyle="-" if ft else "--")
+            for side in (grid < m["labels"].min(), grid > m["labels"].max()):
+                ax.plot(grid[side], pred[side], color=palette[model], linestyle=":",
+                        linewidth=1)
         if bands and (model, stage) in bands:
             low, up = bands[(model, stage)]
             ax.fill_between(grid, low, up, color=palette[model], alpha=0.15, linewidth=0)
     ax.set_yscale("log")
+    ax.yaxis.set_minor_formatter(PercentFormatter(1.0, decimals=None))
     return _finish(fig, ax, "labelled examples", "test error",
-                   "Label efficiency (curves: fitted; bands: 95% over seeds)",
-                   {"fontsize": "small"})
+                   "Label efficiency (dotted: extrapolated)", {"fontsize": "small"}, 1.0)
+
+
+def _cell(values: pd.Series) -> str:
+    """'mean' (one seed) or 'mean ± sd' over seeds, in percent."""
+    v = 100 * values.dropna()
+    if v.empty:
+        return "-"
+    return f"{v.mean():.1f}" if len(v) == 1 else f"{v.mean():.1f} ± {v.std():.1f}"
+
+
+MODEL_KEYS = ["depth", "width", "sk", "params"]
 
 
 def table1(df: pd.DataFrame) -> pd.DataFrame:
-    """The paper's Table 1 analogue: a row per model (depth, width, SK); top-1 (%)
-    after fine-tuning on each label fraction, the linear probe, and the supervised
-    baseline on the most labels. Means over seeds."""
-    ft = df[df["stage"] == "finetune"]
-    t = (100 * ft.pivot_table(index=["depth", "width", "sk", "params"],
-                              columns="label_fraction", values="top1", aggfunc="mean"))
-    t.columns = [f"fine-tune {_pct(c)}" for c in t.columns]
+    """The paper's Table 1 for this study: a row per model; top-1 (%) after
+    fine-tuning and of the supervised baseline at every label fraction, after
+    distillation (self) at every fraction, and the linear and kNN probes.
+    'mean ± sd' over seeds where there are several."""
+    models = df[df["stage"] == "pretrain"].drop_duplicates(MODEL_KEYS)[MODEL_KEYS]
+    if models.empty:
+        models = df.drop_duplicates(MODEL_KEYS)[MODEL_KEYS]
+    models = models.sort_values("params", ignore_index=True)
+    out = models.copy()
+    out.insert(0, "model", [model_name(d, w, k) for d, w, k in
+                            zip(out["depth"], out["width"], out["sk"], strict=True)])
+    fractions = sorted(df["label_fraction"].dropna().unique())
+
+    def column(rows: pd.DataFrame, value: str) -> list[str]:
+        return [_cell(rows[np.logical_and.reduce([rows[k] == v for k, v in
+                                                  zip(MODEL_KEYS, m, strict=True)])][value])
+                for m in models[MODEL_KEYS].itertuples(index=False)]
+
+    for stage, name in (("finetune", "fine-tune"), ("supervised", "supervised"),
+                        ("distill", "distilled")):
+        rows = df[df["stage"] == stage]
+        if stage == "distill":
+            rows = rows[rows["student"] == "self"]
+        for lf in fractions if not rows.empty else []:
+            out[f"{name} {_pct(lf)}"] = column(rows[rows["label_fraction"] == lf], "top1")
     pre = df[df["stage"] == "pretrain"].drop_duplicates("stage_key")
-    t["linear"] = 100 * pre.groupby(["depth", "width", "sk", "params"])["linear_top1"].mean()
-    sup = df[df["stage"] == "supervised"]
-    if not sup.empty:
-        most = sup["label_fraction"].max()
-        t[f"supervised {_pct(most)}"] = 100 * sup[sup["label_fraction"] == most].groupby(
-            ["depth", "width", "sk", "params"])["top1"].mean()
-    t = t.round(1).reset_index()
-    t.insert(0, "model", [model_name(d, w, k)
-                          for d, w, k in zip(t["depth"], t["width"], t["sk"], strict=True)])
-    return t
+    out["linear"] = column(pre, "linear_top1")
+    out["kNN"] = column(pre, "knn_top1")
+    return out
 
 
-def table1_figure(df: pd.DataFrame) -> Figure:
+def gain(df: pd.DataFrame) -> pd.DataFrame:
+    """The study's key number: fine-tuned minus supervised top-1 (percentage points)
+    per model and label fraction, paired within a cell (same labels and seed): mean
+    and 95% BCa interval over seeds."""
+    rows = []
+    ft = df[(df["stage"] == "finetune") & df["gain_over_supervised"].notna()]
+    for (model, params, lf), g in ft.groupby(["model", "params", "label_fraction"]):
+        mean, lo, hi = mean_interval(g["gain_over_supervised"].to_numpy())
+        rows.append({"model": model, "params": int(params), "label fraction": lf,
+                     "gain (pp)": round(100 * mean, 2),
+                     "95% interval (pp)": "n/a (one seed)" if np.isnan(lo) else
+                     f"[{100 * lo:.2f}, {100 * hi:.2f}]", "seeds": len(g),
+                     "_lo": 100 * lo, "_hi": 100 * hi})
+    return pd.DataFrame(rows)
+
+
+def gain_figure(df: pd.DataFrame) -> Figure:
+    """Fine-tuned minus supervised top-1 against label fraction, a line per model."""
     sns.set_theme(**STYLE)
-    t = table1(df)
-    fig, ax = plt.subplots(figsize=(1.3 * len(t.columns) + 1, 0.4 * len(t) + 1.2))
-    ax.axis("off")
-    cells = t.astype(object).where(t.notna(), "-").astype(str).to_numpy()
-    table = ax.table(cellText=cells, colLabels=list(t.columns), loc="center")
-    table.auto_set_font_size(False)
-    table.set_fontsize(8)
-    table.scale(1, 1.4)
-    ax.set_title("Top-1 (%) by model: fine-tuned, linear probe, supervised")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    t = gain(df)
+    for model, g in t.groupby("model", sort=False):
+        g = g.sort_values("label fraction")
+        err = np.vstack([g["gain (pp)"] - g["_lo"], g["_hi"] - g["gain (pp)"]])
+        ax.errorbar(g["label fraction"], g["gain (pp)"],
+                    yerr=np.nan_to_num(err), capsize=3, marker="o", label=str(model))
+        last = g.iloc[-1]
+        ax.annotate(str(model), (last["label fraction"], last["gain (pp)"]),
+                    textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.axhline(0, color="grey", linewidth=0.8)
+    ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=None))
+    return _finish(fig, ax, "labelled fraction of the training set",
+                   "fine-tuned minus supervised top-1 (points)",
+                   "What pretraining buys, per model and label fraction",
+                   {"fontsize": "small"}, percent=None)
+
+
+def training_curves(history: pd.DataFrame) -> Figure:
+    """Each stage's loss against its own steps (history: stage, run, step, loss)."""
+    sns.set_theme(**STYLE)
+    stages = list(dict.fromkeys(history["stage"]))
+    fig, axes = plt.subplots(1, len(stages), figsize=(3.6 * len(stages), 3.4), squeeze=False)
+    for ax, stage in zip(axes[0], stages, strict=True):
+        for run, g in history[history["stage"] == stage].groupby("run", sort=False):
+            ax.plot(g["step"], g["loss"], label=str(run), linewidth=1)
+        ax.set_title(stage)
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss")
+        ax.legend(fontsize="x-small")
     fig.tight_layout()
     return fig

@@ -15,6 +15,7 @@ Forms (``FORMS``):
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -118,9 +119,10 @@ def fit(n: ArrayLike, err: ArrayLike, form: str = "saturating",
     spec = FORMS[form]
     n_arr, e_arr = clean(n, err)
     distinct = np.unique(n_arr).size
-    if distinct < len(spec.params):
+    if distinct <= len(spec.params):  # as many points as parameters: an exact, empty fit
         raise FitError(f"{form} has {len(spec.params)} parameters but the data have "
-                       f"{distinct} distinct label count(s); it needs >= {len(spec.params)}")
+                       f"{distinct} distinct label count(s); a fit needs more points than "
+                       f"parameters (>= {len(spec.params) + 1})")
     if np.ptp(e_arr) == 0:
         raise FitError(f"the error is {e_arr[0]:g} at every label count: no curve to fit")
     upper = spec.upper(ceiling)
@@ -276,9 +278,13 @@ def fit_joint(n: ArrayLike, params: ArrayLike, err: ArrayLike,
     n_arr, e_arr = clean(n, err)
     p_arr = np.asarray(params, dtype=float)[np.isfinite(np.asarray(n, float))
                                             & np.isfinite(np.asarray(err, float))]
-    if np.unique(n_arr).size < 2 or np.unique(p_arr).size < 2:
-        raise FitError("a joint fit needs >= 2 label counts and >= 2 model sizes; got "
-                       f"{np.unique(n_arr).size} and {np.unique(p_arr).size}")
+    # Each power law with its share of the floor needs more than 2 values along its
+    # axis, and the whole surface more points than its 5 parameters.
+    points = len({(a, b) for a, b in zip(n_arr.tolist(), p_arr.tolist(), strict=True)})
+    if np.unique(n_arr).size < 3 or np.unique(p_arr).size < 3 or points <= 5:
+        raise FitError("a joint fit (5 parameters) needs >= 3 label counts, >= 3 model sizes "
+                       f"and more than 5 (labels, size) points; got {np.unique(n_arr).size}, "
+                       f"{np.unique(p_arr).size} and {points}")
 
     def resid(t: np.ndarray) -> np.ndarray:
         pred = t[0] * n_arr ** -t[1] + t[2] * p_arr ** -t[3] + t[4]
@@ -296,12 +302,24 @@ def fit_joint(n: ArrayLike, params: ArrayLike, err: ArrayLike,
 
 def mean_interval(values: ArrayLike, resamples: int = 2000,
                   rng: int = 0) -> tuple[float, float, float]:
-    """Mean and its 95% bootstrap interval (nan interval with one value)."""
+    """Mean and its 95% BCa bootstrap interval (scipy.stats.bootstrap); a nan interval
+    with one value, a zero-width one where every value is equal."""
+    from scipy.stats import bootstrap as scipy_bootstrap
+
     v = np.asarray(values, dtype=float)
     v = v[np.isfinite(v)]
     if v.size == 0:
         return float("nan"), float("nan"), float("nan")
     if v.size == 1:
         return float(v[0]), float("nan"), float("nan")
-    means = np.random.default_rng(rng).choice(v, (resamples, v.size)).mean(axis=1)
-    return float(v.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+    if np.ptp(v) == 0:
+        return float(v[0]), float(v[0]), float(v[0])
+    with warnings.catch_warnings():  # BCa with 2-3 values can be degenerate: say so below
+        warnings.simplefilter("ignore")
+        ci = scipy_bootstrap((v,), np.mean, confidence_level=0.95, n_resamples=resamples,
+                             method="BCa", rng=np.random.default_rng(rng)).confidence_interval
+        if not (np.isfinite(ci.low) and np.isfinite(ci.high)):  # fall back to percentiles
+            ci = scipy_bootstrap((v,), np.mean, confidence_level=0.95, n_resamples=resamples,
+                                 method="percentile",
+                                 rng=np.random.default_rng(rng)).confidence_interval
+    return float(v.mean()), float(ci.low), float(ci.high)

@@ -104,12 +104,17 @@ def analyse(df: pd.DataFrame) -> Analysis:
         if ft is None or sup is None or acc is None:
             continue
         ft_fit, sup_fit = curve(ft), curve(sup)
+        need = (ft_fit.labels_for(1 - acc), sup_fit.labels_for(1 - acc))
+        measured = rows.loc[rows["model"] == model, "labels"]
+        lo, hi = float(measured.min()), float(measured.max())
+        inside = all(lo <= x <= hi for x in need)
         out.derived.append({
             "model": model, "target top-1 (supervised, most labels)": round(100 * acc, 2),
-            "labels, fine-tuned": ft_fit.labels_for(1 - acc),
-            "labels, supervised": sup_fit.labels_for(1 - acc),
+            "labels, fine-tuned": need[0], "labels, supervised": need[1],
             "label-efficiency multiplier": efficiency(ft_fit, sup_fit, 1 - acc),
-            "95% interval, fine-tuned labels": _interval(ft, REACH)})
+            "95% interval, fine-tuned labels": _interval(ft, REACH),
+            "within measured labels": "yes" if inside else
+            f"no: extrapolated beyond {lo:g}..{hi:g}"})
     ft_rows = rows[rows["stage"] == "finetune"]
     try:
         j = fit_joint(ft_rows["labels"], ft_rows["params"], ft_rows["error"], ceiling)
@@ -170,25 +175,86 @@ def protocol_table(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def figure_set(df: pd.DataFrame, a: Analysis) -> dict[str, Callable[[], Figure]]:
-    """The figures this study's data can show."""
+Drawn = tuple[Callable[[], Figure], str]  # the figure, and its caption
+
+
+def _over(df: pd.DataFrame) -> str:
+    seeds = df["seed"].nunique()
+    return (f"over {seeds} seeds (error bars: one standard deviation)" if seeds > 1 else
+            "one seed: no error bars (run with --repeats 2 or more for intervals)")
+
+
+def figure_set(df: pd.DataFrame, a: Analysis, history: pd.DataFrame | None = None
+               ) -> dict[str, Drawn]:
+    """The figures this study's data can show, each with its caption."""
     stages = set(df["stage"])
-    out: dict[str, Callable[[], Figure]] = {}
+    over = _over(df)
+    out: dict[str, Drawn] = {}
     if "finetune" in stages:
-        out["table1"] = lambda: figures.table1_figure(df)
-        out["top1_vs_params"] = lambda: figures.top1_vs_params(df)
+        out["top1_vs_params"] = (lambda: figures.top1_vs_params(df), (
+            "Test top-1 after fine-tuning against encoder parameters (log scale). A line per "
+            "label fraction; points are each model's mean " + over + "; squares and dashed "
+            "lines: selective-kernel models."))
+        if df["gain_over_supervised"].notna().any():
+            out["gain"] = (lambda: figures.gain_figure(df), (
+                "The study's key number: test top-1 of the fine-tuned model minus that of the "
+                "supervised baseline trained on the same labels (same cell, same seed), in "
+                "percentage points, against the labelled fraction. A line per model; error "
+                "bars: 95% BCa bootstrap intervals of the mean over seeds (none with one "
+                "seed). Above 0: pretraining helped at that label budget."))
         if df["params"].nunique() > 1:
-            out["relative_improvement"] = lambda: figures.relative_improvement(df)
+            out["relative_improvement"] = (lambda: figures.relative_improvement(df), (
+                "Top-1 relative to the smallest model at the same stage, label fraction and "
+                "seed, minus 1, against parameters: fine-tuned (solid) and supervised "
+                "(dashed), a line per label fraction; means " + over + "."))
         if df["head_depth"].nunique() > 1 or df["ft_layer"].nunique() > 1:
-            out["head_depth"] = lambda: figures.head_depth(df)
+            out["head_depth"] = (lambda: figures.head_depth(df), (
+                "Test top-1 after fine-tuning from each projection-head layer (0: the "
+                "encoder's output), a line per head depth, a panel per label fraction; "
+                "means " + over + "."))
     if "distill" in stages:
-        out["distillation"] = lambda: figures.distillation(df)
-    if a.fits:
+        out["distillation"] = (lambda: figures.distillation(df), (
+            "Test top-1 of each fine-tuned teacher and of its students distilled on "
+            "unlabelled images, per teacher model and label fraction; bars are means "
+            + over.replace("error bars", "black lines") + ". The axis does not start at 0; "
+            "each bar is labelled with its value."))
+    if df["labels"].notna().any() and stages & {"finetune", "supervised"}:
         lab = df["labels"].dropna()
         grid = np.geomspace(lab.min() / 2, lab.max() * 2, GRID)
         bands = {k: f.band(grid) for k, f in a.fits.items() if isinstance(f, Bootstrap)}
-        out["label_efficiency"] = lambda: figures.label_efficiency(df, a.fits, bands)
+        fitted = ("Curves: the fitted form (table above), solid (supervised: dashed) over "
+                  "the measured label counts and dotted where extrapolated; bands: 95% "
+                  "bootstrap over seeds." if a.fits else
+                  "No curves: a form is fitted only to more label counts than it has "
+                  "parameters (>= 3 here).")
+        out["label_efficiency"] = (lambda: figures.label_efficiency(df, a.fits, bands), (
+            "Test error against labelled examples (log-log): fine-tuned (filled circles) "
+            "and supervised (open squares), a colour per model, means " + over + ". "
+            + fitted))
+    if history is not None and not history.empty:
+        out["training_curves"] = (lambda: figures.training_curves(history), (
+            "Training loss against each stage's own steps, from the stored history of every "
+            "distinct stage run (a line per run; pretraining: NT-Xent, fine-tuning and "
+            "supervised: cross-entropy, distillation: cross-entropy to the teacher)."))
     return out
+
+
+def histories(df: pd.DataFrame, study_dir: Location) -> pd.DataFrame:
+    """Each distinct stage run's stored loss history (stages/<stage>-<key>/result.json
+    next to the study): columns stage, run, step, loss. Empty where none is stored."""
+    stages = storage.join(storage.parent(study_dir), "stages")
+    rows = []
+    for (stage, key), g in df.drop_duplicates(["stage", "stage_key"]).groupby(
+            ["stage", "stage_key"], sort=False):
+        text = storage.read_text(storage.join(stages, f"{stage}-{key}"), "result.json")
+        if text is None:
+            continue
+        r = g.iloc[0]
+        run = str(r["model"]) + ("" if stage == "pretrain" else
+                                 f", {100 * float(r['label_fraction']):g}%")
+        rows += [{"stage": stage, "run": run, "step": p["step"], "loss": p["loss"]}
+                 for p in json.loads(text).get("history", []) if np.isfinite(p["loss"])]
+    return pd.DataFrame(rows, columns=["stage", "run", "step", "loss"])
 
 
 def splits_note(df: pd.DataFrame) -> str:
@@ -202,6 +268,13 @@ def splits_note(df: pd.DataFrame) -> str:
             "its numbers are the <code>val_top1</code>, <code>linear_val_top1</code> and "
             "<code>knn_val_top1</code> columns of results_tidy.csv. Label subsets, "
             "pretraining and distillation images never include a validation image.</p>")
+
+
+def _styled(df: pd.DataFrame, caption: str) -> str:
+    """A table as HTML (pandas Styler) with its caption."""
+    styler = df.style.hide(axis="index").set_caption(html.escape(caption)).format(
+        precision=2, na_rep="-").set_table_attributes('class="t"')
+    return str(styler.to_html())
 
 
 def _table_html(df: pd.DataFrame) -> str:
@@ -218,14 +291,14 @@ def write_report(study_dir: Location) -> Location:
     out = storage.join(study_dir, "report")
     storage.write_text(out, "results_tidy.csv", df.to_csv(index=False))
     shown = []
-    for name, draw in figure_set(df, a).items():
+    for name, (draw, caption) in figure_set(df, a, histories(df, study_dir)).items():
         fig = draw()
         for fmt in ("png", "pdf"):
             buf = io.BytesIO()
             fig.savefig(buf, format=fmt, dpi=130, bbox_inches="tight")
             storage.write_bytes(out, f"{name}.{fmt}", buf.getvalue())
             if fmt == "png":
-                shown.append((name, base64.b64encode(buf.getvalue()).decode()))
+                shown.append((name, base64.b64encode(buf.getvalue()).decode(), caption))
         plt.close(fig)
     study = str(df["study"].iloc[0])
     parts = [
@@ -245,9 +318,20 @@ def write_report(study_dir: Location) -> Location:
     else:
         parts.append("<p>Every stage of the grid has a result.</p>" if spec else
                      "<p>(No study.json: the grid, and so what is missing, is unknown.)</p>")
+    seeds = df["seed"].nunique()
+    spread = f"mean ± standard deviation over {seeds} seeds" if seeds > 1 else "one seed"
     if "finetune" in set(df["stage"]):
-        parts += ["<h2>Top-1 by model (Table 1 analogue, %)</h2>",
-                  _table_html(figures.table1(df))]
+        parts += ["<h2>Table 1: top-1 by model</h2>", _styled(figures.table1(df), (
+            f"Test top-1 (%), {spread}: fine-tuned and supervised (same labels) at every "
+            "label fraction, self-distilled, and the linear and kNN probes of the pretrained "
+            "encoder."))]
+        g = figures.gain(df)
+        if not g.empty:
+            parts += ["<h2>What pretraining buys: fine-tuned minus supervised</h2>",
+                      _styled(g.drop(columns=["_lo", "_hi"]), (
+                          "Top-1 of the fine-tuned model minus the supervised baseline on "
+                          "the same labels and seed, percentage points; 95% BCa bootstrap "
+                          "interval of the mean over seeds."))]
     if df["params"].nunique() > 1:
         parts += ["<h2>Relative improvement over the smallest model</h2>",
                   _table_html(improvement_table(df))]
@@ -258,6 +342,12 @@ def write_report(study_dir: Location) -> Location:
         parts += [_table_html(chosen), _table_html(params_table(a))]
     if a.derived:
         parts += ["<h3>Labels needed and label efficiency</h3>",
+                  "<p>The <b>label-efficiency multiplier</b> is how many times more labels "
+                  "supervised training needs than fine-tuning the pretrained model to reach "
+                  "the same test error, here the error of the supervised baseline trained "
+                  "on the most labels: labels(supervised) / labels(fine-tuned), both read "
+                  "off the fitted curves. Above 1, pretraining saves labels. Values read "
+                  "outside the measured label counts are extrapolations and are marked.</p>",
                   _table_html(pd.DataFrame(a.derived))]
     parts.append(f"<p>Joint fit over label counts and parameters (fine-tuned): "
                  f"{html.escape(a.joint)}</p>")
@@ -265,8 +355,8 @@ def write_report(study_dir: Location) -> Location:
         parts.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in a.notes) + "</ul>")
     parts.append("<h2>Figures</h2>")
     parts += [f'<figure><img alt="{n}" src="data:image/png;base64,{b}">'
-              f"<figcaption>{n} (<a href='{n}.pdf'>PDF</a>)</figcaption></figure>"
-              for n, b in shown]
+              f"<figcaption><b>{n}.</b> {html.escape(c)} (<a href='{n}.pdf'>PDF</a>)"
+              "</figcaption></figure>" for n, b, c in shown]
     parts += ["<h2>Protocol</h2>", _table_html(protocol_table(df))]
     parts.append("<p>Every row: <a href='results_tidy.csv'>results_tidy.csv</a> "
                  "(columns: docs/analysis.md).</p>")
@@ -280,7 +370,9 @@ def write_report(study_dir: Location) -> Location:
 CSS = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}"
        "table.t{border-collapse:collapse;margin:1em 0;font-size:13px}"
        "table.t td,table.t th{border-bottom:1px solid #ddd;padding:3px 8px;text-align:right}"
-       "img{max-width:100%}figure{margin:1.5em 0}pre{background:#f6f6f6;padding:.5em}")
+       "img{max-width:100%}figure{margin:1.5em 0}pre{background:#f6f6f6;padding:.5em}"
+       "caption{caption-side:bottom;text-align:left;font-size:12px;color:#555;padding:4px}"
+       "figcaption{font-size:13px;color:#444}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -78,6 +78,13 @@ def test_joint_fit_recovers_a_known_surface():
 def test_degenerate_inputs_get_clear_messages():
     with pytest.raises(FitError, match="1 distinct label count"):
         fit([100.0], [0.3], "power")
+    # As many points as parameters is an exact fit that says nothing: refused.
+    with pytest.raises(FitError, match="more points than parameters"):
+        fit([100.0, 1000.0], [0.3, 0.2], "power")
+    with pytest.raises(FitError, match="more points than parameters"):
+        fit(COUNTS[:3], [0.3, 0.2, 0.15], "saturating")
+    with pytest.raises(FitError, match="more than 5"):  # 5 parameters, 4 points
+        fit_joint([100, 1000, 100, 1000], [1e4, 1e4, 1e5, 1e5], [0.3, 0.2, 0.25, 0.15])
     with pytest.raises(FitError, match="every label count: no curve"):
         fit(COUNTS, np.full(COUNTS.size, 0.3), "power")
     with pytest.raises(FitError, match="all 3 points are NaN"):
@@ -187,17 +194,33 @@ def test_every_figure_renders_with_axes_labels_and_legends(tmp_path):
         "head_depth": figures.head_depth(df),
         "distillation": figures.distillation(df),
         "label_efficiency": figures.label_efficiency(df, a.fits, bands),
+        "gain": figures.gain_figure(df),
     }
     for name, fig in made.items():
         _labels_and_legend(fig)
+        if name != "gain":  # accuracies and errors in percent
+            assert "%" in fig.axes[0].yaxis.get_major_formatter()(0.5, 0), name
         fig.savefig(tmp_path / f"{name}.png")
         assert (tmp_path / f"{name}.png").stat().st_size > 10_000, name
     assert len(made["head_depth"].axes) == len(FRACTIONS)  # a panel per label fraction
     assert len(made["label_efficiency"].axes[0].collections) >= 3  # bands drawn
+    # Extrapolated parts of the curves are dotted; the measured range is not.
+    styles = {line.get_linestyle() for line in made["label_efficiency"].axes[0].lines}
+    assert {"-", ":"} <= styles
+    # Points are named by their model.
+    names = {t.get_text() for t in made["top1_vs_params"].axes[0].texts}
+    assert {"R18 1/16x", "R18 1/8x", "R34 1/8x +SK"} <= names
+    # Distillation bars: values written on them, the axis not from 0.
+    dist = made["distillation"].axes[0]
+    assert dist.texts and dist.get_ylim()[0] > 0
     t = figures.table1(df)
-    assert list(t.columns[:2]) == ["model", "depth"] and "fine-tune 1%" in t and "linear" in t
-    assert "supervised 100%" in t and len(t) == len(MODELS)
-    assert figures.table1_figure(df).axes[0].tables
+    assert list(t.columns[:2]) == ["model", "depth"] and len(t) == len(MODELS)
+    for lf in ("1%", "10%", "100%"):
+        assert {f"fine-tune {lf}", f"supervised {lf}", f"distilled {lf}"} <= set(t.columns)
+    assert "linear" in t and "kNN" in t
+    small = df[(df["model"] == "R18 1/16x") & (df["stage"] == "finetune")
+               & (df["label_fraction"] == 0.01)]["top1"]
+    assert t.loc[0, "fine-tune 1%"] == f"{100 * small.mean():.1f} ± {100 * small.std():.1f}"
 
 
 def _write_study(tmp_path: Path, rows, drop_cell: str | None = None) -> Path:
@@ -226,10 +249,16 @@ def test_report_on_a_partial_sweep_and_chromium_renders_it(tmp_path):
     path = Path(report.write_report(study))
     page = path.read_text()
     out = study / "report"
-    for name in ("table1", "top1_vs_params", "relative_improvement", "head_depth",
+    for name in ("top1_vs_params", "gain", "relative_improvement", "head_depth",
                  "distillation", "label_efficiency"):
         assert (out / f"{name}.png").stat().st_size > 0 and (out / f"{name}.pdf").exists()
         assert f'alt="{name}"' in page
+    # Every figure has a caption saying what it shows and over how many seeds; tables
+    # are HTML tables, not images.
+    assert page.count("<figcaption>") == 6 and page.count("over 3 seeds") >= 4
+    assert not (out / "table1.png").exists() and "Table 1: top-1 by model" in page
+    assert "<caption>" in page and "± " in page and "fine-tuned minus supervised" in page
+    assert "The <b>label-efficiency multiplier</b> is" in page
     assert (out / "results_tidy.csv").exists()
     assert f"{gone}: finetune" in page and "partial sweep" in page  # what is missing
     assert "python studies/model_size.py --repeats 3" in page and "abc" in page
@@ -291,3 +320,32 @@ def test_label_efficiency_is_measured_against_the_mean_supervised_baseline():
     # In these data fine-tuning reaches the baseline's accuracy with fewer labels.
     assert row["labels, fine-tuned"] < row["labels, supervised"]
     assert row["label-efficiency multiplier"] > 1
+
+
+def test_mean_intervals_are_bca_and_honest_about_one_seed():
+    from scipy.stats import bootstrap as scipy_bootstrap
+
+    from analysis.fit import mean_interval
+
+    values = np.array([0.61, 0.64, 0.58, 0.66, 0.63, 0.60])
+    mean, lo, hi = mean_interval(values, rng=3)
+    ref = scipy_bootstrap((values,), np.mean, method="BCa", n_resamples=2000,
+                          rng=np.random.default_rng(3)).confidence_interval
+    assert mean == pytest.approx(values.mean())
+    assert (lo, hi) == pytest.approx((ref.low, ref.high))
+    assert lo < mean < hi
+    assert np.isnan(mean_interval([0.5])[1])  # one seed: no interval
+    assert mean_interval([0.5, 0.5]) == (0.5, 0.5, 0.5)
+
+
+def test_two_label_counts_get_points_but_no_fitted_curve():
+    """The local study's shape: 2 fractions. No form is drawn through (or extrapolated
+    from) as many points as it has parameters."""
+    df = _table(synthetic_rows(seeds=(0, 1), fractions=[0.01, 0.1]))
+    a = report.analyse(df)
+    assert a.fits == {} and a.derived == []
+    assert a.joint.startswith("not fitted")
+    assert any("more points than parameters" in n for n in a.notes)
+    drawn = report.figure_set(df, a)
+    assert "No curves" in drawn["label_efficiency"][1]
+    assert "over 2 seeds" in drawn["top1_vs_params"][1]
