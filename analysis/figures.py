@@ -262,20 +262,21 @@ def gain_figure(df: pd.DataFrame) -> Figure:
     sns.set_theme(**STYLE)
     fig, ax = plt.subplots(figsize=(6, 4))
     t = gain(df)
-    for model, g in t.groupby("model", sort=False):
+    for i, (model, g) in enumerate(t.groupby("model", sort=False)):
         g = g.sort_values("label fraction")
         err = np.vstack([g["gain (pp)"] - g["_lo"], g["_hi"] - g["gain (pp)"]])
         ax.errorbar(g["label fraction"], g["gain (pp)"],
                     yerr=np.nan_to_num(err), capsize=3, marker="o", label=str(model))
         last = g.iloc[-1]
         ax.annotate(str(model), (last["label fraction"], last["gain (pp)"]),
-                    textcoords="offset points", xytext=(4, 4), fontsize=7)
+                    textcoords="offset points", xytext=(4, 4 - 9 * i), fontsize=7)
     ax.axhline(0, color="grey", linewidth=0.8)
-    ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=None))
-    return _finish(fig, ax, "labelled fraction of the training set",
-                   "fine-tuned minus supervised top-1 (points)",
-                   "What pretraining buys, per model and label fraction",
-                   {"fontsize": "small"}, percent=None)
+    _finish(fig, ax, "labelled fraction of the training set",
+            "fine-tuned minus supervised top-1 (points)",
+            "What pretraining buys, per model and label fraction", {"fontsize": "small"},
+            percent=None)
+    ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=None))  # after the log scale
+    return fig
 
 
 def training_curves(history: pd.DataFrame) -> Figure:
