@@ -177,7 +177,8 @@ class Console(tune.Callback):
         self.study_dir, self.cell_keys = study_dir, cell_keys
         self.flops, self.done = flops, set(done)
         self.started, self.executed_flops = time.monotonic(), 0.0
-        self.last: dict[Any, float] = {}  # trial id: last line; (trial, stage): seen
+        self.last: dict[str, float] = {}  # trial id: when its last progress line was
+        self.resumed: set[tuple[str, str, int | None]] = set()
 
     def sweep_line(self) -> str:
         left = sum(f for k, f in self.flops.items() if k not in self.done)
@@ -202,11 +203,10 @@ class Console(tune.Callback):
             return
         if "total_steps" not in result:
             return
-        first = (trial.trial_id, result["stage"])
-        if result.get("resumed_from") is not None and first not in self.last:
-            print(f"[{cell}] {result['stage']}: resumed from step {result['resumed_from']}",
-                  flush=True)
-        self.last.setdefault(first, 0.0)
+        resumed = (trial.trial_id, result["stage"], result.get("resumed_from"))
+        if resumed[2] is not None and resumed not in self.resumed:  # once per resume
+            self.resumed.add(resumed)
+            print(f"[{cell}] {result['stage']}: resumed from step {resumed[2]}", flush=True)
         now = time.monotonic()
         if now - self.last.get(trial.trial_id, 0) < 10 and result["step"] < result["total_steps"]:
             return

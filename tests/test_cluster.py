@@ -196,8 +196,9 @@ def test_two_node_cluster_runs_trials_on_both_and_survives_losing_a_node(tmp_pat
         assert len(df) == 8 and df["node"].nunique() == 2, df[["cell", "stage", "node"]]
 
         # 2. the worker node dies while both trials pretrain; the sweep still finishes
+        # Another grid (other seeds): a study folder of its own, stage runs shared.
         cmd = [*_two_node_study(tmp_path, "kill", [2, 3]), "--storage", str(storage),
-               "--address", address]
+               "--address", address, "--name", "lose-a-node"]
         sweep = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=(tmp_path / "sweep.log").open("w"),
                                  stderr=subprocess.STDOUT)
         def both_pretraining() -> bool:
@@ -209,12 +210,12 @@ def test_two_node_cluster_runs_trials_on_both_and_survives_losing_a_node(tmp_pat
         _kill(worker)
         worker = None
         assert sweep.wait(timeout=600) == 0, (tmp_path / "sweep.log").read_text()[-4000:]
-        df = pd.read_csv(storage / "model_size-local" / "results.csv")
-        second = df[df["cell"].str.contains("seed=2|seed=3")]
+        second = pd.read_csv(storage / "lose-a-node" / "results.csv")
+        assert set(second["seed"]) == {2, 3}
         assert len(second) == 8 and (second["status"] == "executed").all()
         assert second.loc[second["stage"] != "pretrain", "top1"].notna().all()
         # The trial on the dead node ran again on the head, from its last checkpoint.
-        assert "[pretrain] resumed from step" in (tmp_path / "sweep.log").read_text()
+        assert "pretrain: resumed from step" in (tmp_path / "sweep.log").read_text()
     finally:
         if worker is not None:
             _kill(worker, signal.SIGTERM)
