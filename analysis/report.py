@@ -273,7 +273,8 @@ def splits_note(df: pd.DataFrame) -> str:
 def _styled(df: pd.DataFrame, caption: str) -> str:
     """A table as HTML (pandas Styler) with its caption."""
     styler = df.style.hide(axis="index").set_caption(html.escape(caption)).format(
-        precision=2, na_rep="-").set_table_attributes('class="t"')
+        lambda v: f"{v:.4g}" if isinstance(v, float) else v, na_rep="-").set_table_attributes(
+        'class="t"')
     return str(styler.to_html())
 
 

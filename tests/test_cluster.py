@@ -390,7 +390,7 @@ def test_ray_up_submit_down_on_loopback(ssh_login, tmp_path):
         assert table["world_size"].eq(1).all()  # each stage ran on Ray Train
         report = home / "studies" / "model_size-local" / "report"
         assert "R18 1/16x" in (report / "report.html").read_text()
-        assert (report / "table1.png").exists() and (report / "results_tidy.csv").exists()
+        assert (report / "top1_vs_params.png").exists() and (report / "results_tidy.csv").exists()
     finally:
         launcher("down", "-y", str(config))
         log.close()

@@ -108,8 +108,10 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tiny, tmp_path, capsys
     import pytest
 
     from scaling.checkpoint import CheckpointError
-    with pytest.raises(CheckpointError, match="sha256"):
-        load_final_models(out)
+    with pytest.raises(CheckpointError, match="no result.json"):
+        load_final_models(out)  # its result.json was set aside: the stage is unfinished
+    assert "model.pt does not match its result.json's sha256" in capsys.readouterr().err
+    assert (out / "result.json.corrupt").exists() and read_result(out) is None
 
 
 def test_cli_reports_bad_config_and_exits_nonzero(tmp_path):
