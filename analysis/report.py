@@ -246,7 +246,7 @@ def histories(df: pd.DataFrame, study_dir: Location) -> pd.DataFrame:
     rows = []
     for (stage, key), g in df.drop_duplicates(["stage", "stage_key"]).groupby(
             ["stage", "stage_key"], sort=False):
-        text = storage.read_text(storage.join(stages, f"{stage}-{key}"), "result.json")
+        text = storage.read_text(storage.stage_location(stages, stage, key), "result.json")
         if text is None:
             continue
         r = g.iloc[0]

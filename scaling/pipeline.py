@@ -61,7 +61,7 @@ def stage_key(cfg: ExperimentConfig, stage: str) -> str:
 
 def stage_dir(root: Location, cfg: ExperimentConfig, stage: str) -> Location:
     """Where a stage's result lives: a local directory or a URI (scaling.storage)."""
-    return storage.join(root, f"{stage}-{stage_key(cfg, stage)}")
+    return storage.stage_location(root, stage, stage_key(cfg, stage))
 
 
 def fraction_configs(cfg: ExperimentConfig) -> list[ExperimentConfig]:

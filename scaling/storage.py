@@ -147,6 +147,11 @@ def delete(location: Location, file: str) -> None:
         fs.delete_file(f"{path}/{file}")
 
 
+def stage_location(root: Location, stage: str, key: str) -> Location:
+    """A stage run's directory under ``root``: ``<stage>-<key>`` (scaling.pipeline.stage_key)."""
+    return join(root, f"{stage}-{key}")
+
+
 def read_result(location: Location) -> dict[str, Any] | None:
     if not is_uri(location):
         return read_local_result(Path(location))

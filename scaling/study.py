@@ -30,7 +30,7 @@ from scaling.config import (
     with_overrides,
 )
 from scaling.env import pick_device
-from scaling.pipeline import stage_dir, stage_key
+from scaling.pipeline import stage_key
 from scaling.storage import Location
 
 ALIASES = {
@@ -265,16 +265,18 @@ def distinct_runs(study: Study) -> dict[str, dict[str, ExperimentConfig]]:
 def plan(study: Study) -> Plan:
     seen = distinct_runs(study)
     flops = sum(stage_flops(cfg, s) for s, runs in seen.items() for cfg in runs.values())
-    return Plan(len(cells(study)), len(cells(study)) * len(seen),
-                {s: len(v) for s, v in seen.items()}, flops)
+    n = len(cells(study))
+    return Plan(n, n * len(seen), {s: len(v) for s, v in seen.items()}, flops)
 
 
-def finished(study: Study, root: Location) -> set[tuple[str, str]]:
-    """The study's distinct (stage, key) runs already finished in the storage ``root``."""
+def finished(study: Study, root: Location,
+             runs: dict[str, dict[str, ExperimentConfig]] | None = None) -> set[tuple[str, str]]:
+    """The study's distinct (stage, key) runs already finished in the storage ``root``
+    (``runs``: the study's distinct_runs, where the caller has them)."""
     stages = storage.join(root, "stages")
-    return {(stage, key) for stage, runs in distinct_runs(study).items()
-            for key, cfg in runs.items()
-            if storage.read_result(stage_dir(stages, cfg, stage)) is not None}
+    return {(stage, key) for stage, keyed in (runs or distinct_runs(study)).items()
+            for key in keyed
+            if storage.read_result(storage.stage_location(stages, stage, key)) is not None}
 
 
 def describe(study: Study, p: Plan) -> str:

@@ -172,9 +172,10 @@ def interrupted(study: Study | None, root: str) -> int:
     if study is None:
         print("interrupted before anything ran", file=sys.stderr)
     else:
-        done = len(finished(study, storage.absolute(storage.parse(root))))
-        print(f"interrupted after {done}/{plan(study).stage_runs} stage runs; run the same "
-              "command to resume", file=sys.stderr)
+        runs = distinct_runs(study)
+        done = len(finished(study, storage.absolute(storage.parse(root)), runs))
+        print(f"interrupted after {done}/{sum(map(len, runs.values()))} stage runs; run the "
+              "same command to resume", file=sys.stderr)
     return 130
 
 
@@ -188,7 +189,7 @@ def dry_run(study: Study, args: argparse.Namespace) -> str:
         check_local(study.base)  # a CPU preset runs here: refuse what the run would
     check_owner(storage.join(root, study.name), study_record(study))
     runs = distinct_runs(study)
-    done = finished(study, root)
+    done = finished(study, root, runs)
     left = [(s, c) for s, keyed in runs.items() for k, c in keyed.items() if (s, k) not in done]
     per = ", ".join(f"{s} {sum((s, k) in done for k in keyed)}/{len(keyed)}"
                     for s, keyed in runs.items())

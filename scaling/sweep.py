@@ -339,7 +339,7 @@ def run_study(study: Study, root: Location, *, address: str | None = None,
     # /tmp/ray: ours (scaling.tracking) replaces it; its CSV/JSON loggers stay.
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     callbacks: list[tune.Callback] = [
-        Console(study_dir, record["keys"], flops, finished(study, root)),
+        Console(study_dir, record["keys"], flops, finished(study, root, runs)),
         TensorBoard(logdir, stages), CSVLoggerCallback(), JsonLoggerCallback()]
     if mlflow:
         callbacks.append(MLflow(mlflow, study.name, stages))

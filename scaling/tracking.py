@@ -40,7 +40,7 @@ def stage_points(result: dict[str, Any], stages: Location) -> Points:
                 for p in result.get("points", [])]
     if result.get("event") not in ("executed", "reused"):
         return []
-    done = storage.read_result(storage.join(stages, f"{stage}-{result['key']}"))
+    done = storage.read_result(storage.stage_location(stages, stage, result["key"]))
     if done is None:
         return []
     points: Points = [(int(p["step"]), {f"{stage}/{k}": float(p[k]) for k in CURVES if k in p})

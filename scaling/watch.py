@@ -31,7 +31,7 @@ COLUMNS = ["cell", "stage", "status", "val_top1", "top1", "supervised_top1", "tr
 
 def stage_state(stages: Location, stage: str, key: str) -> str:
     """'finished', 'running at step N' (a checkpoint exists) or 'waiting'."""
-    where = storage.join(stages, f"{stage}-{key}")
+    where = storage.stage_location(stages, stage, key)
     if storage.read_result(where) is not None:
         return "finished"
     if not storage.is_uri(where):

@@ -97,7 +97,7 @@ def test_ctrl_c_on_a_study_exits_130_and_the_same_command_resumes(tmp_path, monk
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     storage = tmp_path / "S"
     command = study_command(tmp_path, storage, {"width": [0.0625], "label_fraction": [0.5]},
-                            **{"pretrain.epochs": 6, "runtime.checkpoint_every": 4})
+                            **{"pretrain.epochs": 12, "runtime.checkpoint_every": 4})
     command += ["--mlflow", f"file://{tmp_path}/mlruns"]
     watched = []
 
