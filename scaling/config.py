@@ -105,7 +105,9 @@ class HeadConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    name: Literal["fashion-mnist", "cifar10", "cifar100", "stl10", "imagefolder", "synthetic"] = (
+    # mnist-5k and dead-leaves: unlabelled only, for distill.unlabelled (scaling.unlabelled)
+    name: Literal["fashion-mnist", "cifar10", "cifar100", "stl10", "imagefolder", "synthetic",
+                  "mnist-5k", "dead-leaves"] = (
         "fashion-mnist"  # small, real, and installable offline from Debian's package
     )
     root: str | None = None  # None: the system copy (Fashion-MNIST only)
@@ -273,6 +275,9 @@ class FinetuneConfig:
 class DistillConfig:
     epochs: int = 60
     batch_size: int = 256
+    # Epochs grow until the schedule has at least this many steps (as fine-tuning's):
+    # unlabelled sets of different sizes then get the same budget.
+    min_steps: int = 0
     # null: the paper's choice, 0.1 for self-distillation and 1.0 big-to-small.
     temperature: float | None = None
     alpha: float = 0.0  # weight of the label loss; the paper's best runs use 0
@@ -283,6 +288,7 @@ class DistillConfig:
 
     def __post_init__(self) -> None:
         _check_epochs_batch(self.epochs, self.batch_size)
+        _check_min_steps(self.min_steps)
         check(self.temperature is None or self.temperature > 0, "temperature",
               self.temperature, "null (0.1 self-distillation, 1.0 otherwise) or > 0")
         check(0 <= self.alpha <= 1, "alpha", self.alpha, "0 <= alpha <= 1")
@@ -369,6 +375,8 @@ class ExperimentConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def __post_init__(self) -> None:
+        check(self.data.name not in ("mnist-5k", "dead-leaves"), "data.name", self.data.name,
+              "a labelled set (mnist-5k and dead-leaves serve only as distill.unlabelled)")
         for f in self.label_fractions:
             check(0 < f <= 1, "label_fractions", self.label_fractions, "fractions in (0, 1]")
         check(self.finetune.head_layer <= self.head.num_layers, "finetune.head_layer",

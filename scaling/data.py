@@ -243,7 +243,20 @@ def synthetic(
     return ImageData((imgs * 255).round().to(torch.uint8), labels, num_classes, "synthetic")
 
 
-DATASETS = ("fashion-mnist", "cifar10", "cifar100", "stl10", "imagefolder", "synthetic")
+DATASETS = ("fashion-mnist", "cifar10", "cifar100", "stl10", "imagefolder", "synthetic",
+            "mnist-5k", "dead-leaves")
+UNLABELLED_ONLY = ("mnist-5k", "dead-leaves")  # scaling.unlabelled: distillation's other sets
+
+
+def other_unlabelled(name: str, root: str | None, image_size: int | None) -> Dataset:
+    """An unlabelled set of scaling.unlabelled (labels -1)."""
+    from scaling import unlabelled as u
+
+    if name == "dead-leaves":
+        images = u.dead_leaves(u.DEAD_LEAVES_IMAGES, image_size or 28)
+        return ImageData(images, torch.full((len(images),), -1), 0, name)
+    folder = Path(root) if root is not None else u.default_data_dir() / u.MNIST_5K_DIR
+    return FolderImages(u.export_mnist_5k(folder) / "train", image_size or 28, name)
 
 
 def load_dataset(
@@ -267,6 +280,11 @@ def load_dataset(
         return imagefolder(split, r, image_size)
     if name == "synthetic":
         return synthetic(split, size=image_size or 16)
+    if name in UNLABELLED_ONLY:
+        if split != "unlabelled":
+            raise DataError(f"dataset={name!r} has no labels and no {split} split; allowed: "
+                            "only as distill.unlabelled")
+        return other_unlabelled(name, r, image_size)
     raise DataError(f"dataset={name!r} is not registered; allowed: {', '.join(DATASETS)}")
 
 

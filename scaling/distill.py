@@ -29,7 +29,7 @@ from scaling.measure import forward_flops_per_image, size_metrics
 from scaling.network import build_classifier
 from scaling.optimizer import build_optimizer
 from scaling.schedule import scaled_lr, warmup_cosine
-from scaling.splits import distill_pool, labelled_subset, load_splits
+from scaling.splits import distill_pool, labelled_subset, load_splits, schedule_epochs
 from scaling.stage import StageRun, augment_generator, set_lr
 
 
@@ -82,11 +82,12 @@ def distill(
     # 1/tau, and diverged within one epoch on Fashion-MNIST (tau 0.1, LR 1.2).
     optimizer = build_optimizer(optim, net)
     peak_lr = scaled_lr(optim.base_lr, dc.batch_size, optim.lr_scaling)
-    total = spe * dc.epochs
+    epochs = schedule_epochs(dc.epochs, dc.min_steps, spe)
+    total = spe * epochs
     warmup = round(optim.warmup_fraction * total)
 
     gen = augment_generator(env, cfg.seed)
-    run = StageRun("distill", out, env, cfg.runtime, spe, dc.epochs,
+    run = StageRun("distill", out, env, cfg.runtime, spe, epochs,
                    {"model": net, "optimizer": optimizer}, gen)
     per_worker = dc.batch_size // env.world
     while run.step < total:
@@ -129,7 +130,7 @@ def distill(
         "base_lr": optim.base_lr, "lr_scaling": optim.lr_scaling, "peak_lr": peak_lr,
         "weight_decay": optim.weight_decay, "global_bn": True, "val_size": len(splits.val),
         "val_seed": cfg.data.val_seed,
-        "batch_size": dc.batch_size, "epochs": dc.epochs, "teacher_head_layer": head_layer,
+        "batch_size": dc.batch_size, "epochs": epochs, "teacher_head_layer": head_layer,
         "label_fraction": cfg.finetune.label_fraction,
         "labels_per_class": cfg.finetune.labels_per_class,
         "subset_seed": cfg.finetune.subset_seed, "augment": "crop+flip, same view for both",

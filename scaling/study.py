@@ -37,6 +37,7 @@ ALIASES = {
     "depth": "model.depth", "width": "model.width", "sk": "model.sk_ratio",
     "head_depth": "head.num_layers", "ft_layer": "finetune.head_layer",
     "label_fraction": "finetune.label_fraction", "seed": "seed",
+    "subset_seed": "finetune.subset_seed",
     "student_depth": "distill.student.depth", "student_width": "distill.student.width",
     "student_sk": "distill.student.sk_ratio", "unlabelled": "distill.unlabelled.name",
 }
@@ -209,7 +210,8 @@ class Plan:
 # (imagefolder is assumed to be ImageNet-sized).
 DATA_SHAPES = {"fashion-mnist": (60000, 1, 28), "cifar10": (50000, 3, 32),
                "cifar100": (50000, 3, 32), "stl10": (105000, 3, 96),
-               "imagefolder": (1281167, 3, 224), "synthetic": (256, 1, 16)}
+               "imagefolder": (1281167, 3, 224), "synthetic": (256, 1, 16),
+               "mnist-5k": (5000, 1, 28), "dead-leaves": (54000, 1, 28)}
 
 
 @functools.cache
@@ -247,9 +249,11 @@ def stage_flops(cfg: ExperimentConfig, stage: str) -> float:
     student = cfg.distill.student or cfg.model
     unl = cfg.distill.unlabelled or cfg.data
     n_unl = DATA_SHAPES[unl.name][0] - (unl.resolved_val_size() if unl == cfg.data else 0)
-    s_fwd = _forward_flops(student, unl.name, unl.image_size)
-    t_fwd = _forward_flops(cfg.model, unl.name, unl.image_size)
-    return (3 * s_fwd + t_fwd) * n_unl * cfg.distill.epochs
+    # Other sets are cropped to the teacher's input (scaling.distill).
+    s_fwd = _forward_flops(student, cfg.data.name, cfg.data.image_size)
+    t_fwd = _forward_flops(cfg.model, cfg.data.name, cfg.data.image_size)
+    dc = cfg.distill
+    return (3 * s_fwd + t_fwd) * max(n_unl * dc.epochs, dc.min_steps * dc.batch_size)
 
 
 def distinct_runs(study: Study) -> dict[str, dict[str, ExperimentConfig]]:
