@@ -2,26 +2,34 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from scaling.atomic import atomic_write_text
 from scaling.augment import augment_views
 from scaling.batches import Fetcher, crops_for, epoch_batches, steps_per_epoch
 from scaling.checkpoint import read_result
-from scaling.config import ExperimentConfig, to_dict
+from scaling.config import ExperimentConfig, config_hash, to_dict
+from scaling.data import ImageData
 from scaling.env import Env
 from scaling.evaluate import apply, fit_linear_probe, knn_accuracy, top1
 from scaling.losses import nt_xent
 from scaling.measure import forward_flops_per_image, size_metrics
 from scaling.memory import NegativeQueue, ema_update, momentum_copy
-from scaling.network import ContrastiveNet, build_contrastive
+from scaling.network import build_contrastive
 from scaling.optimizer import build_optimizer
 from scaling.schedule import scaled_lr, warmup_cosine
 from scaling.splits import Splits, load_splits, unlabelled_pool
 from scaling.stage import StageRun, augment_generator, set_lr
+
+# Pixel probes only where they are cheap: in-memory sets of up to 32x32x3 values.
+PIXEL_PROBE_MAX_DIMS = 3072
 
 
 def pretrain(cfg: ExperimentConfig, out: Path, env: Env | None = None) -> dict[str, Any]:
@@ -83,7 +91,10 @@ def pretrain(cfg: ExperimentConfig, out: Path, env: Env | None = None) -> dict[s
 
     metrics: dict[str, Any] = size_metrics(net, flops)
     if env.is_main:
-        metrics |= probe(cfg, net, splits, fetch if pool is train else None, env)
+        metrics |= probe(cfg, net.encoder, [net], splits, fetch if pool is train else None, env)
+        if isinstance(train, ImageData) and train.images[0].numel() <= PIXEL_PROBE_MAX_DIMS:
+            pixels = pixel_reference(cfg, out.parent, env)
+            metrics |= {f"pixel_{k}": v for k, v in pixels.items()}
     protocol = {
         "stem": cfg.model.resolved_stem(train.image_size), "image_size": train.image_size,
         "head_layers": cfg.head.num_layers, "batch_size": p.batch_size, "epochs": p.epochs,
@@ -99,17 +110,19 @@ def pretrain(cfg: ExperimentConfig, out: Path, env: Env | None = None) -> dict[s
 
 
 def probe(
-    cfg: ExperimentConfig, net: ContrastiveNet, splits: Splits, fetch: Fetcher | None, env: Env
+    cfg: ExperimentConfig, encoder: Callable[[torch.Tensor], torch.Tensor],
+    modules: list[torch.nn.Module], splits: Splits, fetch: Fetcher | None, env: Env,
 ) -> dict[str, Any]:
-    """kNN and linear-probe top-1 of the encoder: fitted on the labelled training
-    images outside validation, reported on validation (``*_val_top1``) and test."""
+    """kNN and linear-probe top-1 of a frozen ``encoder`` (``modules`` are put in eval
+    mode): fitted on the labelled training images outside validation, reported on
+    validation (``*_val_top1``) and test."""
     workers = cfg.runtime.loader_workers
     train_fetch = fetch or Fetcher(splits.train, env.device, workers)
-    f_train, y_train = apply(net.encoder, [net], train_fetch, splits.rest, env)
-    evals = {"": apply(net.encoder, [net], Fetcher(splits.test, env.device, workers),
+    f_train, y_train = apply(encoder, modules, train_fetch, splits.rest, env)
+    evals = {"": apply(encoder, modules, Fetcher(splits.test, env.device, workers),
                        np.arange(len(splits.test)), env)}
     if len(splits.val):
-        evals["val_"] = apply(net.encoder, [net], train_fetch, splits.val, env)
+        evals["val_"] = apply(encoder, modules, train_fetch, splits.val, env)
     classes = splits.test.num_classes
     ev = cfg.evaluate
     linear = fit_linear_probe(f_train, y_train, classes, ev.linear_steps)
@@ -119,3 +132,26 @@ def probe(
                                                ev.knn_temperature)
         out[f"linear_{split}top1"] = top1(linear(f), y)
     return out
+
+
+def pixel_probe(cfg: ExperimentConfig, env: Env | None = None) -> dict[str, Any]:
+    """The same probes on raw pixels (the evaluation view, flattened): the reference
+    line a pretrained representation has to beat to be worth anything."""
+    env = env or Env.local(cfg.runtime.device, cfg.runtime.compile)
+    return probe(cfg, lambda x: x.flatten(1), [], load_splits(cfg.data), None, env)
+
+
+def pixel_reference(cfg: ExperimentConfig, folder: Path, env: Env) -> dict[str, Any]:
+    """``pixel_probe``, computed once per data and probe settings: cached as
+    ``folder/pixels-<hash>.json`` beside the stage runs (half a minute on 2 cores
+    for Fashion-MNIST, which every pretraining run of a study would repeat)."""
+    key = config_hash({"data": to_dict(cfg.data), "evaluate": to_dict(cfg.evaluate)})
+    cache = folder / f"pixels-{key}.json"
+    try:
+        return dict(json.loads(cache.read_text()))
+    except (OSError, ValueError):  # absent, or unreadable: recompute
+        pass
+    result = pixel_probe(cfg, env)
+    with contextlib.suppress(OSError):  # a read-only parent: the result is still returned
+        atomic_write_text(cache, json.dumps(result))
+    return result

@@ -28,6 +28,9 @@ METRICS = {  # table column: result.json metrics key (top1 columns: the test spl
     "labelled_examples": "labelled_examples", "images_per_s": "images_per_s",
     "train_seconds": "train_seconds", "wall_seconds": "wall_seconds",
     "peak_memory_bytes": "peak_memory_bytes", "final_loss": "final_loss",
+    # The same probes on raw pixels (pretraining rows): the line a representation must beat.
+    "pixel_linear_top1": "pixel_linear_top1", "pixel_linear_val_top1": "pixel_linear_val_top1",
+    "pixel_knn_top1": "pixel_knn_top1", "pixel_knn_val_top1": "pixel_knn_val_top1",
 }
 
 
