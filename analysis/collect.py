@@ -26,6 +26,8 @@ CLASSES = {"fashion-mnist": 10, "cifar10": 10, "cifar100": 100, "stl10": 10, "sy
 DERIVED = {
     "label_fraction": "fraction of the training labels the stage saw (pretraining: NaN)",
     "seed": "the run's seed",
+    "subset_seed": "which labelled subset (finetune.subset_seed; pretraining: that of its cell)",
+    "replicate": "one number per (seed, subset_seed) pair: what intervals are taken over",
     "depth": "ResNet depth", "width": "width multiplier", "sk": "selective-kernel ratio (0: none)",
     "head_depth": "projection-head layers", "ft_layer": "head layer fine-tuning starts from",
     "model": "a readable model name, e.g. 'R18 1/16x +SK'",
@@ -97,6 +99,11 @@ def tidy(raw: pd.DataFrame) -> pd.DataFrame:
     df["label_fraction"] = np.where(df["stage"] == "pretrain", np.nan,
                                     df["finetune.label_fraction"].astype(float))
     df["seed"] = df["seed"].astype(int)
+    # Tables written before subsets were an axis lack the column: one subset, seed 0.
+    df["subset_seed"] = df.get("finetune.subset_seed", pd.Series(0, index=df.index)
+                               ).fillna(0).astype(int)
+    # Replicates vary the seed, the labelled subset, or both: each pair is one draw.
+    df["replicate"] = df.groupby(["seed", "subset_seed"], sort=True).ngroup()
     df["depth"] = df["model.depth"].astype(int)
     df["width"] = df["model.width"].astype(float)
     df["sk"] = df["model.sk_ratio"].astype(float)
@@ -111,7 +118,7 @@ def tidy(raw: pd.DataFrame) -> pd.DataFrame:
     df["error"] = 1 - df["top1"]
     df["gain_over_supervised"] = df["top1"] - df["supervised_top1"]
     # The smallest model of each comparable group is the reference (paper Figure 1 right).
-    group = ["stage", "label_fraction", "head_depth", "ft_layer", "seed"]
+    group = ["stage", "label_fraction", "head_depth", "ft_layer", "seed", "subset_seed"]
     keyed = df.assign(_lf=df["label_fraction"].fillna(-1))
     key = [c if c != "label_fraction" else "_lf" for c in group]
     smallest = keyed.loc[keyed.groupby(key, dropna=False)["params"].idxmin(), [*key, "top1"]]
@@ -119,7 +126,7 @@ def tidy(raw: pd.DataFrame) -> pd.DataFrame:
     df["relative_improvement"] = (df["top1"] / ref.to_numpy() - 1).where(df["top1"].notna())
     df["_stage"] = df["stage"].map(order)
     df = df.sort_values(["params", "sk", "head_depth", "ft_layer", "_stage", "label_fraction",
-                         "seed"], kind="stable", ignore_index=True)
+                         "seed", "subset_seed"], kind="stable", ignore_index=True)
     return df.drop(columns="_stage")
 
 

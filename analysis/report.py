@@ -40,6 +40,7 @@ from analysis.fit import (
     mean_interval,
     select,
 )
+from analysis.headline import headline
 from scaling import storage
 from scaling.storage import Location
 
@@ -71,7 +72,7 @@ def analyse(df: pd.DataFrame) -> Analysis:
               & df["error"].notna()]
     ceiling = float(1 - 1 / df["classes"].dropna().iloc[0]) if df["classes"].notna().any() else 1.0
     for (model, stage), g in rows.groupby(["model", "stage"]):
-        n, err, seeds = g["labels"].to_numpy(), g["error"].to_numpy(), g["seed"].to_numpy()
+        n, err, seeds = g["labels"].to_numpy(), g["error"].to_numpy(), g["replicate"].to_numpy()
         if np.unique(n).size < 3:
             form, how = "power", (f"power law: {np.unique(n).size} label counts are too few "
                                   "to choose a form by extrapolation (needs >= 3)")
@@ -179,7 +180,7 @@ Drawn = tuple[Callable[[], Figure], str]  # the figure, and its caption
 
 
 def _over(df: pd.DataFrame) -> str:
-    seeds = df["seed"].nunique()
+    seeds = df["replicate"].nunique()
     return (f"over {seeds} seeds (error bars: one standard deviation)" if seeds > 1 else
             "one seed: no error bars (run with --repeats 2 or more for intervals)")
 
@@ -312,6 +313,9 @@ def write_report(study_dir: Location) -> Location:
         f"<li>git commit: <code>{html.escape(', '.join(sorted(set(df['git_commit'].astype(str)))))}"
         "</code></li></ul>",
     ]
+    top = headline(df)
+    if top:
+        parts.append(f"<pre>{html.escape(top)}</pre>")
     parts.append(splits_note(df))
     if missing:
         parts.append(f"<h2>Missing ({len(missing)} stages: a partial sweep)</h2><ul>"
@@ -319,7 +323,7 @@ def write_report(study_dir: Location) -> Location:
     else:
         parts.append("<p>Every stage of the grid has a result.</p>" if spec else
                      "<p>(No study.json: the grid, and so what is missing, is unknown.)</p>")
-    seeds = df["seed"].nunique()
+    seeds = df["replicate"].nunique()
     spread = f"mean ± standard deviation over {seeds} seeds" if seeds > 1 else "one seed"
     if "finetune" in set(df["stage"]):
         parts += ["<h2>Table 1: top-1 by model</h2>", _styled(figures.table1(df), (

@@ -62,6 +62,7 @@ class Preset:
     base: str  # a configs/*.yaml preset or a YAML path
     axes: dict[str, list[Any]]
     set: dict[str, Any] = field(default_factory=dict)
+    stages: tuple[str, ...] | None = None  # None: the study's
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,7 @@ def build(defn: StudyDef, args: argparse.Namespace) -> Study:
     study_name = args.name or f"{defn.name}-{name}"
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", study_name):
         raise ConfigError("--name", study_name, "letters, digits, '.', '_' and '-'")
-    return make_study(study_name, base, axes, defn.stages)
+    return make_study(study_name, base, axes, preset.stages or defn.stages)
 
 
 def parser(defn: StudyDef) -> argparse.ArgumentParser:
@@ -156,10 +157,13 @@ def parser(defn: StudyDef) -> argparse.ArgumentParser:
 
 def _report(study_dir: Any) -> bool:
     """The study's report (analysis/report.py); the results are safe either way."""
+    from analysis.collect import load
+    from analysis.headline import headline
     from analysis.report import write_report
 
     try:
         print(f"report: {write_report(study_dir)}")
+        print(headline(load(study_dir)))
     except Exception as e:  # noqa: BLE001 - never lose the sweep's exit status to a figure
         print(f"error: the report failed ({type(e).__name__}: {e}); the results are in "
               f"{study_dir}; retry with: python -m analysis.report {study_dir}", file=sys.stderr)

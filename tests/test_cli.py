@@ -23,7 +23,7 @@ TINY = {"pretrain.epochs": 2, "finetune.epochs": 3, "supervised.epochs": 2,
 
 def study_command(tmp_path: Path, storage: Path, axes: dict, **extra) -> list[str]:
     spec = tmp_path / "study.yaml"
-    spec.write_text(yaml.safe_dump({"base": str(REPO / "configs" / "tiny.yaml"),
+    spec.write_text(yaml.safe_dump({"preset": "quick", "base": str(REPO / "configs" / "tiny.yaml"),
                                     "axes": axes, "set": {**TINY, **extra}}))
     return [sys.executable, "studies/model_size.py", "--file", str(spec), "--storage",
             str(storage), "--no-report"]
@@ -45,7 +45,7 @@ def test_a_variant_run_never_replaces_the_default_studys_results(tmp_path):
     storage = tmp_path / "S"
     default = study_command(tmp_path, storage, {"width": [0.0625], "label_fraction": [0.1, 0.5]})
     ok(run(default))
-    table = storage / "model_size-local" / "results.csv"
+    table = storage / "model_size-quick" / "results.csv"
     before = pd.read_csv(table)
     assert len(before) == 8
 
@@ -53,7 +53,7 @@ def test_a_variant_run_never_replaces_the_default_studys_results(tmp_path):
                "--set", "finetune.epochs=2"]
     clash = run(default, *variant)
     assert clash.returncode == 2, clash.stdout + clash.stderr
-    assert "holds the study 'model_size-local' with another configuration" in clash.stderr
+    assert "holds the study 'model_size-quick' with another configuration" in clash.stderr
     assert "finetune.epochs 3 -> 2" in clash.stderr and "--name" in clash.stderr
     pd.testing.assert_frame_equal(pd.read_csv(table), before)  # untouched
 
@@ -103,7 +103,7 @@ def test_ctrl_c_on_a_study_exits_130_and_the_same_command_resumes(tmp_path, monk
 
     def watch() -> None:  # from another terminal, while the study runs
         watched.append(run([sys.executable, "-m", "scaling.watch",
-                            str(storage / "model_size-local"), "--ray"]))
+                            str(storage / "model_size-quick"), "--ray"]))
 
     proc = _interrupt_when(command, lambda: any(
         storage.glob("stages/pretrain-*/checkpoints/step-*")), meanwhile=watch)
@@ -115,7 +115,7 @@ def test_ctrl_c_on_a_study_exits_130_and_the_same_command_resumes(tmp_path, monk
     for noise in ("Tuner.restore", "results table:", "Traceback", "KeyboardInterrupt"):
         assert noise not in out + err, noise
     seen = ok(watched[0])
-    assert "study model_size-local: " in seen and "/4 stage runs finished" in seen
+    assert "study model_size-quick: " in seen and "/4 stage runs finished" in seen
     assert "running, checkpoint at step" in seen and "tensorboard --logdir" in seen
     assert "Resources" in seen and "CPU" in seen  # ray status, authenticated
 
@@ -127,8 +127,8 @@ def test_ctrl_c_on_a_study_exits_130_and_the_same_command_resumes(tmp_path, monk
     # Each progress line once, from the sweep's driver; one whole-sweep line per stage run.
     assert "(run_cell pid=" not in out and "repeated" not in out
     assert "[sweep] 4/4 stage runs, done" in out
-    assert len(pd.read_csv(storage / "model_size-local" / "results.csv")) == 4
-    check_curves(storage / "model_size-local", tmp_path / "mlruns")
+    assert len(pd.read_csv(storage / "model_size-quick" / "results.csv")) == 4
+    check_curves(storage / "model_size-quick", tmp_path / "mlruns")
 
 
 def check_curves(study: Path, mlruns: Path) -> None:
@@ -149,7 +149,7 @@ def check_curves(study: Path, mlruns: Path) -> None:
             "finetune/val_top1", "distill/loss", "supervised/test_top1"} <= tags
     assert [(e.step, e.value) for e in events.Scalars("pretrain/loss")] == want
     client = mlflow.MlflowClient(f"file://{mlruns}")
-    runs = client.search_runs([client.get_experiment_by_name("model_size-local").experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name("model_size-quick").experiment_id])
     # The interrupted invocation's run stays, unfinished; the resumed one is complete.
     (run,) = [r for r in runs if r.info.status == "FINISHED"]
     assert run.data.params["label_fraction"] == "0.5"

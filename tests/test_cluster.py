@@ -159,7 +159,7 @@ def _wait(ready, what: str, timeout: float = 300, procs=()) -> None:
 def _two_node_study(tmp: Path, name: str, seeds: list[int], epochs: int = 8) -> list[str]:
     spec = tmp / f"{name}.yaml"
     spec.write_text(yaml.safe_dump({
-        "base": "tiny", "seeds": seeds,
+        "preset": "quick", "base": "tiny", "seeds": seeds,
         "axes": {"width": [0.0625], "label_fraction": [0.1]},
         "set": {"pretrain.epochs": epochs, "pretrain.batch_size": 16, "finetune.epochs": 1,
                 "supervised.epochs": 1, "distill.epochs": 1, "runtime.device": "cpu",
@@ -192,7 +192,7 @@ def test_two_node_cluster_runs_trials_on_both_and_survives_losing_a_node(tmp_pat
                               str(storage), "--address", address], cwd=REPO, env=env,
                              capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-        df = pd.read_csv(storage / "model_size-local" / "results.csv")
+        df = pd.read_csv(storage / "model_size-quick" / "results.csv")
         assert len(df) == 8 and df["node"].nunique() == 2, df[["cell", "stage", "node"]]
 
         # 2. the worker node dies while both trials pretrain; the sweep still finishes
@@ -361,7 +361,7 @@ def test_ray_up_submit_down_on_loopback(ssh_login, tmp_path):
     home = ssh_login["home"]
     spec = home / "smoke.yaml"  # a one-cell study on synthetic data, Train workers on
     spec.write_text(yaml.safe_dump({
-        "base": "tiny", "axes": {"width": [0.0625], "label_fraction": [0.1]},
+        "preset": "quick", "base": "tiny", "axes": {"width": [0.0625], "label_fraction": [0.1]},
         "set": {"pretrain.epochs": 1, "finetune.epochs": 1, "supervised.epochs": 1,
                 "runtime.device": "cpu", "runtime.workers": 1}}))
     spec.chmod(0o644)
@@ -381,14 +381,14 @@ def test_ray_up_submit_down_on_loopback(ssh_login, tmp_path):
         launcher("up", "-y", "--no-config-cache", str(config))
         assert (home / "ray_bootstrap_config.yaml").exists()
         launcher("submit", str(config), "studies/model_size.py", "--", "--file", str(spec))
-        table = pd.read_csv(home / "studies" / "model_size-local" / "results.csv")
+        table = pd.read_csv(home / "studies" / "model_size-quick" / "results.csv")
         assert sorted(table["stage"]) == ["distill", "finetune", "pretrain", "supervised"]
         assert (table["status"] == "executed").all() and table["node"].notna().all()
         trained = table[table["stage"] != "pretrain"]
         assert trained["top1"].notna().all() and table["knn_top1"].notna().any()
         assert table["git_commit"].str.match(r"^[0-9a-f]{40}").all()  # .git was mounted
         assert table["world_size"].eq(1).all()  # each stage ran on Ray Train
-        report = home / "studies" / "model_size-local" / "report"
+        report = home / "studies" / "model_size-quick" / "report"
         assert "R18 1/16x" in (report / "report.html").read_text()
         assert (report / "top1_vs_params.png").exists() and (report / "results_tidy.csv").exists()
     finally:

@@ -114,7 +114,7 @@ def test_study_resumes_from_s3_after_the_head_node_is_replaced(s3, tmp_path):
     repo = Path(__file__).resolve().parent.parent
     spec = tmp_path / "study.yaml"
     spec.write_text(yaml.safe_dump({
-        "base": "tiny", "axes": {"width": [0.0625], "label_fraction": [0.5]},
+        "preset": "quick", "base": "tiny", "axes": {"width": [0.0625], "label_fraction": [0.5]},
         "set": {"pretrain.epochs": 1, "finetune.epochs": 8, "runtime.device": "cpu",
                 "runtime.workers": 0}}))
     cmd = [sys.executable, "studies/model_size.py", "--file", str(spec), "--no-report",
@@ -145,8 +145,8 @@ def test_study_resumes_from_s3_after_the_head_node_is_replaced(s3, tmp_path):
     again = subprocess.run([*cmd, "--resume"], cwd=repo, env=env("b"), capture_output=True,
                            text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert f"resuming the sweep in {s3}/studies/model_size-local/_tune" in again.stdout
-    table = storage.read_text(f"{s3}/studies/model_size-local", "results.csv")
+    assert f"resuming the sweep in {s3}/studies/model_size-quick/_tune" in again.stdout
+    table = storage.read_text(f"{s3}/studies/model_size-quick", "results.csv")
     assert table is not None
     import io
 

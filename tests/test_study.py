@@ -92,8 +92,8 @@ def test_more_workers_than_the_cluster_holds_is_rejected(tiny):
     assert cap.concurrent == 2
 
 
-@pytest.mark.parametrize("module", [model_size, head_depth, distillation])
-@pytest.mark.parametrize("preset", ["local", "fmnist-cpu", "cifar10-gpu", "imagenet-gpu"])
+@pytest.mark.parametrize("module, preset", [
+    (m, p) for m in (model_size, head_depth, distillation) for p in m.STUDY.presets])
 def test_every_preset_of_every_study_plans(module, preset, capsys):
     assert main(module.STUDY, ["--preset", preset, "--dry-run"]) == 0
     out = capsys.readouterr().out
@@ -104,7 +104,7 @@ def test_every_preset_of_every_study_plans(module, preset, capsys):
 
 def test_cli_overrides_axes_seeds_and_files(tmp_path, capsys):
     spec = tmp_path / "s.yaml"
-    spec.write_text("preset: local\naxes: {width: [0.0625]}\nset: {pretrain.epochs: 1}\n")
+    spec.write_text("preset: quick\naxes: {width: [0.0625]}\nset: {pretrain.epochs: 1}\n")
     assert main(model_size.STUDY, ["--file", str(spec), "--axis", "label_fraction=0.1",
                                    "--repeats", "3", "--dry-run"]) == 0
     out = capsys.readouterr().out
@@ -117,7 +117,7 @@ def test_cli_overrides_axes_seeds_and_files(tmp_path, capsys):
     (["--axis", "label_fraction=0"], "finetune.label_fraction=0.0 is invalid"),
     (["--axis", "head_depth=0"], "head.num_layers=0 is invalid"),
     (["--axis", "colour=1"], "axes.colour=[1] is invalid"),
-    (["--preset", "huge"], "--preset='huge' is invalid; allowed: local, fmnist-cpu"),
+    (["--preset", "huge"], "--preset='huge' is invalid; allowed: local, quick, fmnist-cpu"),
     (["--set", "runtime.workers=64"], "runtime.workers=64 is invalid"),
     # A mistyped storage with --resume: refused before Ray starts, nothing created.
     (["--resume"], "no sweep state in"),

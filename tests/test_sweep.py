@@ -57,7 +57,7 @@ def test_each_distinct_stage_runs_once_across_concurrent_trials(tiny, tmp_path):
 def _study_command(tmp_path: Path, storage: Path) -> list[str]:
     spec = tmp_path / "study.yaml"
     spec.write_text(yaml.safe_dump({
-        "base": str(REPO / "configs" / "tiny.yaml"),
+        "preset": "quick", "base": str(REPO / "configs" / "tiny.yaml"),
         "axes": {"width": [0.0625], "label_fraction": [0.1, 0.5]},
         "set": {"pretrain.epochs": 6, "pretrain.batch_size": 16, "finetune.epochs": 3,
                 "supervised.epochs": 2, "runtime.device": "cpu", "runtime.workers": 0,
@@ -82,7 +82,7 @@ def _run_until(command: list[str], ready, timeout: float = 300) -> None:
 
 
 def _metrics(storage: Path) -> pd.DataFrame:
-    df = pd.read_csv(storage / "model_size-local" / "results.csv")
+    df = pd.read_csv(storage / "model_size-quick" / "results.csv")
     cols = ["cell", "stage", "stage_key", "step", "top1", "linear_top1", "knn_top1"]
     return df[cols].sort_values(["cell", "stage"], ignore_index=True)
 
@@ -131,7 +131,7 @@ def test_failed_cells_stay_failed_until_restart_errored(tmp_path):
     (exit 1, its stage not started), and --restart-errored runs it again."""
     spec = tmp_path / "study.yaml"
     spec.write_text(yaml.safe_dump({
-        "base": str(REPO / "configs" / "tiny.yaml"),
+        "preset": "quick", "base": str(REPO / "configs" / "tiny.yaml"),
         "axes": {"width": [0.0625], "pretrain.optim.base_lr": [0.1, 1.0e30],
                  "label_fraction": [0.5]},
         "set": {"pretrain.epochs": 1, "finetune.epochs": 1, "supervised.epochs": 1,
@@ -150,7 +150,7 @@ def test_failed_cells_stay_failed_until_restart_errored(tmp_path):
     failed = [line for line in first.stdout.splitlines() if line.startswith("1 cells failed: ")]
     assert len(failed) == 1 and "pretrain.optim.base_lr=1e+30" in failed[0], first.stdout
     bad = failed[0].removeprefix("1 cells failed: ").split(";")[0]
-    table = pd.read_csv(tmp_path / "s" / "model_size-local" / "results.csv")
+    table = pd.read_csv(tmp_path / "s" / "model_size-quick" / "results.csv")
     assert set(table["stage"]) == {"pretrain", "finetune", "distill", "supervised"}
     assert (table["cell"] != bad).all()  # the good cell finished; the bad one wrote no rows
     second = run()
