@@ -32,6 +32,7 @@ DERIVED = {
     "head_depth": "projection-head layers", "ft_layer": "head layer fine-tuning starts from",
     "model": "a readable model name, e.g. 'R18 1/16x +SK'",
     "student": "distillation rows: 'self' (the teacher's architecture) or the student model",
+    "unlabelled": "distillation rows: the unlabelled set distilled on (default: the training set)",
     "classes": "number of classes (the random-guess error is 1 - 1/classes)",
     "labels": "labelled examples the stage used",
     "error": "1 - top1",
@@ -113,6 +114,8 @@ def tidy(raw: pd.DataFrame) -> pd.DataFrame:
                                                             strict=True)]
     df["student"] = [_student(r) if st == "distill" else None
                      for st, (_, r) in zip(df["stage"], df.iterrows(), strict=True)]
+    unl = df.get("distill.unlabelled.name", pd.Series(np.nan, index=df.index))
+    df["unlabelled"] = unl.where(unl.notna(), df["data.name"]).where(df["stage"] == "distill")
     df["classes"] = df["data.name"].map(CLASSES).astype("Int64")
     df["labels"] = df["labelled_examples"]
     df["error"] = 1 - df["top1"]

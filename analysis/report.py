@@ -337,6 +337,10 @@ def write_report(study_dir: Location) -> Location:
                           "Top-1 of the fine-tuned model minus the supervised baseline on "
                           "the same labels and seed, percentage points; 95% BCa bootstrap "
                           "interval of the mean over seeds."))]
+    if "distill" in set(df["stage"]):
+        parts += ["<h2>Distilled student minus teacher</h2>", _styled(figures.distill_gap(df), (
+            "Test top-1 of the distilled student minus its fine-tuned teacher, percentage "
+            "points, per unlabelled set; 95% BCa bootstrap interval of the mean over seeds."))]
     if df["params"].nunique() > 1:
         parts += ["<h2>Relative improvement over the smallest model</h2>",
                   _table_html(improvement_table(df))]

@@ -349,3 +349,50 @@ def test_two_label_counts_get_points_but_no_fitted_curve():
     drawn = report.figure_set(df, a)
     assert "No curves" in drawn["label_efficiency"][1]
     assert "over 2 seeds" in drawn["top1_vs_params"][1]
+
+
+def test_headline_gives_each_models_gap_at_fewest_and_most_labels_with_a_verdict():
+    from analysis.headline import headline, verdict
+
+    rows = synthetic_rows(seeds=(0, 1, 2), fractions=[0.001, 0.1], head_depths=(1,))
+    df = _table(rows)
+    text = headline(df)
+    gains = figures.gain(df)
+    lines = text.splitlines()
+    assert "3 replicates" in lines[0]
+    for model in df["model"].unique():
+        line = next(x for x in lines if x.strip().startswith(model))
+        g = gains[gains["model"] == model].set_index("label fraction")
+        # The table's numbers, fewest labels first: 60 images then 6,000.
+        assert line.index("0.1% labels (60 images)") < line.index("10% labels (6,000 images)")
+        assert f"{g.loc[0.001, 'gain (pp)']:+.1f} [{g.loc[0.001, '_lo']:+.1f}," in line
+    # The synthetic curves put fine-tuning well above supervised at 60 labels.
+    assert lines[-1].startswith("at 0.1% labels (60 images): pretraining helps for ")
+    assert verdict(0.5, 2.0) == "pretraining helps" and verdict(-2.0, -0.1) == (
+        "supervised is better") and verdict(-1.0, 1.0) == "no clear difference"
+    assert verdict(float("nan"), float("nan")).startswith("one replicate")
+    assert headline(df[df["stage"] == "pretrain"]) == ""
+
+
+def test_label_subsets_are_replicates_and_distillation_gaps_are_per_unlabelled_set():
+    rows = []
+    for subset in (0, 1):
+        for r in synthetic_rows(seeds=(0,), fractions=[0.01], head_depths=(1,)):
+            r = {**r, "finetune.subset_seed": subset, "cell": r["cell"] + f",subset={subset}"}
+            for unl in ("fashion-mnist", "dead-leaves"):
+                if r["stage"] == "distill":
+                    rows.append({**r, "distill.unlabelled.name": unl,
+                                 "top1": r["teacher_top1"] - (0.01 if unl == "dead-leaves"
+                                                              else 0.002 * (1 + subset)),
+                                 "cell": r["cell"] + f",unl={unl}"})
+            if r["stage"] != "distill":
+                rows.append(r)
+    df = _table(rows)
+    assert df["replicate"].nunique() == 2  # one seed, two labelled subsets
+    gaps = figures.distill_gap(df).set_index(["teacher", "unlabelled"])
+    one = gaps.loc[("R18 1/16x", "fashion-mnist")]
+    assert one["seeds"] == 2 and one["student minus teacher (pp)"] == pytest.approx(-0.3)
+    assert one["95% interval (pp)"] == "[-0.40, -0.20]"
+    dead = gaps.loc[("R18 1/16x", "dead-leaves")]
+    assert dead["student minus teacher (pp)"] == pytest.approx(-1.0)
+    assert dead["95% interval (pp)"] == "[-1.00, -1.00]"  # equal values: zero width
