@@ -267,8 +267,10 @@ def gain(df: pd.DataFrame) -> pd.DataFrame:
                      "95% interval (pp)": "n/a (one seed)" if np.isnan(lo) else
                      f"[{100 * lo:.2f}, {100 * hi:.2f}]", "seeds": len(g),
                      "_lo": 100 * lo, "_hi": 100 * hi})
-    out = pd.DataFrame(rows)
-    return out.sort_values(["params", "model", "label fraction"], ignore_index=True) if rows else out
+    if not rows:
+        return pd.DataFrame(rows)
+    return pd.DataFrame(rows).sort_values(["params", "model", "label fraction"],
+                                          ignore_index=True)
 
 
 def distill_gap(df: pd.DataFrame) -> pd.DataFrame:
