@@ -242,7 +242,7 @@ def table1(df: pd.DataFrame) -> pd.DataFrame:
     out["kNN"] = column(pre, "knn_top1")
     if pre.get("pixel_linear_top1", pd.Series(dtype=float)).notna().any():
         # The same probes on raw pixels: the line the representation has to beat.
-        ref = {c: "-" for c in out.columns} | {"model": "raw pixels (reference)"}
+        ref: dict[str, Any] = {c: "-" for c in out.columns} | {"model": "raw pixels (reference)"}
         ref |= {"depth": None, "width": None, "sk": None, "params": 0}
         ref |= {"linear": _cell(pre["pixel_linear_top1"].iloc[:1]),
                 "kNN": _cell(pre["pixel_knn_top1"].iloc[:1])}
