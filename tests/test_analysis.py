@@ -396,3 +396,11 @@ def test_label_subsets_are_replicates_and_distillation_gaps_are_per_unlabelled_s
     dead = gaps.loc[("R18 1/16x", "dead-leaves")]
     assert dead["student minus teacher (pp)"] == pytest.approx(-1.0)
     assert dead["95% interval (pp)"] == "[-1.00, -1.00]"  # equal values: zero width
+
+
+def test_table1_shows_the_raw_pixel_probes_as_a_reference_row():
+    rows = [{**r, "pixel_linear_top1": 0.84, "pixel_knn_top1": 0.79}
+            for r in synthetic_rows(seeds=(0,), fractions=[0.1], head_depths=(1,))]
+    t = figures.table1(_table(rows)).set_index("model")
+    assert t.loc["raw pixels (reference)", ["linear", "kNN"]].tolist() == ["84.0", "79.0"]
+    assert t.loc["raw pixels (reference)", "fine-tune 10%"] == "-"

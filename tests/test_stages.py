@@ -29,6 +29,10 @@ def test_pipeline_end_to_end_and_rerun_reuses(tiny, tmp_path):
     assert pre["history"] and pre["history"][-1]["step"] == pre["step"] == 14
     for key in ("knn_val_top1", "linear_val_top1"):
         assert 0 < pre["metrics"][key] <= 1, key
+    # Raw pixels through the same probes: computed once, cached beside the stage runs.
+    (cache,) = stage_dir(tmp_path, tiny, "pretrain").parent.glob("pixels-*.json")
+    assert json.loads(cache.read_text())["linear_val_top1"] == pre["metrics"][
+        "pixel_linear_val_top1"] > 0.25  # 4 classes
     for r in results[1:]:
         assert 0 <= r["metrics"]["test_top1"] <= 1
         assert 0 <= r["metrics"]["val_top1"] <= 1
