@@ -404,3 +404,27 @@ def test_table1_shows_the_raw_pixel_probes_as_a_reference_row():
     t = figures.table1(_table(rows)).set_index("model")
     assert t.loc["raw pixels (reference)", ["linear", "kNN"]].tolist() == ["84.0", "79.0"]
     assert t.loc["raw pixels (reference)", "fine-tune 10%"] == "-"
+
+
+def test_findings_recover_effects_built_into_synthetic_studies():
+    from analysis.findings import findings
+
+    rows = synthetic_rows(seeds=(0, 1, 2), fractions=[0.01, 0.1], head_depths=(2, 3))
+    g = np.random.default_rng(1)
+    for r in rows:  # F3: a deep head from its middle layer helps, most with few labels
+        if r["stage"] == "finetune" and r["head.num_layers"] == 3 and r["finetune.head_layer"] == 1:
+            r["top1"] += (0.05 if r["finetune.label_fraction"] == 0.01 else 0.01) + g.normal(
+                0, 0.002)
+    t = findings([_table(rows)])
+    by = {f: t[t["finding"] == f] for f in ("F1", "F2", "F3", "F4")}
+    # F1: fine-tuning's error curve lies well below supervised's at 600 labels.
+    assert len(by["F1"]) == 12 and (by["F1"]["verdict"] == "reproduced").all()
+    assert all("at 1% labels" in c for c in by["F1"]["comparison"])
+    # F2: students are built 3% better than their teachers, relative to the error.
+    assert (by["F2"]["verdict"] == "reproduced").all() and (by["F2"]["effect (pp)"] > 0).all()
+    f3 = by["F3"].set_index("comparison")
+    few = f3.loc["R18 1/16x at 1% labels: head 3 from layer 1 - head 2 from layer 0"]
+    assert few["verdict"] == "reproduced" and few["effect (pp)"] > 4
+    assert f3.loc["R18 1/16x: the effect at 1% minus at 10%", "verdict"] == "reproduced"
+    assert (by["F4"]["verdict"] == "reproduced").all() and len(by["F4"]) == 1
+    assert by["F4"]["replicates"].iloc[0] == 3 * 4  # seeds x (head, layer) settings

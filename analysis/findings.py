@@ -1,0 +1,156 @@
+"""The paper's four findings as measured effects with 95% intervals and a verdict,
+from the tidy tables of the three studies:
+
+    python -m analysis.findings runs/model_size-fmnist-cpu runs/head_depth-fmnist-cpu \\
+        runs/distillation-fmnist-cpu
+
+- F1 pretraining + fine-tuning beats the tuned supervised baseline with few labels;
+- F2 a distilled student matches or beats its teacher (self and smaller students);
+- F3 a deeper head, fine-tuned from its middle layer, helps most with few labels;
+- F4 bigger models gain more (relative to the smallest) with fewer labels.
+
+Every effect is a mean over replicates (seeds and label subsets) of a difference
+paired within a replicate, with its 95% BCa bootstrap interval (analysis.fit).
+Verdicts: 'reproduced' when the interval lies on the paper's side of zero,
+'reversed' when it lies on the other, 'not at this scale' when it covers zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+import pandas as pd
+
+from analysis import collect
+from analysis.figures import gain
+from analysis.fit import mean_interval
+from scaling import storage
+
+COLUMNS = ["finding", "comparison", "effect (pp)", "95% interval (pp)", "replicates",
+           "verdict"]
+
+
+def verdict(lo: float, hi: float) -> str:
+    if np.isnan(lo):
+        return "one replicate: no verdict"
+    return "reproduced" if lo > 0 else "reversed" if hi < 0 else "not at this scale"
+
+
+def _row(finding: str, comparison: str, diffs: np.ndarray) -> dict:
+    mean, lo, hi = mean_interval(100 * np.asarray(diffs, dtype=float))
+    return {"finding": finding, "comparison": comparison, "effect (pp)": round(mean, 2),
+            "95% interval (pp)": "n/a" if np.isnan(lo) else f"[{lo:.2f}, {hi:.2f}]",
+            "replicates": int(np.isfinite(diffs).sum()), "verdict": verdict(lo, hi)}
+
+
+def _pct(lf: float) -> str:
+    return f"{100 * lf:g}%"
+
+
+def f1(df: pd.DataFrame) -> list[dict]:
+    """Fine-tuned minus supervised at the fewest labels, per model (and head setting
+    where it varies): the report's gain table at its smallest fraction."""
+    g = gain(df)
+    if g.empty:
+        return []
+    few = g[g["label fraction"] == g["label fraction"].min()]
+    return [{"finding": "F1", "comparison": f"{r['model']} at {_pct(r['label fraction'])} "
+                                            "labels: fine-tuned - supervised",
+             "effect (pp)": r["gain (pp)"],
+             "95% interval (pp)": "n/a" if np.isnan(r["_lo"]) else
+             f"[{r['_lo']:.2f}, {r['_hi']:.2f}]",
+             "replicates": r["seeds"], "verdict": verdict(r["_lo"], r["_hi"])}
+            for _, r in few.iterrows()]
+
+
+def f2(df: pd.DataFrame) -> list[dict]:
+    """Distilled student minus its teacher, per teacher, student and label fraction
+    (on the training images: other unlabelled sets are reported apart)."""
+    d = df[(df["stage"] == "distill") & df["top1"].notna() & df["teacher_top1"].notna()]
+    d = d[d["unlabelled"] == d["data.name"]]
+    return [_row("F2", f"{model} -> {'itself' if student == 'self' else student} at "
+                       f"{_pct(lf)} labels: student - teacher",
+                 (g["top1"] - g["teacher_top1"]).to_numpy())
+            for (model, student, lf), g in d.groupby(["model", "student", "label_fraction"],
+                                                     sort=False)]
+
+
+def f3(df: pd.DataFrame, deep: tuple[int, int] = (3, 1), shallow: tuple[int, int] = (2, 0)
+       ) -> list[dict]:
+    """Fine-tuned top-1 of a deep head from its middle layer minus SimCLR v1's
+    (2-layer head, fine-tuned from the encoder), at the fewest and the most labels,
+    and how much larger the effect is with few labels."""
+    ft = df[df["stage"] == "finetune"][["model", "label_fraction", "replicate", "head_depth",
+                                        "ft_layer", "top1"]]
+
+    def setting(hd: int, layer: int) -> pd.DataFrame:
+        return ft[(ft["head_depth"] == hd) & (ft["ft_layer"] == layer)].drop(
+            columns=["head_depth", "ft_layer"])
+
+    on = ["model", "label_fraction", "replicate"]
+    a, b = setting(*deep), setting(*shallow)
+    if a.empty or b.empty:
+        return []
+    both = a.merge(b, on=on, suffixes=("_a", "_b"))
+    both["d"] = both["top1_a"] - both["top1_b"]
+    out = []
+    name = f"head {deep[0]} from layer {deep[1]} - head {shallow[0]} from layer {shallow[1]}"
+    few, many = both["label_fraction"].min(), both["label_fraction"].max()
+    for model, g in both.groupby("model", sort=False):
+        for lf in sorted({few, many}):
+            out.append(_row("F3", f"{model} at {_pct(lf)} labels: {name}",
+                            g.loc[g["label_fraction"] == lf, "d"].to_numpy()))
+        if few != many:
+            w = g.pivot_table(index="replicate", columns="label_fraction", values="d")
+            out.append(_row("F3", f"{model}: the effect at {_pct(few)} minus at {_pct(many)}",
+                            (w[few] - w[many]).to_numpy()))
+    return out
+
+
+def f4(df: pd.DataFrame) -> list[dict]:
+    """The biggest model's relative improvement over the smallest (fine-tuned) at the
+    fewest labels minus at the most: above 0, bigger models gain more with fewer labels."""
+    ft = df[(df["stage"] == "finetune") & df["relative_improvement"].notna()]
+    if ft["params"].nunique() < 2 or ft["label_fraction"].nunique() < 2:
+        return []
+    big = ft[ft["params"] == ft["params"].max()]
+    few, many = big["label_fraction"].min(), big["label_fraction"].max()
+    w = big.pivot_table(index=["head_depth", "ft_layer", "replicate"], columns="label_fraction",
+                        values="relative_improvement")
+    model = str(big["model"].iloc[0])
+    small = str(ft.loc[ft["params"].idxmin(), "model"])
+    return [_row("F4", f"{model} over {small}: relative gain at {_pct(few)} minus at "
+                       f"{_pct(many)} labels", (w[few] - w[many]).to_numpy())]
+
+
+def findings(tables: list[pd.DataFrame]) -> pd.DataFrame:
+    """F1-F4 from whichever studies' tidy tables are given."""
+    rows: list[dict] = []
+    for df in tables:
+        rows += f1(df) + f2(df) + f3(df) + f4(df)
+    return pd.DataFrame(rows, columns=COLUMNS).sort_values("finding", kind="stable",
+                                                           ignore_index=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m analysis.findings", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("studies", nargs="+", help="study storages, e.g. runs/model_size-fmnist-cpu")
+    args = p.parse_args(argv)
+    try:
+        tables = [collect.load(storage.absolute(storage.parse(s))) for s in args.studies]
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    table = findings(tables)
+    print("| " + " | ".join(table.columns) + " |")
+    print("|" + "---|" * len(table.columns))
+    for row in table.itertuples(index=False):
+        print("| " + " | ".join(str(v) for v in row) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
