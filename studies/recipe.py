@@ -43,6 +43,9 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "crop [0.08, 1]": {"pretrain.augment.crop_min_scale": 0.08},
     "batch 128": {"pretrain.batch_size": 128},
     "projection 128-d": {"head.out_dim": 128},
+    # Round 2: width was the cheapest lever of round 1 (docs/results.md).
+    "width 1/2": {"model.width": 0.5, "pretrain.epochs": EPOCHS // 2},
+    "width 1/4, 12 epochs": {"model.width": 0.25, "pretrain.epochs": 12},
 }
 COLUMNS = ["knn_val_top1", "linear_val_top1", "knn_top1", "linear_top1", "train_seconds"]
 
