@@ -204,6 +204,13 @@ class Bootstrap:
         return np.percentile(curves, 2.5, axis=0), np.percentile(curves, 97.5, axis=0)
 
 
+def _percentile(values: list[float], q: float) -> float:
+    """np.percentile, but a derived value that is inf in some resamples (an error
+    never reached) gives inf, not the nan of interpolating between infinities."""
+    v = np.asarray(values, dtype=float)
+    return float(np.percentile(v, q, method="nearest" if np.isinf(v).any() else "linear"))
+
+
 def bootstrap(n: ArrayLike, err: ArrayLike, seed: ArrayLike, form: str,
               ceiling: float = 1.0, derived: Mapping[str, Callable[[Fit], float]] | None = None,
               resamples: int = 300, rng: int = 0) -> Bootstrap:
@@ -241,8 +248,7 @@ def bootstrap(n: ArrayLike, err: ArrayLike, seed: ArrayLike, form: str,
             values[k].append(v)
         for k, fn in derived.items():
             values[k].append(fn(f))
-    intervals = {k: (float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5)))
-                 for k, v in values.items() if v}
+    intervals = {k: (_percentile(v, 2.5), _percentile(v, 97.5)) for k, v in values.items() if v}
     return Bootstrap(central, intervals, resamples, int(seeds.size), tuple(samples))
 
 

@@ -428,3 +428,11 @@ def test_findings_recover_effects_built_into_synthetic_studies():
     assert f3.loc["R18 1/16x: the effect at 1% minus at 10%", "verdict"] == "reproduced"
     assert (by["F4"]["verdict"] == "reproduced").all() and len(by["F4"]) == 1
     assert by["F4"]["replicates"].iloc[0] == 3 * 4  # seeds x (head, layer) settings
+
+
+def test_bootstrap_percentiles_of_unreachable_errors_stay_infinite():
+    from analysis.fit import _percentile
+
+    assert _percentile([1.0, 2.0, 3.0, 4.0, 5.0], 50) == 3.0
+    assert _percentile([1.0, 2.0, np.inf, np.inf], 97.5) == np.inf  # not nan
+    assert _percentile([1.0, 2.0, np.inf, np.inf], 2.5) == 1.0
