@@ -51,8 +51,8 @@ from scaling.study_folder import check_owner, study_record
 # pretraining's LARS) reached 36.2% validation top-1 after 1 epoch of distillation
 # and 65.5% after 4 (width 1/16, 1%; its teacher 68.0%): 4 here.
 LOCAL_SCHEDULE: dict[str, Any] = {
-    "pretrain.epochs": 3, "finetune.epochs": 15, "supervised.epochs": 15,
-    "finetune.min_steps": 150, "supervised.min_steps": 150, "supervised.lr_grid": [0.4, 1.6],
+    "pretrain.epochs": 3, "finetune.epochs": 10, "supervised.epochs": 10,
+    "finetune.min_steps": 100, "supervised.min_steps": 100, "supervised.lr_grid": [0.4, 1.6],
     "distill.epochs": 4, "evaluate.linear_steps": 50, "runtime.checkpoint_every": 200,
     "runtime.workers": 0}
 
