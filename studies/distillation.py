@@ -17,12 +17,13 @@ STUDY = StudyDef(
             "label_fraction": [0.01, 0.1]}, {"distill.epochs": 20}),
         # What the unlabelled set does: the training images, real images of another
         # domain (handwritten digits, mnist-5k) and synthetic dead-leaves images, each
-        # for the same number of steps (10 epochs of the 54,000 training images), for
-        # one teacher and two labelled subsets (scaling/unlabelled.py).
-        "fmnist-unlabelled": Preset("fmnist-cpu", {
-            "width": [0.125], "label_fraction": [0.01], "subset_seed": [0, 1],
+        # for the same number of steps (840: 4 epochs of the training images), for the
+        # local model-size study's width-1/8 teacher at 2% labels on its two subsets.
+        # In the same storage it reuses that study's pretraining and fine-tuning.
+        "unlabelled": Preset("fmnist-cpu", {
+            "width": [0.125], "label_fraction": [0.02], "subset_seed": [0, 1],
             "unlabelled": ["fashion-mnist", "mnist-5k", "dead-leaves"]},
-            {"distill.epochs": 10, "distill.min_steps": 2100},
+            LOCAL_SCHEDULE | {"distill.min_steps": 840},
             stages=("pretrain", "finetune", "distill")),
         # Same data, or CIFAR-100's images as the unlabelled set.
         "cifar10-gpu": Preset("cifar10-gpu", {
