@@ -121,7 +121,8 @@ def test_ctrl_c_on_a_study_exits_130_and_the_same_command_resumes(tmp_path, monk
 
     resumed = run(command)
     out = ok(resumed)
-    assert "resuming the sweep" in out and "resumed from step" in out
+    assert "resuming the sweep" in out, out[-3000:]
+    assert "resumed from step" in out, out[-3000:]
     assert "Traceback" not in out + resumed.stderr
     assert "Exception ignored" not in out + resumed.stderr
     # Each progress line once, from the sweep's driver; one whole-sweep line per stage run.
