@@ -124,8 +124,8 @@ def test_a_float_is_written_as_researchers_write_it(tmp_path):
     cfg = tiny_config(tmp_path)
     loaded = load_config(cfg, parse_overrides(["pretrain.optim.base_lr=1e-3"]))
     assert loaded.pretrain.optim.base_lr == pytest.approx(1e-3)
-    proc = run("studies/model_size.py", "--dry-run", "--axis", "width=0.0625",
-               "--set", "pretrain.optim.base_lr=1e-3")
+    proc = run("studies/model_size.py", "--dry-run", "--axis", "width=0.0625", "--storage",
+               str(tmp_path / "s"), "--set", "pretrain.optim.base_lr=1e-3")
     assert proc.returncode == 0, proc.stderr
 
 

@@ -94,11 +94,12 @@ def test_more_workers_than_the_cluster_holds_is_rejected(tiny):
 
 @pytest.mark.parametrize("module, preset", [
     (m, p) for m in (model_size, head_depth, distillation) for p in m.STUDY.presets])
-def test_every_preset_of_every_study_plans(module, preset, capsys, monkeypatch):
+def test_every_preset_of_every_study_plans(module, preset, capsys, monkeypatch, tmp_path):
     # Planning, not timing: a fixed speed instead of measuring every model of every
     # preset (scaling.estimate is measured in test_cli's dry runs).
     monkeypatch.setattr("scaling.estimate.training_rate", lambda *args: 5e9)
-    assert main(module.STUDY, ["--preset", preset, "--dry-run"]) == 0
+    # An empty storage: a user's finished runs/ would leave nothing to estimate.
+    assert main(module.STUDY, ["--preset", preset, "--dry-run", "--storage", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "distinct" in out and "a naive grid would run" in out
     # GPU presets: assumed H100-hours; CPU presets: time measured on this machine.
