@@ -93,7 +93,7 @@ def pretrain(cfg: ExperimentConfig, out: Path, env: Env | None = None) -> dict[s
     if env.is_main:
         metrics |= probe(cfg, net.encoder, [net], splits, fetch if pool is train else None, env)
         if isinstance(train, ImageData) and train.images[0].numel() <= PIXEL_PROBE_MAX_DIMS:
-            pixels = pixel_reference(cfg, out.parent, env)
+            pixels = pixel_reference(cfg, splits, out.parent, env)
             metrics |= {f"pixel_{k}": v for k, v in pixels.items()}
     protocol = {
         "stem": cfg.model.resolved_stem(train.image_size), "image_size": train.image_size,
@@ -134,24 +134,26 @@ def probe(
     return out
 
 
-def pixel_probe(cfg: ExperimentConfig, env: Env | None = None) -> dict[str, Any]:
+def pixel_probe(cfg: ExperimentConfig, env: Env | None = None, splits: Splits | None = None
+                ) -> dict[str, Any]:
     """The same probes on raw pixels (the evaluation view, flattened): the reference
     line a pretrained representation has to beat to be worth anything."""
     env = env or Env.local(cfg.runtime.device, cfg.runtime.compile)
-    return probe(cfg, lambda x: x.flatten(1), [], load_splits(cfg.data), None, env)
+    return probe(cfg, lambda x: x.flatten(1), [], splits or load_splits(cfg.data), None, env)
 
 
-def pixel_reference(cfg: ExperimentConfig, folder: Path, env: Env) -> dict[str, Any]:
+def pixel_reference(cfg: ExperimentConfig, splits: Splits, folder: Path, env: Env
+                    ) -> dict[str, Any]:
     """``pixel_probe``, computed once per data and probe settings: cached as
-    ``folder/pixels-<hash>.json`` beside the stage runs (half a minute on 2 cores
-    for Fashion-MNIST, which every pretraining run of a study would repeat)."""
+    ``folder/pixels-<hash>.json`` beside the stage runs, which every pretraining
+    run of a study would otherwise repeat."""
     key = config_hash({"data": to_dict(cfg.data), "evaluate": to_dict(cfg.evaluate)})
     cache = folder / f"pixels-{key}.json"
     try:
         return dict(json.loads(cache.read_text()))
     except (OSError, ValueError):  # absent, or unreadable: recompute
         pass
-    result = pixel_probe(cfg, env)
+    result = pixel_probe(cfg, env, splits)  # the splits pretraining already loaded
     with contextlib.suppress(OSError):  # a read-only parent: the result is still returned
         atomic_write_text(cache, json.dumps(result))
     return result
