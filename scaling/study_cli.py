@@ -57,6 +57,13 @@ LOCAL_SCHEDULE: dict[str, Any] = {
     "distill.epochs": 4, "evaluate.linear_steps": 50, "runtime.checkpoint_every": 200,
     "runtime.workers": 0}
 
+# The `fmnist-cpu` presets: the four findings (analysis.findings) in about an hour on
+# 2 cores. The local schedule with the default study's baseline grid, so the three
+# studies share pretraining with it and with each other in one storage; intervals
+# come from 2 pretraining seeds x 2 labelled subsets (4 replicates a cell).
+FMNIST_CPU_SCHEDULE: dict[str, Any] = LOCAL_SCHEDULE | {"supervised.lr_grid": [0.1, 0.4, 1.6]}
+REPLICATES: dict[str, list[Any]] = {"seed": [0, 1], "subset_seed": [0, 1]}
+
 
 @dataclass(frozen=True)
 class Preset:

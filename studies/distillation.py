@@ -4,7 +4,14 @@ pretrained and fine-tuned once and distilled into every student."""
 
 import sys
 
-from scaling.study_cli import LOCAL_SCHEDULE, Preset, StudyDef, main
+from scaling.study_cli import (
+    FMNIST_CPU_SCHEDULE,
+    LOCAL_SCHEDULE,
+    REPLICATES,
+    Preset,
+    StudyDef,
+    main,
+)
 
 STUDY = StudyDef(
     name="distillation",
@@ -12,9 +19,12 @@ STUDY = StudyDef(
     presets={
         "local": Preset("fmnist-cpu", {"width": [0.125], "student_width": [0.0625, 0.125]},
                         LOCAL_SCHEDULE),
+        # F2: model_size's width-1/8 teachers at 1% and 10% labels into themselves
+        # and into width 1/16, 4 epochs of the training images each.
         "fmnist-cpu": Preset("fmnist-cpu", {
-            "width": [0.125, 0.25], "student_width": [0.0625, 0.125],
-            "label_fraction": [0.01, 0.1]}, {"distill.epochs": 20}),
+            "width": [0.125], "student_width": [0.0625, 0.125],
+            "label_fraction": [0.01, 0.1], **REPLICATES},
+            FMNIST_CPU_SCHEDULE, stages=("pretrain", "finetune", "distill")),
         # What the unlabelled set does: the training images, real images of another
         # domain (handwritten digits, mnist-5k) and synthetic dead-leaves images, each
         # for the same number of steps (840: 4 epochs of the training images), for the

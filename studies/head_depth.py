@@ -4,7 +4,14 @@ Cells pretrain, fine-tune and train the supervised baseline; no distillation."""
 
 import sys
 
-from scaling.study_cli import LOCAL_SCHEDULE, Preset, StudyDef, main
+from scaling.study_cli import (
+    FMNIST_CPU_SCHEDULE,
+    LOCAL_SCHEDULE,
+    REPLICATES,
+    Preset,
+    StudyDef,
+    main,
+)
 
 STUDY = StudyDef(
     name="head_depth",
@@ -13,8 +20,13 @@ STUDY = StudyDef(
     presets={
         "local": Preset("fmnist-cpu", {"width": [0.0625], "head_depth": [2, 3],
                                        "ft_layer": [0, 1]}, LOCAL_SCHEDULE),
-        "fmnist-cpu": Preset("fmnist-cpu", {"head_depth": [2, 3, 4], "ft_layer": [0, 1, 2],
-                                            "label_fraction": [0.01, 0.1, 1.0]}),
+        # F3: SimCLR v1's head (2 layers, fine-tuned from the encoder) against v2's
+        # (3, from the middle), for the smallest and the largest local model; the
+        # 3-layer pretraining and its layer-1 fine-tunes are model_size's.
+        "fmnist-cpu": Preset("fmnist-cpu", {
+            "width": [0.0625, 0.25], "head_depth": [2, 3], "ft_layer": [0, 1],
+            "label_fraction": [0.001, 0.1], **REPLICATES},
+            FMNIST_CPU_SCHEDULE, stages=("pretrain", "finetune")),
         "cifar10-gpu": Preset("cifar10-gpu", {"head_depth": [2, 3, 4], "ft_layer": [0, 1, 2],
                                               "label_fraction": [0.01, 0.1, 1.0]},
                               {"runtime.gpus_per_worker": 1}),

@@ -5,7 +5,14 @@ baseline on the same labels."""
 
 import sys
 
-from scaling.study_cli import LOCAL_SCHEDULE, Preset, StudyDef, main
+from scaling.study_cli import (
+    FMNIST_CPU_SCHEDULE,
+    LOCAL_SCHEDULE,
+    REPLICATES,
+    Preset,
+    StudyDef,
+    main,
+)
 
 STUDY = StudyDef(
     name="model_size",
@@ -20,15 +27,16 @@ STUDY = StudyDef(
             "label_fraction": [0.001, 0.002, 0.005, 0.02, 0.1], "subset_seed": [0, 1]},
             # [0.4, 1.6] chose its lower end at 2% and 10% and its upper end at 0.1%
             # (docs/results.md): the baseline gets a grid around both.
-            LOCAL_SCHEDULE | {"supervised.lr_grid": [0.1, 0.4, 1.6]},
-            stages=("pretrain", "finetune", "supervised")),
+            FMNIST_CPU_SCHEDULE, stages=("pretrain", "finetune", "supervised")),
         # The whole pipeline, distillation included, in about 6 minutes on 2 cores:
         # two widths, 1% and 10% labels, one subset (a smoke run; no intervals).
         "quick": Preset("fmnist-cpu", {"depth": [18], "width": [0.0625, 0.125]}, LOCAL_SCHEDULE),
-        # A few hours on 2 cores: depth, width and SK on Fashion-MNIST.
+        # F1 and F4 (docs/results.md): the local study's models at 0.1%, 1% and 10%
+        # labels over 4 replicates; its 1% teachers serve the distillation study.
         "fmnist-cpu": Preset("fmnist-cpu", {
-            "depth": [18, 34], "width": [0.0625, 0.125, 0.25], "sk": [0.0, 0.0625],
-            "label_fraction": [0.01, 0.1, 1.0]}),
+            "depth": [18], "width": [0.0625, 0.125, 0.25],
+            "label_fraction": [0.001, 0.01, 0.1], **REPLICATES},
+            FMNIST_CPU_SCHEDULE, stages=("pretrain", "finetune", "supervised")),
         "cifar10-gpu": Preset("cifar10-gpu", {
             "depth": [18, 50], "width": [0.5, 1.0], "sk": [0.0, 0.0625],
             "label_fraction": [0.01, 0.1, 1.0]}, {"runtime.gpus_per_worker": 1}),
