@@ -230,6 +230,11 @@ class FractionSettings:
               "null or >= 0")
 
 
+def _check_lr_grid(grid: tuple[float, ...]) -> None:
+    check(all(lr > 0 for lr in grid) and len(set(grid)) == len(grid),
+          "lr_grid", grid, "distinct base LRs > 0, or [] for optim.base_lr alone")
+
+
 def _check_min_steps(min_steps: int) -> None:
     check(min_steps >= 0, "min_steps", min_steps, ">= 0 (0: epochs alone set the schedule)")
 
@@ -253,6 +258,9 @@ class FinetuneConfig:
     # (the paper's schedule). Resolved into the fields above for each fraction's run;
     # an entry's fields win over the ones above (a study's axes win over both).
     per_fraction: dict[float, FractionSettings] = field(default_factory=dict)
+    # Base LRs to try, as the supervised baseline's (SupervisedConfig.lr_grid): one
+    # run each, the best validation top-1 is the stage's result. Empty: optim.base_lr.
+    lr_grid: tuple[float, ...] = ()
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
         base_lr=0.005, weight_decay=0.0, warmup_fraction=0.0))  # reference fine-tuning
 
@@ -262,6 +270,10 @@ class FinetuneConfig:
         check(0 <= self.head_layer <= 5, "head_layer", self.head_layer, "0..head.num_layers")
         for f in self.per_fraction:
             check(0 < f <= 1, f"per_fraction[{f!r}]", f, "label fractions in (0, 1] as keys")
+        _check_lr_grid(self.lr_grid)
+        check(not self.lr_grid or all(s.base_lr is None for s in self.per_fraction.values()),
+              "lr_grid", self.lr_grid, "[] while finetune.per_fraction sets base_lr (the grid "
+              "replaces it: clear per_fraction with finetune.per_fraction={})")
         check((self.label_fraction is None) != (self.labels_per_class is None),
               "label_fraction", self.label_fraction,
               "exactly one of label_fraction and labels_per_class set")
@@ -309,8 +321,7 @@ class SupervisedConfig:
     def __post_init__(self) -> None:
         _check_epochs_batch(self.epochs, self.batch_size)
         _check_min_steps(self.min_steps)
-        check(all(lr > 0 for lr in self.lr_grid) and len(set(self.lr_grid)) == len(self.lr_grid),
-              "lr_grid", self.lr_grid, "distinct base LRs > 0, or [] for optim.base_lr alone")
+        _check_lr_grid(self.lr_grid)
 
 
 @dataclass(frozen=True)
@@ -390,9 +401,10 @@ class ExperimentConfig:
                       f"finetune.per_fraction[{f}].head_layer", s.head_layer,
                       f"0..head.num_layers ({self.head.num_layers})")
 
-        check(not self.supervised.lr_grid or self.data.val_size != 0, "supervised.lr_grid",
-              self.supervised.lr_grid, "[] when data.val_size is 0 (choosing needs a "
-              "validation split)")
+        for key, grid in (("finetune", self.finetune.lr_grid),
+                          ("supervised", self.supervised.lr_grid)):
+            check(not grid or self.data.val_size != 0, f"{key}.lr_grid", grid,
+                  "[] when data.val_size is 0 (choosing needs a validation split)")
 
     @property
     def student(self) -> ModelConfig:

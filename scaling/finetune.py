@@ -41,8 +41,13 @@ def finetune(
 
     ft = cfg.finetune
     extra = {"head_layer": ft.head_layer, "pretrained": str(pretrained)}
-    return train_classifier(cfg, "finetune", out, env, build, ft.epochs, ft.min_steps,
-                            ft.batch_size, ft.optim, extra)
+
+    def run(where: Path, lr: float) -> dict[str, Any]:
+        optim = dataclasses.replace(ft.optim, base_lr=lr)
+        return train_classifier(cfg, "finetune", where, env, build, ft.epochs, ft.min_steps,
+                                ft.batch_size, optim, extra)
+
+    return best_on_validation(out, env, ft.lr_grid, ft.optim.base_lr, run)
 
 
 def pretrained_classifier(
@@ -57,13 +62,8 @@ def pretrained_classifier(
 
 
 def supervised(cfg: ExperimentConfig, out: Path, env: Env | None = None) -> dict[str, Any]:
-    """The same architecture from scratch (encoder + linear) on the same labels.
-
-    With ``supervised.lr_grid`` every base LR trains in its own resumable directory
-    (``out/lr-<value>``) and the baseline is the run with the best validation top-1;
-    its weights and metrics become this stage's, with every LR's validation top-1
-    in the protocol and the grid's summed training time as ``train_seconds``.
-    """
+    """The same architecture from scratch (encoder + linear) on the same labels,
+    its LR chosen on validation from ``supervised.lr_grid``."""
     def build(channels: int, size: int, classes: int) -> Classifier:
         return build_classifier(cfg.model, cfg.head, 0, channels, size, classes)
 
@@ -74,16 +74,28 @@ def supervised(cfg: ExperimentConfig, out: Path, env: Env | None = None) -> dict
         return train_classifier(cfg, "supervised", where, env, build, s.epochs, s.min_steps,
                                 s.batch_size, optim, {"head_layer": 0})
 
-    if not s.lr_grid:
-        return run(out, s.optim.base_lr)
+    return best_on_validation(out, env, s.lr_grid, s.optim.base_lr, run)
+
+
+def best_on_validation(
+    out: Path, env: Env | None, grid: tuple[float, ...], base_lr: float,
+    run: Callable[[Path, float], dict[str, Any]],
+) -> dict[str, Any]:
+    """``run(out, base_lr)``, or with a ``grid`` one resumable run per base LR in
+    ``out/lr-<value>`` and the one with the best validation top-1 as the result: its
+    weights and metrics, every LR's validation top-1 in the protocol and the grid's
+    summed training time as ``train_seconds``. Fine-tuning and its baseline are both
+    tuned this way, so neither gets a better-chosen LR than the other."""
+    if not grid:
+        return run(out, base_lr)
     done = read_result(out)
     if done is not None:
         return done
-    runs = {lr: run(out / f"lr-{lr:g}", lr) for lr in s.lr_grid}
+    runs = {lr: run(out / f"lr-{lr:g}", lr) for lr in grid}
     if env is not None and not env.is_main:
-        return runs[s.lr_grid[0]]  # only the main worker has validation numbers and writes
+        return runs[grid[0]]  # only the main worker has validation numbers and writes
     val = {lr: r["metrics"]["val_top1"] for lr, r in runs.items()}
-    best = max(s.lr_grid, key=lambda lr: val[lr])  # ties: the first listed
+    best = max(grid, key=lambda lr: val[lr])  # ties: the first listed
     chosen = {k: v for k, v in runs[best].items() if k != "model_sha256"}
     chosen["metrics"] = {**chosen["metrics"], "train_seconds": sum(
         r["metrics"]["train_seconds"] for r in runs.values())}

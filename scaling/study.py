@@ -239,9 +239,10 @@ def stage_flops(cfg: ExperimentConfig, stage: str) -> float:
     fraction = cfg.finetune.label_fraction or 1.0
     if stage == "pretrain":
         return 3 * fwd * 2 * n * cfg.pretrain.epochs
-    if stage == "finetune":
-        return 3 * fwd * max(fraction * n * cfg.finetune.epochs,
-                             cfg.finetune.min_steps * cfg.finetune.batch_size)
+    if stage == "finetune":  # one run per LR of the grid, as the baseline's
+        runs = max(1, len(cfg.finetune.lr_grid))
+        return runs * 3 * fwd * max(fraction * n * cfg.finetune.epochs,
+                                    cfg.finetune.min_steps * cfg.finetune.batch_size)
     if stage == "supervised":  # one run per LR of the grid
         runs = max(1, len(cfg.supervised.lr_grid))
         return runs * 3 * fwd * max(fraction * n * cfg.supervised.epochs,

@@ -59,9 +59,13 @@ LOCAL_SCHEDULE: dict[str, Any] = {
 
 # The `fmnist-cpu` presets: the four findings (analysis.findings) in about an hour on
 # 2 cores. The local schedule with the default study's baseline grid, so the three
-# studies share pretraining with it and with each other in one storage; intervals
-# come from 2 pretraining seeds x 2 labelled subsets (4 replicates a cell).
-FMNIST_CPU_SCHEDULE: dict[str, Any] = LOCAL_SCHEDULE | {"supervised.lr_grid": [0.1, 0.4, 1.6]}
+# studies share pretraining and baselines with it and with each other in one storage;
+# fine-tuning gets a grid of its own (4x steps, as the baseline's) instead of one LR
+# for every count and width; intervals come from 2 pretraining seeds x 2 labelled
+# subsets (4 replicates a cell).
+FMNIST_CPU_SCHEDULE: dict[str, Any] = LOCAL_SCHEDULE | {
+    "supervised.lr_grid": [0.1, 0.4, 1.6],
+    "finetune.lr_grid": [0.005, 0.02, 0.08], "finetune.per_fraction": {}}
 REPLICATES: dict[str, list[Any]] = {"seed": [0, 1], "subset_seed": [0, 1]}
 
 

@@ -289,26 +289,42 @@ def test_the_report_says_which_split_chose_what():
     assert "6000 training images held out" in note
 
 
-def test_the_supervised_baseline_takes_the_lr_with_the_best_validation_top1(tiny, tmp_path):
+@pytest.mark.parametrize("stage", ["supervised", "finetune"])
+def test_a_stage_with_an_lr_grid_takes_the_lr_with_the_best_validation_top1(
+        stage, tiny, tmp_path):
     from scaling.checkpoint import load_final_models
 
-    cfg = with_overrides(tiny, {"finetune.label_fraction": 1.0, "supervised.epochs": 8,
-                                "supervised.batch_size": 32, "supervised.lr_grid": [1e-6, 2.0]})
-    r = supervised(cfg, tmp_path / "sup")
+    cfg = with_overrides(tiny, {"finetune.label_fraction": 1.0, f"{stage}.epochs": 8,
+                                f"{stage}.batch_size": 32, f"{stage}.lr_grid": [1e-6, 2.0]})
+    if stage == "finetune":
+        pretrain(with_overrides(tiny, {"pretrain.epochs": 1}), tmp_path / "pre")
+
+    def train(c, out):
+        return supervised(c, out) if stage == "supervised" else finetune(c, out, tmp_path / "pre")
+
+    r = train(cfg, tmp_path / stage)
     val = r["protocol"]["lr_grid_val_top1"]
     assert set(val) == {"1e-06", "2"} and val["2"] > val["1e-06"]  # 4 classes: 1e-6 learns nothing
     assert r["protocol"]["base_lr"] == 2.0 and r["metrics"]["val_top1"] == val["2"]
     # The grid's own directories, finished: read back, not trained again.
-    single = with_overrides(cfg, {"supervised.lr_grid": []})
-    runs = [supervised(single, tmp_path / "sup" / f"lr-{lr}") for lr in ("1e-06", "2")]
+    single = with_overrides(cfg, {f"{stage}.lr_grid": []})
+    runs = [train(single, tmp_path / stage / f"lr-{lr}") for lr in ("1e-06", "2")]
     assert r["metrics"]["train_seconds"] == pytest.approx(
         sum(x["metrics"]["train_seconds"] for x in runs))
-    chosen = load_final_models(tmp_path / "sup" / "lr-2")["classifier"]
-    final = load_final_models(tmp_path / "sup")["classifier"]
+    chosen = load_final_models(tmp_path / stage / "lr-2")["classifier"]
+    final = load_final_models(tmp_path / stage)["classifier"]
     assert all(torch.equal(final[k], v) for k, v in chosen.items())
-    assert supervised(cfg, tmp_path / "sup") == r
-    with pytest.raises(ConfigError, match=r"supervised.lr_grid=\(1e-06, 2.0\) .*val_size is 0"):
+    assert train(cfg, tmp_path / stage) == r
+    with pytest.raises(ConfigError, match=rf"{stage}.lr_grid=\(1e-06, 2.0\) .*val_size is 0"):
         with_overrides(cfg, {"data.val_size": 0})
+
+
+def test_a_finetune_lr_grid_refuses_per_fraction_learning_rates(tiny):
+    cfg = with_overrides(tiny, {"finetune.per_fraction": {0.1: {"base_lr": 0.01}}})
+    with pytest.raises(ConfigError, match=r"lr_grid=\(0.1, 0.2\).*finetune.per_fraction=\{\}"):
+        with_overrides(cfg, {"finetune.lr_grid": [0.1, 0.2]})
+    fine = with_overrides(cfg, {"finetune.lr_grid": [0.1, 0.2], "finetune.per_fraction": {}})
+    assert fine.finetune.lr_grid == (0.1, 0.2)
 
 
 def test_an_override_that_per_fraction_would_replace_is_refused(tmp_path):
