@@ -325,3 +325,31 @@ def training_curves(history: pd.DataFrame) -> Figure:
         ax.legend(fontsize="x-small")
     fig.tight_layout()
     return fig
+
+
+VERDICT_COLORS = {"reproduced": "tab:green", "reversed": "tab:red",
+                  "not at this scale": "tab:grey"}
+
+
+def findings_figure(table: pd.DataFrame) -> Figure:
+    """The paper's findings as measured (analysis.findings' table): each comparison's
+    effect in points with its 95% interval, coloured by verdict, a row each."""
+    sns.set_theme(**STYLE)
+    t = table.iloc[::-1].reset_index(drop=True)  # the first finding on top
+    fig, ax = plt.subplots(figsize=(8, 0.32 * len(t) + 1.2))
+    for i, r in t.iterrows():
+        lo, hi = r["_lo"], r["_hi"]
+        mean = r["effect (pp)"]  # rounded: may sit a hair outside a near-zero-width interval
+        err = [[0], [0]] if np.isnan(lo) else [[max(0, mean - lo)], [max(0, hi - mean)]]
+        ax.errorbar(mean, i, xerr=err, fmt="o", capsize=3,
+                    color=VERDICT_COLORS.get(str(r["verdict"]), "black"))
+    ax.set_yticks(range(len(t)), [f"{f}  {c}" for f, c in zip(t["finding"], t["comparison"],
+                                                               strict=True)], fontsize=7)
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_xlabel("effect, top-1 percentage points (95% bootstrap interval over replicates)")
+    handles = [plt.Line2D([], [], color=c, marker="o", linestyle="", label=v)
+               for v, c in VERDICT_COLORS.items() if (t["verdict"] == v).any()]
+    ax.legend(handles=handles, fontsize="small", loc="best")
+    ax.set_title("The paper's findings at this scale (above 0: the paper's direction)")
+    fig.tight_layout()
+    return fig

@@ -18,18 +18,21 @@ Verdicts: 'reproduced' when the interval lies on the paper's side of zero,
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 
 import numpy as np
 import pandas as pd
 
 from analysis import collect
-from analysis.figures import gain
+from analysis.figures import findings_figure, gain
 from analysis.fit import mean_interval
 from scaling import storage
 
 COLUMNS = ["finding", "comparison", "effect (pp)", "95% interval (pp)", "replicates",
            "verdict"]
+# The interval's ends as numbers (for figures), beside the printed columns.
+NUMERIC = ["_lo", "_hi"]
 
 
 def verdict(lo: float, hi: float) -> str:
@@ -38,11 +41,16 @@ def verdict(lo: float, hi: float) -> str:
     return "reproduced" if lo > 0 else "reversed" if hi < 0 else "not at this scale"
 
 
-def _row(finding: str, comparison: str, diffs: np.ndarray) -> dict:
-    mean, lo, hi = mean_interval(100 * np.asarray(diffs, dtype=float))
+def _entry(finding: str, comparison: str, mean: float, lo: float, hi: float,
+           replicates: int) -> dict:
     return {"finding": finding, "comparison": comparison, "effect (pp)": round(mean, 2),
             "95% interval (pp)": "n/a" if np.isnan(lo) else f"[{lo:.2f}, {hi:.2f}]",
-            "replicates": int(np.isfinite(diffs).sum()), "verdict": verdict(lo, hi)}
+            "replicates": replicates, "verdict": verdict(lo, hi), "_lo": lo, "_hi": hi}
+
+
+def _row(finding: str, comparison: str, diffs: np.ndarray) -> dict:
+    mean, lo, hi = mean_interval(100 * np.asarray(diffs, dtype=float))
+    return _entry(finding, comparison, mean, lo, hi, int(np.isfinite(diffs).sum()))
 
 
 def _pct(lf: float) -> str:
@@ -56,13 +64,9 @@ def f1(df: pd.DataFrame) -> list[dict]:
     if g.empty:
         return []
     few = g[g["label fraction"] == g["label fraction"].min()]
-    return [{"finding": "F1", "comparison": f"{r['model']} at {_pct(r['label fraction'])} "
-                                            "labels: fine-tuned - supervised",
-             "effect (pp)": r["gain (pp)"],
-             "95% interval (pp)": "n/a" if np.isnan(r["_lo"]) else
-             f"[{r['_lo']:.2f}, {r['_hi']:.2f}]",
-             "replicates": r["seeds"], "verdict": verdict(r["_lo"], r["_hi"])}
-            for _, r in few.iterrows()]
+    return [_entry("F1", f"{r['model']} at {_pct(r['label fraction'])} labels: "
+                         "fine-tuned - supervised",
+                   r["gain (pp)"], r["_lo"], r["_hi"], r["seeds"]) for _, r in few.iterrows()]
 
 
 def f2(df: pd.DataFrame) -> list[dict]:
@@ -130,14 +134,24 @@ def findings(tables: list[pd.DataFrame]) -> pd.DataFrame:
     rows: list[dict] = []
     for df in tables:
         rows += f1(df) + f2(df) + f3(df) + f4(df)
-    return pd.DataFrame(rows, columns=COLUMNS).sort_values("finding", kind="stable",
-                                                           ignore_index=True)
+    return pd.DataFrame(rows, columns=COLUMNS + NUMERIC).sort_values(
+        "finding", kind="stable", ignore_index=True)
+
+
+def markdown(table: pd.DataFrame) -> str:
+    """The printed columns as a Markdown table (docs/results.md takes it as is)."""
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |"
+              for row in table[COLUMNS].itertuples(index=False)]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m analysis.findings", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("studies", nargs="+", help="study storages, e.g. runs/model_size-fmnist-cpu")
+    p.add_argument("--out", help="also write findings.md, findings.csv and findings.png "
+                                 "(the figure) into this directory or URI")
     args = p.parse_args(argv)
     try:
         tables = [collect.load(storage.absolute(storage.parse(s))) for s in args.studies]
@@ -145,10 +159,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     table = findings(tables)
-    print("| " + " | ".join(table.columns) + " |")
-    print("|" + "---|" * len(table.columns))
-    for row in table.itertuples(index=False):
-        print("| " + " | ".join(str(v) for v in row) + " |")
+    text = markdown(table)
+    print(text, end="")
+    if args.out:
+        out = storage.absolute(storage.parse(args.out))
+        storage.write_text(out, "findings.md", text)
+        storage.write_text(out, "findings.csv", table.to_csv(index=False))
+        if not table.empty:
+            fig = findings_figure(table)
+            buf = io.BytesIO()
+            fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+            storage.write_bytes(out, "findings.png", buf.getvalue())
+        print(f"wrote findings.md, findings.csv{', findings.png' if not table.empty else ''} "
+              f"in {args.out}")
     return 0
 
 

@@ -28,6 +28,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from analysis import collect, figures
+from analysis.findings import findings
 from analysis.fit import (
     Bootstrap,
     Fit,
@@ -232,6 +233,15 @@ def figure_set(df: pd.DataFrame, a: Analysis, history: pd.DataFrame | None = Non
             "Test error against labelled examples (log-log): fine-tuned (filled circles) "
             "and supervised (open squares), a colour per model, means " + over + ". "
             + fitted))
+    found = findings([df])
+    if not found.empty:
+        out["findings"] = (lambda: figures.findings_figure(found), (
+            "The paper's findings this study measures (analysis.findings): each "
+            "comparison's paired effect in top-1 percentage points, the mean over "
+            "replicates with its 95% BCa bootstrap interval; green: on the paper's side "
+            "of 0 (reproduced), red: on the other (reversed), grey: covers 0 (not at this "
+            "scale). With 2-4 replicates the bootstrap interval is narrow: read it as a "
+            "lower bound on the uncertainty."))
     if history is not None and not history.empty:
         out["training_curves"] = (lambda: figures.training_curves(history), (
             "Training loss against each stage's own steps, from the stored history of every "

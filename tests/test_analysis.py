@@ -250,12 +250,12 @@ def test_report_on_a_partial_sweep_and_chromium_renders_it(tmp_path):
     page = path.read_text()
     out = study / "report"
     for name in ("top1_vs_params", "gain", "relative_improvement", "head_depth",
-                 "distillation", "label_efficiency"):
+                 "distillation", "label_efficiency", "findings"):
         assert (out / f"{name}.png").stat().st_size > 0 and (out / f"{name}.pdf").exists()
         assert f'alt="{name}"' in page
     # Every figure has a caption saying what it shows and over how many seeds; tables
     # are HTML tables, not images.
-    assert page.count("<figcaption>") == 6 and page.count("over 3 seeds") >= 4
+    assert page.count("<figcaption>") == 7 and page.count("over 3 seeds") >= 4
     assert not (out / "table1.png").exists() and "Table 1: top-1 by model" in page
     assert "<caption>" in page and "± " in page and "fine-tuned minus supervised" in page
     assert "The <b>label-efficiency multiplier</b> is" in page
@@ -281,7 +281,7 @@ def test_report_on_a_partial_sweep_and_chromium_renders_it(tmp_path):
     dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu",
                           "--dump-dom", path.as_uri()], check=True, capture_output=True,
                          text=True, timeout=120).stdout
-    assert dom.count("<img") == 6 and "Label-efficiency curves" in dom
+    assert dom.count("<img") == 7 and "Label-efficiency curves" in dom
     from PIL import Image
 
     pixels = np.asarray(Image.open(shot).convert("L"))
@@ -428,6 +428,29 @@ def test_findings_recover_effects_built_into_synthetic_studies():
     assert f3.loc["R18 1/16x: the effect at 1% minus at 10%", "verdict"] == "reproduced"
     assert (by["F4"]["verdict"] == "reproduced").all() and len(by["F4"]) == 1
     assert by["F4"]["replicates"].iloc[0] == 3 * 4  # seeds x (head, layer) settings
+    # The figure draws each row's interval; the report shows it.
+    fig = figures.findings_figure(t)
+    bars = [c for c in fig.axes[0].collections if len(c.get_segments())]
+    assert len(bars) == len(t)
+    lo, hi = bars[-1].get_segments()[0][:, 0]  # the top row: the table's first
+    assert (lo, hi) == pytest.approx((t["_lo"].iloc[0], t["_hi"].iloc[0]))
+    assert "findings" in report.figure_set(_table(rows), report.analyse(_table(rows)))
+
+
+def test_findings_cli_writes_the_table_and_figure(tmp_path, capsys):
+    from analysis.findings import main
+
+    study = _write_study(tmp_path, synthetic_rows(seeds=(0, 1), fractions=[0.01, 0.1],
+                                                  head_depths=(1,)))
+    assert main([str(study), "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    md = (tmp_path / "out" / "findings.md").read_text()
+    assert md in printed and md.startswith("| finding | comparison | effect (pp)")
+    assert md.count("| F1 |") == 3  # three models at 1%
+    assert (tmp_path / "out" / "findings.png").read_bytes()[:4] == b"\x89PNG"
+    csv = pd.read_csv(tmp_path / "out" / "findings.csv")
+    assert {"_lo", "_hi", "verdict"} <= set(csv.columns)
+    assert main([str(tmp_path / "nothing")]) == 2
 
 
 def test_bootstrap_percentiles_of_unreachable_errors_stay_infinite():
