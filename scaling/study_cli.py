@@ -63,8 +63,8 @@ LOCAL_SCHEDULE: dict[str, Any] = {
 # fine-tuning gets a grid of its own (4x steps, as the baseline's) instead of one LR
 # for every count and width; intervals come from 2 pretraining seeds x 2 labelled
 # subsets (4 replicates a cell).
-FMNIST_CPU_SCHEDULE: dict[str, Any] = LOCAL_SCHEDULE | {
-    "supervised.lr_grid": [0.1, 0.4, 1.6],
+BASELINE_GRID: dict[str, Any] = {"supervised.lr_grid": [0.1, 0.4, 1.6]}
+FMNIST_CPU_SCHEDULE: dict[str, Any] = LOCAL_SCHEDULE | BASELINE_GRID | {
     "finetune.lr_grid": [0.005, 0.02, 0.08], "finetune.per_fraction": {}}
 REPLICATES: dict[str, list[Any]] = {"seed": [0, 1], "subset_seed": [0, 1]}
 
