@@ -343,8 +343,11 @@ def findings_figure(table: pd.DataFrame) -> Figure:
         err = [[0], [0]] if np.isnan(lo) else [[max(0, mean - lo)], [max(0, hi - mean)]]
         ax.errorbar(mean, i, xerr=err, fmt="o", capsize=3,
                     color=VERDICT_COLORS.get(str(r["verdict"]), "black"))
-    ax.set_yticks(range(len(t)), [f"{f}  {c}" for f, c in zip(t["finding"], t["comparison"],
-                                                               strict=True)], fontsize=7)
+    # The study names a row only where several studies share a comparison's wording.
+    several = "study" in t and t["study"].nunique() > 1
+    ax.set_yticks(range(len(t)), [f"{r['finding']}  {r['comparison']}"
+                                  + (f"  ({r['study']})" if several else "")
+                                  for _, r in t.iterrows()], fontsize=7)
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_xlabel("effect, top-1 percentage points (95% bootstrap interval over replicates)")
     handles = [plt.Line2D([], [], color=c, marker="o", linestyle="", label=v)

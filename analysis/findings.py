@@ -2,7 +2,7 @@
 from the tidy tables of the three studies:
 
     python -m analysis.findings runs/model_size-fmnist-cpu runs/head_depth-fmnist-cpu \\
-        runs/distillation-fmnist-cpu
+        runs/distillation-fmnist-cpu [--out docs/findings]
 
 - F1 pretraining + fine-tuning beats the tuned supervised baseline with few labels;
 - F2 a distilled student matches or beats its teacher (self and smaller students);
@@ -30,7 +30,7 @@ from analysis.fit import mean_interval
 from scaling import storage
 
 COLUMNS = ["finding", "comparison", "effect (pp)", "95% interval (pp)", "replicates",
-           "verdict"]
+           "verdict", "study"]
 # The interval's ends as numbers (for figures), beside the printed columns.
 NUMERIC = ["_lo", "_hi"]
 
@@ -133,7 +133,8 @@ def findings(tables: list[pd.DataFrame]) -> pd.DataFrame:
     """F1-F4 from whichever studies' tidy tables are given."""
     rows: list[dict] = []
     for df in tables:
-        rows += f1(df) + f2(df) + f3(df) + f4(df)
+        study = str(df["study"].iloc[0]) if len(df) else ""
+        rows += [r | {"study": study} for r in f1(df) + f2(df) + f3(df) + f4(df)]
     return pd.DataFrame(rows, columns=COLUMNS + NUMERIC).sort_values(
         "finding", kind="stable", ignore_index=True)
 

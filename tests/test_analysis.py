@@ -449,7 +449,7 @@ def test_findings_cli_writes_the_table_and_figure(tmp_path, capsys):
     assert md.count("| F1 |") == 3  # three models at 1%
     assert (tmp_path / "out" / "findings.png").read_bytes()[:4] == b"\x89PNG"
     csv = pd.read_csv(tmp_path / "out" / "findings.csv")
-    assert {"_lo", "_hi", "verdict"} <= set(csv.columns)
+    assert {"_lo", "_hi", "verdict"} <= set(csv.columns) and (csv["study"] == "synthetic").all()
     assert main([str(tmp_path / "nothing")]) == 2
 
 
