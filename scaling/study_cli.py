@@ -57,12 +57,12 @@ LOCAL_SCHEDULE: dict[str, Any] = {
     "distill.epochs": 4, "evaluate.linear_steps": 50, "runtime.checkpoint_every": 200,
     "runtime.workers": 0}
 
-# The `fmnist-cpu` presets: the four findings (analysis.findings) in about an hour on
-# 2 cores. The local schedule with the default study's baseline grid, so the three
-# studies share pretraining and baselines with it and with each other in one storage;
-# fine-tuning gets a grid of its own (4x steps, as the baseline's) instead of one LR
-# for every count and width; intervals come from 2 pretraining seeds x 2 labelled
-# subsets (4 replicates a cell).
+# The `fmnist-cpu` presets: the four findings (analysis.findings) in 46 minutes on
+# 2 cores (docs/results.md). The local schedule with the default study's baseline
+# grid, so the three studies share pretraining and baselines with it and with each
+# other in one storage; fine-tuning gets a grid of its own (3 runs, as the baseline)
+# instead of one LR for every count and width; intervals come from 2 pretraining
+# seeds x 2 labelled subsets (4 replicates a cell).
 BASELINE_GRID: dict[str, Any] = {"supervised.lr_grid": [0.1, 0.4, 1.6]}
 FMNIST_CPU_SCHEDULE: dict[str, Any] = LOCAL_SCHEDULE | BASELINE_GRID | {
     "finetune.lr_grid": [0.005, 0.02, 0.08], "finetune.per_fraction": {}}
