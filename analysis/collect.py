@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from scaling import results, storage
+from scaling.registry import ORDER
 from scaling.storage import Location
 
 CLASSES = {"fashion-mnist": 10, "cifar10": 10, "cifar100": 100, "stl10": 10, "synthetic": 4,
@@ -96,7 +97,6 @@ def tidy(raw: pd.DataFrame) -> pd.DataFrame:
     if raw.empty:
         raise ValueError("the results table is empty: no stage has finished yet")
     df = raw.copy()
-    order = {s: i for i, s in enumerate(("pretrain", "finetune", "distill", "supervised"))}
     df["label_fraction"] = np.where(df["stage"] == "pretrain", np.nan,
                                     df["finetune.label_fraction"].astype(float))
     df["seed"] = df["seed"].astype(int)
@@ -127,7 +127,7 @@ def tidy(raw: pd.DataFrame) -> pd.DataFrame:
     smallest = keyed.loc[keyed.groupby(key, dropna=False)["params"].idxmin(), [*key, "top1"]]
     ref = keyed.merge(smallest.rename(columns={"top1": "_ref"}), on=key, how="left")["_ref"]
     df["relative_improvement"] = (df["top1"] / ref.to_numpy() - 1).where(df["top1"].notna())
-    df["_stage"] = df["stage"].map(order)
+    df["_stage"] = df["stage"].map(ORDER)
     df = df.sort_values(["params", "sk", "head_depth", "ft_layer", "_stage", "label_fraction",
                          "seed", "subset_seed"], kind="stable", ignore_index=True)
     return df.drop(columns="_stage")

@@ -18,50 +18,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from scaling import storage
+from scaling import registry, storage
 from scaling.checkpoint import CheckpointError
 from scaling.config import (
     ConfigError,
     ExperimentConfig,
-    config_hash,
     load_config,
     parse_yaml,
     resolve_fraction,
     with_overrides,
 )
 from scaling.data import DataError
-from scaling.distill import distill
 from scaling.env import Env
-from scaling.finetune import finetune, supervised
-from scaling.pretrain import pretrain
+from scaling.registry import STAGES, stage_dir
 from scaling.stage import NonFiniteLoss
 from scaling.storage import Location
 
 PRESETS = Path(__file__).resolve().parent.parent / "configs"
-STAGES = ("pretrain", "finetune", "distill", "supervised")
-
-
-def stage_key(cfg: ExperimentConfig, stage: str) -> str:
-    """Hash of what ``stage`` depends on (runtime settings never count)."""
-    labels = {"fraction": cfg.finetune.label_fraction,
-              "per_class": cfg.finetune.labels_per_class, "seed": cfg.finetune.subset_seed}
-    parts: dict[str, Any] = {"seed": cfg.seed, "model": cfg.model, "data": cfg.data}
-    if stage == "pretrain":
-        parts |= {"head": cfg.head, "pretrain": cfg.pretrain, "evaluate": cfg.evaluate}
-    elif stage == "finetune":
-        parts |= {"pretrained": stage_key(cfg, "pretrain"), "finetune": cfg.finetune}
-    elif stage == "distill":
-        parts |= {"teacher": stage_key(cfg, "finetune"), "distill": cfg.distill}
-    elif stage == "supervised":
-        parts |= {"labels": labels, "supervised": cfg.supervised}
-    else:
-        raise ValueError(f"stage={stage!r}; allowed: {', '.join(STAGES)}")
-    return config_hash(parts)
-
-
-def stage_dir(root: Location, cfg: ExperimentConfig, stage: str) -> Location:
-    """Where a stage's result lives: a local directory or a URI (scaling.storage)."""
-    return storage.stage_location(root, stage, stage_key(cfg, stage))
 
 
 def fraction_configs(cfg: ExperimentConfig) -> list[ExperimentConfig]:
@@ -87,33 +60,20 @@ def run_local(
     """
     local_in = storage.fetch(input_dir) if input_dir is not None else None
     local = storage.local_dir(out)
-    result = _dispatch(stage, cfg, local, local_in, env)
+    result = registry.run(stage, cfg, local, local_in, env)
     if env is None or env.is_main:
         storage.publish(local, out)
     return result
-
-
-def _dispatch(
-    stage: str, cfg: ExperimentConfig, out: Path, input_dir: Path | None, env: Env | None
-) -> dict[str, Any]:
-    if stage == "pretrain":
-        return pretrain(cfg, out, env)
-    if stage == "supervised":
-        return supervised(cfg, out, env)
-    if input_dir is None:
-        raise ValueError(f"stage {stage!r} needs its input stage directory")
-    if stage == "finetune":
-        return finetune(cfg, out, input_dir, env)
-    return distill(cfg, out, input_dir, env)
 
 
 def stage_runs(cfg: ExperimentConfig, root: Location
                ) -> list[tuple[str, ExperimentConfig, Location]]:
     """(stage, its configuration, its directory) in the order the pipeline runs them."""
     runs: list[tuple[str, ExperimentConfig, Location]] = [
-        ("pretrain", cfg, stage_dir(root, cfg, "pretrain"))]
+        (s.name, cfg, stage_dir(root, cfg, s.name)) for s in STAGES.values() if not s.per_fraction]
     for c in fraction_configs(cfg):
-        runs += [(s, c, stage_dir(root, c, s)) for s in ("finetune", "distill", "supervised")]
+        runs += [(s.name, c, stage_dir(root, c, s.name))
+                 for s in STAGES.values() if s.per_fraction]
     return runs
 
 
@@ -127,7 +87,7 @@ def run_pipeline(
     """
     results = []
     for stage, c, out in stage_runs(cfg, root):
-        dep = {"finetune": "pretrain", "distill": "finetune"}.get(stage)
+        dep = STAGES[stage].input
         results.append(run(stage, c, out, stage_dir(root, c, dep) if dep else None))
     return results
 

@@ -15,6 +15,7 @@ from typing import Any
 import pandas as pd
 
 from scaling import storage
+from scaling.registry import ORDER
 from scaling.storage import Location
 
 TABLE = "results.csv"
@@ -120,8 +121,7 @@ def table(rows: list[dict[str, Any]]) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     if df.empty:
         return df
-    order = {s: i for i, s in enumerate(("pretrain", "finetune", "distill", "supervised"))}
-    df = df.sort_values(["cell", "stage"], key=lambda c: c.map(order) if c.name == "stage" else c,
+    df = df.sort_values(["cell", "stage"], key=lambda c: c.map(ORDER) if c.name == "stage" else c,
                         kind="stable", ignore_index=True)
     sup = df[df["stage"] == "supervised"].set_index("cell")["top1"]
     df.insert(df.columns.get_loc("top1") + 1, "supervised_top1", df["cell"].map(sup))

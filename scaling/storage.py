@@ -148,7 +148,7 @@ def delete(location: Location, file: str) -> None:
 
 
 def stage_location(root: Location, stage: str, key: str) -> Location:
-    """A stage run's directory under ``root``: ``<stage>-<key>`` (scaling.pipeline.stage_key)."""
+    """A stage run's directory under ``root``: ``<stage>-<key>`` (scaling.registry.stage_key)."""
     return join(root, f"{stage}-{key}")
 
 

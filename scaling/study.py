@@ -30,7 +30,7 @@ from scaling.config import (
     with_overrides,
 )
 from scaling.env import pick_device
-from scaling.pipeline import stage_key
+from scaling.registry import STAGES, stage_key, with_inputs
 from scaling.storage import Location
 
 ALIASES = {
@@ -42,7 +42,6 @@ ALIASES = {
     "student_sk": "distill.student.sk_ratio", "unlabelled": "distill.unlabelled.name",
 }
 SHORT = {v: k for k, v in ALIASES.items()}
-STAGE_INPUT = {"pretrain": None, "finetune": "pretrain", "distill": "finetune", "supervised": None}
 
 
 @dataclass(frozen=True)
@@ -59,7 +58,7 @@ class Study:
     name: str
     base: ExperimentConfig
     axes: tuple[tuple[str, tuple[Any, ...]], ...]  # dotted keys, in grid order
-    stages: tuple[str, ...] = ("pretrain", "finetune", "distill", "supervised")
+    stages: tuple[str, ...] = tuple(STAGES)
 
 
 def canonical(key: str) -> str:
@@ -103,8 +102,8 @@ def make_study(name: str, base: ExperimentConfig, axes: dict[str, list[Any]],
             base.finetune.label_fraction,)
     study = Study(name, base, tuple(resolved.items()), stages or Study.stages)
     for stage in study.stages:
-        if stage not in STAGE_INPUT:
-            raise ConfigError("stages", stage, ", ".join(STAGE_INPUT))
+        if stage not in STAGES:
+            raise ConfigError("stages", stage, ", ".join(STAGES))
     cells(study)  # every cell must be a valid configuration
     return study
 
@@ -166,7 +165,7 @@ def cell_stages(study: Study, cell: Cell) -> list[tuple[str, str, str | None]]:
     """(stage, key, input stage's key) for the cell, in dependency order."""
     out = []
     for stage in study.stages:
-        dep = STAGE_INPUT[stage]
+        dep = STAGES[stage].input
         out.append((stage, stage_key(cell.config, stage),
                     stage_key(cell.config, dep) if dep else None))
     return out
@@ -174,13 +173,7 @@ def cell_stages(study: Study, cell: Cell) -> list[tuple[str, str, str | None]]:
 
 def required_stages(study: Study) -> tuple[str, ...]:
     """The study's stages plus what they need (distill needs finetune needs pretrain)."""
-    need = set(study.stages)
-    for stage in list(need):
-        dep = STAGE_INPUT[stage]
-        while dep:
-            need.add(dep)
-            dep = STAGE_INPUT[dep]
-    return tuple(s for s in STAGE_INPUT if s in need)
+    return with_inputs(study.stages)
 
 
 def cell_key(study: Study, cell: Cell) -> str:

@@ -27,6 +27,7 @@ from scaling.config import ConfigError, load_config, parse_yaml, read_yaml
 from scaling.data import DataError
 from scaling.estimate import wall_clock
 from scaling.pipeline import parse_overrides, resolve
+from scaling.registry import STAGES
 from scaling.study import (
     Study,
     check_local,
@@ -82,7 +83,7 @@ class StudyDef:
     name: str
     doc: str
     presets: dict[str, Preset]
-    stages: tuple[str, ...] = ("pretrain", "finetune", "distill", "supervised")
+    stages: tuple[str, ...] = tuple(STAGES)
     default: str = "local"
 
 

@@ -3,7 +3,7 @@ that walks its cell's stages in dependency order and runs each on Ray Train
 (``scaling.ray_train.run_stage``), Train-inside-Tune.
 
 Each distinct stage runs once per study storage. Stage directories are named
-by content hash (``scaling.pipeline.stage_key``), so a finished stage is found
+by content hash (``scaling.registry.stage_key``), so a finished stage is found
 and reused by every cell that needs it. Stages that several running trials need
 at the same moment are claimed through one small actor: the claimant runs it,
 the others do other ready work (their supervised baseline) or wait, then reuse it.
@@ -39,12 +39,11 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from scaling import cluster, results, storage
 from scaling.config import ConfigError, ExperimentConfig, from_dict, to_dict
-from scaling.pipeline import stage_dir, stage_key
 from scaling.ray_train import run_stage
+from scaling.registry import STAGES, stage_dir, stage_key
 from scaling.storage import Location
 from scaling.study import (
     SHORT,
-    STAGE_INPUT,
     Study,
     capacity,
     cell_key,
@@ -137,7 +136,7 @@ def run_cell(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     while pending:
         ran = False
         for stage in pending:
-            dep = STAGE_INPUT[stage]
+            dep = STAGES[stage].input
             if dep in pending:
                 continue  # its input is not finished yet
             key, out = stage_key(cfg, stage), stage_dir(root, cfg, stage)

@@ -16,8 +16,9 @@ from scaling.data import PROJECT, DataError, FolderImages, ImageData, subset_fro
 from scaling.distill import distill
 from scaling.env import Env
 from scaling.finetune import finetune, supervised
-from scaling.pipeline import PRESETS, fraction_configs, main, stage_key
+from scaling.pipeline import PRESETS, fraction_configs, main
 from scaling.pretrain import pretrain
+from scaling.registry import stage_key
 from scaling.splits import (
     Splits,
     labelled_subset,

@@ -12,8 +12,9 @@ from scaling.config import with_overrides
 from scaling.distill import distill
 from scaling.finetune import finetune, supervised
 from scaling.network import build_contrastive
-from scaling.pipeline import run_pipeline, stage_dir, stage_key, summary
+from scaling.pipeline import run_pipeline, summary
 from scaling.pretrain import pretrain
+from scaling.registry import stage_dir, stage_key
 from scaling.stage import NonFiniteLoss
 
 

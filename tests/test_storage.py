@@ -65,8 +65,9 @@ def test_pipeline_on_ray_with_s3_storage_and_a_fresh_node_resume(s3, tiny):
     """The whole chain on Ray Train with results on S3; then a 'fresh node' (no
     scratch mirror, pretraining's result gone from S3) restores pretraining from
     the checkpoint Ray Train keeps in S3 instead of recomputing it."""
-    from scaling.pipeline import fraction_configs, run_pipeline, stage_dir
+    from scaling.pipeline import fraction_configs, run_pipeline
     from scaling.ray_train import run_stage
+    from scaling.registry import stage_dir
 
     cfg = with_overrides(tiny, {"label_fractions": [0.5]})
     root = f"{s3}/runs/tiny"
