@@ -232,14 +232,10 @@ def stage_flops(cfg: ExperimentConfig, stage: str) -> float:
     fraction = cfg.finetune.label_fraction or 1.0
     if stage == "pretrain":
         return 3 * fwd * 2 * n * cfg.pretrain.epochs
-    if stage == "finetune":  # one run per LR of the grid, as the baseline's
-        runs = max(1, len(cfg.finetune.lr_grid))
-        return runs * 3 * fwd * max(fraction * n * cfg.finetune.epochs,
-                                    cfg.finetune.min_steps * cfg.finetune.batch_size)
-    if stage == "supervised":  # one run per LR of the grid
-        runs = max(1, len(cfg.supervised.lr_grid))
-        return runs * 3 * fwd * max(fraction * n * cfg.supervised.epochs,
-                                    cfg.supervised.min_steps * cfg.supervised.batch_size)
+    if stage in ("finetune", "supervised"):  # one run per LR of the stage's grid
+        s = cfg.finetune if stage == "finetune" else cfg.supervised
+        return max(1, len(s.lr_grid)) * 3 * fwd * max(fraction * n * s.epochs,
+                                                      s.min_steps * s.batch_size)
     student = cfg.distill.student or cfg.model
     unl = cfg.distill.unlabelled or cfg.data
     n_unl = DATA_SHAPES[unl.name][0] - (unl.resolved_val_size() if unl == cfg.data else 0)

@@ -78,6 +78,11 @@ class Preset:
     stages: tuple[str, ...] | None = None  # None: the study's
 
 
+def findings_preset(axes: dict[str, list[Any]], stages: tuple[str, ...]) -> Preset:
+    """A `fmnist-cpu` findings preset: ``axes`` x the replicates, on FMNIST_CPU_SCHEDULE."""
+    return Preset("fmnist-cpu", axes | REPLICATES, FMNIST_CPU_SCHEDULE, stages=stages)
+
+
 @dataclass(frozen=True)
 class StudyDef:
     name: str

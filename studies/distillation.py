@@ -4,14 +4,7 @@ pretrained and fine-tuned once and distilled into every student."""
 
 import sys
 
-from scaling.study_cli import (
-    FMNIST_CPU_SCHEDULE,
-    LOCAL_SCHEDULE,
-    REPLICATES,
-    Preset,
-    StudyDef,
-    main,
-)
+from scaling.study_cli import LOCAL_SCHEDULE, Preset, StudyDef, findings_preset, main
 
 STUDY = StudyDef(
     name="distillation",
@@ -21,10 +14,9 @@ STUDY = StudyDef(
                         LOCAL_SCHEDULE),
         # F2: model_size's width-1/8 teachers at 1% and 10% labels into themselves
         # and into width 1/16, 4 epochs of the training images each.
-        "fmnist-cpu": Preset("fmnist-cpu", {
-            "width": [0.125], "student_width": [0.0625, 0.125],
-            "label_fraction": [0.01, 0.1], **REPLICATES},
-            FMNIST_CPU_SCHEDULE, stages=("pretrain", "finetune", "distill")),
+        "fmnist-cpu": findings_preset({
+            "width": [0.125], "student_width": [0.0625, 0.125], "label_fraction": [0.01, 0.1]},
+            ("pretrain", "finetune", "distill")),
         # What the unlabelled set does: the training images, real images of another
         # domain (handwritten digits, mnist-5k) and synthetic dead-leaves images, each
         # for the same number of steps (840: 4 epochs of the training images), for the

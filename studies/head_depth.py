@@ -4,14 +4,7 @@ Cells pretrain, fine-tune and train the supervised baseline; no distillation."""
 
 import sys
 
-from scaling.study_cli import (
-    FMNIST_CPU_SCHEDULE,
-    LOCAL_SCHEDULE,
-    REPLICATES,
-    Preset,
-    StudyDef,
-    main,
-)
+from scaling.study_cli import LOCAL_SCHEDULE, Preset, StudyDef, findings_preset, main
 
 STUDY = StudyDef(
     name="head_depth",
@@ -23,10 +16,9 @@ STUDY = StudyDef(
         # F3: SimCLR v1's head (2 layers, fine-tuned from the encoder) against v2's
         # (3, from the middle), for the smallest and the largest local model; the
         # 3-layer pretraining and its layer-1 fine-tunes are model_size's.
-        "fmnist-cpu": Preset("fmnist-cpu", {
+        "fmnist-cpu": findings_preset({
             "width": [0.0625, 0.25], "head_depth": [2, 3], "ft_layer": [0, 1],
-            "label_fraction": [0.001, 0.1], **REPLICATES},
-            FMNIST_CPU_SCHEDULE, stages=("pretrain", "finetune")),
+            "label_fraction": [0.001, 0.1]}, ("pretrain", "finetune")),
         "cifar10-gpu": Preset("cifar10-gpu", {"head_depth": [2, 3, 4], "ft_layer": [0, 1, 2],
                                               "label_fraction": [0.01, 0.1, 1.0]},
                               {"runtime.gpus_per_worker": 1}),

@@ -5,15 +5,7 @@ baseline on the same labels."""
 
 import sys
 
-from scaling.study_cli import (
-    BASELINE_GRID,
-    FMNIST_CPU_SCHEDULE,
-    LOCAL_SCHEDULE,
-    REPLICATES,
-    Preset,
-    StudyDef,
-    main,
-)
+from scaling.study_cli import BASELINE_GRID, LOCAL_SCHEDULE, Preset, StudyDef, findings_preset, main
 
 LOCAL_FRACTIONS = [0.001, 0.003, 0.01, 0.03, 0.1]
 
@@ -42,10 +34,9 @@ STUDY = StudyDef(
         "quick": Preset("fmnist-cpu", {"depth": [18], "width": [0.0625, 0.125]}, LOCAL_SCHEDULE),
         # F1 and F4 (docs/results.md): the local study's models at 0.1%, 1% and 10%
         # labels over 4 replicates; its 1% teachers serve the distillation study.
-        "fmnist-cpu": Preset("fmnist-cpu", {
-            "depth": [18], "width": [0.0625, 0.125, 0.25],
-            "label_fraction": [0.001, 0.01, 0.1], **REPLICATES},
-            FMNIST_CPU_SCHEDULE, stages=("pretrain", "finetune", "supervised")),
+        "fmnist-cpu": findings_preset({
+            "depth": [18], "width": [0.0625, 0.125, 0.25], "label_fraction": [0.001, 0.01, 0.1]},
+            ("pretrain", "finetune", "supervised")),
         "cifar10-gpu": Preset("cifar10-gpu", {
             "depth": [18, 50], "width": [0.5, 1.0], "sk": [0.0, 0.0625],
             "label_fraction": [0.01, 0.1, 1.0]}, {"runtime.gpus_per_worker": 1}),
