@@ -17,9 +17,10 @@ import json
 import numpy as np
 import pandas as pd
 
-from scaling import results, storage
-from scaling.registry import ORDER
+from scaling import storage
+from scaling.stages.registry import ORDER
 from scaling.storage import Location
+from scaling.study import results
 
 CLASSES = {"fashion-mnist": 10, "cifar10": 10, "cifar100": 100, "stl10": 10, "synthetic": 4,
            "imagefolder": 1000}  # imagefolder: the ImageNet presets

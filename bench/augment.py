@@ -29,13 +29,13 @@ import numpy as np
 import torch
 from torchvision.transforms import v2
 
-from scaling.augment import ViewSpec, augment
-from scaling.config import load_config
-from scaling.data import ImageData, load_dataset
-from scaling.losses import nt_xent
-from scaling.network import build_contrastive
-from scaling.optimizer import build_optimizer
+from scaling.config import ViewSpec, load_config
+from scaling.data.augment import augment
+from scaling.data.datasets import ImageData, load_dataset
+from scaling.model.network import build_contrastive
 from scaling.pipeline import resolve
+from scaling.train.losses import nt_xent
+from scaling.train.optimizer import build_optimizer
 
 CASES: dict[str, tuple[int, int, int, ViewSpec, int]] = {
     # name: (channels, source side, output side, recipe, batch)

@@ -10,7 +10,7 @@ times, in this one process with one torch thread (so the numbers are per core):
            FolderImages), then two batched views (crop, flip, colour, blur)
   new      decode once, two random-resized crops of the full image resized to 224
            with antialiasing (FolderImages' training request), then flip, colour,
-           blur batched (scaling.augment.augment_views)
+           blur batched (scaling.data.augment.augment_views)
   eval     decode, central 87.5% square, resize to 224 (the evaluation view)
 Each variant runs ``--repeats`` times, alternating; medians are printed with the
 new/old ratio, the share of the new path spent on the CPU side (decode + crops),
@@ -29,8 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scaling.augment import ViewSpec, augment, augment_views
-from scaling.data import FolderImages
+from scaling.config import ViewSpec
+from scaling.data.augment import augment, augment_views
+from scaling.data.datasets import FolderImages
 
 SPEC = ViewSpec(color_strength=1.0, blur_p=0.5)  # the ImageNet recipe
 SIZE = 224

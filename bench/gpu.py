@@ -34,11 +34,16 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scaling.augment import ViewSpec, augment  # noqa: E402
-from scaling.config import HeadConfig, ModelConfig, OptimConfig  # noqa: E402
-from scaling.losses import nt_xent  # noqa: E402
-from scaling.network import build_contrastive  # noqa: E402
-from scaling.optimizer import build_optimizer  # noqa: E402
+from scaling.config import (  # noqa: E402
+    HeadConfig,
+    ModelConfig,
+    OptimConfig,
+    ViewSpec,  # noqa: E402
+)
+from scaling.data.augment import augment  # noqa: E402
+from scaling.model.network import build_contrastive  # noqa: E402
+from scaling.train.losses import nt_xent  # noqa: E402
+from scaling.train.optimizer import build_optimizer  # noqa: E402
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets (no sparsity), TFLOP/s.
 PEAK_BF16 = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0, "L4": 121.0,

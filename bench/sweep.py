@@ -33,8 +33,8 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from scaling.study import cells, plan, required_stages, stage_flops  # noqa: E402
-from scaling.study_cli import build, parser  # noqa: E402
+from scaling.study.plan import cells, plan, required_stages, stage_flops  # noqa: E402
+from studies.cli import build, parser  # noqa: E402
 from studies.model_size import STUDY  # noqa: E402
 
 

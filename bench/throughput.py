@@ -30,16 +30,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from scaling.augment import CROP_FLIP, augment
-from scaling.checkpoint import load_final_models
 from scaling.config import ExperimentConfig, OptimConfig, from_dict, load_config, to_dict
-from scaling.data import ImageData, load_dataset
-from scaling.env import Env
-from scaling.finetune import pretrained_classifier
-from scaling.network import build_classifier, build_contrastive
-from scaling.optimizer import build_optimizer
+from scaling.data.augment import CROP_FLIP, augment
+from scaling.data.datasets import ImageData, load_dataset
+from scaling.model.network import build_classifier, build_contrastive
 from scaling.pipeline import resolve
-from scaling.schedule import scaled_lr, warmup_cosine
+from scaling.stages.checkpoint import load_final_models
+from scaling.stages.finetune import pretrained_classifier
+from scaling.train.env import Env
+from scaling.train.optimizer import build_optimizer
+from scaling.train.schedule import scaled_lr, warmup_cosine
 
 STAGES = ("pretrain", "finetune", "distill")
 VARIANTS = ("bare", "stage", "ray")
@@ -50,7 +50,7 @@ INPUT = {"finetune": "pretrain", "distill": "finetune"}  # the stage whose resul
 
 def plain_nt_xent(z: torch.Tensor, temperature: float) -> torch.Tensor:
     """NT-Xent over 2N embeddings; rows i and i+N are the two views of image i.
-    Scaled as the reference (and scaling.losses): 2x the mean over the 2N anchors."""
+    Scaled as the reference (and scaling.train.losses): 2x the mean over the 2N anchors."""
     n = z.shape[0] // 2
     z = F.normalize(z, dim=1)
     sim = (z @ z.T / temperature).fill_diagonal_(float("-inf"))  # 2Nx2N, no self-pairs
@@ -180,12 +180,12 @@ def stage_run(variant: str, stage: str, cfg: ExperimentConfig, out: Path,
               input_dir: Path | None) -> dict[str, Any]:
     started = time.perf_counter()
     if variant == "stage":
-        from scaling.pipeline import run_local
+        from scaling.runtime.local import run_local
         result = run_local(stage, cfg, out, input_dir)
     else:
         import ray
 
-        from scaling.ray_train import run_stage
+        from scaling.runtime.ray_train import run_stage
         ray.init(num_cpus=cfg.runtime.cpus_per_worker, num_gpus=cfg.runtime.gpus_per_worker,
                  include_dashboard=False, log_to_driver=False)
         result = run_stage(stage, cfg, out, input_dir)

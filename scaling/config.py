@@ -21,9 +21,6 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
-from scaling.augment import ViewSpec
-from scaling.resnet import LAYERS
-
 
 class ConfigError(ValueError):
     """A bad configuration value: ``key`` is the dotted path from the root."""
@@ -74,6 +71,18 @@ def check(ok: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(key, value, allowed)
 
 
+# Blocks per group and block type for each supported depth (reference BLOCKS table);
+# scaling.model.resnet builds them.
+LAYERS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
+    18: ("basic", (2, 2, 2, 2)),
+    34: ("basic", (3, 4, 6, 3)),
+    50: ("bottleneck", (3, 4, 6, 3)),
+    101: ("bottleneck", (3, 4, 23, 3)),
+    152: ("bottleneck", (3, 8, 36, 3)),
+    200: ("bottleneck", (3, 24, 36, 3)),
+}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     depth: int = 50  # the paper's smallest model; studies sweep 18..152
@@ -105,7 +114,7 @@ class HeadConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    # mnist-5k and dead-leaves: unlabelled only, for distill.unlabelled (scaling.unlabelled)
+    # mnist-5k and dead-leaves: unlabelled only, for distill.unlabelled (scaling.data.unlabelled)
     name: Literal["fashion-mnist", "cifar10", "cifar100", "stl10", "imagefolder", "synthetic",
                   "mnist-5k", "dead-leaves"] = (
         "fashion-mnist"  # small, real, and installable offline from Debian's package
@@ -141,6 +150,20 @@ class DataConfig:
 # 50 a class of STL-10's 5,000 labelled images, 8 a class of the synthetic set.
 VAL_SIZES = {"fashion-mnist": 6000, "cifar10": 5000, "cifar100": 5000, "stl10": 500,
              "imagefolder": 10000, "synthetic": 32}
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """What one augmented view does (scaling.data.augment); ``AugmentConfig`` maps onto it."""
+
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: bool = True
+    color_strength: float = 1.0  # 0.5 for CIFAR in the paper; 0 turns jitter off
+    color_p: float = 0.8
+    grayscale_p: float = 0.2
+    blur_p: float = 0.0  # 0.5 on ImageNet only
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
 
 
 @dataclass(frozen=True)
@@ -348,7 +371,7 @@ class RuntimeConfig:
     # Decode processes for imagefolder data (training and evaluation); None: one per
     # core this process may use, less one for the training loop, at most 8.
     loader_workers: int | None = None
-    # Ray Train (scaling.ray_train); the single-process pipeline ignores these.
+    # Ray Train (scaling.runtime.ray_train); the single-process pipeline ignores these.
     # Data-parallel workers per stage (the global batch is split); 0: run the stage
     # in the calling process (a study's trial), without Ray Train's start-up cost.
     workers: int = 1
@@ -467,6 +490,15 @@ def resolve_fraction(cfg: ExperimentConfig, keep: tuple[str, ...] = ()) -> Exper
             if value is not None and key not in keep:
                 overrides[key] = value
     return with_overrides(cfg, overrides)
+
+
+def fraction_configs(cfg: ExperimentConfig) -> list[ExperimentConfig]:
+    """One configuration per label fraction, its ``finetune.per_fraction`` settings resolved."""
+    if not cfg.label_fractions:
+        return [resolve_fraction(cfg)]
+    return [resolve_fraction(with_overrides(cfg, {"finetune.label_fraction": f,
+                                                  "finetune.labels_per_class": None}))
+            for f in cfg.label_fractions]
 
 
 T = TypeVar("T")

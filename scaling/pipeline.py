@@ -14,82 +14,18 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from scaling import registry, storage
-from scaling.checkpoint import CheckpointError
-from scaling.config import (
-    ConfigError,
-    ExperimentConfig,
-    load_config,
-    parse_yaml,
-    resolve_fraction,
-    with_overrides,
-)
-from scaling.data import DataError
-from scaling.env import Env
-from scaling.registry import STAGES, stage_dir
-from scaling.stage import NonFiniteLoss
-from scaling.storage import Location
+from scaling import storage
+from scaling.config import ConfigError, ExperimentConfig, load_config, parse_yaml
+from scaling.data.datasets import DataError
+from scaling.runtime.local import Runner, run_local, run_pipeline
+from scaling.stages.checkpoint import CheckpointError
+from scaling.stages.registry import stage_runs
+from scaling.stages.stage_run import NonFiniteLoss
 
 PRESETS = Path(__file__).resolve().parent.parent / "configs"
-
-
-def fraction_configs(cfg: ExperimentConfig) -> list[ExperimentConfig]:
-    """One configuration per label fraction, its ``finetune.per_fraction`` settings resolved."""
-    if not cfg.label_fractions:
-        return [resolve_fraction(cfg)]
-    return [resolve_fraction(with_overrides(cfg, {"finetune.label_fraction": f,
-                                                  "finetune.labels_per_class": None}))
-            for f in cfg.label_fractions]
-
-
-Runner = Callable[[str, ExperimentConfig, Location, "Location | None"], dict[str, Any]]
-
-
-def run_local(
-    stage: str, cfg: ExperimentConfig, out: Location, input_dir: Location | None,
-    env: Env | None = None,
-) -> dict[str, Any]:
-    """Run a stage in this process (a Ray Train worker passes its own ``env``).
-
-    The stage computes in ``storage.local_dir(out)``; for a URI its input is
-    fetched first and its outputs are published at the end.
-    """
-    local_in = storage.fetch(input_dir) if input_dir is not None else None
-    local = storage.local_dir(out)
-    result = registry.run(stage, cfg, local, local_in, env)
-    if env is None or env.is_main:
-        storage.publish(local, out)
-    return result
-
-
-def stage_runs(cfg: ExperimentConfig, root: Location
-               ) -> list[tuple[str, ExperimentConfig, Location]]:
-    """(stage, its configuration, its directory) in the order the pipeline runs them."""
-    runs: list[tuple[str, ExperimentConfig, Location]] = [
-        (s.name, cfg, stage_dir(root, cfg, s.name)) for s in STAGES.values() if not s.per_fraction]
-    for c in fraction_configs(cfg):
-        runs += [(s.name, c, stage_dir(root, c, s.name))
-                 for s in STAGES.values() if s.per_fraction]
-    return runs
-
-
-def run_pipeline(
-    cfg: ExperimentConfig, root: Location, run: Runner = run_local
-) -> list[dict[str, Any]]:
-    """Run (or resume, or reuse) every stage; one result dict per stage run.
-
-    ``run`` executes one stage: in this process (default) or on Ray
-    (``scaling.ray_train.run_stage``); the chain is the same.
-    """
-    results = []
-    for stage, c, out in stage_runs(cfg, root):
-        dep = STAGES[stage].input
-        results.append(run(stage, c, out, stage_dir(root, c, dep) if dep else None))
-    return results
 
 
 def _pct(x: float | None) -> str:
@@ -162,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.ray:
             import ray
 
-            from scaling.ray_train import run_stage
+            from scaling.runtime.ray_train import run_stage
 
             ray.init(address=args.address)
             run = run_stage

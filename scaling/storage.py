@@ -24,8 +24,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from scaling.checkpoint import read_result as read_local_result
-
 Location = str | Path
 RESULT = "result.json"
 MODEL = "final/model.pt"
@@ -147,8 +145,52 @@ def delete(location: Location, file: str) -> None:
         fs.delete_file(f"{path}/{file}")
 
 
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_local_result(stage_dir: Path) -> dict[str, Any] | None:
+    """A finished stage's result, or None where there is none. A result.json that
+    does not parse, or whose final/model.pt is missing or fails its sha256, is set
+    aside (result.json.corrupt) with a warning naming the file: the stage then runs
+    again from its last checkpoint instead of handing a corrupt model on."""
+    path = stage_dir / "result.json"
+    if not path.exists():
+        return None
+    try:
+        result: dict[str, Any] = json.loads(path.read_text())
+        problem = _model_problem(stage_dir / "final" / "model.pt", result["model_sha256"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        problem = f"{path} is unreadable ({type(e).__name__}: {e})"
+    if problem is None:
+        return result
+    print(f"warning: {problem}; the stage is recomputed from its last checkpoint",
+          file=sys.stderr, flush=True)
+    with contextlib.suppress(FileNotFoundError):  # another worker set it aside first
+        os.replace(path, path.with_name("result.json.corrupt"))
+    return None
+
+
+# sha256 of final models already verified, by (path, mtime, size): a sweep looks
+# at a finished stage many times and a large model takes seconds to hash.
+_verified: dict[tuple[str, int, int], str] = {}
+
+
+def _model_problem(model: Path, expected: str) -> str | None:
+    try:
+        st = model.stat()
+    except FileNotFoundError:
+        return f"{model} is missing"
+    key = (str(model), st.st_mtime_ns, st.st_size)
+    if key not in _verified:
+        _verified[key] = sha256(model.read_bytes())
+    if _verified[key] != expected:
+        return f"{model} does not match its result.json's sha256 (truncated or corrupt)"
+    return None
+
+
 def stage_location(root: Location, stage: str, key: str) -> Location:
-    """A stage run's directory under ``root``: ``<stage>-<key>`` (scaling.registry.stage_key)."""
+    """A stage run's directory under ``root``: ``<stage>-<key>`` (registry.stage_key)."""
     return join(root, f"{stage}-{key}")
 
 

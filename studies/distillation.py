@@ -4,7 +4,7 @@ pretrained and fine-tuned once and distilled into every student."""
 
 import sys
 
-from scaling.study_cli import LOCAL_SCHEDULE, Preset, StudyDef, findings_preset, main
+from studies.cli import LOCAL_SCHEDULE, Preset, StudyDef, findings_preset, main
 
 STUDY = StudyDef(
     name="distillation",

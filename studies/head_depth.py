@@ -4,7 +4,7 @@ Cells pretrain, fine-tune and train the supervised baseline; no distillation."""
 
 import sys
 
-from scaling.study_cli import LOCAL_SCHEDULE, Preset, StudyDef, findings_preset, main
+from studies.cli import LOCAL_SCHEDULE, Preset, StudyDef, findings_preset, main
 
 STUDY = StudyDef(
     name="head_depth",

@@ -5,7 +5,7 @@ baseline on the same labels."""
 
 import sys
 
-from scaling.study_cli import BASELINE_GRID, LOCAL_SCHEDULE, Preset, StudyDef, findings_preset, main
+from studies.cli import BASELINE_GRID, LOCAL_SCHEDULE, Preset, StudyDef, findings_preset, main
 
 LOCAL_FRACTIONS = [0.001, 0.003, 0.01, 0.03, 0.1]
 

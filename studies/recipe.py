@@ -25,8 +25,8 @@ import pandas as pd
 from scaling.atomic import atomic_write_text
 from scaling.config import load_config, with_overrides
 from scaling.pipeline import resolve
-from scaling.pretrain import pixel_probe, pretrain
-from scaling.registry import stage_dir
+from scaling.stages.pretrain import pixel_probe, pretrain
+from scaling.stages.registry import stage_dir
 
 EPOCHS = 8  # the ImageNet-stem ResNet-18 at width 1/8: about 3.5 minutes on 2 cores
 CANDIDATES: dict[str, dict[str, Any]] = {

@@ -152,7 +152,7 @@ def synthetic_rows(seeds=(0, 1, 2), fractions=FRACTIONS, head_depths=(3,), stude
 
 
 def _table(rows) -> pd.DataFrame:
-    from scaling.results import table
+    from scaling.study.results import table
 
     return collect.tidy(table(rows))
 
@@ -224,7 +224,7 @@ def test_every_figure_renders_with_axes_labels_and_legends(tmp_path):
 
 
 def _write_study(tmp_path: Path, rows, drop_cell: str | None = None) -> Path:
-    from scaling.results import write_cell
+    from scaling.study.results import write_cell
 
     study = tmp_path / "synthetic"
     cells = list(dict.fromkeys(r["cell"] for r in rows))
@@ -242,7 +242,7 @@ def test_report_on_a_partial_sweep_and_chromium_renders_it(tmp_path):
     rows = synthetic_rows(seeds=(0, 1, 2))
     gone = rows[-1]["cell"]
     study = _write_study(tmp_path, rows, drop_cell=gone)
-    from scaling.results import write_cell
+    from scaling.study.results import write_cell
 
     # A cell of an earlier grid in the same storage is not part of this study.
     write_cell(study, "an-earlier-grid", "key-x", [{**rows[1], "cell": "an-earlier-grid"}])

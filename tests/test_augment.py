@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from scaling.augment import (
+from scaling.config import ViewSpec
+from scaling.data.augment import (
     CROP_FLIP,
-    ViewSpec,
     augment,
     color_jitter,
     gaussian_blur,

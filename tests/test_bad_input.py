@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from scaling.checkpoint import load_final_models
+from scaling.stages.checkpoint import load_final_models
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -146,17 +146,17 @@ def test_cluster_errors_name_the_key_not_the_whole_config(tmp_path):
     unknown, missing = tmp_path / "unknown.yaml", tmp_path / "missing.yaml"
     unknown.write_text(yaml.safe_dump({**base, "max_worker": 3}))
     missing.write_text(yaml.safe_dump({k: v for k, v in base.items() if k != "provider"}))
-    line = one_line_error(run("-m", "scaling.cluster", str(unknown)),
+    line = one_line_error(run("-m", "scaling.study.cluster", str(unknown)),
                           f"{unknown}: max_worker is not a key", "max_workers")
     assert "available_node_types':" not in line and len(line) < 600
-    one_line_error(run("-m", "scaling.cluster", str(missing)), "provider is missing")
+    one_line_error(run("-m", "scaling.study.cluster", str(missing)), "provider is missing")
 
 
 @pytest.mark.parametrize("command, usage", [
     (["studies/head_depth.py"], "python studies/head_depth.py"),
     (["studies/distillation.py"], "python studies/distillation.py"),
     (["-m", "analysis.report"], "python -m analysis.report"),
-    (["-m", "scaling.cluster"], "python -m scaling.cluster"),
+    (["-m", "scaling.study.cluster"], "python -m scaling.study.cluster"),
     (["-m", "scaling.pipeline"], "python -m scaling.pipeline"),
     (["bench/throughput.py"], None), (["bench/augment.py"], None), (["bench/folder.py"], None),
     (["bench/gpu.py"], None), (["bench/sweep.py"], None),

@@ -11,10 +11,10 @@ from types import ModuleType
 import pytest
 import torch
 
-from scaling.augment import ViewSpec
-from scaling.losses import nt_xent
-from scaling.measure import forward_flops_per_image
-from scaling.network import build_contrastive
+from scaling.config import ViewSpec
+from scaling.model.network import build_contrastive
+from scaling.train.losses import nt_xent
+from scaling.train.measure import forward_flops_per_image
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -102,7 +102,7 @@ def test_ctrl_c_on_a_study_exits_130_and_the_same_command_resumes(tmp_path, monk
     watched = []
 
     def watch() -> None:  # from another terminal, while the study runs
-        watched.append(run([sys.executable, "-m", "scaling.watch",
+        watched.append(run([sys.executable, "-m", "scaling.study.watch",
                             str(storage / "model_size-quick"), "--ray"]))
 
     proc = _interrupt_when(command, lambda: any(
@@ -177,7 +177,7 @@ def test_ctrl_c_on_the_pipeline_exits_130_and_the_same_command_resumes(tmp_path)
 
 
 def test_a_trial_process_ends_quietly_but_other_unraisable_errors_print(capsys, monkeypatch):
-    from scaling.sweep import quiet_shutdown
+    from scaling.study.sweep import quiet_shutdown
 
     class RaisesWhenCollected:
         def __init__(self, exc: BaseException) -> None:

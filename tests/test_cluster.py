@@ -20,10 +20,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from scaling import cluster
 from scaling.config import ConfigError, load_config
-from scaling.study_cli import StudyDef
-from scaling.sweep import capacity
+from scaling.study import cluster
+from scaling.study.sweep import capacity
+from studies.cli import StudyDef
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((REPO / "cluster").glob("*.yaml"))
@@ -105,8 +105,8 @@ def test_cli_names_the_file_and_key_and_exits_2(tmp_path):
     bad = _raw("local.yaml")
     bad["provider"]["worker_ips"] = "10.0.0.2"  # a string, not a list
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
-    run = subprocess.run([sys.executable, "-m", "scaling.cluster", str(tmp_path / "bad.yaml")],
-                         cwd=REPO, capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-m", "scaling.study.cluster",
+                          str(tmp_path / "bad.yaml")], cwd=REPO, capture_output=True, text=True)
     assert run.returncode == 2
     assert "bad.yaml" in run.stderr and "provider.worker_ips" in run.stderr
 

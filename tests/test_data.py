@@ -2,13 +2,13 @@ import numpy as np
 import pytest
 import torch
 
-from scaling.data import (
+from scaling.data.datasets import (
     FASHION_MNIST_SYSTEM_DIR,
     DataError,
     load_dataset,
     subset_from_file,
 )
-from scaling.subsets import label_subset, load_indices, save_indices
+from scaling.data.subsets import label_subset, load_indices, save_indices
 
 needs_fmnist = pytest.mark.skipif(
     not FASHION_MNIST_SYSTEM_DIR.exists(),
@@ -28,7 +28,7 @@ def test_fashion_mnist_from_the_debian_package():
 
 
 def test_missing_fashion_mnist_says_how_to_get_it(tmp_path, monkeypatch):
-    monkeypatch.setattr("scaling.data.FASHION_MNIST_SYSTEM_DIR", tmp_path / "none")
+    monkeypatch.setattr("scaling.data.datasets.FASHION_MNIST_SYSTEM_DIR", tmp_path / "none")
     with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
         load_dataset("fashion-mnist", "train")
     # A root that was given must hold the data, even where the system has a copy.

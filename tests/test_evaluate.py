@@ -1,11 +1,11 @@
-"""The probes of scaling/evaluate.py against naive references: kNN by brute force,
+"""The probes of scaling/stages/evaluate.py against naive references: kNN by brute force,
 the linear probe on separable data."""
 
 import numpy as np
 import pytest
 import torch
 
-from scaling.evaluate import fit_linear_probe, knn_accuracy, linear_probe, top1
+from scaling.stages.evaluate import fit_linear_probe, knn_accuracy, linear_probe, top1
 
 
 def _features(n: int, dim: int = 16, classes: int = 5, seed: int = 0):

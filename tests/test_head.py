@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from scaling.head import BatchNormNoBeta, ProjectionHead, linear_classifier
+from scaling.model.head import BatchNormNoBeta, ProjectionHead, linear_classifier
 
 
 @pytest.mark.parametrize("layers", [1, 2, 3, 4, 5])

@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from scaling.losses import distillation_loss, nt_xent
+from scaling.train.losses import distillation_loss, nt_xent
 
 
 def naive_nt_xent(z1, z2, t, extra=None):
@@ -167,7 +167,7 @@ def test_distillation_label_mix():
 
 
 def _bn_worker(rank, world, init_file, x, out):
-    from scaling.global_bn import convert_global_bn
+    from scaling.model.global_bn import convert_global_bn
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world)

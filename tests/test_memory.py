@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from scaling.memory import NegativeQueue, ema_update, momentum_copy
+from scaling.train.memory import NegativeQueue, ema_update, momentum_copy
 
 
 def test_queue_is_fifo_and_only_filled_slots_are_used():

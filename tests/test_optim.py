@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from scaling.lars import LARS, param_groups
-from scaling.schedule import scaled_lr, warmup_cosine
+from scaling.train.lars import LARS, param_groups
+from scaling.train.schedule import scaled_lr, warmup_cosine
 
 
 class Net(nn.Module):

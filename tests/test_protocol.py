@@ -9,17 +9,11 @@ import pytest
 import torch
 
 from analysis.collect import _student
-from scaling import data as data_mod
-from scaling.batches import Crops, Fetcher
-from scaling.config import ConfigError, load_config, with_overrides
-from scaling.data import PROJECT, DataError, FolderImages, ImageData, subset_from_file
-from scaling.distill import distill
-from scaling.env import Env
-from scaling.finetune import finetune, supervised
-from scaling.pipeline import PRESETS, fraction_configs, main
-from scaling.pretrain import pretrain
-from scaling.registry import stage_key
-from scaling.splits import (
+from scaling.config import ConfigError, fraction_configs, load_config, with_overrides
+from scaling.data import datasets as data_mod
+from scaling.data.batches import Crops, Fetcher
+from scaling.data.datasets import PROJECT, DataError, FolderImages, ImageData, subset_from_file
+from scaling.data.splits import (
     Splits,
     labelled_subset,
     load_splits,
@@ -27,7 +21,13 @@ from scaling.splits import (
     unlabelled_pool,
     validation_split,
 )
-from scaling.study import cells, make_study
+from scaling.pipeline import PRESETS, main
+from scaling.stages.distill import distill
+from scaling.stages.finetune import finetune, supervised
+from scaling.stages.pretrain import pretrain
+from scaling.stages.registry import stage_key
+from scaling.study.plan import cells, make_study
+from scaling.train.env import Env
 
 # --- validation split ---------------------------------------------------------
 
@@ -179,7 +179,7 @@ def test_every_stage_uses_global_bn_and_the_student_has_no_head(tiny, tmp_path, 
     p = r["protocol"]
     assert p["self_distillation"] is True and p["temperature"] == 0.1
     assert p["optimizer"] == "lars" and p["base_lr"] == tiny.pretrain.optim.base_lr
-    from scaling.checkpoint import load_final_models
+    from scaling.stages.checkpoint import load_final_models
 
     student = load_final_models(tmp_path / "ds")["classifier"]
     assert not [k for k in student if k.startswith("head.")]
@@ -293,7 +293,7 @@ def test_the_report_says_which_split_chose_what():
 @pytest.mark.parametrize("stage", ["supervised", "finetune"])
 def test_a_stage_with_an_lr_grid_takes_the_lr_with_the_best_validation_top1(
         stage, tiny, tmp_path):
-    from scaling.checkpoint import load_final_models
+    from scaling.stages.checkpoint import load_final_models
 
     cfg = with_overrides(tiny, {"finetune.label_fraction": 1.0, f"{stage}.epochs": 8,
                                 f"{stage}.batch_size": 32, f"{stage}.lr_grid": [1e-6, 2.0]})

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from scaling.checkpoint import load_final_models
 from scaling.config import with_overrides
-from scaling.network import build_contrastive
-from scaling.pretrain import pretrain
+from scaling.model.network import build_contrastive
+from scaling.stages.checkpoint import load_final_models
+from scaling.stages.pretrain import pretrain
 
 ray = pytest.importorskip("ray")
 
@@ -23,7 +23,7 @@ def losses(result):
 
 
 def test_one_ray_worker_reproduces_the_single_process_run(ray_local, tiny, tmp_path):
-    from scaling.ray_train import run_stage
+    from scaling.runtime.ray_train import run_stage
 
     cfg = with_overrides(tiny, {"pretrain.epochs": 1, "runtime.log_every": 1,
                                 "data.val_size": 0})
@@ -52,7 +52,7 @@ def test_two_workers_compute_what_one_worker_computes(ray_local, tiny, tmp_path)
     weight updates (= lr x gradient, from the same initial weights) for every
     parameter, mean the loss and the gradients were the same.
     """
-    from scaling.ray_train import run_stage
+    from scaling.runtime.ray_train import run_stage
 
     cfg = with_overrides(tiny, {
         "pretrain.epochs": 1, "pretrain.batch_size": 256, "runtime.log_every": 1,
@@ -89,7 +89,7 @@ def test_killed_worker_is_replaced_and_the_stage_resumes(ray_local, tiny, tmp_pa
 
     import psutil
 
-    from scaling.ray_train import run_stage
+    from scaling.runtime.ray_train import run_stage
 
     cfg = with_overrides(tiny, {"pretrain.epochs": 8, "pretrain.batch_size": 16,
                                 "runtime.checkpoint_every": 4, "runtime.max_failures": 2,
@@ -160,8 +160,8 @@ def test_killed_driver_resumes_when_the_command_is_run_again(tmp_path):
 
 
 def test_nan_on_two_workers_stops_both_without_retries(ray_local, tiny, tmp_path):
-    from scaling.ray_train import run_stage
-    from scaling.stage import NonFiniteLoss
+    from scaling.runtime.ray_train import run_stage
+    from scaling.stages.stage_run import NonFiniteLoss
 
     cfg = with_overrides(tiny, {
         "pretrain.optim": {"name": "sgd", "base_lr": 1e30, "warmup_fraction": 0.0},

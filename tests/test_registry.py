@@ -3,8 +3,8 @@
 import pytest
 
 from scaling.config import with_overrides
-from scaling.registry import ORDER, STAGES, stage_key, with_inputs
-from scaling.study import make_study, required_stages
+from scaling.stages.registry import ORDER, STAGES, stage_key, with_inputs
+from scaling.study.plan import make_study, required_stages
 
 
 def test_every_stage_starts_from_a_registered_earlier_stage():

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from scaling.resnet import (
-    LAYERS,
+from scaling.config import LAYERS
+from scaling.model.resnet import (
     Bottleneck,
     ResNet,
     SelectiveKernel,

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from scaling.checkpoint import latest_checkpoint, load_final_models, read_result
+from scaling.stages.checkpoint import latest_checkpoint, load_final_models
+from scaling.storage import read_local_result
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -58,7 +59,7 @@ def test_killed_stage_resumes_and_matches_uninterrupted_run(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     pre_dir = next(killed_root.glob("tiny/pretrain-*"))
-    assert read_result(pre_dir) is None  # killed before the end of the stage
+    assert read_local_result(pre_dir) is None  # killed before the end of the stage
     _, meta = latest_checkpoint(pre_dir)
     killed_at = meta["step"]
     assert 6 <= killed_at < 48
@@ -67,7 +68,7 @@ def test_killed_stage_resumes_and_matches_uninterrupted_run(tmp_path):
     out, _ = second.communicate(timeout=600)
     assert second.returncode == 0, out
     assert f"[pretrain] resumed from step {killed_at}" in out
-    result = read_result(pre_dir)
+    result = read_local_result(pre_dir)
     assert result["step"] == 48 and result["resumed_from"] == killed_at
     assert [p["step"] for p in result["history"]] == list(range(2, 49, 2))
 
@@ -90,7 +91,7 @@ def test_killed_stage_resumes_and_matches_uninterrupted_run(tmp_path):
 
 def test_corrupt_latest_checkpoint_falls_back_to_previous(tiny, tmp_path, capsys):
     from scaling.config import with_overrides
-    from scaling.pretrain import pretrain
+    from scaling.stages.pretrain import pretrain
 
     cfg = with_overrides(tiny, {"pretrain.epochs": 1, "runtime.checkpoint_every": 2,
                                 "runtime.keep_checkpoints": 3, "data.val_size": 0})
@@ -107,11 +108,11 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tiny, tmp_path, capsys
     (out / "final" / "model.pt").write_bytes(b"garbage")
     import pytest
 
-    from scaling.checkpoint import CheckpointError
+    from scaling.stages.checkpoint import CheckpointError
     with pytest.raises(CheckpointError, match="no result.json"):
         load_final_models(out)  # its result.json was set aside: the stage is unfinished
     assert "model.pt does not match its result.json's sha256" in capsys.readouterr().err
-    assert (out / "result.json.corrupt").exists() and read_result(out) is None
+    assert (out / "result.json.corrupt").exists() and read_local_result(out) is None
 
 
 def test_cli_reports_bad_config_and_exits_nonzero(tmp_path):

@@ -6,16 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-from scaling.batches import epoch_batches
-from scaling.checkpoint import latest_checkpoint, load_final_models, read_result
 from scaling.config import with_overrides
-from scaling.distill import distill
-from scaling.finetune import finetune, supervised
-from scaling.network import build_contrastive
-from scaling.pipeline import run_pipeline, summary
-from scaling.pretrain import pretrain
-from scaling.registry import stage_dir, stage_key
-from scaling.stage import NonFiniteLoss
+from scaling.data.batches import epoch_batches
+from scaling.model.network import build_contrastive
+from scaling.pipeline import summary
+from scaling.runtime.local import run_pipeline
+from scaling.stages.checkpoint import latest_checkpoint, load_final_models
+from scaling.stages.distill import distill
+from scaling.stages.finetune import finetune, supervised
+from scaling.stages.pretrain import pretrain
+from scaling.stages.registry import stage_dir, stage_key
+from scaling.stages.stage_run import NonFiniteLoss
+from scaling.storage import read_local_result
 
 
 def test_pipeline_end_to_end_and_rerun_reuses(tiny, tmp_path):
@@ -101,7 +103,7 @@ def test_distill_to_smaller_student_on_other_unlabelled_data(tiny, tmp_path):
     r = distill(cfg, tmp_path / "ds", ft)
     assert r["protocol"]["self_distillation"] is False
     assert r["protocol"]["student"]["width"] == 0.03125
-    teacher_params = read_result(ft)["metrics"]["params"]
+    teacher_params = read_local_result(ft)["metrics"]["params"]
     assert r["metrics"]["params"] < teacher_params
     assert 0 <= r["metrics"]["teacher_test_top1"] <= 1
 
@@ -129,7 +131,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny, tmp_path):
     })
     with pytest.raises(NonFiniteLoss, match="Last good checkpoint: .*step-0000000"):
         pretrain(cfg, tmp_path / "pre")
-    assert read_result(tmp_path / "pre") is None
+    assert read_local_result(tmp_path / "pre") is None
     state, meta = latest_checkpoint(tmp_path / "pre")
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from scaling import storage
-from scaling.checkpoint import load_final_models
 from scaling.config import with_overrides
+from scaling.stages.checkpoint import load_final_models
 
 moto_server = pytest.importorskip("moto.server")
 ray = pytest.importorskip("ray")
@@ -47,7 +47,7 @@ def test_locations_join_and_name_the_same_way_for_paths_and_uris(tmp_path):
 
 
 def test_publish_then_fetch_round_trips_a_finished_stage(s3, tiny, tmp_path):
-    from scaling.pipeline import run_local
+    from scaling.runtime.local import run_local
 
     cfg = with_overrides(tiny, {"pretrain.epochs": 1})
     where = f"{s3}/roundtrip/pretrain"
@@ -65,9 +65,10 @@ def test_pipeline_on_ray_with_s3_storage_and_a_fresh_node_resume(s3, tiny):
     """The whole chain on Ray Train with results on S3; then a 'fresh node' (no
     scratch mirror, pretraining's result gone from S3) restores pretraining from
     the checkpoint Ray Train keeps in S3 instead of recomputing it."""
-    from scaling.pipeline import fraction_configs, run_pipeline
-    from scaling.ray_train import run_stage
-    from scaling.registry import stage_dir
+    from scaling.config import fraction_configs
+    from scaling.runtime.local import run_pipeline
+    from scaling.runtime.ray_train import run_stage
+    from scaling.stages.registry import stage_dir
 
     cfg = with_overrides(tiny, {"label_fractions": [0.5]})
     root = f"{s3}/runs/tiny"

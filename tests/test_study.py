@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from scaling.config import ConfigError, with_overrides
-from scaling.study import cells, make_study, plan, schedule_order
-from scaling.study_cli import main
+from scaling.study.plan import cells, make_study, plan, schedule_order
+from studies.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "studies"))
@@ -76,7 +76,7 @@ def test_impossible_axes_are_rejected_naming_key_value_and_allowed(tiny, axes, k
 
 
 def test_more_workers_than_the_cluster_holds_is_rejected(tiny):
-    from scaling.sweep import capacity
+    from scaling.study.sweep import capacity
 
     with pytest.raises(ConfigError, match="runtime.workers=3 .*cluster's 2 CPUs"):
         capacity(with_overrides(tiny, {"runtime.workers": 3}), {"CPU": 2.0})
@@ -96,8 +96,8 @@ def test_more_workers_than_the_cluster_holds_is_rejected(tiny):
     (m, p) for m in (model_size, head_depth, distillation) for p in m.STUDY.presets])
 def test_every_preset_of_every_study_plans(module, preset, capsys, monkeypatch, tmp_path):
     # Planning, not timing: a fixed speed instead of measuring every model of every
-    # preset (scaling.estimate is measured in test_cli's dry runs).
-    monkeypatch.setattr("scaling.estimate.training_rate", lambda *args: 5e9)
+    # preset (scaling.study.estimate is measured in test_cli's dry runs).
+    monkeypatch.setattr("scaling.study.estimate.training_rate", lambda *args: 5e9)
     # An empty storage: a user's finished runs/ would leave nothing to estimate.
     assert main(module.STUDY, ["--preset", preset, "--dry-run", "--storage", str(tmp_path)]) == 0
     out = capsys.readouterr().out
@@ -138,7 +138,7 @@ def test_bad_input_exits_2_before_any_ray_work(tmp_path, args, text):
 def test_a_stage_lease_held_by_a_dead_trial_runs_out():
     """A trial that dies holding a stage stops renewing; after the lease time a
     waiting trial takes the stage over. A live holder keeps it by renewing."""
-    from scaling.sweep import Leases
+    from scaling.study.sweep import Leases
 
     now = [0.0]
     leases = Leases(seconds=60, clock=lambda: now[0])

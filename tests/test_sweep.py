@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from scaling.config import with_overrides
-from scaling.study import make_study
+from scaling.study.plan import make_study
 
 ray = pytest.importorskip("ray")
 REPO = Path(__file__).resolve().parent.parent
@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 def test_each_distinct_stage_runs_once_across_concurrent_trials(tiny, tmp_path):
     """2 cells (label fractions) share one pretraining; they start together, one
     trial pretrains while the other trains its supervised baseline, then reuses it."""
-    from scaling.sweep import run_study
+    from scaling.study.sweep import run_study
 
     # Stages in the trial processes (workers=0): what is tested is the claims between
     # trials; Train inside Tune is tested end to end in tests/test_cluster.py.

@@ -1,5 +1,5 @@
 """Distillation's other unlabelled sets: the MNIST sample through the folder loader,
-and dead-leaves synthetic images (scaling.unlabelled)."""
+and dead-leaves synthetic images (scaling.data.unlabelled)."""
 
 import numpy as np
 import pytest
@@ -7,12 +7,12 @@ import torch
 from PIL import Image
 
 from scaling.config import ConfigError, load_config, with_overrides
-from scaling.data import DataError, FolderImages, load_dataset
-from scaling.distill import distill
-from scaling.finetune import finetune
+from scaling.data.datasets import DataError, FolderImages, load_dataset
+from scaling.data.unlabelled import dead_leaves, disc_radii, export_mnist_5k
 from scaling.pipeline import PRESETS
-from scaling.pretrain import pretrain
-from scaling.unlabelled import dead_leaves, disc_radii, export_mnist_5k
+from scaling.stages.distill import distill
+from scaling.stages.finetune import finetune
+from scaling.stages.pretrain import pretrain
 
 
 def test_dead_leaves_are_seeded_occluding_discs():
@@ -78,7 +78,7 @@ def teacher(tmp_path_factory):
 @pytest.mark.parametrize("name", ["mnist-5k", "dead-leaves"])
 def test_distil_on_another_unlabelled_set_with_the_same_step_budget(
         teacher, tmp_path, monkeypatch, name):
-    monkeypatch.setattr("scaling.unlabelled.DEAD_LEAVES_IMAGES", 2000)  # 54,000 in studies
+    monkeypatch.setattr("scaling.data.unlabelled.DEAD_LEAVES_IMAGES", 2000)  # 54,000 in studies
     tiny, ft = teacher
     cfg = with_overrides(tiny, {
         "distill.unlabelled": {"name": name, "root": str(tmp_path / "m5k")},

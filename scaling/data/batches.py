@@ -1,0 +1,135 @@
+"""Batches as index lists: deterministic per (seed, epoch), sharded over workers.
+
+The order of an epoch is a pure function of (seed, epoch), so a stage resumed in
+the middle of an epoch replays exactly the batches it had not yet seen, and every
+worker agrees on the global order without communicating.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from scaling.config import ConfigError
+from scaling.data.augment import ViewSpec
+from scaling.data.datasets import Dataset, ImageData
+
+
+def steps_per_epoch(n: int, global_batch: int, key: str = "batch_size") -> int:
+    """Full batches only: contrastive and BN statistics want equal batch sizes.
+    ``key`` names the setting in the error when not one batch fits."""
+    steps = n // global_batch
+    if steps == 0:
+        raise ConfigError(key, global_batch, f"<= {n}, the training images there are (after "
+                          "the validation split): fewer than one batch")
+    return steps
+
+
+def epoch_batches(
+    indices: np.ndarray, global_batch: int, seed: int, epoch: int, rank: int = 0, world: int = 1
+) -> list[np.ndarray]:
+    """This worker's share of every global batch of ``epoch``, in order.
+
+    Global batch b holds ``order[b*B:(b+1)*B]``; worker r takes its r-th slice of
+    B/world, so W workers see exactly the images of the single-worker batch.
+    """
+    if global_batch % world:
+        raise ValueError(f"batch_size={global_batch} must be divisible by {world} workers")
+    rng = np.random.Generator(np.random.PCG64([seed, epoch]))
+    order = indices[rng.permutation(len(indices))]
+    per = global_batch // world
+    steps = steps_per_epoch(len(indices), global_batch)
+    return [order[b * global_batch + rank * per: b * global_batch + (rank + 1) * per]
+            for b in range(steps)]
+
+
+@dataclass(frozen=True)
+class Crops:
+    """Random-resized crops a folder dataset cuts from each full decoded image
+    (in-memory datasets are cropped batched by scaling.data.augment instead)."""
+
+    views: int  # crops per image (2 for pretraining)
+    scale: tuple[float, float]  # area fraction range
+    ratio: tuple[float, float]  # aspect range
+    seed: int  # of the epoch: with the image index, it fixes that image's boxes
+
+
+def item_seeds(seed: int, indices: np.ndarray) -> np.ndarray:
+    """A 63-bit seed per (seed, index): splitmix64's finaliser, so neighbouring
+    indices and epochs get unrelated generators."""
+    with np.errstate(over="ignore"):
+        z = (np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
+             + indices.astype(np.uint64) * np.uint64(0xBF58476D1CE4E5B9))
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(1)).astype(np.int64)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return int(item_seeds(seed, np.array([epoch]))[0])
+
+
+def crops_for(spec: ViewSpec, views: int, seed: int, epoch: int) -> Crops:
+    """The full-image crops of ``spec`` for one epoch (used by folder datasets only)."""
+    return Crops(views, spec.crop_scale, spec.crop_ratio, epoch_seed(seed, epoch))
+
+
+def default_loader_workers() -> int:
+    """Decode processes: the cores this process may use, less one for the loop, <= 8
+    (more than the cores only makes torch warn and the processes contend)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(0, min(8, (cores or 1) - 1))
+
+
+class Fetcher:
+    """Turns index arrays into (uint8 images, labels) on the training device.
+
+    In-memory datasets are copied to the device once, so a batch is one gather
+    there; folder datasets decode through a DataLoader in worker processes.
+    """
+
+    def __init__(self, dataset: Dataset, device: torch.device, workers: int | None = None
+                 ) -> None:
+        self.dataset = dataset
+        self.device = device
+        self.workers = default_loader_workers() if workers is None else workers
+        if isinstance(dataset, ImageData):
+            self.images = dataset.images.to(device)
+            self.labels = dataset.labels.to(device)
+
+    def __call__(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(self.dataset, ImageData):
+            i = torch.from_numpy(idx).to(self.device)
+            return self.images[i], self.labels[i]
+        return next(self.stream([idx]))
+
+    def stream(
+        self, batches: list[np.ndarray], crops: Crops | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches of (images, labels). A folder dataset with ``crops`` yields
+        NxVxCxSxS random crops of the full images; otherwise NxCxHxW images
+        (a folder dataset's evaluation view)."""
+        if isinstance(self.dataset, ImageData):
+            yield from (self(b) for b in batches)
+            return
+        c = crops
+        keys = [b.tolist() if c is None else
+                [(i, s, c.views, c.scale, c.ratio)
+                 for i, s in zip(b.tolist(), item_seeds(c.seed, b).tolist(), strict=True)]
+                for b in batches]
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=keys,
+            num_workers=self.workers, pin_memory=self.device.type == "cuda",
+        )
+        for x, y in loader:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+def eval_batches(indices: np.ndarray, batch: int) -> list[np.ndarray]:
+    """Every index once, in order, last batch possibly short."""
+    return [indices[s:s + batch] for s in range(0, len(indices), batch)]

@@ -1,0 +1,141 @@
+"""Stage 3: distil the fine-tuned teacher into a student on unlabelled images.
+
+The teacher is fixed (eval mode, no gradient). Teacher and student see the same
+crop+flip view (paper section 2). The student is a fresh encoder + linear
+classifier (no projection-head layers, as in the paper) of the teacher's
+architecture (self-distillation) or of ``distill.student``'s. The unlabelled
+images are the pretraining pool by default (never validation) or all of
+``distill.unlabelled``; images of another size or channel count are cropped to
+the teacher's input shape. Optimiser and temperature default to the paper's:
+pretraining's LARS recipe, and tau 0.1 for self-distillation, 1.0 otherwise.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from scaling.config import ExperimentConfig, to_dict
+from scaling.data.augment import CROP_FLIP, augment, augment_views
+from scaling.data.batches import Fetcher, crops_for, epoch_batches, steps_per_epoch
+from scaling.data.splits import distill_pool, labelled_subset, load_splits, schedule_epochs
+from scaling.model.network import build_classifier
+from scaling.stages.checkpoint import load_final_models
+from scaling.stages.evaluate import split_top1
+from scaling.stages.stage_run import StageRun, augment_generator, set_lr
+from scaling.storage import read_local_result
+from scaling.train.env import Env
+from scaling.train.losses import distillation_loss
+from scaling.train.measure import forward_flops_per_image, size_metrics
+from scaling.train.optimizer import build_optimizer
+from scaling.train.schedule import scaled_lr, warmup_cosine
+
+
+def match_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """Grey images to RGB by repetition, RGB to grey by averaging."""
+    if x.shape[1] == channels:
+        return x
+    return x.expand(-1, channels, -1, -1) if x.shape[1] == 1 else x.mean(1, keepdim=True)
+
+
+def distill(
+    cfg: ExperimentConfig, out: Path, teacher_dir: Path, env: Env | None = None
+) -> dict[str, Any]:
+    done = read_local_result(out)
+    if done is not None:
+        return done
+    env = env or Env.local(cfg.runtime.device, cfg.runtime.compile)
+    dc = cfg.distill
+
+    # Data: unlabelled images; the labelled subset only when alpha mixes in labels.
+    splits = load_splits(cfg.data)
+    train = splits.train
+    unlabelled, pool, unlabelled_name = distill_pool(cfg, splits)
+    fetch = Fetcher(unlabelled, env.device, cfg.runtime.loader_workers)
+    labelled_fetch = fetch if unlabelled is train else Fetcher(train, env.device,
+                                                                cfg.runtime.loader_workers)
+    labelled = labelled_subset(cfg, splits)
+    spe = steps_per_epoch(len(pool), dc.batch_size, "distill.batch_size")
+    shape = (train.image_size, train.image_size)
+
+    # Teacher: the fine-tuned classifier, frozen.
+    head_layer = cfg.finetune.head_layer
+    teacher = build_classifier(cfg.model, cfg.head, head_layer, train.channels,
+                               train.image_size, train.num_classes)
+    teacher.load_state_dict(load_final_models(teacher_dir)["classifier"])
+    teacher.to(env.device).eval().requires_grad_(False)
+    if env.cuda:
+        teacher.to(memory_format=torch.channels_last)
+
+    # Student: encoder + linear classifier, no head layers (paper section 2.2).
+    torch.manual_seed(cfg.seed)
+    net = build_classifier(cfg.student, cfg.head, 0, train.channels, train.image_size,
+                           train.num_classes)
+    flops = forward_flops_per_image(net, labelled_fetch(labelled[:1])[0].float())
+    model = env.prepare(net, sync_bn=True)  # global BN, as in pretraining
+    optim, temperature = cfg.distill_optim(), cfg.distill_temperature()
+    # A student from scratch, as pretraining's network: every weight (its classifier
+    # included) under LARS adaptation. Excluded like fine-tuning's, the classifier
+    # took plain momentum steps at pretraining's peak LR on gradients scaled by
+    # 1/tau, and diverged within one epoch on Fashion-MNIST (tau 0.1, LR 1.2).
+    optimizer = build_optimizer(optim, net)
+    peak_lr = scaled_lr(optim.base_lr, dc.batch_size, optim.lr_scaling)
+    epochs = schedule_epochs(dc.epochs, dc.min_steps, spe)
+    total = spe * epochs
+    warmup = round(optim.warmup_fraction * total)
+
+    gen = augment_generator(env, cfg.seed)
+    run = StageRun("distill", out, env, cfg.runtime, spe, epochs,
+                   {"model": net, "optimizer": optimizer}, gen)
+    per_worker = dc.batch_size // env.world
+    while run.step < total:
+        batches = epoch_batches(pool, dc.batch_size, cfg.seed, run.epoch, env.rank, env.world)
+        crops = crops_for(CROP_FLIP, 1, cfg.seed, run.epoch)  # folder data: from the full image
+        for x, _ in fetch.stream(batches[run.skip_in_epoch():], crops):
+            lr = warmup_cosine(run.step, peak_lr, total, warmup)
+            set_lr(optimizer, lr)
+            shard = (env.rank, env.world)
+            (view,) = augment_views(x, CROP_FLIP, gen, 1, shape, shard)
+            view = match_channels(view, train.channels)
+            n = view.shape[0]
+            labels = None
+            if dc.alpha > 0:  # a global labelled batch drawn by (seed, step): resumable
+                rng = np.random.Generator(np.random.PCG64([cfg.seed, run.step]))
+                chosen = rng.choice(labelled, dc.batch_size)
+                mine = chosen[env.rank * per_worker:(env.rank + 1) * per_worker]
+                xl, labels = labelled_fetch(mine)
+                view = torch.cat([view, augment(xl, CROP_FLIP, gen, shard=shard)])
+            with env.autocast():
+                with torch.no_grad():
+                    teacher_logits = teacher(env.images(view[:n]))
+                # One student forward for both batches: DDP expects one per step.
+                logits = model(env.images(view)).float()
+            labelled_logits = logits[n:] if labels is not None else None
+            loss = distillation_loss(logits[:n], teacher_logits.float(), temperature,
+                                     labelled_logits, labels, dc.alpha)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            run.after_step(loss, lr, x.shape[0] * env.world)
+
+    metrics: dict[str, Any] = size_metrics(net, flops)
+    if env.is_main:
+        metrics |= split_top1({"": net, "teacher_": teacher}, splits, labelled_fetch, env)
+    protocol = {
+        "student": to_dict(cfg.student), "self_distillation": cfg.self_distillation,
+        "student_head_layers": 0, "unlabelled": unlabelled_name, "images": len(pool),
+        "temperature": temperature, "alpha": dc.alpha, "optimizer": optim.name,
+        "base_lr": optim.base_lr, "lr_scaling": optim.lr_scaling, "peak_lr": peak_lr,
+        "weight_decay": optim.weight_decay, "global_bn": True, "val_size": len(splits.val),
+        "val_seed": cfg.data.val_seed,
+        "batch_size": dc.batch_size, "epochs": epochs, "teacher_head_layer": head_layer,
+        "label_fraction": cfg.finetune.label_fraction,
+        "labels_per_class": cfg.finetune.labels_per_class,
+        "subset_seed": cfg.finetune.subset_seed, "augment": "crop+flip, same view for both",
+        "probe": "student classifier; top-1 on val and test", "teacher": str(teacher_dir),
+    }
+    return run.finish({"classifier": net.state_dict()}, metrics, protocol,
+                      {"config": to_dict(cfg)})

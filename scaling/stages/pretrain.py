@@ -1,0 +1,159 @@
+"""Stage 1: SimCLRv2 contrastive pretraining of encoder + projection head."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from scaling.atomic import atomic_write_text
+from scaling.config import ExperimentConfig, config_hash, to_dict
+from scaling.data.augment import augment_views
+from scaling.data.batches import Fetcher, crops_for, epoch_batches, steps_per_epoch
+from scaling.data.datasets import ImageData
+from scaling.data.splits import Splits, load_splits, unlabelled_pool
+from scaling.model.network import build_contrastive
+from scaling.stages.evaluate import apply, fit_linear_probe, knn_accuracy, top1
+from scaling.stages.stage_run import StageRun, augment_generator, set_lr
+from scaling.storage import read_local_result
+from scaling.train.env import Env
+from scaling.train.losses import nt_xent
+from scaling.train.measure import forward_flops_per_image, size_metrics
+from scaling.train.memory import NegativeQueue, ema_update, momentum_copy
+from scaling.train.optimizer import build_optimizer
+from scaling.train.schedule import scaled_lr, warmup_cosine
+
+# Pixel probes only where they are cheap: in-memory sets of up to 32x32x3 values.
+PIXEL_PROBE_MAX_DIMS = 3072
+
+
+def pretrain(cfg: ExperimentConfig, out: Path, env: Env | None = None) -> dict[str, Any]:
+    """Pretrain and write ``out``/result.json; a finished ``out`` is returned as is."""
+    done = read_local_result(out)
+    if done is not None:
+        return done
+    env = env or Env.local(cfg.runtime.device, cfg.runtime.compile)
+    p = cfg.pretrain
+
+    # Data: the training split without validation (STL-10: + unlabelled), labels unused.
+    splits = load_splits(cfg.data)
+    train = splits.train
+    pool, indices = unlabelled_pool(cfg.data, splits)
+    fetch = Fetcher(pool, env.device, cfg.runtime.loader_workers)
+    spe = steps_per_epoch(len(indices), p.batch_size, "pretrain.batch_size")
+
+    # Model: one forward over both views, so BN statistics cover both (global BN).
+    torch.manual_seed(cfg.seed)
+    net = build_contrastive(cfg.model, cfg.head, train.channels, train.image_size)
+    flops = forward_flops_per_image(net, fetch(np.arange(1))[0].float())
+    model = env.prepare(net, sync_bn=p.global_bn)
+    objects: dict[str, Any] = {"model": net}
+    queue = momentum = None
+    if p.memory.queue_size:
+        momentum = momentum_copy(net)
+        queue = NegativeQueue(p.memory.queue_size, cfg.head.out_dim).to(env.device)
+        objects |= {"momentum": momentum, "queue": queue}
+
+    optimizer = build_optimizer(p.optim, net)
+    objects["optimizer"] = optimizer
+    peak_lr = scaled_lr(p.optim.base_lr, p.batch_size, p.optim.lr_scaling)
+    total = spe * p.epochs
+    warmup = round(p.optim.warmup_fraction * total)
+
+    gen = augment_generator(env, cfg.seed)
+    run = StageRun("pretrain", out, env, cfg.runtime, spe, p.epochs, objects, gen)
+    view = p.augment.view()
+    while run.step < total:
+        batches = epoch_batches(indices, p.batch_size, cfg.seed, run.epoch, env.rank, env.world)
+        crops = crops_for(view, 2, cfg.seed, run.epoch)  # folder data: from the full image
+        for x, _ in fetch.stream(batches[run.skip_in_epoch():], crops):
+            lr = warmup_cosine(run.step, peak_lr, total, warmup)
+            set_lr(optimizer, lr)
+            views = torch.cat(augment_views(x, view, gen, 2, shard=(env.rank, env.world)))
+            with env.autocast():
+                z = model(env.images(views))[-1]
+            z1, z2 = z.float().chunk(2)
+            negatives = None if queue is None else queue.negatives()
+            loss = nt_xent(z1, z2, p.temperature, negatives=negatives)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if momentum is not None and queue is not None:
+                ema_update(momentum, net, p.memory.momentum)
+                with torch.no_grad(), env.autocast():
+                    queue.push(momentum(env.images(views))[-1].float())
+            run.after_step(loss, lr, x.shape[0] * env.world)
+
+    metrics: dict[str, Any] = size_metrics(net, flops)
+    if env.is_main:
+        metrics |= probe(cfg, net.encoder, [net], splits, fetch if pool is train else None, env)
+        if isinstance(train, ImageData) and train.images[0].numel() <= PIXEL_PROBE_MAX_DIMS:
+            pixels = pixel_reference(cfg, splits, out.parent, env)
+            metrics |= {f"pixel_{k}": v for k, v in pixels.items()}
+    protocol = {
+        "stem": cfg.model.resolved_stem(train.image_size), "image_size": train.image_size,
+        "head_layers": cfg.head.num_layers, "batch_size": p.batch_size, "epochs": p.epochs,
+        "temperature": p.temperature, "queue_size": p.memory.queue_size,
+        "images": len(indices), "val_size": len(splits.val), "val_seed": cfg.data.val_seed,
+        "loss": "nt_xent as the reference: mean over view-1 anchors + mean over view-2 anchors",
+        "probe": f"frozen encoder, unaugmented features; fitted on the training split's labels "
+                 f"without validation; kNN k={cfg.evaluate.knn_k} T="
+                 f"{cfg.evaluate.knn_temperature}; logistic L-BFGS; reported on val and test",
+    }
+    models = {"encoder": net.encoder.state_dict(), "head": net.head.state_dict()}
+    return run.finish(models, metrics, protocol, {"config": to_dict(cfg)})
+
+
+def probe(
+    cfg: ExperimentConfig, encoder: Callable[[torch.Tensor], torch.Tensor],
+    modules: list[torch.nn.Module], splits: Splits, fetch: Fetcher | None, env: Env,
+) -> dict[str, Any]:
+    """kNN and linear-probe top-1 of a frozen ``encoder`` (``modules`` are put in eval
+    mode): fitted on the labelled training images outside validation, reported on
+    validation (``*_val_top1``) and test."""
+    workers = cfg.runtime.loader_workers
+    train_fetch = fetch or Fetcher(splits.train, env.device, workers)
+    f_train, y_train = apply(encoder, modules, train_fetch, splits.rest, env)
+    evals = {"": apply(encoder, modules, Fetcher(splits.test, env.device, workers),
+                       np.arange(len(splits.test)), env)}
+    if len(splits.val):
+        evals["val_"] = apply(encoder, modules, train_fetch, splits.val, env)
+    classes = splits.test.num_classes
+    ev = cfg.evaluate
+    linear = fit_linear_probe(f_train, y_train, classes, ev.linear_steps)
+    out: dict[str, Any] = {"knn_val_top1": None, "linear_val_top1": None}
+    for split, (f, y) in evals.items():
+        out[f"knn_{split}top1"] = knn_accuracy(f_train, y_train, f, y, classes, ev.knn_k,
+                                               ev.knn_temperature)
+        out[f"linear_{split}top1"] = top1(linear(f), y)
+    return out
+
+
+def pixel_probe(cfg: ExperimentConfig, env: Env | None = None, splits: Splits | None = None
+                ) -> dict[str, Any]:
+    """The same probes on raw pixels (the evaluation view, flattened): the reference
+    line a pretrained representation has to beat to be worth anything."""
+    env = env or Env.local(cfg.runtime.device, cfg.runtime.compile)
+    return probe(cfg, lambda x: x.flatten(1), [], splits or load_splits(cfg.data), None, env)
+
+
+def pixel_reference(cfg: ExperimentConfig, splits: Splits, folder: Path, env: Env
+                    ) -> dict[str, Any]:
+    """``pixel_probe``, computed once per data and probe settings: cached as
+    ``folder/pixels-<hash>.json`` beside the stage runs, which every pretraining
+    run of a study would otherwise repeat."""
+    key = config_hash({"data": to_dict(cfg.data), "evaluate": to_dict(cfg.evaluate)})
+    cache = folder / f"pixels-{key}.json"
+    try:
+        return dict(json.loads(cache.read_text()))
+    except (OSError, ValueError):  # absent, or unreadable: recompute
+        pass
+    result = pixel_probe(cfg, env, splits)  # the splits pretraining already loaded
+    with contextlib.suppress(OSError):  # a read-only parent: the result is still returned
+        atomic_write_text(cache, json.dumps(result))
+    return result

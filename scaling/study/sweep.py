@@ -1,0 +1,418 @@
+"""The Ray Tune seam: a study runs as one Tune trial per cell. A trial is a driver
+that walks its cell's stages in dependency order and runs each on Ray Train
+(``scaling.runtime.ray_train.run_stage``), Train-inside-Tune.
+
+Each distinct stage runs once per study storage. Stage directories are named
+by content hash (``scaling.stages.registry.stage_key``), so a finished stage is found
+and reused by every cell that needs it. Stages that several running trials need
+at the same moment are claimed through one small actor: the claimant runs it,
+the others do other ready work (their supervised baseline) or wait, then reuse it.
+
+Storage layout (a directory or a URI):
+
+    <storage>/stages/<stage>-<key>/        stage results, shared by every study there
+    <storage>/<study>/results.csv          the tidy table (scaling/study/results.py)
+    <storage>/<study>/cells/<hash>.json    each cell's rows, written as stages finish
+    <storage>/<study>/_tune/<study>-<grid hash>/   Tune's experiment state (resume)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import ray
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from scaling import storage
+from scaling.config import ConfigError, ExperimentConfig, from_dict, to_dict
+from scaling.runtime.ray_train import run_stage
+from scaling.stages.registry import STAGES, stage_dir, stage_key
+from scaling.storage import Location
+from scaling.study import cluster, results
+from scaling.study.folder import check_owner, study_record
+from scaling.study.plan import (
+    SHORT,
+    Study,
+    capacity,
+    cell_key,
+    cells,
+    check_local,
+    distinct_runs,
+    finished,
+    fmt_duration,
+    grid_hash,
+    required_stages,
+    schedule_order,
+    stage_flops,
+)
+from scaling.study.tracking import MLflow, TensorBoard, check_mlflow
+
+POLL_SECONDS = 2.0
+TRIAL_RETRIES = 1  # Tune re-runs a trial whose process or node died
+DRIVER_RESOURCE = cluster.DRIVER_RESOURCE  # trial drivers are scheduled on it
+
+
+class Leases:
+    """Which trial is computing which stage key. A claim is a lease its holder
+    renews while it works; if the holder's process dies, the lease runs out and a
+    waiting trial takes the stage over (its checkpoints included). Held in memory:
+    after a crash of the sweep the leases are gone, and the storage is the truth."""
+
+    def __init__(self, seconds: float = 60.0, clock: Callable[[], float] = time.monotonic):
+        self.seconds, self.clock = seconds, clock
+        self.held: dict[str, tuple[str, float]] = {}
+
+    def claim(self, key: str, trial: str) -> bool:
+        holder, renewed = self.held.get(key, (trial, 0.0))
+        if holder != trial and self.clock() - renewed <= self.seconds:
+            return False
+        self.held[key] = (trial, self.clock())
+        return True
+
+    def renew(self, key: str, trial: str) -> None:
+        if self.held.get(key, ("", 0.0))[0] == trial:
+            self.held[key] = (trial, self.clock())
+
+    def release(self, key: str, trial: str) -> None:
+        if self.held.get(key, ("", 0.0))[0] == trial:
+            del self.held[key]
+
+
+StageClaims: Any = ray.remote(num_cpus=0)(Leases)
+
+
+@contextlib.contextmanager
+def _renewing(claims: Any, key: str, trial: str) -> Iterator[None]:
+    """Renew the lease on ``key`` every 10 s while the body runs; release it after."""
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(10.0):
+            claims.renew.remote(key, trial)
+
+    thread = threading.Thread(target=renew, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        ray.get(claims.release.remote(key, trial))
+
+
+def quiet_shutdown(unraisable: Any) -> None:
+    """sys.unraisablehook for trial processes: Ray ends a finished trial's process by
+    raising SystemExit in it, which can land inside a weakref callback and print an
+    "Exception ignored ... SystemExit" traceback at the end of a sweep. That one is
+    the shutdown itself; every other unraisable exception is printed as usual."""
+    if isinstance(unraisable.exc_value, SystemExit | KeyboardInterrupt):
+        return
+    sys.__unraisablehook__(unraisable)
+
+
+def _tune_report(metrics: dict[str, Any], path: Any) -> None:
+    tune.report(metrics)
+
+
+def run_cell(config: dict[str, Any], ctx: dict[str, Any]) -> None:
+    """The Tune trainable: run or reuse every stage of one cell."""
+    sys.unraisablehook = quiet_shutdown
+    cell = config["cell"]
+    cfg = from_dict(ExperimentConfig, cell["config"])
+    root, study_dir = storage.parse(ctx["stages"]), storage.parse(ctx["study_dir"])
+    claims = ray.get_actor(ctx["claims"])
+    trial = tune.get_context().get_trial_id()
+    rows: dict[str, dict[str, Any]] = {}
+    pending = list(ctx["stages_needed"])
+    while pending:
+        ran = False
+        for stage in pending:
+            dep = STAGES[stage].input
+            if dep in pending:
+                continue  # its input is not finished yet
+            key, out = stage_key(cfg, stage), stage_dir(root, cfg, stage)
+            result, status = storage.read_result(out), "reused"
+            if result is None:
+                if not ray.get(claims.claim.remote(key, trial)):
+                    continue  # another trial is computing it
+                with _renewing(claims, key, trial):
+                    # Finished by the previous holder between our look and our claim?
+                    result = storage.read_result(out)
+                    if result is None:
+                        tune.report({"cell": cell["id"], "stage": stage, "key": key,
+                                     "event": "start"})
+                        inp = stage_dir(root, cfg, dep) if dep else None
+                        # Rank 0's progress becomes this trial's metrics; the
+                        # driver's Console prints it once.
+                        result = run_stage(stage, cfg, out, inp, report=_tune_report,
+                                           callbacks=(TuneReportCallback(),))
+                        status = "executed"
+            rows[stage] = results.stage_row(ctx["study"], cell["id"], cell["axes"],
+                                            cell["config"], stage, key,
+                                            result, status, ctx["commit"], ctx["invocation"])
+            results.write_cell(study_dir, cell["id"], cell["key"], list(rows.values()))
+            tune.report({"cell": cell["id"], "stage": stage, "key": key, "event": status,
+                         "top1": result["metrics"].get("test_top1")})
+            pending.remove(stage)
+            ran = True
+            break
+        if not ran:
+            time.sleep(POLL_SECONDS)
+
+
+class Console(tune.Callback):
+    """One line per progress report (cell, stage, epoch, ETA), and after every stage
+    run one line for the whole sweep: k/N distinct stage runs and an ETA from this
+    run's measured rate (training FLOPs finished per second). The table kept fresh."""
+
+    def __init__(self, study_dir: Location, cell_keys: list[str],
+                 flops: dict[tuple[str, str], float], done: set[tuple[str, str]]) -> None:
+        self.study_dir, self.cell_keys = study_dir, cell_keys
+        self.flops, self.done = flops, set(done)
+        self.started, self.executed_flops = time.monotonic(), 0.0
+        self.last: dict[str, float] = {}  # trial id: when its last progress line was
+        self.resumed: set[tuple[str, str, int | None]] = set()
+
+    def sweep_line(self) -> str:
+        left = sum(f for k, f in self.flops.items() if k not in self.done)
+        rate = self.executed_flops / max(time.monotonic() - self.started, 1e-9)
+        eta = f"ETA {fmt_duration(left / rate)}" if rate > 0 and left else (
+            "done" if not left else "ETA after the first stage run")
+        return f"[sweep] {len(self.done)}/{len(self.flops)} stage runs, {eta}"
+
+    def on_trial_result(self, iteration: int, trials: list[Any], trial: Any,
+                        result: dict[str, Any], **info: Any) -> None:
+        cell = trial.config["cell"]["id"]
+        if result.get("event"):
+            print(f"[{cell}] {result['stage']}: {result['event']}", flush=True)
+            if result["event"] in ("executed", "reused"):
+                run = (result["stage"], result["key"])
+                if result["event"] == "executed" and run not in self.done:
+                    self.executed_flops += self.flops.get(run, 0.0)
+                if run not in self.done:
+                    self.done.add(run)
+                    print(self.sweep_line(), flush=True)
+                update_table(self.study_dir, self.cell_keys)
+            return
+        if "total_steps" not in result:
+            return
+        resumed = (trial.trial_id, result["stage"], result.get("resumed_from"))
+        if resumed[2] is not None and resumed not in self.resumed:  # once per resume
+            self.resumed.add(resumed)
+            print(f"[{cell}] {result['stage']}: resumed from step {resumed[2]}", flush=True)
+        now = time.monotonic()
+        if now - self.last.get(trial.trial_id, 0) < 10 and result["step"] < result["total_steps"]:
+            return
+        self.last[trial.trial_id] = now
+        spe = max(result["total_steps"] // result["epochs"], 1)
+        epoch = min(math.ceil(result["step"] / spe), result["epochs"])
+        loss = f" loss {result['loss']:.4f}" if "loss" in result else ""
+        print(f"[{cell}] {result['stage']} epoch {epoch}/{result['epochs']} "
+              f"step {result['step']}/{result['total_steps']}{loss} "
+              f"ETA {fmt_duration(result['eta_s'])}", flush=True)
+
+
+def update_table(study_dir: Location, cell_keys: list[str]) -> pd.DataFrame:
+    rows = results.read_cells(study_dir, cell_keys)
+    df = results.table(rows)
+    if not df.empty:
+        results.write_table(study_dir, df)
+    return df
+
+
+def connect(address: str | None, cfg: ExperimentConfig) -> bool:
+    """Join ``address`` ('auto': the running cluster, as under ``ray submit``) or
+    start a local Ray with every core and a driver resource. True if it joined."""
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address)
+        return True
+    if _ray_running_here():  # a cluster started here (ray start / ray up; ray submit)?
+        try:
+            ray.init(address="auto")
+            print("joined the running Ray cluster", flush=True)
+            return True
+        except ConnectionError:
+            pass
+    cpus = check_local(cfg)
+    # "local": a new instance even where a dead cluster left its address file.
+    ray.init(address="local", num_cpus=cpus, resources={DRIVER_RESOURCE: 1000},
+             include_dashboard=False)
+    return False
+
+
+def _ray_running_here() -> bool:
+    """RAY_ADDRESS set, or a GCS process on this machine. Not just Ray's address file:
+    a killed cluster leaves it behind, and joining that address hangs."""
+    if os.environ.get("RAY_ADDRESS"):
+        return True
+    try:
+        from ray._private.services import find_gcs_addresses
+    except ImportError:  # moved in a later Ray: let ray.init decide
+        return True
+    return bool(find_gcs_addresses())
+
+
+def cluster_resources(limit: dict[str, float] | None) -> dict[str, float]:
+    """What the cluster has now or, on a head node started by ``ray up``, what the
+    autoscaler can grow it to (``limit``): GPU nodes start only once trials ask."""
+    now = dict(ray.cluster_resources())
+    for key, value in (limit or {}).items():
+        now[key] = max(now.get(key, 0.0), float(value))
+    return now
+
+
+def warn_if_not_shared(root: Location, joined: bool, limit: dict[str, float] | None) -> None:
+    """A local path must be shared (NFS) by every node of a multi-node cluster."""
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    if joined and not storage.is_uri(root) and (nodes > 1 or limit):
+        eprint(f"warning: --storage {root} is a local path on a multi-node cluster: every "
+               "node must see it at that path (NFS); otherwise use s3://bucket/studies")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    table: pd.DataFrame
+    executed: int
+    reused: int
+    errored: list[str]
+    seconds: float
+    interrupted: bool = False  # Ctrl-C: stopped with cells unfinished; resumable
+
+
+def run_study(study: Study, root: Location, *, address: str | None = None,
+              restart_errored: bool = False, resume: bool = False,
+              mlflow: str | None = None) -> Outcome:
+    """Run (or resume) the study's grid on Ray Tune; returns the results table.
+    ``resume``: there must be a sweep to resume in ``root`` (guards a mistyped URI).
+    ``mlflow``: a tracking URI to log the stages' curves to, besides TensorBoard."""
+    started = time.perf_counter()
+    grid = cells(study)
+    root = storage.absolute(root)
+    study_dir = storage.join(root, study.name)
+    tune_root = str(storage.join(study_dir, "_tune"))
+    name = f"{study.name}-{grid_hash(study)}"
+    path = str(storage.join(tune_root, name))
+    # Every check that can fail runs before Ray starts and before anything is written.
+    if resume and not tune.Tuner.can_restore(path):
+        raise ConfigError("--resume", str(root), "the storage of an earlier run of this study "
+                          f"(same --storage, preset, axes and --set): no sweep state in {path}")
+    record = study_record(study)
+    check_owner(study_dir, record)
+    if mlflow:
+        check_mlflow(mlflow)
+    if address is None and not ray.is_initialized() and not _ray_running_here():
+        check_local(study.base)  # before the storage is touched
+    storage.check_writable(root, "--storage")
+    joined = connect(address, study.base)
+    limit = cluster.autoscaling_limit() if joined else None
+    cap = capacity(study.base, cluster_resources(limit))
+    warn_if_not_shared(root, joined, limit)
+    claims_name = f"scaling-claims-{study.name}-{os.getpid()}"
+    # The handle keeps the actor alive for the sweep; trials look it up by name.
+    # On this (the head) node: a trial's node may die; the claims must not.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    claims = StageClaims.options(name=claims_name, scheduling_strategy=here).remote()
+    ctx = {"study": study.name, "stages": str(storage.join(root, "stages")),
+           "study_dir": str(study_dir), "claims": claims_name, "commit": record["git_commit"],
+           "stages_needed": list(required_stages(study)),
+           "invocation": time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"}
+    storage.write_text(study_dir, "study.json", json.dumps(record, indent=1))
+    payload = [{"id": c.id, "key": cell_key(study, c),
+                "axes": {SHORT.get(k, k): v for k, v in c.values},
+                "config": to_dict(c.config)} for c in schedule_order(study, grid)]
+    trainable = tune.with_resources(tune.with_parameters(run_cell, ctx=ctx), cap.resources)
+    runs = distinct_runs(study)
+    flops = {(s, k): stage_flops(c, s) for s, keyed in runs.items() for k, c in keyed.items()}
+    stages = storage.join(root, "stages")
+    logdir = storage.local_dir(study_dir) / "tensorboard" if storage.is_uri(study_dir) else (
+        Path(study_dir) / "tensorboard")
+    # Tune's own TensorBoard logger joins every stage into one curve per trial under
+    # /tmp/ray: ours (scaling.study.tracking) replaces it; its CSV/JSON loggers stay.
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    callbacks: list[tune.Callback] = [
+        Console(study_dir, record["keys"], flops, finished(study, root, runs)),
+        TensorBoard(logdir, stages), CSVLoggerCallback(), JsonLoggerCallback()]
+    if mlflow:
+        callbacks.append(MLflow(mlflow, study.name, stages))
+    print(f"{study.name}: {len(grid)} cells, up to {cap.concurrent} at once; "
+          f"results in {study_dir}; curves: tensorboard --logdir {logdir}", flush=True)
+    if tune.Tuner.can_restore(path):
+        print(f"resuming the sweep in {path}", flush=True)
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
+                                   resume_errored=restart_errored, restart_errored=False)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"cell": tune.grid_search(payload)},
+            tune_config=tune.TuneConfig(max_concurrent_trials=cap.concurrent),
+            # A trial whose node dies (spot reclaim, a crash) runs again on another,
+            # from its stages' last checkpoints. A failing cell also gets one retry.
+            run_config=tune.RunConfig(name=name, storage_path=tune_root, callbacks=callbacks,
+                                      failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES),
+                                      verbose=0),
+        )
+    tune_log = logging.getLogger("ray.tune.tune")
+    tune_log.addFilter(_quiet_interrupt)
+    try:
+        grid_results = tuner.fit()
+    finally:
+        tune_log.removeFilter(_quiet_interrupt)
+        ray.kill(claims)
+    errored = [(grid_results[i].config or {})["cell"]["id"] for i in range(len(grid_results))
+               if grid_results[i].error is not None]
+    df = update_table(study_dir, record["keys"])
+    now = df[df["invocation"] == ctx["invocation"]] if not df.empty else df
+    executed = int((now["status"] == "executed").sum()) if not now.empty else 0
+    # Tune ends a run it was asked to stop (SIGINT) like a finished one; a cell that
+    # neither failed nor has all its rows tells them apart.
+    stages_per_cell = {} if df.empty else df.groupby("cell")["stage"].nunique().to_dict()
+    interrupted = any(stages_per_cell.get(c.id, 0) < len(ctx["stages_needed"])
+                      and c.id not in errored for c in grid)
+    return Outcome(df, executed, len(now) - executed, errored, time.perf_counter() - started,
+                   interrupted)
+
+
+def _quiet_interrupt(record: logging.LogRecord) -> bool:
+    """Drop Tune's own words on an interrupt: its resume hint (Tuner.restore(...)) is
+    wrong for this CLI, which prints how to resume itself."""
+    text = record.getMessage()
+    return not any(t in text for t in ("Stop signal received", "has been interrupted",
+                                       "Trials did not complete"))
+
+
+def summary(outcome: Outcome, study: Study) -> str:
+    df = outcome.table
+    lines = [f"this run: {outcome.executed} stage runs executed, {outcome.reused} reused, in "
+             f"{outcome.seconds:.0f} s; the table has {len(df)} rows for {len(cells(study))} cells"]
+    if not df.empty:
+        cols = ["cell", "stage", "status", "top1", "supervised_top1", "linear_top1",
+                "knn_top1", "params", "train_seconds"]
+        show = df[cols].copy()
+        for c in ("top1", "supervised_top1", "linear_top1", "knn_top1"):
+            show[c] = (100 * show[c]).round(1)
+        lines.append(show.to_string(index=False))
+    if outcome.errored:
+        lines.append(f"{len(outcome.errored)} cells failed: {', '.join(outcome.errored)}; "
+                     "re-run with --restart-errored")
+    return "\n".join(lines)
+
+
+def eprint(*args: Any) -> None:
+    print(*args, file=sys.stderr, flush=True)

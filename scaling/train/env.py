@@ -1,0 +1,105 @@
+"""Where a stage runs: device, numeric mode, and its place among workers.
+
+A stage never asks Ray or torch.distributed directly; it receives an ``Env``.
+The single-process default needs nothing; the Ray Train seam builds one with the
+worker's rank and world size and a ``report`` hook for checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from scaling.config import ConfigError
+from scaling.model.global_bn import convert_global_bn
+
+Report = Callable[[dict[str, Any], Path | None], None]
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("runtime.device", name, "auto or cpu: no CUDA device is visible here")
+    return torch.device(name)
+
+
+@dataclass
+class Env:
+    device: torch.device = field(default_factory=lambda: pick_device("auto"))
+    rank: int = 0
+    world: int = 1
+    compile: bool = False
+    # Called after every checkpoint and at the end with (metrics, directory or None).
+    report: Report | None = None
+    node: str = field(default_factory=socket.gethostname)  # Ray: the node id
+    # Print progress lines here; off in a Tune trial, whose driver prints them once.
+    progress_lines: bool = True
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """bf16 autocast on CUDA; plain fp32 on CPU (bf16 CPU kernels are slower here)."""
+        if self.cuda:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def prepare(self, model: nn.Module, sync_bn: bool = False) -> nn.Module:
+        """Move to the device; channels_last on CUDA; DDP (+SyncBN) with several workers.
+
+        Returns the module to call in the loop; keep a reference to the unwrapped
+        ``model`` for checkpoints (no ``module.`` prefixes in saved state).
+        """
+        if self.world > 1 and sync_bn:
+            # SyncBatchNorm is GPU-only; our global BN computes the same on CPU.
+            if self.cuda:
+                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            else:
+                convert_global_bn(model)
+        model.to(self.device)
+        if self.cuda:
+            model.to(memory_format=torch.channels_last)
+        wrapped: nn.Module = model
+        if self.world > 1:
+            ids = [self.device.index] if self.cuda else None
+            wrapped = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        if self.compile and self.cuda:
+            wrapped = torch.compile(wrapped)  # type: ignore[assignment]
+        return wrapped
+
+    @classmethod
+    def local(cls, device: str, compile: bool, report: Report | None = None,
+              progress_lines: bool = True, node: str | None = None) -> Env:
+        """A single-process environment (the one a stage uses when given none)."""
+        return cls(pick_device(device), compile=compile, report=report,
+                   progress_lines=progress_lines, node=node or socket.gethostname())
+
+    def images(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.cuda else x
+
+
+@contextlib.contextmanager
+def eval_mode(*modules: nn.Module) -> Iterator[None]:
+    """Evaluate without changing the caller's train/eval state."""
+    was = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, t in zip(modules, was, strict=True):
+            m.train(t)
