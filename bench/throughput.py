@@ -39,7 +39,7 @@ from scaling.stages.checkpoint import load_final_models
 from scaling.stages.finetune import pretrained_classifier
 from scaling.train.env import Env
 from scaling.train.optimizer import build_optimizer
-from scaling.train.schedule import scaled_lr, warmup_cosine
+from scaling.train.schedule import LRSchedule
 
 STAGES = ("pretrain", "finetune", "distill")
 VARIANTS = ("bare", "stage", "ray")
@@ -70,12 +70,11 @@ def _timed_loop(cfg: ExperimentConfig, n_images: int, batch: int, epochs: int,
     steps = n_images // batch * epochs
     orders = [rng.permutation(n_images) for _ in range(epochs)]
     order = np.concatenate([o[: n_images // batch * batch] for o in orders])
-    peak = scaled_lr(optim.base_lr, batch, optim.lr_scaling)
-    warmup = round(optim.warmup_fraction * steps)
+    schedule = LRSchedule.of(optim, batch, steps)
     started = time.perf_counter()
     for s in range(steps):
         for group in opt.param_groups:
-            group["lr"] = warmup_cosine(s, peak, steps, warmup)
+            group["lr"] = schedule(s)
         step(order[s * batch:(s + 1) * batch])
     if device.type == "cuda":
         torch.cuda.synchronize()

@@ -20,6 +20,7 @@ from typing import Any
 from scaling import storage
 from scaling.config import ConfigError, ExperimentConfig, load_config, parse_yaml
 from scaling.data.datasets import DataError
+from scaling.records import StageResult
 from scaling.runtime.local import Runner, run_local, run_pipeline
 from scaling.stages.checkpoint import CheckpointError
 from scaling.stages.registry import stage_runs
@@ -32,7 +33,7 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:5.1f}"
 
 
-def summary(results: list[dict[str, Any]]) -> str:
+def summary(results: list[StageResult]) -> str:
     """One screen: per stage and fraction, validation and test accuracy (probes for
     pretraining), wall time and images/s. Choices are made on the val columns."""
     rows = [f"{'stage':<11}{'labels':>8}{'val %':>7}{'test %':>8}{'kNN val/test':>14}"

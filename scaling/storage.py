@@ -22,7 +22,9 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
+
+from scaling.records import StageResult
 
 Location = str | Path
 RESULT = "result.json"
@@ -149,7 +151,7 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def read_local_result(stage_dir: Path) -> dict[str, Any] | None:
+def read_local_result(stage_dir: Path) -> StageResult | None:
     """A finished stage's result, or None where there is none. A result.json that
     does not parse, or whose final/model.pt is missing or fails its sha256, is set
     aside (result.json.corrupt) with a warning naming the file: the stage then runs
@@ -158,7 +160,7 @@ def read_local_result(stage_dir: Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
     try:
-        result: dict[str, Any] = json.loads(path.read_text())
+        result: StageResult = json.loads(path.read_text())
         problem = _model_problem(stage_dir / "final" / "model.pt", result["model_sha256"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         problem = f"{path} is unreadable ({type(e).__name__}: {e})"
@@ -194,14 +196,14 @@ def stage_location(root: Location, stage: str, key: str) -> Location:
     return join(root, f"{stage}-{key}")
 
 
-def read_result(location: Location) -> dict[str, Any] | None:
+def read_result(location: Location) -> StageResult | None:
     if not is_uri(location):
         return read_local_result(Path(location))
     text = read_text(location, RESULT)
     if text is None:
         return None
     try:
-        return dict(json.loads(text))
+        return cast(StageResult, json.loads(text))
     except ValueError as e:  # the model's sha256 is checked where it is fetched
         print(f"warning: {join(location, RESULT)} is unreadable ({e}); the stage is "
               "recomputed", file=sys.stderr, flush=True)

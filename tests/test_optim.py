@@ -4,8 +4,9 @@ import pytest
 import torch
 from torch import nn
 
+from scaling.config import OptimConfig
 from scaling.train.lars import LARS, param_groups
-from scaling.train.schedule import scaled_lr, warmup_cosine
+from scaling.train.schedule import LRSchedule, scaled_lr, warmup_cosine
 
 
 class Net(nn.Module):
@@ -80,3 +81,11 @@ def test_lr_scaling_uses_global_batch():
     assert scaled_lr(0.1, 4096, "sqrt") == pytest.approx(6.4)  # the paper's pretraining LR
     with pytest.raises(ValueError, match="'cubic'"):
         scaled_lr(0.1, 256, "cubic")  # type: ignore[arg-type]
+
+
+def test_a_stage_schedule_scales_by_the_global_batch_and_warms_up_its_fraction():
+    # base 0.1 x sqrt(256) = 1.6 at the end of a 5-step warmup (5% of 100 steps).
+    s = LRSchedule.of(OptimConfig(base_lr=0.1, lr_scaling="sqrt", warmup_fraction=0.05), 256, 100)
+    assert (s.peak, s.total, s.warmup) == (pytest.approx(1.6), 100, 5)
+    assert s(0) == 0.0 and s(5) == pytest.approx(1.6) and s(100) == pytest.approx(0.0, abs=1e-12)
+    assert s(40) == warmup_cosine(40, s.peak, 100, 5)

@@ -147,6 +147,22 @@ def test_batches_shard_the_single_worker_batch():
         epoch_batches(idx, 200, seed=0, epoch=0)
 
 
+def test_labelled_batches_are_one_global_batch_shared_by_the_workers(tiny):
+    # Distillation's labelled term (alpha > 0) draws a global batch by (seed, step):
+    # the workers' shares make up the single worker's batch, and a resume redraws it.
+    from scaling.stages.distill import labelled_batch
+    from scaling.train.env import Env
+
+    labelled = np.arange(100, 300)
+    cpu = torch.device("cpu")
+    one = labelled_batch(tiny, labelled, 7, Env(cpu))
+    shares = [labelled_batch(tiny, labelled, 7, Env(cpu, rank=r, world=2)) for r in (0, 1)]
+    assert len(one) == tiny.distill.batch_size and set(one) <= set(labelled)
+    assert np.array_equal(np.concatenate(shares), one)
+    assert np.array_equal(labelled_batch(tiny, labelled, 7, Env(cpu)), one)
+    assert not np.array_equal(labelled_batch(tiny, labelled, 8, Env(cpu)), one)
+
+
 def test_result_format_is_json_with_config(tiny, tmp_path):
     pretrain(with_overrides(tiny, {"pretrain.epochs": 1}), tmp_path / "pre")
     data = json.loads((tmp_path / "pre" / "result.json").read_text())

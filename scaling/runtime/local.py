@@ -6,22 +6,22 @@ calls it too, with its own ``Env``) and one configuration's whole chain
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 from scaling import storage
 from scaling.config import ExperimentConfig
+from scaling.records import StageResult
 from scaling.stages import registry
 from scaling.stages.registry import STAGES, stage_dir, stage_runs
 from scaling.storage import Location
 from scaling.train.env import Env
 
-Runner = Callable[[str, ExperimentConfig, Location, "Location | None"], dict[str, Any]]
+Runner = Callable[[str, ExperimentConfig, Location, "Location | None"], StageResult]
 
 
 def run_local(
     stage: str, cfg: ExperimentConfig, out: Location, input_dir: Location | None,
     env: Env | None = None,
-) -> dict[str, Any]:
+) -> StageResult:
     """Run a stage in this process (a Ray Train worker passes its own ``env``).
 
     The stage computes in ``storage.local_dir(out)``; for a URI its input is
@@ -37,7 +37,7 @@ def run_local(
 
 def run_pipeline(
     cfg: ExperimentConfig, root: Location, run: Runner = run_local
-) -> list[dict[str, Any]]:
+) -> list[StageResult]:
     """Run (or resume, or reuse) every stage; one result dict per stage run.
 
     ``run`` executes one stage: in this process (default) or on Ray

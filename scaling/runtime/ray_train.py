@@ -21,6 +21,7 @@ from typing import Any
 
 from scaling import storage
 from scaling.config import ExperimentConfig, from_dict, to_dict
+from scaling.records import ProgressReport, StageResult
 from scaling.runtime.local import run_local
 from scaling.stages.stage_run import NonFiniteLoss
 from scaling.storage import Location
@@ -29,13 +30,13 @@ from scaling.train.env import Env, Report
 ERROR_FILE = "error.json"  # a stage stopped for a reason retries cannot fix
 
 
-def _report(metrics: dict[str, Any], path: Path | None) -> None:
+def _report(metrics: ProgressReport, path: Path | None) -> None:
     """Every worker calls this at every checkpoint (ray.train.report is a barrier)."""
     import ray.train
 
     checkpoint = ray.train.Checkpoint.from_directory(str(path)) if path else None
     name = path.name if path else None
-    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+    ray.train.report(dict(metrics), checkpoint=checkpoint, checkpoint_dir_name=name)
 
 
 def _restore(out: Path) -> None:
@@ -89,7 +90,7 @@ def run_stage(
     stage: str, cfg: ExperimentConfig, out: Location, input_dir: Location | None = None,
     ray_storage: str | None = None, report: Report | None = None,
     callbacks: Sequence[Any] = (),
-) -> dict[str, Any]:
+) -> StageResult:
     """Run one stage on the connected Ray cluster; returns its result.json.
 
     ``out`` and ``input_dir`` are directories or URIs (scaling.storage); Ray keeps

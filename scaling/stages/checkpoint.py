@@ -20,12 +20,14 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from scaling.atomic import atomic_write, atomic_write_text
+from scaling.records import StageResult
 from scaling.storage import read_local_result, sha256
 
 
@@ -96,13 +98,14 @@ def latest_checkpoint(stage_dir: Path) -> tuple[dict[str, Any], dict[str, Any]] 
     return None
 
 
-def write_result(stage_dir: Path, models: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+def write_result(stage_dir: Path, models: dict[str, Any], result: Mapping[str, Any]
+                 ) -> StageResult:
     """Save the final unwrapped state dicts, then result.json (the 'finished' mark)."""
     data = _to_bytes(models)
     atomic_write(stage_dir / "final" / "model.pt", lambda f: f.write(data))
     text = json.dumps({**result, "model_sha256": sha256(data)}, indent=1, sort_keys=True)
     atomic_write_text(stage_dir / "result.json", text)
-    written: dict[str, Any] = json.loads(text)  # callers see exactly what a re-run reads
+    written: StageResult = json.loads(text)  # callers see exactly what a re-run reads
     return written
 
 

@@ -20,18 +20,26 @@ import torch
 
 from scaling.config import ExperimentConfig, to_dict
 from scaling.data.augment import CROP_FLIP, augment, augment_views
-from scaling.data.batches import Fetcher, crops_for, epoch_batches, steps_per_epoch
+from scaling.data.batches import Fetcher, steps_per_epoch
+from scaling.data.datasets import Dataset
 from scaling.data.splits import distill_pool, labelled_subset, load_splits, schedule_epochs
-from scaling.model.network import build_classifier
+from scaling.model.network import Classifier, build_classifier
+from scaling.records import StageResult
 from scaling.stages.checkpoint import load_final_models
 from scaling.stages.evaluate import split_top1
-from scaling.stages.stage_run import StageRun, augment_generator, set_lr
+from scaling.stages.stage_run import (
+    StageRun,
+    augment_generator,
+    labels_protocol,
+    optim_protocol,
+    set_lr,
+)
 from scaling.storage import read_local_result
 from scaling.train.env import Env
 from scaling.train.losses import distillation_loss
 from scaling.train.measure import forward_flops_per_image, size_metrics
 from scaling.train.optimizer import build_optimizer
-from scaling.train.schedule import scaled_lr, warmup_cosine
+from scaling.train.schedule import LRSchedule
 
 
 def match_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
@@ -43,7 +51,7 @@ def match_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
 
 def distill(
     cfg: ExperimentConfig, out: Path, teacher_dir: Path, env: Env | None = None
-) -> dict[str, Any]:
+) -> StageResult:
     done = read_local_result(out)
     if done is not None:
         return done
@@ -60,15 +68,7 @@ def distill(
     labelled = labelled_subset(cfg, splits)
     spe = steps_per_epoch(len(pool), dc.batch_size, "distill.batch_size")
     shape = (train.image_size, train.image_size)
-
-    # Teacher: the fine-tuned classifier, frozen.
-    head_layer = cfg.finetune.head_layer
-    teacher = build_classifier(cfg.model, cfg.head, head_layer, train.channels,
-                               train.image_size, train.num_classes)
-    teacher.load_state_dict(load_final_models(teacher_dir)["classifier"])
-    teacher.to(env.device).eval().requires_grad_(False)
-    if env.cuda:
-        teacher.to(memory_format=torch.channels_last)
+    teacher = load_teacher(cfg, teacher_dir, train, env)
 
     # Student: encoder + linear classifier, no head layers (paper section 2.2).
     torch.manual_seed(cfg.seed)
@@ -82,60 +82,74 @@ def distill(
     # took plain momentum steps at pretraining's peak LR on gradients scaled by
     # 1/tau, and diverged within one epoch on Fashion-MNIST (tau 0.1, LR 1.2).
     optimizer = build_optimizer(optim, net)
-    peak_lr = scaled_lr(optim.base_lr, dc.batch_size, optim.lr_scaling)
     epochs = schedule_epochs(dc.epochs, dc.min_steps, spe)
-    total = spe * epochs
-    warmup = round(optim.warmup_fraction * total)
+    schedule = LRSchedule.of(optim, dc.batch_size, spe * epochs)
 
     gen = augment_generator(env, cfg.seed)
     run = StageRun("distill", out, env, cfg.runtime, spe, epochs,
                    {"model": net, "optimizer": optimizer}, gen)
-    per_worker = dc.batch_size // env.world
-    while run.step < total:
-        batches = epoch_batches(pool, dc.batch_size, cfg.seed, run.epoch, env.rank, env.world)
-        crops = crops_for(CROP_FLIP, 1, cfg.seed, run.epoch)  # folder data: from the full image
-        for x, _ in fetch.stream(batches[run.skip_in_epoch():], crops):
-            lr = warmup_cosine(run.step, peak_lr, total, warmup)
-            set_lr(optimizer, lr)
-            shard = (env.rank, env.world)
-            (view,) = augment_views(x, CROP_FLIP, gen, 1, shape, shard)
-            view = match_channels(view, train.channels)
-            n = view.shape[0]
-            labels = None
-            if dc.alpha > 0:  # a global labelled batch drawn by (seed, step): resumable
-                rng = np.random.Generator(np.random.PCG64([cfg.seed, run.step]))
-                chosen = rng.choice(labelled, dc.batch_size)
-                mine = chosen[env.rank * per_worker:(env.rank + 1) * per_worker]
-                xl, labels = labelled_fetch(mine)
-                view = torch.cat([view, augment(xl, CROP_FLIP, gen, shard=shard)])
-            with env.autocast():
-                with torch.no_grad():
-                    teacher_logits = teacher(env.images(view[:n]))
-                # One student forward for both batches: DDP expects one per step.
-                logits = model(env.images(view)).float()
-            labelled_logits = logits[n:] if labels is not None else None
-            loss = distillation_loss(logits[:n], teacher_logits.float(), temperature,
-                                     labelled_logits, labels, dc.alpha)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            run.after_step(loss, lr, x.shape[0] * env.world)
+    shard = (env.rank, env.world)
+    for x, _ in run.batches(fetch, pool, dc.batch_size, cfg.seed, CROP_FLIP, 1):
+        lr = set_lr(optimizer, schedule(run.step))
+        (view,) = augment_views(x, CROP_FLIP, gen, 1, shape, shard)
+        view = match_channels(view, train.channels)
+        n = view.shape[0]
+        labels = None
+        if dc.alpha > 0:
+            xl, labels = labelled_fetch(labelled_batch(cfg, labelled, run.step, env))
+            view = torch.cat([view, augment(xl, CROP_FLIP, gen, shard=shard)])
+        with env.autocast():
+            with torch.no_grad():
+                teacher_logits = teacher(env.images(view[:n]))
+            # One student forward for both batches: DDP expects one per step.
+            logits = model(env.images(view)).float()
+        labelled_logits = logits[n:] if labels is not None else None
+        loss = distillation_loss(logits[:n], teacher_logits.float(), temperature,
+                                 labelled_logits, labels, dc.alpha)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        run.after_step(loss, lr, x.shape[0] * env.world)
 
     metrics: dict[str, Any] = size_metrics(net, flops)
     if env.is_main:
         metrics |= split_top1({"": net, "teacher_": teacher}, splits, labelled_fetch, env)
-    protocol = {
-        "student": to_dict(cfg.student), "self_distillation": cfg.self_distillation,
-        "student_head_layers": 0, "unlabelled": unlabelled_name, "images": len(pool),
-        "temperature": temperature, "alpha": dc.alpha, "optimizer": optim.name,
-        "base_lr": optim.base_lr, "lr_scaling": optim.lr_scaling, "peak_lr": peak_lr,
-        "weight_decay": optim.weight_decay, "global_bn": True, "val_size": len(splits.val),
-        "val_seed": cfg.data.val_seed,
-        "batch_size": dc.batch_size, "epochs": epochs, "teacher_head_layer": head_layer,
-        "label_fraction": cfg.finetune.label_fraction,
-        "labels_per_class": cfg.finetune.labels_per_class,
-        "subset_seed": cfg.finetune.subset_seed, "augment": "crop+flip, same view for both",
-        "probe": "student classifier; top-1 on val and test", "teacher": str(teacher_dir),
-    }
+    protocol = {"unlabelled": unlabelled_name, "images": len(pool), "temperature": temperature,
+                **optim_protocol(optim, schedule), "epochs": epochs, "val_size": len(splits.val),
+                "teacher": str(teacher_dir), **_protocol(cfg)}
     return run.finish({"classifier": net.state_dict()}, metrics, protocol,
                       {"config": to_dict(cfg)})
+
+
+def _protocol(cfg: ExperimentConfig) -> dict[str, Any]:
+    """What the configuration fixes about a distillation run (the rest is measured)."""
+    return {
+        "student": to_dict(cfg.student), "self_distillation": cfg.self_distillation,
+        "student_head_layers": 0, "alpha": cfg.distill.alpha, "global_bn": True,
+        "val_seed": cfg.data.val_seed, "batch_size": cfg.distill.batch_size,
+        "teacher_head_layer": cfg.finetune.head_layer, **labels_protocol(cfg),
+        "augment": "crop+flip, same view for both",
+        "probe": "student classifier; top-1 on val and test",
+    }
+
+
+def load_teacher(cfg: ExperimentConfig, teacher_dir: Path, train: Dataset, env: Env
+                 ) -> Classifier:
+    """The fine-tuned classifier of ``teacher_dir``, frozen on the training device."""
+    teacher = build_classifier(cfg.model, cfg.head, cfg.finetune.head_layer, train.channels,
+                               train.image_size, train.num_classes)
+    teacher.load_state_dict(load_final_models(teacher_dir)["classifier"])
+    teacher.to(env.device).eval().requires_grad_(False)
+    if env.cuda:
+        teacher.to(memory_format=torch.channels_last)
+    return teacher
+
+
+def labelled_batch(cfg: ExperimentConfig, labelled: np.ndarray, step: int, env: Env
+                   ) -> np.ndarray:
+    """This worker's share of a global labelled batch drawn by (seed, step): the same
+    on every worker and after a resume."""
+    rng = np.random.Generator(np.random.PCG64([cfg.seed, step]))
+    chosen = rng.choice(labelled, cfg.distill.batch_size)
+    per_worker = cfg.distill.batch_size // env.world
+    return chosen[env.rank * per_worker:(env.rank + 1) * per_worker]

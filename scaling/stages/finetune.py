@@ -17,25 +17,32 @@ import torch.nn.functional as F
 
 from scaling.config import ExperimentConfig, OptimConfig, to_dict
 from scaling.data.augment import CROP_FLIP, augment_views
-from scaling.data.batches import Fetcher, crops_for, epoch_batches, steps_per_epoch
+from scaling.data.batches import Fetcher, steps_per_epoch
 from scaling.data.splits import labelled_subset, load_splits, schedule_epochs
 from scaling.data.subsets import save_indices
 from scaling.model.network import Classifier, build_classifier, build_contrastive, classifier_from
+from scaling.records import StageResult
 from scaling.stages.checkpoint import load_final_models, write_result
 from scaling.stages.evaluate import split_top1
-from scaling.stages.stage_run import StageRun, augment_generator, set_lr
+from scaling.stages.stage_run import (
+    StageRun,
+    augment_generator,
+    labels_protocol,
+    optim_protocol,
+    set_lr,
+)
 from scaling.storage import read_local_result
 from scaling.train.env import Env
 from scaling.train.measure import forward_flops_per_image, size_metrics
 from scaling.train.optimizer import build_optimizer
-from scaling.train.schedule import scaled_lr, warmup_cosine
+from scaling.train.schedule import LRSchedule
 
 Build = Callable[[int, int, int], Classifier]  # (channels, image size, classes) -> model
 
 
 def finetune(
     cfg: ExperimentConfig, out: Path, pretrained: Path, env: Env | None = None
-) -> dict[str, Any]:
+) -> StageResult:
     """Fine-tune the whole network from head layer ``cfg.finetune.head_layer``."""
     def build(channels: int, size: int, classes: int) -> Classifier:
         return pretrained_classifier(cfg, pretrained, channels, size, classes)
@@ -43,7 +50,7 @@ def finetune(
     ft = cfg.finetune
     extra = {"head_layer": ft.head_layer, "pretrained": str(pretrained)}
 
-    def run(where: Path, lr: float) -> dict[str, Any]:
+    def run(where: Path, lr: float) -> StageResult:
         optim = dataclasses.replace(ft.optim, base_lr=lr)
         return train_classifier(cfg, "finetune", where, env, build, ft.epochs, ft.min_steps,
                                 ft.batch_size, optim, extra)
@@ -62,7 +69,7 @@ def pretrained_classifier(
     return classifier_from(net, cfg.finetune.head_layer, classes)
 
 
-def supervised(cfg: ExperimentConfig, out: Path, env: Env | None = None) -> dict[str, Any]:
+def supervised(cfg: ExperimentConfig, out: Path, env: Env | None = None) -> StageResult:
     """The same architecture from scratch (encoder + linear) on the same labels,
     its LR chosen on validation from ``supervised.lr_grid``."""
     def build(channels: int, size: int, classes: int) -> Classifier:
@@ -70,7 +77,7 @@ def supervised(cfg: ExperimentConfig, out: Path, env: Env | None = None) -> dict
 
     s = cfg.supervised
 
-    def run(where: Path, lr: float) -> dict[str, Any]:
+    def run(where: Path, lr: float) -> StageResult:
         optim = dataclasses.replace(s.optim, base_lr=lr)
         return train_classifier(cfg, "supervised", where, env, build, s.epochs, s.min_steps,
                                 s.batch_size, optim, {"head_layer": 0})
@@ -80,8 +87,8 @@ def supervised(cfg: ExperimentConfig, out: Path, env: Env | None = None) -> dict
 
 def best_on_validation(
     out: Path, env: Env | None, grid: tuple[float, ...], base_lr: float,
-    run: Callable[[Path, float], dict[str, Any]],
-) -> dict[str, Any]:
+    run: Callable[[Path, float], StageResult],
+) -> StageResult:
     """``run(out, base_lr)``, or with a ``grid`` one resumable run per base LR in
     ``out/lr-<value>`` and the one with the best validation top-1 as the result: its
     weights and metrics, every LR's validation top-1 in the protocol and the grid's
@@ -95,9 +102,13 @@ def best_on_validation(
     runs = {lr: run(out / f"lr-{lr:g}", lr) for lr in grid}
     if env is not None and not env.is_main:
         return runs[grid[0]]  # only the main worker has validation numbers and writes
-    val = {lr: r["metrics"]["val_top1"] for lr, r in runs.items()}
+    val: dict[float, float] = {}
+    for lr, r in runs.items():
+        v = r["metrics"].get("val_top1")
+        assert v is not None, "an LR grid without validation is refused by the config"
+        val[lr] = v
     best = max(grid, key=lambda lr: val[lr])  # ties: the first listed
-    chosen = {k: v for k, v in runs[best].items() if k != "model_sha256"}
+    chosen: dict[str, Any] = {k: v for k, v in runs[best].items() if k != "model_sha256"}
     chosen["metrics"] = {**chosen["metrics"], "train_seconds": sum(
         r["metrics"]["train_seconds"] for r in runs.values())}
     chosen["protocol"] = {**chosen["protocol"], "lr_chosen_on": "validation top-1",
@@ -108,7 +119,7 @@ def best_on_validation(
 def train_classifier(
     cfg: ExperimentConfig, name: str, out: Path, env: Env | None, build: Build, epochs: int,
     min_steps: int, batch_size: int, optim: OptimConfig, extra_protocol: dict[str, Any],
-) -> dict[str, Any]:
+) -> StageResult:
     done = read_local_result(out)
     if done is not None:
         return done
@@ -133,41 +144,33 @@ def train_classifier(
     model = env.prepare(net, sync_bn=True)  # global BN, as in pretraining
     # The reference excludes the classifier from LARS adaptation and weight decay.
     optimizer = build_optimizer(optim, net, exclude=[net.classifier])
-    peak_lr = scaled_lr(optim.base_lr, batch, optim.lr_scaling)
-    total = spe * epochs
-    warmup = round(optim.warmup_fraction * total)
+    schedule = LRSchedule.of(optim, batch, spe * epochs)
 
     gen = augment_generator(env, cfg.seed)
     run = StageRun(name, out, env, cfg.runtime, spe, epochs,
                    {"model": net, "optimizer": optimizer}, gen)
-    while run.step < total:
-        batches = epoch_batches(labelled, batch, cfg.seed, run.epoch, env.rank, env.world)
-        crops = crops_for(CROP_FLIP, 1, cfg.seed, run.epoch)  # folder data: from the full image
-        for x, y in fetch.stream(batches[run.skip_in_epoch():], crops):
-            lr = warmup_cosine(run.step, peak_lr, total, warmup)
-            set_lr(optimizer, lr)
-            (view,) = augment_views(x, CROP_FLIP, gen, 1, shard=(env.rank, env.world))
-            with env.autocast():
-                logits = model(env.images(view))
-            loss = F.cross_entropy(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            run.after_step(loss, lr, x.shape[0] * env.world)
+    for x, y in run.batches(fetch, labelled, batch, cfg.seed, CROP_FLIP, 1):
+        lr = set_lr(optimizer, schedule(run.step))
+        (view,) = augment_views(x, CROP_FLIP, gen, 1, shard=(env.rank, env.world))
+        with env.autocast():
+            logits = model(env.images(view))
+        loss = F.cross_entropy(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        run.after_step(loss, lr, x.shape[0] * env.world)
 
     metrics: dict[str, Any] = {**size_metrics(net, flops), "labelled_examples": len(labelled)}
     if env.is_main:
         metrics |= split_top1({"": net}, splits, fetch, env)
-    ft = cfg.finetune
     protocol = {
         "stem": cfg.model.resolved_stem(train.image_size), "image_size": train.image_size,
-        "label_fraction": ft.label_fraction, "labels_per_class": ft.labels_per_class,
-        "subset_seed": ft.subset_seed, "subset_file": ft.subset_file, "batch_size": batch,
-        "epochs": epochs, "steps": total, "min_steps": min_steps, "optimizer": optim.name,
-        "base_lr": optim.base_lr, "lr_scaling": optim.lr_scaling, "peak_lr": peak_lr,
-        "weight_decay": optim.weight_decay, "global_bn": True,
+        **labels_protocol(cfg), "subset_file": cfg.finetune.subset_file, "batch_size": batch,
+        "epochs": epochs, "steps": schedule.total, "min_steps": min_steps,
+        **optim_protocol(optim, schedule), "global_bn": True,
         "val_size": len(splits.val), "val_seed": cfg.data.val_seed, "augment": "crop+flip",
         "probe": "the trained classifier; top-1 on val and test", **extra_protocol,
     }
     return run.finish({"classifier": net.state_dict()}, metrics, protocol,
                       {"config": to_dict(cfg), "labels_file": "labels.txt"})
+

@@ -14,10 +14,11 @@ import torch
 from scaling.atomic import atomic_write_text
 from scaling.config import ExperimentConfig, config_hash, to_dict
 from scaling.data.augment import augment_views
-from scaling.data.batches import Fetcher, crops_for, epoch_batches, steps_per_epoch
-from scaling.data.datasets import ImageData
+from scaling.data.batches import Fetcher, steps_per_epoch
+from scaling.data.datasets import Dataset, ImageData
 from scaling.data.splits import Splits, load_splits, unlabelled_pool
 from scaling.model.network import build_contrastive
+from scaling.records import StageResult
 from scaling.stages.evaluate import apply, fit_linear_probe, knn_accuracy, top1
 from scaling.stages.stage_run import StageRun, augment_generator, set_lr
 from scaling.storage import read_local_result
@@ -26,13 +27,13 @@ from scaling.train.losses import nt_xent
 from scaling.train.measure import forward_flops_per_image, size_metrics
 from scaling.train.memory import NegativeQueue, ema_update, momentum_copy
 from scaling.train.optimizer import build_optimizer
-from scaling.train.schedule import scaled_lr, warmup_cosine
+from scaling.train.schedule import LRSchedule
 
 # Pixel probes only where they are cheap: in-memory sets of up to 32x32x3 values.
 PIXEL_PROBE_MAX_DIMS = 3072
 
 
-def pretrain(cfg: ExperimentConfig, out: Path, env: Env | None = None) -> dict[str, Any]:
+def pretrain(cfg: ExperimentConfig, out: Path, env: Env | None = None) -> StageResult:
     """Pretrain and write ``out``/result.json; a finished ``out`` is returned as is."""
     done = read_local_result(out)
     if done is not None:
@@ -61,33 +62,27 @@ def pretrain(cfg: ExperimentConfig, out: Path, env: Env | None = None) -> dict[s
 
     optimizer = build_optimizer(p.optim, net)
     objects["optimizer"] = optimizer
-    peak_lr = scaled_lr(p.optim.base_lr, p.batch_size, p.optim.lr_scaling)
-    total = spe * p.epochs
-    warmup = round(p.optim.warmup_fraction * total)
+    schedule = LRSchedule.of(p.optim, p.batch_size, spe * p.epochs)
 
     gen = augment_generator(env, cfg.seed)
     run = StageRun("pretrain", out, env, cfg.runtime, spe, p.epochs, objects, gen)
     view = p.augment.view()
-    while run.step < total:
-        batches = epoch_batches(indices, p.batch_size, cfg.seed, run.epoch, env.rank, env.world)
-        crops = crops_for(view, 2, cfg.seed, run.epoch)  # folder data: from the full image
-        for x, _ in fetch.stream(batches[run.skip_in_epoch():], crops):
-            lr = warmup_cosine(run.step, peak_lr, total, warmup)
-            set_lr(optimizer, lr)
-            views = torch.cat(augment_views(x, view, gen, 2, shard=(env.rank, env.world)))
-            with env.autocast():
-                z = model(env.images(views))[-1]
-            z1, z2 = z.float().chunk(2)
-            negatives = None if queue is None else queue.negatives()
-            loss = nt_xent(z1, z2, p.temperature, negatives=negatives)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if momentum is not None and queue is not None:
-                ema_update(momentum, net, p.memory.momentum)
-                with torch.no_grad(), env.autocast():
-                    queue.push(momentum(env.images(views))[-1].float())
-            run.after_step(loss, lr, x.shape[0] * env.world)
+    for x, _ in run.batches(fetch, indices, p.batch_size, cfg.seed, view, 2):
+        lr = set_lr(optimizer, schedule(run.step))
+        views = torch.cat(augment_views(x, view, gen, 2, shard=(env.rank, env.world)))
+        with env.autocast():
+            z = model(env.images(views))[-1]
+        z1, z2 = z.float().chunk(2)
+        negatives = None if queue is None else queue.negatives()
+        loss = nt_xent(z1, z2, p.temperature, negatives=negatives)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if momentum is not None and queue is not None:
+            ema_update(momentum, net, p.memory.momentum)
+            with torch.no_grad(), env.autocast():
+                queue.push(momentum(env.images(views))[-1].float())
+        run.after_step(loss, lr, x.shape[0] * env.world)
 
     metrics: dict[str, Any] = size_metrics(net, flops)
     if env.is_main:
@@ -95,18 +90,24 @@ def pretrain(cfg: ExperimentConfig, out: Path, env: Env | None = None) -> dict[s
         if isinstance(train, ImageData) and train.images[0].numel() <= PIXEL_PROBE_MAX_DIMS:
             pixels = pixel_reference(cfg, splits, out.parent, env)
             metrics |= {f"pixel_{k}": v for k, v in pixels.items()}
-    protocol = {
+    models = {"encoder": net.encoder.state_dict(), "head": net.head.state_dict()}
+    return run.finish(models, metrics, _protocol(cfg, train, len(indices), len(splits.val)),
+                      {"config": to_dict(cfg)})
+
+
+def _protocol(cfg: ExperimentConfig, train: Dataset, images: int, val_size: int
+              ) -> dict[str, Any]:
+    p = cfg.pretrain
+    return {
         "stem": cfg.model.resolved_stem(train.image_size), "image_size": train.image_size,
         "head_layers": cfg.head.num_layers, "batch_size": p.batch_size, "epochs": p.epochs,
         "temperature": p.temperature, "queue_size": p.memory.queue_size,
-        "images": len(indices), "val_size": len(splits.val), "val_seed": cfg.data.val_seed,
+        "images": images, "val_size": val_size, "val_seed": cfg.data.val_seed,
         "loss": "nt_xent as the reference: mean over view-1 anchors + mean over view-2 anchors",
         "probe": f"frozen encoder, unaugmented features; fitted on the training split's labels "
                  f"without validation; kNN k={cfg.evaluate.knn_k} T="
                  f"{cfg.evaluate.knn_temperature}; logistic L-BFGS; reported on val and test",
     }
-    models = {"encoder": net.encoder.state_dict(), "head": net.head.state_dict()}
-    return run.finish(models, metrics, protocol, {"config": to_dict(cfg)})
 
 
 def probe(

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from scaling import storage
 from scaling.config import ExperimentConfig, config_hash, fraction_configs
+from scaling.records import StageResult
 from scaling.storage import Location
 
 if TYPE_CHECKING:  # torch; only a running stage needs it
@@ -97,7 +98,7 @@ def stage_runs(cfg: ExperimentConfig, root: Location
 
 
 def run(name: str, cfg: ExperimentConfig, out: Path, input_dir: Path | None,
-        env: Env | None) -> dict[str, Any]:
+        env: Env | None) -> StageResult:
     """Run stage ``name`` into the local directory ``out``."""
     spec = stage(name)
     module, attr = spec.function.split(":")

@@ -10,16 +10,21 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 import torch.distributed
 
-from scaling.config import RuntimeConfig
+from scaling.config import ExperimentConfig, OptimConfig, RuntimeConfig, ViewSpec
+from scaling.data.batches import Fetcher, crops_for, epoch_batches
+from scaling.records import ProgressReport, StageResult
 from scaling.stages.checkpoint import latest_checkpoint, save_checkpoint, write_result
 from scaling.train.env import Env
 from scaling.train.measure import Progress, peak_memory_bytes
+from scaling.train.schedule import LRSchedule
 
 
 class Stateful(Protocol):
@@ -75,6 +80,17 @@ class StageRun:
     def skip_in_epoch(self) -> int:
         """Batches of the current epoch already done (non-zero only after a resume)."""
         return self.step - self.epoch * self.steps_per_epoch
+
+    def batches(self, fetch: Fetcher, indices: np.ndarray, global_batch: int, seed: int,
+                view: ViewSpec, views: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This worker's share of every remaining batch, epoch after epoch from where
+        the run resumes; each epoch's order and (folder data) full-image crops are
+        drawn from (seed, epoch), so a resumed run sees the batches it would have."""
+        while self.step < self.total_steps:
+            env = self.env
+            batches = epoch_batches(indices, global_batch, seed, self.epoch, env.rank, env.world)
+            crops = crops_for(view, views, seed, self.epoch)
+            yield from fetch.stream(batches[self.skip_in_epoch():], crops)
 
     def after_step(self, loss: torch.Tensor, lr: float, images: int) -> None:
         """Record a finished step; check for NaN; checkpoint when due."""
@@ -133,19 +149,22 @@ class StageRun:
 
     def _report(self, path: Path | None) -> None:
         if self.env.report is not None:
-            last = self.progress.history[-1] if self.progress.history else {}
             points = self.progress.history[self._reported:]  # since the last report
             self._reported = len(self.progress.history)
-            progress = {"stage": self.name, **last, "step": self.step, "points": points,
-                        "resumed_from": self.resumed_from,
-                        "total_steps": self.total_steps, "epochs": self.epochs,
-                        "eta_s": self.progress.eta_seconds(self.step)}
+            progress: ProgressReport = {
+                "stage": self.name, "step": self.step, "points": points,
+                "resumed_from": self.resumed_from, "total_steps": self.total_steps,
+                "epochs": self.epochs, "eta_s": self.progress.eta_seconds(self.step)}
+            if self.progress.history:  # the latest point's loss, lr, epoch and rate
+                last = self.progress.history[-1]
+                progress |= {"epoch": last["epoch"], "loss": last["loss"], "lr": last["lr"],
+                             "images_per_s": last["images_per_s"]}
             self.env.report(progress, path)
 
     def finish(self, models: dict[str, Any], metrics: dict[str, Any],
-               protocol: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+               protocol: dict[str, Any], extra: dict[str, Any]) -> StageResult:
         """Write the result (main worker only) with everything a stage records."""
-        result = {
+        result: dict[str, Any] = {
             "stage": self.name,
             "step": self.step,
             "metrics": {
@@ -168,12 +187,14 @@ class StageRun:
         }
         if self.env.is_main:
             return write_result(self.out, models, result)
-        return dict(json.loads(json.dumps(result)))
+        copy: StageResult = json.loads(json.dumps(result))  # as the main worker's reads
+        return copy
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
     for group in optimizer.param_groups:
         group["lr"] = lr
+    return lr
 
 
 def augment_generator(env: Env, seed: int) -> torch.Generator:
@@ -181,3 +202,14 @@ def augment_generator(env: Env, seed: int) -> torch.Generator:
     each draws the choices of the whole global batch and applies its own rows."""
     return torch.Generator(env.device).manual_seed(seed * 1_000_003 + 17)
 
+
+def labels_protocol(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Which labelled subset a classifier (or a student's teacher) was trained on."""
+    ft = cfg.finetune
+    return {"label_fraction": ft.label_fraction, "labels_per_class": ft.labels_per_class,
+            "subset_seed": ft.subset_seed}
+
+
+def optim_protocol(optim: OptimConfig, schedule: LRSchedule) -> dict[str, Any]:
+    return {"optimizer": optim.name, "base_lr": optim.base_lr, "lr_scaling": optim.lr_scaling,
+            "peak_lr": schedule.peak, "weight_decay": optim.weight_decay}

@@ -15,6 +15,7 @@ from typing import Any
 import pandas as pd
 
 from scaling import storage
+from scaling.records import StageResult
 from scaling.stages.registry import ORDER
 from scaling.storage import Location
 
@@ -64,7 +65,7 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def stage_row(study: str, cell: str, axes: dict[str, Any], config: dict[str, Any], stage: str,
-              key: str, result: dict[str, Any], status: str, commit: str, invocation: str
+              key: str, result: StageResult, status: str, commit: str, invocation: str
               ) -> dict[str, Any]:
     """One (cell, stage) row: identity, metrics, cost, provenance, and every key of
     the cell's configuration (a reused run was computed by another cell, whose

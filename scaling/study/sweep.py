@@ -40,6 +40,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from scaling import storage
 from scaling.config import ConfigError, ExperimentConfig, from_dict, to_dict
+from scaling.records import ProgressReport
 from scaling.runtime.ray_train import run_stage
 from scaling.stages.registry import STAGES, stage_dir, stage_key
 from scaling.storage import Location
@@ -125,8 +126,8 @@ def quiet_shutdown(unraisable: Any) -> None:
     sys.__unraisablehook__(unraisable)
 
 
-def _tune_report(metrics: dict[str, Any], path: Any) -> None:
-    tune.report(metrics)
+def _tune_report(progress: ProgressReport, path: Path | None) -> None:
+    tune.report(dict(progress))
 
 
 def run_cell(config: dict[str, Any], ctx: dict[str, Any]) -> None:

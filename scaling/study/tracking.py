@@ -13,6 +13,7 @@ its final metrics are written, so a curve is complete however often it reported.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,11 @@ FINAL = ("val_top1", "test_top1", "knn_val_top1", "knn_top1", "linear_val_top1",
 Points = list[tuple[int, dict[str, float]]]
 
 
+def _curve(stage: str, points: Iterable[Mapping[str, Any]]) -> Points:
+    return [(int(p["step"]), {f"{stage}/{k}": float(p[k]) for k in CURVES if k in p})
+            for p in points]
+
+
 def stage_points(result: dict[str, Any], stages: Location) -> Points:
     """(step, {tag: value}) for one trial report: a live progress point, or, when a
     stage has finished (event executed/reused), its stored history and metrics."""
@@ -36,17 +42,15 @@ def stage_points(result: dict[str, Any], stages: Location) -> Points:
     if not stage:
         return []
     if "total_steps" in result:  # progress at a checkpoint: the points since the last one
-        return [(int(p["step"]), {f"{stage}/{k}": float(p[k]) for k in CURVES if k in p})
-                for p in result.get("points", [])]
+        return _curve(stage, result.get("points", []))
     if result.get("event") not in ("executed", "reused"):
         return []
     done = storage.read_result(storage.stage_location(stages, stage, result["key"]))
     if done is None:
         return []
-    points: Points = [(int(p["step"]), {f"{stage}/{k}": float(p[k]) for k in CURVES if k in p})
-                      for p in done.get("history", [])]
+    points = _curve(stage, done["history"])
     final = {f"{stage}/{k}": float(v) for k, v in done["metrics"].items()
-             if k in FINAL and v is not None}
+             if k in FINAL and isinstance(v, int | float)}
     return [*points, (int(done["step"]), final)]
 
 

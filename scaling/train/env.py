@@ -19,8 +19,9 @@ from torch import nn
 
 from scaling.config import ConfigError
 from scaling.model.global_bn import convert_global_bn
+from scaling.records import ProgressReport
 
-Report = Callable[[dict[str, Any], Path | None], None]
+Report = Callable[[ProgressReport, Path | None], None]
 
 
 def pick_device(name: str) -> torch.device:

@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from scaling.model.resnet import count_parameters
+from scaling.records import CurvePoint
 from scaling.train.env import eval_mode
 
 
@@ -52,7 +53,7 @@ class Progress:
     """
 
     def __init__(self, stage: str, total_steps: int, show: bool,
-                 history: list[dict[str, Any]] | None = None, done_seconds: float = 0.0,
+                 history: list[CurvePoint] | None = None, done_seconds: float = 0.0,
                  images: int = 0) -> None:
         self.stage, self.total, self.show = stage, total_steps, show
         self.history = history or []
@@ -67,7 +68,8 @@ class Progress:
         if loss is None:
             return
         rate = self.images / max(self.step_seconds, 1e-9)
-        point = {"step": step + 1, "epoch": epoch, "loss": loss, "lr": lr, "images_per_s": rate}
+        point: CurvePoint = {"step": step + 1, "epoch": epoch, "loss": loss, "lr": lr,
+                             "images_per_s": rate}
         self.history.append(point)
         if self.show:
             eta = self.eta_seconds(step + 1)

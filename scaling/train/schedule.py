@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Literal
+
+from scaling.config import OptimConfig
 
 Scaling = Literal["linear", "sqrt"]
 
@@ -40,3 +43,22 @@ def warmup_cosine(step: int, peak_lr: float, total_steps: int, warmup_steps: int
         return peak_lr
     progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
     return peak_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    """A stage's LR as a pure function of the step: ``optim.base_lr`` scaled by the
+    global batch, linear warmup over ``optim.warmup_fraction`` of ``total`` steps,
+    then cosine decay to 0."""
+
+    peak: float
+    total: int
+    warmup: int
+
+    @classmethod
+    def of(cls, optim: OptimConfig, global_batch: int, total: int) -> LRSchedule:
+        peak = scaled_lr(optim.base_lr, global_batch, optim.lr_scaling)
+        return cls(peak, total, round(optim.warmup_fraction * total))
+
+    def __call__(self, step: int) -> float:
+        return warmup_cosine(step, self.peak, self.total, self.warmup)
