@@ -295,7 +295,7 @@ def load_dataset(
     raise DataError(f"dataset={name!r} is not registered; allowed: {', '.join(DATASETS)}")
 
 
-PROJECT = Path(__file__).resolve().parent.parent
+PROJECT = Path(__file__).resolve().parents[2]  # the repository: scaling/data/ is two below
 
 
 def project_path(path: str | os.PathLike[str]) -> Path:

@@ -41,7 +41,7 @@ CODE_PATHS = ("scaling", "studies", "analysis", "configs", "subsets", "pyproject
 
 def git_commit() -> str:
     """The project's commit (with '+dirty' for local changes), or 'unknown'."""
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
                               text=True, check=True).stdout.strip()
