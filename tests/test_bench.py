@@ -69,6 +69,7 @@ def test_gpu_script_runs_its_smoke_case_and_counts_training_flops():
     # convolution needs no input gradient, so a little under 3x).
     assert 2 * 2.5 * forward < per_pair <= 2 * 3.0 * forward
     assert "image pairs/s" in done.stdout and isinstance(case.spec, ViewSpec)
+    assert "smoke-jpeg eager:" in done.stdout  # the JPEG input path ran too
 
 
 def test_the_folder_bench_times_both_paths_on_real_jpegs(tmp_path):
@@ -83,3 +84,13 @@ def test_the_folder_bench_times_both_paths_on_real_jpegs(tmp_path):
     for key in ("decode_img_s", "eval_img_s", "old_pairs_s", "new_pairs_s", "new_cpu_pairs_s"):
         assert r[key] > 0, key
     assert 0 < r["new_cpu_share"] <= 1
+
+
+def test_the_lars_bench_times_both_updates_of_one_network():
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "lars.py"), "--depth", "18", "--width", "0.0625",
+         "--batch", "4", "--size", "8", "--steps", "1", "--repeats", "1", "--device", "cpu"],
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "LARS reference" in done.stdout and "LARS foreach" in done.stdout
+    assert "reference / foreach:" in done.stdout
