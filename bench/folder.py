@@ -12,6 +12,12 @@ times, in this one process with one torch thread (so the numbers are per core):
            with antialiasing (FolderImages' training request), then flip, colour,
            blur batched (scaling.data.augment.augment_views)
   eval     decode, central 87.5% square, resize to 224 (the evaluation view)
+  tv       torchvision.io.decode_jpeg on the CPU (libjpeg-turbo), decode only
+  draft    PIL with JPEG draft mode (DCT-domain downscale by 2 while decoding), decode
+           only; and the share of training crops draft mode could serve (a crop can
+           be decoded at 1/2 only if its shorter side is at least 2 x 224)
+  device   runtime.decode: device on this CPU: read bytes, decode the batch,
+           2 crops per image with roi_align (scaling.data.jpeg), no colour ops
 Each variant runs ``--repeats`` times, alternating; medians are printed with the
 new/old ratio, the share of the new path spent on the CPU side (decode + crops),
 and the CPU cores that side needs to feed a GPU at 3,500 pairs/s.
@@ -71,7 +77,9 @@ def run(images: int, batch: int, repeats: int) -> dict[str, float]:
         ds = FolderImages(Path(tmp) / "train", SIZE, "imagefolder")
         gen = torch.Generator().manual_seed(0)
         batches = [range(s, min(s + batch, images)) for s in range(0, images, batch)]
-        crop_s: dict[str, list[float]] = {k: [] for k in ("decode", "old", "new", "eval")}
+        crop_s: dict[str, list[float]] = {
+            k: [] for k in ("decode", "old", "new", "eval", "tv", "draft", "device")}
+        files = [path for path, _ in ds.folder.samples]
         aug_s: dict[str, list[float]] = {"old": [], "new": []}
 
         def old() -> None:
@@ -93,6 +101,9 @@ def run(images: int, batch: int, repeats: int) -> dict[str, float]:
                 aug_s["new"][-1] += time.perf_counter() - t1
 
         for _ in range(repeats):
+            crop_s["tv"].append(timed(lambda: tv_decode(files)))
+            crop_s["draft"].append(timed(lambda: draft_decode(files)))
+            crop_s["device"].append(timed(lambda: [device_crops(ds, b) for b in batches]))
             crop_s["decode"].append(timed(lambda: [ds.decode(i) for i in range(images)]))
             crop_s["eval"].append(timed(lambda: [ds[i] for i in range(images)]))
             for name, fn in (("old", old), ("new", new)):
@@ -107,7 +118,45 @@ def run(images: int, batch: int, repeats: int) -> dict[str, float]:
         "new_pairs_s": images / (med["new"] + aug["new"]),
         "new_cpu_pairs_s": images / med["new"], "new_cpu_share": med["new"] / (
             med["new"] + aug["new"]),
+        "tv_img_s": images / med["tv"], "draft_img_s": images / med["draft"],
+        "device_pairs_s": images / med["device"], "draft_share": draft_share(ds),
     }
+
+
+def tv_decode(files: list[str]) -> None:
+    from scaling.data.jpeg import decode
+
+    decode([torch.frombuffer(bytearray(Path(f).read_bytes()), dtype=torch.uint8)
+            for f in files], torch.device("cpu"))
+
+
+def draft_decode(files: list[str]) -> None:
+    from PIL import Image
+
+    for f in files:
+        with Image.open(f) as img:
+            img.draft("RGB", (img.width // 2, img.height // 2))
+            img.convert("RGB").load()
+
+
+def device_crops(ds: FolderImages, batch: range) -> torch.Tensor:
+    from scaling.data import jpeg
+
+    data, _, paths = jpeg.collate([jpeg.EncodedFiles(ds)[i] for i in batch])
+    images = jpeg.decode(data, torch.device("cpu"), paths)
+    boxes = jpeg.crop_boxes(images, list(batch), 2, SPEC.crop_scale, SPEC.crop_ratio)
+    return jpeg.crop_resize(images, boxes, SIZE)
+
+
+def draft_share(ds: FolderImages, draws: int = 4000) -> float:
+    """Training crops (ImageNet's area and aspect ranges) of a 500x375 image whose
+    shorter side is at least twice the output: those a 1/2 draft decode could serve."""
+    from scaling.data.augment import sample_crops
+
+    g = torch.Generator().manual_seed(0)
+    boxes = sample_crops(draws, 375, 500, SPEC.crop_scale, SPEC.crop_ratio, g,
+                         torch.device("cpu"))
+    return float((boxes[:, 2:].min(1).values >= 2 * SIZE).float().mean())
 
 
 def main() -> None:
@@ -128,8 +177,15 @@ def main() -> None:
           f"(new/old {r['new_pairs_s'] / r['old_pairs_s']:.2f})")
     print(f"new, decode + 2 crops only     {r['new_cpu_pairs_s']:8.1f} pairs/s per core "
           f"({100 * r['new_cpu_share']:.0f}% of the new path on a CPU)")
-    print(f"cores to decode + crop {TARGET_PAIRS_PER_S} pairs/s (colour ops on the GPU): "
-          f"{TARGET_PAIRS_PER_S / r['new_cpu_pairs_s']:.0f}")
+    print(f"torchvision.io decode only     {r['tv_img_s']:8.1f} images/s per core "
+          f"(PIL {r['decode_img_s']:.1f})")
+    print(f"PIL draft mode 1/2, decode     {r['draft_img_s']:8.1f} images/s per core; usable "
+          f"for {100 * r['draft_share']:.1f}% of training crops at {SIZE} px")
+    print(f"runtime.decode device, on CPU  {r['device_pairs_s']:8.1f} pairs/s per core "
+          "(bytes, batch decode, 2 roi_align crops)")
+    for target in (TARGET_PAIRS_PER_S, 1800):
+        print(f"cores to decode + crop {target} pairs/s (colour ops on the GPU): "
+              f"{target / r['new_cpu_pairs_s']:.1f}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,10 @@ Cases (images live on the GPU as uint8; augmentation runs there):
   r50-224   ResNet-50 1x, ImageNet stem, 256x256 sources -> two 224 px views,
             the ImageNet recipe (colour strength 1.0, blur p 0.5)
   r18-32    ResNet-18 1x, small stem, 32x32 sources (CIFAR's shape), strength 0.5
+  r50-jpeg  r50-224 with the whole input pipeline on the GPU (runtime.decode: device):
+            each step decodes its batch from 500x375 JPEG bytes (quality 90) with
+            nvJPEG and cuts two full-image crops per image with roi_align, then
+            flip, colour and blur; "augmentation" is then decode + crops + colour
 each eager and with torch.compile (the stage's ``runtime.compile``).
 Prints image pairs/s, the GPU time in augmentation / forward+loss+backward /
 optimiser step (CUDA events around each phase of every timed step), training
@@ -40,6 +44,7 @@ from scaling.config import (  # noqa: E402
     OptimConfig,
     ViewSpec,  # noqa: E402
 )
+from scaling.data import jpeg  # noqa: E402
 from scaling.data.augment import augment  # noqa: E402
 from scaling.model.network import build_contrastive  # noqa: E402
 from scaling.train.losses import nt_xent  # noqa: E402
@@ -60,14 +65,37 @@ class Case:
     side: int  # side of the views
     spec: ViewSpec
     batch: int  # image pairs per step
+    jpeg: tuple[int, int] | None = None  # (width, height) of JPEG sources instead
 
 
 CASES = {
     "r50-224": Case("r50-224", 50, 1.0, "imagenet", 256, 224,
                     ViewSpec(color_strength=1.0, blur_p=0.5), 256),
     "r18-32": Case("r18-32", 18, 1.0, "small", 32, 32, ViewSpec(color_strength=0.5), 512),
+    "r50-jpeg": Case("r50-jpeg", 50, 1.0, "imagenet", 0, 224,
+                     ViewSpec(color_strength=1.0, blur_p=0.5), 256, jpeg=(500, 375)),
 }
-SMOKE = {"smoke": Case("smoke", 18, 0.0625, "small", 20, 16, ViewSpec(blur_p=0.5), 8)}
+SMOKE = {"smoke": Case("smoke", 18, 0.0625, "small", 20, 16, ViewSpec(blur_p=0.5), 8),
+         "smoke-jpeg": Case("smoke-jpeg", 18, 0.0625, "small", 0, 16, ViewSpec(blur_p=0.5), 8,
+                            jpeg=(40, 30))}
+
+
+def jpeg_sources(n: int, width: int, height: int) -> list[torch.Tensor]:
+    """``n`` photo-like JPEGs (smooth colour fields, quality 90) as encoded bytes."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(n):
+        coarse = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+        img = Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC)
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=90)
+        out.append(torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8))
+    return out
 
 
 def peak_tflops(device: torch.device) -> float | None:
@@ -130,15 +158,27 @@ def run_case(case: Case, device: torch.device, compile: bool, steps: int, warmup
     model = torch.compile(net) if compile else net
     n_source = 4 * case.batch  # a pool of distinct images to draw batches from
     g = torch.Generator(device).manual_seed(0)
-    images = torch.randint(0, 256, (n_source, 3, case.source, case.source), dtype=torch.uint8,
-                           device=device, generator=g)
     size = (case.side, case.side)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
+    if case.jpeg:
+        encoded = jpeg_sources(n_source, *case.jpeg)
+        # The crops are cut from the decoded image; colour, flip and blur follow.
+        after_crop = dataclasses.replace(case.spec, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0))
+    else:
+        images = torch.randint(0, 256, (n_source, 3, case.source, case.source),
+                               dtype=torch.uint8, device=device, generator=g)
 
     def views_of(step: int) -> torch.Tensor:
-        i = (torch.arange(case.batch, device=device) + step * case.batch) % n_source
-        x = images[i]
-        v = torch.cat([augment(x, case.spec, g, size), augment(x, case.spec, g, size)])
+        if case.jpeg:
+            i = [(k + step * case.batch) % n_source for k in range(case.batch)]
+            decoded = jpeg.decode([encoded[k] for k in i], device)
+            boxes = jpeg.crop_boxes(decoded, i, 2, case.spec.crop_scale, case.spec.crop_ratio)
+            crops = jpeg.crop_resize(decoded, boxes, case.side)
+            v = torch.cat([augment(crops[:, k], after_crop, g, size) for k in (0, 1)])
+        else:
+            idx = (torch.arange(case.batch, device=device) + step * case.batch) % n_source
+            x = images[idx]
+            v = torch.cat([augment(x, case.spec, g, size), augment(x, case.spec, g, size)])
         return v.contiguous(memory_format=torch.channels_last) if cuda else v
 
     def train(views: torch.Tensor) -> None:

@@ -371,6 +371,10 @@ class RuntimeConfig:
     # Decode processes for imagefolder data (training and evaluation); None: one per
     # core this process may use, less one for the training loop, at most 8.
     loader_workers: int | None = None
+    # Where imagefolder JPEGs are decoded and cropped: "loader" (PIL, in the loader
+    # workers) or "device" (the workers only read files; nvJPEG and roi_align on
+    # the GPU, scaling.data.jpeg). Same boxes; pixels within the resamplers' rounding.
+    decode: Literal["loader", "device"] = "loader"
     # Ray Train (scaling.runtime.ray_train); the single-process pipeline ignores these.
     # Data-parallel workers per stage (the global batch is split); 0: run the stage
     # in the calling process (a study's trial), without Ray Train's start-up cost.

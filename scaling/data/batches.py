@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from scaling.config import ConfigError
-from scaling.data.augment import ViewSpec
-from scaling.data.datasets import Dataset, ImageData
+from scaling.config import ConfigError, RuntimeConfig, ViewSpec
+from scaling.data import jpeg
+from scaling.data.datasets import Dataset, FolderImages, ImageData
 
 
 def steps_per_epoch(n: int, global_batch: int, key: str = "batch_size") -> int:
@@ -93,14 +93,23 @@ class Fetcher:
     there; folder datasets decode through a DataLoader in worker processes.
     """
 
-    def __init__(self, dataset: Dataset, device: torch.device, workers: int | None = None
-                 ) -> None:
+    def __init__(self, dataset: Dataset, device: torch.device, workers: int | None = None,
+                 decode_on_device: bool = False) -> None:
         self.dataset = dataset
         self.device = device
         self.workers = default_loader_workers() if workers is None else workers
+        self.decode_on_device = decode_on_device  # folder data: scaling.data.jpeg
         if isinstance(dataset, ImageData):
             self.images = dataset.images.to(device)
             self.labels = dataset.labels.to(device)
+
+    @classmethod
+    def of(cls, dataset: Dataset, device: torch.device, runtime: RuntimeConfig) -> Fetcher:
+        return cls(dataset, device, runtime.loader_workers, runtime.decode == "device")
+
+    def like(self, dataset: Dataset) -> Fetcher:
+        """A fetcher of ``dataset`` with these settings."""
+        return Fetcher(dataset, self.device, self.workers, self.decode_on_device)
 
     def __call__(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(self.dataset, ImageData):
@@ -117,6 +126,9 @@ class Fetcher:
         if isinstance(self.dataset, ImageData):
             yield from (self(b) for b in batches)
             return
+        if self.decode_on_device:
+            yield from self._decode_here(self.dataset, batches, crops)
+            return
         c = crops
         keys = [b.tolist() if c is None else
                 [(i, s, c.views, c.scale, c.ratio)
@@ -128,6 +140,23 @@ class Fetcher:
         )
         for x, y in loader:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+    def _decode_here(self, ds: FolderImages, batches: list[np.ndarray], crops: Crops | None
+                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Workers read the files; the batch is decoded and cropped on the device."""
+        loader = torch.utils.data.DataLoader(
+            jpeg.EncodedFiles(ds), batch_sampler=[b.tolist() for b in batches],
+            num_workers=self.workers, collate_fn=jpeg.collate)
+        for b, (data, y, paths) in zip(batches, loader, strict=True):
+            images = jpeg.decode(data, self.device, paths)
+            if crops is None:  # the evaluation view
+                x = jpeg.crop_resize(images, jpeg.centre_boxes(images), ds.image_size)[:, 0]
+            else:
+                seeds = item_seeds(crops.seed, b).tolist()
+                boxes = jpeg.crop_boxes(images, seeds, crops.views, crops.scale, crops.ratio)
+                x = jpeg.crop_resize(images, boxes, ds.image_size)
+            yield x, y.to(self.device, non_blocking=True)
 
 
 def eval_batches(indices: np.ndarray, batch: int) -> list[np.ndarray]:

@@ -62,9 +62,8 @@ def distill(
     splits = load_splits(cfg.data)
     train = splits.train
     unlabelled, pool, unlabelled_name = distill_pool(cfg, splits)
-    fetch = Fetcher(unlabelled, env.device, cfg.runtime.loader_workers)
-    labelled_fetch = fetch if unlabelled is train else Fetcher(train, env.device,
-                                                                cfg.runtime.loader_workers)
+    fetch = Fetcher.of(unlabelled, env.device, cfg.runtime)
+    labelled_fetch = fetch if unlabelled is train else fetch.like(train)
     labelled = labelled_subset(cfg, splits)
     spe = steps_per_epoch(len(pool), dc.batch_size, "distill.batch_size")
     shape = (train.image_size, train.image_size)

@@ -46,7 +46,7 @@ def split_top1(
 ) -> dict[str, float | None]:
     """``{prefix}val_top1`` (None without a validation split) and ``{prefix}test_top1``
     for each ``prefix: net``; ``train_fetch`` serves the training split (validation)."""
-    test_fetch = Fetcher(splits.test, env.device, train_fetch.workers)
+    test_fetch = train_fetch.like(splits.test)
     out: dict[str, float | None] = {}
     for prefix, net in nets.items():
         out[f"{prefix}val_top1"] = None

@@ -1,0 +1,111 @@
+"""JPEG decoding and full-image crops on the training device (``runtime.decode: device``).
+
+The default path (``loader``) decodes with PIL in DataLoader worker processes and
+cuts each image's random-resized crops there (FolderImages). On this path the
+workers only read each file's bytes; the main process decodes the batch with
+``torchvision.io.decode_jpeg(..., device=...)`` (nvJPEG on a GPU, libjpeg-turbo on a
+CPU) and cuts the same boxes with ``torchvision.ops.roi_align``: one bilinear sample
+grid per output pixel, as many samples per pixel as the crop is larger than the
+output (``sampling_ratio=-1``), so a downscale averages instead of aliasing.
+
+The boxes come from the same per-image seeds and rule as the loader path
+(augment.sample_crops), so both cut the same crops; the pixels differ by the
+decoders' and resamplers' rounding (measured in tests/test_jpeg.py).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+from scaling.data.augment import sample_crops
+from scaling.data.datasets import CENTER_CROP_PROPORTION, DataError, FolderImages
+
+
+class EncodedFiles(torch.utils.data.Dataset):
+    """A folder dataset's files as encoded bytes: all a loader worker does here."""
+
+    def __init__(self, images: FolderImages) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:
+        path, label = self.images.folder.samples[i]
+        data = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
+        return data, label, path
+
+
+def collate(items: list[tuple[torch.Tensor, int, str]]
+            ) -> tuple[list[torch.Tensor], torch.Tensor, list[str]]:
+    return ([d for d, _, _ in items], torch.tensor([y for _, y, _ in items]),
+            [p for _, _, p in items])
+
+
+def decode(data: list[torch.Tensor], device: torch.device, paths: list[str] | None = None
+           ) -> list[torch.Tensor]:
+    """RGB uint8 CxHxW images on ``device`` from encoded JPEG bytes (1-D uint8, on the
+    CPU), decoded as one batch. A file that does not decode is named (``paths``)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    with warnings.catch_warnings():
+        # torchvision 0.29 deprecates its decoders for TorchCodec's; we pin 0.29.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+        except RuntimeError as e:  # the batch fails as a whole: find the file
+            for i, d in enumerate(data):
+                try:
+                    decode_jpeg(d, mode=ImageReadMode.RGB)
+                except RuntimeError:
+                    name = paths[i] if paths else f"image {i} of the batch"
+                    raise DataError(f"{name} does not decode as a JPEG ({e}); replace it, or "
+                                    "use runtime.decode: loader (PIL reads other formats)"
+                                    ) from None
+            raise
+
+
+def crop_boxes(images: list[torch.Tensor], seeds: list[int], views: int,
+               scale: tuple[float, float], ratio: tuple[float, float]) -> list[torch.Tensor]:
+    """Per image, ``views`` boxes (y0, x0, h, w) in whole pixels, drawn from its seed
+    exactly as FolderImages draws them."""
+    boxes = []
+    for img, seed in zip(images, seeds, strict=True):
+        g = torch.Generator().manual_seed(seed)
+        b = sample_crops(views, img.shape[1], img.shape[2], scale, ratio, g,
+                         torch.device("cpu")).round()
+        b[:, 2:] = b[:, 2:].clamp(min=1)
+        boxes.append(b)
+    return boxes
+
+
+def centre_boxes(images: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The evaluation view's box per image: the central 87.5% square."""
+    out = []
+    for img in images:
+        h, w = img.shape[1:]
+        side = round(CENTER_CROP_PROPORTION * min(h, w))
+        out.append(torch.tensor([[(h - side) // 2, (w - side) // 2, side, side]],
+                                dtype=torch.float32))
+    return out
+
+
+def crop_resize(images: list[torch.Tensor], boxes: list[torch.Tensor], size: int
+                ) -> torch.Tensor:
+    """NxVxCxSxS uint8: each image's V boxes (y0, x0, h, w) resized to ``size``."""
+    from torchvision.ops import roi_align
+
+    out = []
+    for img, b in zip(images, boxes, strict=True):
+        b = b.to(img.device, torch.float32)
+        # roi_align's boxes: (batch index, x1, y1, x2, y2); aligned=True reads them
+        # with pixel i covering [i, i + 1), as the (y0, x0, h, w) boxes mean.
+        rois = torch.stack([torch.zeros_like(b[:, 0]), b[:, 1], b[:, 0],
+                            b[:, 1] + b[:, 3], b[:, 0] + b[:, 2]], dim=1)
+        crops = roi_align(img.unsqueeze(0).float(), rois, output_size=size,
+                          spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+        out.append(crops.round_().clamp_(0, 255).to(torch.uint8))
+    return torch.stack(out)

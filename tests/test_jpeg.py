@@ -1,0 +1,99 @@
+"""Decoding and cropping on the device (runtime.decode: device), run here on the CPU:
+the same images, boxes and crops as the loader path, within resampling rounding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from scaling.config import with_overrides
+from scaling.data import jpeg
+from scaling.data.batches import Crops, Fetcher
+from scaling.data.datasets import DataError, FolderImages
+
+CPU = torch.device("cpu")
+
+
+def _photos(root, n=6, width=80, height=60):
+    """Smooth random colour fields saved as JPEG (they compress like photos)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (root / "train" / c).mkdir(parents=True)
+        for i in range(n):
+            coarse = rng.integers(0, 256, (4, 5, 3), dtype=np.uint8)
+            img = Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC)
+            img.save(root / "train" / c / f"{c}_{i}.jpg", quality=90)
+    return FolderImages(root / "train", 32, "imagefolder")
+
+
+def _encoded(ds):
+    items = [jpeg.EncodedFiles(ds)[i] for i in range(len(ds))]
+    return jpeg.collate(items)
+
+
+def test_a_batch_decodes_to_the_images_pil_decodes(tmp_path):
+    ds = _photos(tmp_path)
+    data, labels, _ = _encoded(ds)
+    images = jpeg.decode(data, CPU)
+    assert labels.tolist() == ds.labels.tolist()
+    for i, img in enumerate(images):
+        ref = ds.decode(i)
+        assert img.shape == ref.shape == (3, 60, 80)
+        # Two builds of libjpeg(-turbo) may round the inverse DCT differently.
+        assert (img.int() - ref.int()).abs().float().mean() < 0.5
+
+
+def test_crops_are_the_loader_paths_boxes_within_rounding(tmp_path):
+    ds = _photos(tmp_path)
+    data, _, _ = _encoded(ds)
+    images = jpeg.decode(data, CPU)
+    seeds = list(range(100, 100 + len(ds)))
+    scale, ratio = (0.08, 1.0), (3 / 4, 4 / 3)
+    crops = jpeg.crop_resize(images, jpeg.crop_boxes(images, seeds, 3, scale, ratio), 32)
+    assert crops.shape == (len(ds), 3, 3, 32, 32) and crops.dtype == torch.uint8
+    for i, seed in enumerate(seeds):
+        ref, _ = ds[(i, seed, 3, scale, ratio)]
+        diff = (crops[i].float() - ref.float()).abs()
+        # Same box: a wrong box or a shifted grid differs by tens of grey levels.
+        assert diff.mean() < 1.5 and diff.max() <= 12, (i, diff.mean(), diff.max())
+    views = jpeg.crop_resize(images, jpeg.centre_boxes(images), 32)[:, 0]
+    for i in range(len(ds)):
+        assert (views[i].float() - ds[i][0].float()).abs().mean() < 1.5
+
+
+def test_the_fetcher_decodes_on_the_device_like_the_loader(tmp_path):
+    ds = _photos(tmp_path)
+    batches = [np.array([0, 7, 3]), np.array([11, 2, 5])]
+    crops = Crops(2, (0.08, 1.0), (0.75, 4 / 3), 5)
+    loader, device = Fetcher(ds, CPU, workers=0), Fetcher(ds, CPU, 0, decode_on_device=True)
+    for view in (crops, None):
+        for (xa, ya), (xb, yb) in zip(loader.stream(batches, view),
+                                      device.stream(batches, view), strict=True):
+            assert xa.shape == xb.shape and torch.equal(ya, yb)
+            assert (xa.float() - xb.float()).abs().mean() < 1.5
+    assert device.like(ds).decode_on_device
+
+
+def test_a_file_that_is_not_a_jpeg_is_named(tmp_path):
+    from PIL import Image
+
+    ds_root = tmp_path
+    _photos(ds_root, n=2)
+    Image.new("RGB", (20, 20)).save(ds_root / "train" / "a" / "odd.png")
+    ds = FolderImages(ds_root / "train", 32, "imagefolder")
+    fetch = Fetcher(ds, CPU, 0, decode_on_device=True)
+    with pytest.raises(DataError, match=r"odd\.png does not decode as a JPEG"):
+        list(fetch.stream([np.arange(len(ds))]))
+
+
+def test_the_setting_is_checked_and_reaches_the_fetcher(tiny):
+    from scaling.config import ConfigError
+    from scaling.data.datasets import synthetic
+
+    cfg = with_overrides(tiny, {"runtime.decode": "device"})
+    assert Fetcher.of(synthetic("train", n=8), CPU, cfg.runtime).decode_on_device
+    with pytest.raises(ConfigError, match="decode"):
+        with_overrides(tiny, {"runtime.decode": "gpu"})
