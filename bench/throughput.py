@@ -12,6 +12,9 @@ threads or Ray daemons), in the order a b c a b c ... so that drift on the
 machine shows up as spread between repeats, not as a ratio. Images/s counts the
 training steps only (pretraining: image pairs), from the first step to the last.
 Prints each run, the median per variant, and the ratios b/a and c/a.
+``--profile`` also runs torch's profiler in every run and prints, per stage, the
+operators' self CPU time summed over that variant's runs, side by side: where a
+variant's extra time goes, operator by operator.
 """
 
 from __future__ import annotations
@@ -196,6 +199,17 @@ def stage_run(variant: str, stage: str, cfg: ExperimentConfig, out: Path,
 
 
 def child(spec: dict[str, Any]) -> dict[str, Any]:
+    if not spec.get("profile"):
+        return run_variant(spec)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        result = run_variant(spec)
+    ops = {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}
+    return {**result, "ops": ops}
+
+
+def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
     cfg = from_dict(ExperimentConfig, spec["cfg"])
     torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
@@ -244,6 +258,8 @@ def main() -> None:
                         help="comma-separated loop variants to compare (default: all)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                         help="where the stages run")
+    parser.add_argument("--profile", action="store_true",
+                        help="per-operator self CPU time of each variant (torch profiler)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -277,7 +293,7 @@ def main() -> None:
                 for variant in variants:
                     out = Path(tmp) / f"{stage}-{variant}-{r}"
                     res = run_child(_spec(variant, stage, cfg, out, input_dir, threads,
-                                          args.device))
+                                          args.device) | {"profile": args.profile})
                     runs.setdefault((stage, variant), []).append(res)
                     extra = (f", stage wall {res['stage_wall_seconds']:.1f} s, call "
                              f"{res['call_seconds']:.1f} s" if variant != "bare" else "")
@@ -299,6 +315,30 @@ def main() -> None:
             paired = [x / b for x, b in zip(rates[v], rates["bare"], strict=True)]
             print(f"{'':9s} {v}/bare {med[v] / med['bare']:.3f}; per repeat "
                   f"{statistics.median(paired):.3f} [{min(paired):.3f}, {max(paired):.3f}]")
+    if args.profile:
+        for stage in stages:
+            print_profile(stage, {v: runs[(stage, v)] for v in variants})
+
+
+def print_profile(stage: str, runs: dict[str, list[dict[str, Any]]], top: int = 18) -> None:
+    """Self CPU milliseconds per training step for each operator (summed over a
+    variant's runs, divided by their steps). A stage's run also evaluates and
+    counts FLOPs (forward-only ops); backward and optimiser ops are training's alone."""
+    per_step: dict[str, dict[str, float]] = {}
+    for v, rs in runs.items():
+        steps = sum(r["steps"] for r in rs)
+        for r in rs:
+            for op, s in r["ops"].items():
+                per_step.setdefault(op, {}).setdefault(v, 0.0)
+                per_step[op][v] += 1e3 * s / steps
+    print(f"\n{stage}: self CPU ms per training step, by operator")
+    print(f"{'operator':<44}" + "".join(f"{v:>10}" for v in runs))
+    ranked = sorted(per_step, key=lambda op: -max(per_step[op].values()))
+    for op in ranked[:top]:
+        print(f"{op[:43]:<44}" + "".join(f"{per_step[op].get(v, 0.0):10.2f}" for v in runs))
+    print(f"{'all operators':<44}" + "".join(
+        f"{sum(t.get(v, 0.0) for t in per_step.values()):10.2f}" for v in runs))
+
 
 def _spec(variant: str, stage: str, cfg: ExperimentConfig, out: Path, input_dir: Path | None,
           threads: int, device: str) -> dict[str, Any]:
