@@ -28,7 +28,7 @@ class Metrics(TypedDict, total=False):
     forward_flops_per_image: int
     images_per_s: float
     train_seconds: float  # summed over an LR grid's runs
-    wall_seconds: float
+    wall_seconds: float  # likewise
     peak_memory_bytes: int
     final_loss: float | None
     # Classifiers (fine-tuning, the supervised baseline, distillation's student).

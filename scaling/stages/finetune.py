@@ -92,7 +92,7 @@ def best_on_validation(
     """``run(out, base_lr)``, or with a ``grid`` one resumable run per base LR in
     ``out/lr-<value>`` and the one with the best validation top-1 as the result: its
     weights and metrics, every LR's validation top-1 in the protocol and the grid's
-    summed training time as ``train_seconds``. Fine-tuning and its baseline are both
+    summed ``train_seconds`` and ``wall_seconds``. Fine-tuning and its baseline are both
     tuned this way, so neither gets a better-chosen LR than the other."""
     if not grid:
         return run(out, base_lr)
@@ -109,8 +109,10 @@ def best_on_validation(
         val[lr] = v
     best = max(grid, key=lambda lr: val[lr])  # ties: the first listed
     chosen: dict[str, Any] = {k: v for k, v in runs[best].items() if k != "model_sha256"}
-    chosen["metrics"] = {**chosen["metrics"], "train_seconds": sum(
-        r["metrics"]["train_seconds"] for r in runs.values())}
+    # The grid's cost: every run's training and wall time (a sweep's time accounting
+    # subtracts one from the other).
+    chosen["metrics"] = {**chosen["metrics"], **{k: sum(r["metrics"][k] for r in runs.values())
+                                                 for k in ("train_seconds", "wall_seconds")}}
     chosen["protocol"] = {**chosen["protocol"], "lr_chosen_on": "validation top-1",
                           "lr_grid_val_top1": {f"{lr:g}": v for lr, v in val.items()}}
     return write_result(out, load_final_models(out / f"lr-{best:g}"), chosen)
