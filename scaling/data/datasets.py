@@ -116,17 +116,30 @@ class FolderImages(torch.utils.data.Dataset):
         if isinstance(key, tuple):
             i, seed, views, scale, ratio = key
             img = self.decode(i)
-            g = torch.Generator().manual_seed(seed)
-            boxes = sample_crops(views, img.shape[1], img.shape[2], scale, ratio, g,
-                                 torch.device("cpu")).round().long().tolist()
-            crops = [resized_crop(img, y0, x0, max(h, 1), max(w, 1), size, antialias=True)
-                     for y0, x0, h, w in boxes]
+            boxes = crop_boxes(img.shape[1], img.shape[2], seed, views, scale, ratio)
+            crops = [resized_crop(img, y0, x0, h, w, size, antialias=True)
+                     for y0, x0, h, w in boxes.long().tolist()]
             return torch.stack(crops), int(self.labels[i])  # VxCxSxS
         img = self.decode(key)
-        h, w = img.shape[1:]
-        side = round(CENTER_CROP_PROPORTION * min(h, w))
-        top, left = (h - side) // 2, (w - side) // 2
+        top, left, side, _ = centre_box(img.shape[1], img.shape[2]).long().tolist()
         return resized_crop(img, top, left, side, side, size, antialias=True), int(self.labels[key])
+
+
+def crop_boxes(height: int, width: int, seed: int, views: int, scale: tuple[float, float],
+               ratio: tuple[float, float]) -> torch.Tensor:
+    """An image's ``views`` training boxes (y0, x0, h, w) in whole pixels, drawn from
+    its seed alone (a resumed or sharded run draws the same ones)."""
+    g = torch.Generator().manual_seed(seed)
+    boxes = sample_crops(views, height, width, scale, ratio, g, torch.device("cpu")).round()
+    boxes[:, 2:] = boxes[:, 2:].clamp(min=1)
+    return boxes
+
+
+def centre_box(height: int, width: int) -> torch.Tensor:
+    """The evaluation view's box (y0, x0, side, side): the central 87.5% square."""
+    side = round(CENTER_CROP_PROPORTION * min(height, width))
+    return torch.tensor([(height - side) // 2, (width - side) // 2, side, side],
+                        dtype=torch.float32)
 
 
 Dataset = ImageData | FolderImages

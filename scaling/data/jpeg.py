@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from scaling.data.augment import sample_crops
-from scaling.data.datasets import CENTER_CROP_PROPORTION, DataError, FolderImages
+from scaling.data import datasets
+from scaling.data.datasets import DataError, FolderImages
 
 
 class EncodedFiles(torch.utils.data.Dataset):
@@ -70,27 +70,14 @@ def decode(data: list[torch.Tensor], device: torch.device, paths: list[str] | No
 
 def crop_boxes(images: list[torch.Tensor], seeds: list[int], views: int,
                scale: tuple[float, float], ratio: tuple[float, float]) -> list[torch.Tensor]:
-    """Per image, ``views`` boxes (y0, x0, h, w) in whole pixels, drawn from its seed
-    exactly as FolderImages draws them."""
-    boxes = []
-    for img, seed in zip(images, seeds, strict=True):
-        g = torch.Generator().manual_seed(seed)
-        b = sample_crops(views, img.shape[1], img.shape[2], scale, ratio, g,
-                         torch.device("cpu")).round()
-        b[:, 2:] = b[:, 2:].clamp(min=1)
-        boxes.append(b)
-    return boxes
+    """Per image, ``views`` boxes (y0, x0, h, w), exactly as FolderImages draws them."""
+    return [datasets.crop_boxes(img.shape[1], img.shape[2], seed, views, scale, ratio)
+            for img, seed in zip(images, seeds, strict=True)]
 
 
 def centre_boxes(images: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The evaluation view's box per image: the central 87.5% square."""
-    out = []
-    for img in images:
-        h, w = img.shape[1:]
-        side = round(CENTER_CROP_PROPORTION * min(h, w))
-        out.append(torch.tensor([[(h - side) // 2, (w - side) // 2, side, side]],
-                                dtype=torch.float32))
-    return out
+    """The evaluation view's box per image (FolderImages' central square)."""
+    return [datasets.centre_box(img.shape[1], img.shape[2]).unsqueeze(0) for img in images]
 
 
 def crop_resize(images: list[torch.Tensor], boxes: list[torch.Tensor], size: int
