@@ -1,5 +1,5 @@
 """One configuration end to end: in this process (no Ray needed), or with --ray
-each stage on Ray Train:
+on Ray Train (one worker group runs the stages in turn):
 
     python -m scaling.pipeline CONFIG.yaml|PRESET [--out runs] [--set key=value ...] [--ray]
 
@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from scaling import storage
-from scaling.config import ConfigError, ExperimentConfig, load_config, parse_yaml
+from scaling.config import ConfigError, ExperimentConfig, config_hash, load_config, parse_yaml
 from scaling.data.datasets import DataError
 from scaling.records import StageResult
-from scaling.runtime.local import Runner, run_local, run_pipeline
+from scaling.runtime.local import pipeline_jobs, run_pipeline
 from scaling.stages.checkpoint import CheckpointError
 from scaling.stages.registry import stage_runs
 from scaling.stages.stage_run import NonFiniteLoss
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="override config keys, e.g. pretrain.epochs=5 (repeatable)")
     parser.add_argument("--ray", action="store_true",
-                        help="run each stage on Ray Train (runtime.workers workers)")
+                        help="run the stages on Ray Train (one group of runtime.workers workers)")
     parser.add_argument("--address", default=None,
                         help="with --ray: a running cluster ('auto'); default: start one here")
     args = parser.parse_args(argv)
@@ -95,15 +95,18 @@ def main(argv: list[str] | None = None) -> int:
         root = storage.join(storage.absolute(storage.parse(args.out)), cfg.name)
         storage.check_writable(root, "--out")
         started = time.perf_counter()
-        run: Runner = run_local
         if args.ray:
             import ray
 
-            from scaling.runtime.ray_train import run_stage
+            from scaling.runtime.ray_train import run_stages
 
             ray.init(address=args.address)
-            run = run_stage
-        results = run_pipeline(cfg, root, run)
+            # One worker group runs the whole chain; the Ray run is named by the
+            # chain's stage keys, so the same command resumes it.
+            jobs = pipeline_jobs(cfg, root)
+            results = run_stages(jobs, f"{cfg.name}-{config_hash([j.key for j in jobs])}")
+        else:
+            results = run_pipeline(cfg, root)
     except (ConfigError, DataError, NonFiniteLoss, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

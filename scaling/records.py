@@ -1,5 +1,6 @@
 """What stages hand on, as types: a stage's result (its result.json), the metrics in
-it, a point of its training curve, and the progress a running stage reports.
+it, a point of its training curve, the progress a running stage reports, and the
+events that frame each stage a runner runs.
 
 On disk and over Ray they are plain JSON objects; these TypedDicts let mypy check
 every reader (the runtime, the sweep, the results table, analysis/) against what
@@ -81,3 +82,13 @@ class ProgressReport(TypedDict, total=False):
     loss: float
     lr: float
     images_per_s: float
+
+
+class StageEvent(TypedDict):
+    """Around each stage that a runner runs for a watcher (a Tune trial): "start",
+    then "executed" with the stage's test accuracy (None for pretraining)."""
+
+    stage: str
+    key: str
+    event: str
+    top1: float | None

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from scaling import storage
 from scaling.config import with_overrides
 from scaling.model.network import build_contrastive
 from scaling.stages.checkpoint import load_final_models
@@ -41,7 +42,7 @@ def test_one_ray_worker_reproduces_the_single_process_run(ray_local, tiny, tmp_p
     for k, v in a["encoder"].items():
         assert torch.allclose(v.float(), b["encoder"][k].float(), atol=1e-4), k
     # Ray registered the stage's checkpoints, and a second call returns the result.
-    assert list((tmp_path / "_ray" / "ray").glob("step-*"))
+    assert list((tmp_path / "_ray" / "ray").glob("ray@checkpoints@step-*"))
     assert run_stage("pretrain", cfg, tmp_path / "ray") == on_ray
 
 
@@ -77,6 +78,52 @@ def test_two_workers_compute_what_one_worker_computes(ray_local, tiny, tmp_path)
             assert torch.allclose(step_one, step_two, atol=1e-6, rtol=1e-3), k
             moved += int(step_one.abs().max() > 1e-4)
     assert moved > 20  # most tensors really moved: the comparison is not vacuous
+
+
+def test_a_chain_runs_on_one_worker_group_and_each_stage_keeps_its_own_state(
+        ray_local, tiny, tmp_path):
+    """pretrain -> finetune -> distill -> supervised (an LR grid) on one TorchTrainer:
+    one worker process runs every stage (one start-up), each stage directory holds
+    its own result, and Ray's copy of a checkpoint names its stage and its place
+    there: with the last grid run's local state gone (a fresh node), running the
+    chain again restores that checkpoint into that run and trains nothing."""
+    import os
+    import shutil
+
+    from scaling.runtime.local import pipeline_jobs
+    from scaling.runtime.ray_train import run_stages
+
+    cfg = with_overrides(tiny, {
+        "label_fractions": [0.5], "pretrain.epochs": 1, "finetune.epochs": 1,
+        "distill.epochs": 1, "supervised.epochs": 1, "supervised.lr_grid": [0.05, 0.1],
+        "runtime.workers": 1})
+    jobs = pipeline_jobs(cfg, tmp_path / "runs")
+    pids = tmp_path / "pids"
+    pids.mkdir()
+
+    def after(job, result):  # runs in the worker, on rank 0
+        (pids / job.stage).write_text(f"{os.getpid()} {result['stage']}")
+
+    results = run_stages(jobs, "chain", after=after)
+    assert [r["stage"] for r in results] == ["pretrain", "finetune", "distill", "supervised"]
+    marks = {p.name: p.read_text().split() for p in pids.iterdir()}
+    assert {stage for _, stage in marks.values()} == set(marks) == {j.stage for j in jobs}
+    assert len({pid for pid, _ in marks.values()}) == 1  # one worker ran them all
+    assert int(next(iter(marks.values()))[0]) != os.getpid()
+    for job, result in zip(jobs, results, strict=True):
+        assert result["stage"] == job.stage and (job.out / "result.json").exists()
+    # Ray kept the latest checkpoints, named by stage and place: the grid's last run.
+    grid_run = jobs[-1].out / "lr-0.1"
+    kept = (tmp_path / "runs" / "_ray" / "chain").glob(
+        f"{jobs[-1].out.name}@lr-0.1@checkpoints@step-*")
+    assert list(kept)
+    shutil.rmtree(grid_run)
+    (jobs[-1].out / "result.json").unlink()
+    again = run_stages(jobs, "chain")
+    resumed = storage.read_local_result(grid_run)
+    assert resumed is not None and resumed["resumed_from"] == resumed["step"]
+    assert again[:3] == results[:3]
+    assert again[3]["model_sha256"] == results[3]["model_sha256"]
 
 
 def test_killed_worker_is_replaced_and_the_stage_resumes(ray_local, tiny, tmp_path):

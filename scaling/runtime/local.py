@@ -1,17 +1,20 @@
 """Running stages in this process: one stage (``run_local``; a Ray Train worker
 calls it too, with its own ``Env``) and one configuration's whole chain
-(``run_pipeline``), whichever runner executes each stage.
+(``run_pipeline``), whichever runner executes each stage. A ``StageJob`` names
+one stage run, as the runners pass it around.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from scaling import storage
-from scaling.config import ExperimentConfig
+from scaling.config import ExperimentConfig, from_dict, to_dict
 from scaling.records import StageResult
 from scaling.stages import registry
-from scaling.stages.registry import STAGES, stage_dir, stage_runs
+from scaling.stages.registry import STAGES, stage_dir, stage_key, stage_runs
 from scaling.storage import Location
 from scaling.train.env import Env
 
@@ -35,6 +38,38 @@ def run_local(
     return result
 
 
+@dataclass(frozen=True)
+class StageJob:
+    """One stage run: the stage, its configuration, its directory and its input's."""
+
+    stage: str
+    cfg: ExperimentConfig
+    out: Location
+    input: Location | None = None
+
+    @property
+    def key(self) -> str:
+        return stage_key(self.cfg, self.stage)
+
+    def encode(self) -> dict[str, Any]:
+        return {"stage": self.stage, "cfg": to_dict(self.cfg), "out": str(self.out),
+                "input": None if self.input is None else str(self.input)}
+
+    @classmethod
+    def decode(cls, d: dict[str, Any]) -> StageJob:
+        return cls(d["stage"], from_dict(ExperimentConfig, d["cfg"]), storage.parse(d["out"]),
+                   storage.parse(d["input"]) if d["input"] else None)
+
+
+def pipeline_jobs(cfg: ExperimentConfig, root: Location) -> list[StageJob]:
+    """Every stage run of ``cfg``'s chain, in dependency order."""
+    jobs = []
+    for stage, c, out in stage_runs(cfg, root):
+        dep = STAGES[stage].input
+        jobs.append(StageJob(stage, c, out, stage_dir(root, c, dep) if dep else None))
+    return jobs
+
+
 def run_pipeline(
     cfg: ExperimentConfig, root: Location, run: Runner = run_local
 ) -> list[StageResult]:
@@ -43,10 +78,6 @@ def run_pipeline(
     ``run`` executes one stage: in this process (default) or on Ray
     (``scaling.runtime.ray_train.run_stage``); the chain is the same.
     """
-    results = []
-    for stage, c, out in stage_runs(cfg, root):
-        dep = STAGES[stage].input
-        results.append(run(stage, c, out, stage_dir(root, c, dep) if dep else None))
-    return results
+    return [run(j.stage, j.cfg, j.out, j.input) for j in pipeline_jobs(cfg, root)]
 
 

@@ -1,63 +1,95 @@
-"""The Ray Train seam: each stage as a TorchTrainer whose workers call the very
-same stage function as the single-process path (no second training loop).
+"""The Ray Train seam: stages on a TorchTrainer whose workers call the very same
+stage function as the single-process path (no second training loop).
 
 Ray supplies the worker group (gloo on CPU, NCCL on GPU), restarts it after a
 failure (``runtime.max_failures``) and keeps the reported checkpoints in its
-storage. The stage itself resumes from its stage directory; a worker that finds
-that directory without the checkpoint Ray holds (a fresh node) restores it from
-``ray.train.get_checkpoint()`` first. Stage results are identified by the stage
-directory, which the pipeline names by content hash, so the Ray run name is the
-directory name: running the same stage again resumes or returns it.
+storage. One worker group runs a list of dependent stages in turn
+(``run_stages``): its start-up (tens of seconds: controller, workers, process
+group) is paid once per list, not once per stage, while each stage keeps its own
+directory, checkpoints and result. A stage resumes from its stage directory; a
+worker that finds that directory without the checkpoint Ray holds (a fresh node)
+restores it from ``ray.train.get_checkpoint()`` first: checkpoint names carry the
+stage directory's name, so a list's latest checkpoint finds its stage. The Ray run
+is named by the caller (a single stage: its directory name, which the pipeline
+names by content hash): running the same list again resumes or returns it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import logging
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from scaling import storage
-from scaling.config import ExperimentConfig, from_dict, to_dict
-from scaling.records import ProgressReport, StageResult
-from scaling.runtime.local import run_local
+from scaling.config import ExperimentConfig
+from scaling.records import ProgressReport, StageEvent, StageResult
+from scaling.runtime.local import StageJob, run_local
 from scaling.stages.stage_run import NonFiniteLoss
 from scaling.storage import Location
-from scaling.train.env import Env, Report
+from scaling.train.env import Env
 
 ERROR_FILE = "error.json"  # a stage stopped for a reason retries cannot fix
+# Checkpoint names in Ray's storage: the stage directory's name and the checkpoint's
+# path in it, e.g. finetune-<key>@lr-0.1@checkpoints@step-000000040.
+SEP = "@"
+
+# Where rank 0's progress goes when the caller watches it: the stages' reports and,
+# around each stage, a StageEvent.
+Watch = Callable[[ProgressReport | StageEvent, Path | None], None]
+# Called on rank 0 after each stage of a list finishes (e.g. to record its row).
+After = Callable[["StageJob", StageResult], None]
 
 
-def _report(metrics: ProgressReport, path: Path | None) -> None:
+def _event(job: StageJob, event: str, result: StageResult | None = None) -> StageEvent:
+    top1 = result["metrics"].get("test_top1") if result else None
+    return {"stage": job.stage, "key": job.key, "event": event,
+            "top1": top1}
+
+
+def _report(metrics: ProgressReport, path: Path | None, job: StageJob) -> None:
     """Every worker calls this at every checkpoint (ray.train.report is a barrier)."""
     import ray.train
 
     checkpoint = ray.train.Checkpoint.from_directory(str(path)) if path else None
-    name = path.name if path else None
+    name = None
+    if path:  # which stage, and where in it (an LR grid's runs have their own)
+        where = path.relative_to(storage.local_dir(job.out)).parts
+        name = SEP.join([storage.name(job.out), *where])
     ray.train.report(dict(metrics), checkpoint=checkpoint, checkpoint_dir_name=name)
 
 
-def _restore(out: Path) -> None:
-    """Copy Ray's latest checkpoint into the stage directory if it is not there."""
+def _restore(jobs: Sequence[StageJob]) -> None:
+    """Copy Ray's latest checkpoint into its stage's directory if it is not there."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return
     # as_directory() downloads remote checkpoints into a temporary folder: the
-    # checkpoint's name (step-NNNNNNNNN) comes from its storage path.
-    step = checkpoint.path.rstrip("/").rsplit("/", 1)[-1]
+    # checkpoint's name (see _report) comes from its storage path.
+    name = checkpoint.path.rstrip("/").rsplit("/", 1)[-1]
+    found = [(j, name[len(storage.name(j.out)) + 1:].split(SEP)) for j in jobs
+             if name.startswith(storage.name(j.out) + SEP)]
+    if not found and SEP not in name and len(jobs) == 1:  # written before lists existed
+        found = [(jobs[0], ["checkpoints", name])]
+    if not found:  # a stage this run has no longer to run (finished, or not in it)
+        return
+    job, where = found[0]
+    target = storage.local_dir(job.out).joinpath(*where)
     with checkpoint.as_directory() as d:
         src = Path(d)
-        target = out / "checkpoints" / step
         if not target.exists() and (src / "state.pt").exists():
-            tmp = target.with_name(f".{step}.restore")
+            tmp = target.with_name(f".{target.name}.restore")
             shutil.rmtree(tmp, ignore_errors=True)
+            target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copytree(src, tmp)
             tmp.rename(target)
-            print(f"restored {step} from Ray Train's storage into {out}", flush=True)
+            print(f"restored {target} from Ray Train's storage", flush=True)
 
 
 def _worker(config: dict[str, Any]) -> None:
@@ -67,81 +99,137 @@ def _worker(config: dict[str, Any]) -> None:
 
     # Ray Train logs every report and checkpoint copy at INFO; the stage prints its own.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
-    cfg = from_dict(ExperimentConfig, config["cfg"])
-    out = storage.parse(config["out"])
+    jobs = [StageJob.decode(j) for j in config["jobs"]]
+    runtime = jobs[0].cfg.runtime
     ctx = ray.train.get_context()
-    env = Env(ray.train.torch.get_device(), rank=ctx.get_world_rank(),
-              world=ctx.get_world_size(), compile=cfg.runtime.compile, report=_report,
-              node=ray.get_runtime_context().get_node_id(),
-              progress_lines=config["progress_lines"])
-    _restore(storage.local_dir(out))
-    input_dir = storage.parse(config["input"]) if config["input"] else None
-    try:
-        run_local(config["stage"], cfg, out, input_dir, env)
-    except NonFiniteLoss as e:
-        # Not a failure a restart can fix: end the run cleanly (every worker raises
-        # at the same step) and let the driver raise it, instead of max_failures
-        # retries from the same checkpoint.
-        if env.is_main:
-            storage.write_text(out, ERROR_FILE, json.dumps({"error": str(e)}))
+    base = Env(ray.train.torch.get_device(), rank=ctx.get_world_rank(),
+               world=ctx.get_world_size(), compile=runtime.compile,
+               node=ray.get_runtime_context().get_node_id(),
+               progress_lines=config["progress_lines"])
+    _restore(jobs)
+    after: After | None = config["after"]
+
+    def event(e: StageEvent) -> None:
+        if config["events"]:  # a barrier too: every worker reports it
+            ray.train.report(dict(e))
+
+    for job in jobs:
+        env = dataclasses.replace(base, report=functools.partial(_report, job=job))
+        event(_event(job, "start"))
+        try:
+            # Done before a restart of the group? (A fresh node has no local copy.)
+            result = storage.read_result(job.out) or run_local(
+                job.stage, job.cfg, job.out, job.input, env)
+        except NonFiniteLoss as e:
+            # Not a failure a restart can fix: end the run cleanly (every worker raises
+            # at the same step) and let the driver raise it, instead of max_failures
+            # retries from the same checkpoint. Later stages of the list do not run.
+            if env.is_main:
+                storage.write_text(job.out, ERROR_FILE, json.dumps({"error": str(e)}))
+            return
+        if after is not None and env.is_main:
+            after(job, result)
+        event(_event(job, "executed", result))
 
 
-def run_stage(
-    stage: str, cfg: ExperimentConfig, out: Location, input_dir: Location | None = None,
-    ray_storage: str | None = None, report: Report | None = None,
-    callbacks: Sequence[Any] = (),
-) -> StageResult:
-    """Run one stage on the connected Ray cluster; returns its result.json.
+def run_stages(
+    jobs: Sequence[StageJob], name: str, ray_storage: str | None = None,
+    report: Watch | None = None, callbacks: Sequence[Any] = (), after: After | None = None,
+) -> list[StageResult]:
+    """Run stages in turn on one Ray Train worker group; returns their results.
 
-    ``out`` and ``input_dir`` are directories or URIs (scaling.storage); Ray keeps
-    its checkpoints under ``ray_storage``, by default ``_ray`` next to ``out``.
-    ``runtime.workers: 0`` runs the stage in this process instead (Ray Train's
-    local mode; no worker start-up). A caller that shows progress itself (a Tune
-    trial) passes where rank 0's reports go: ``report`` for a stage in this
+    ``jobs`` are in dependency order (a stage's input is finished or earlier in the
+    list) and share one ``runtime`` section. ``name`` names the Ray run: the same
+    name and storage resume it. ``out`` and ``input`` are directories or URIs
+    (scaling.storage); Ray keeps its checkpoints under ``ray_storage``, by default
+    ``_ray`` next to the first ``out``. ``runtime.workers: 0`` runs the stages in
+    this process instead (no worker start-up). A caller that shows progress itself
+    (a Tune trial) passes where rank 0's reports go: ``report`` for stages in this
     process, ``callbacks`` (Ray Train callbacks, e.g. Tune's TuneReportCallback)
-    for a worker group; the stage then prints no progress lines of its own.
+    for a worker group; each stage is then framed by a "start" and an "executed"
+    StageEvent and prints no progress lines of its own. ``after`` runs on rank 0
+    as each stage finishes.
     """
-    out = storage.absolute(out)
-    done = storage.read_result(out)
-    if done is not None:
-        return done
-    rt = cfg.runtime
+    jobs = [dataclasses.replace(j, out=storage.absolute(j.out),
+                                input=None if j.input is None else storage.absolute(j.input))
+            for j in jobs]
+    results = [storage.read_result(j.out) for j in jobs]
+    todo = [j for j, r in zip(jobs, results, strict=True) if r is None]
+    if not todo:
+        return [r for r in results if r is not None]
+    rt = todo[0].cfg.runtime
+    if any(j.cfg.runtime != rt for j in todo):
+        raise ValueError("run_stages: every stage of one list needs the same runtime section")
     quiet = report is not None or bool(callbacks)
     if rt.workers == 0:
-        import ray
+        _run_here(todo, report, quiet, after)
+    else:
+        _run_on_workers(todo, name, ray_storage, callbacks, quiet, after)
+    done = []
+    for job in jobs:
+        result = storage.read_result(job.out)
+        error = storage.read_text(job.out, ERROR_FILE)
+        if result is None and error is not None:
+            raise NonFiniteLoss(json.loads(error)["error"])
+        if result is None:
+            raise RuntimeError(f"{job.stage}: the Ray run ended without writing "
+                               f"{job.out}/result.json")
+        done.append(result)
+    return done
 
-        # A trial records the Ray node it ran on.
-        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-        env = Env.local(rt.device, rt.compile, report=report, progress_lines=not quiet,
-                        node=node)
-        return run_local(stage, cfg, out, input_dir, env)
-    storage.delete(out, ERROR_FILE)
+
+def _run_here(jobs: Sequence[StageJob], report: Watch | None, quiet: bool,
+              after: After | None) -> None:
+    import ray
+
+    # A trial records the Ray node it ran on.
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    rt = jobs[0].cfg.runtime
+    env = Env.local(rt.device, rt.compile, report=report, progress_lines=not quiet, node=node)
+    for job in jobs:
+        if report is not None:
+            report(_event(job, "start"), None)
+        result = run_local(job.stage, job.cfg, job.out, job.input, env)
+        if after is not None:
+            after(job, result)
+        if report is not None:
+            report(_event(job, "executed", result), None)
+
+
+def _run_on_workers(jobs: Sequence[StageJob], name: str, ray_storage: str | None,
+                    callbacks: Sequence[Any], quiet: bool, after: After | None) -> None:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    rt = jobs[0].cfg.runtime
+    for job in jobs:
+        storage.delete(job.out, ERROR_FILE)
     resources: dict[str, float] = {"CPU": rt.cpus_per_worker}
     if rt.gpus_per_worker:
         resources["GPU"] = rt.gpus_per_worker
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={
-            "stage": stage, "cfg": to_dict(cfg), "out": str(out), "progress_lines": not quiet,
-            "input": None if input_dir is None else str(storage.absolute(input_dir))},
+        train_loop_config={"jobs": [j.encode() for j in jobs], "progress_lines": not quiet,
+                           "events": quiet, "after": after},
         scaling_config=ScalingConfig(num_workers=rt.workers, use_gpu=rt.gpus_per_worker > 0,
                                      resources_per_worker=resources),
         run_config=RunConfig(
-            name=storage.name(out),
-            storage_path=ray_storage or str(storage.join(storage.parent(out), "_ray")),
+            name=name,
+            storage_path=ray_storage or str(storage.join(storage.parent(jobs[0].out), "_ray")),
             failure_config=FailureConfig(max_failures=rt.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=rt.keep_checkpoints),
             callbacks=list(callbacks),
         ),
     )
     trainer.fit()
-    result = storage.read_result(out)
-    error = storage.read_text(out, ERROR_FILE)
-    if result is None and error is not None:
-        raise NonFiniteLoss(json.loads(error)["error"])
-    if result is None:
-        raise RuntimeError(f"{stage}: the Ray run ended without writing {out}/result.json")
-    return result
+
+
+def run_stage(
+    stage: str, cfg: ExperimentConfig, out: Location, input_dir: Location | None = None,
+    ray_storage: str | None = None, report: Watch | None = None,
+    callbacks: Sequence[Any] = (),
+) -> StageResult:
+    """Run one stage on the connected Ray cluster (``run_stages`` with one job, the
+    Ray run named by the stage's directory); returns its result.json."""
+    return run_stages([StageJob(stage, cfg, out, input_dir)], storage.name(out), ray_storage,
+                      report, callbacks)[0]

@@ -19,6 +19,7 @@ Storage layout (a directory or a URI):
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -40,9 +41,9 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from scaling import storage
 from scaling.config import ConfigError, ExperimentConfig, from_dict, to_dict
-from scaling.records import ProgressReport
-from scaling.runtime.ray_train import run_stage
-from scaling.stages.registry import STAGES, stage_dir, stage_key
+from scaling.records import ProgressReport, StageEvent, StageResult
+from scaling.runtime.ray_train import StageJob, run_stages
+from scaling.stages.registry import STAGES, stage_dir
 from scaling.storage import Location
 from scaling.study import cluster, results
 from scaling.study.folder import check_owner, study_record
@@ -98,13 +99,14 @@ StageClaims: Any = ray.remote(num_cpus=0)(Leases)
 
 
 @contextlib.contextmanager
-def _renewing(claims: Any, key: str, trial: str) -> Iterator[None]:
-    """Renew the lease on ``key`` every 10 s while the body runs; release it after."""
+def _renewing(claims: Any, keys: list[str], trial: str) -> Iterator[None]:
+    """Renew the leases on ``keys`` every 10 s while the body runs; release them after."""
     stop = threading.Event()
 
     def renew() -> None:
         while not stop.wait(10.0):
-            claims.renew.remote(key, trial)
+            for key in keys:
+                claims.renew.remote(key, trial)
 
     thread = threading.Thread(target=renew, daemon=True)
     thread.start()
@@ -113,7 +115,7 @@ def _renewing(claims: Any, key: str, trial: str) -> Iterator[None]:
     finally:
         stop.set()
         thread.join()
-        ray.get(claims.release.remote(key, trial))
+        ray.get([claims.release.remote(key, trial) for key in keys])
 
 
 def quiet_shutdown(unraisable: Any) -> None:
@@ -126,54 +128,79 @@ def quiet_shutdown(unraisable: Any) -> None:
     sys.__unraisablehook__(unraisable)
 
 
-def _tune_report(progress: ProgressReport, path: Path | None) -> None:
+def _tune_report(progress: ProgressReport | StageEvent, path: Path | None) -> None:
     tune.report(dict(progress))
 
 
+def _record(ctx: dict[str, Any], cell: dict[str, Any], rows: dict[str, dict[str, Any]],
+            job: StageJob, result: StageResult, status: str = "executed") -> None:
+    """Add a stage's row to the cell's rows and rewrite its file (results.write_cell).
+    Also rank 0's hook (``run_stages(after=...)``), with its own copy of ``rows``."""
+    rows[job.stage] = results.stage_row(
+        ctx["study"], cell["id"], cell["axes"], cell["config"], job.stage,
+        job.key, result, status, ctx["commit"], ctx["invocation"])
+    results.write_cell(storage.parse(ctx["study_dir"]), cell["id"], cell["key"],
+                       list(rows.values()))
+
+
 def run_cell(config: dict[str, Any], ctx: dict[str, Any]) -> None:
-    """The Tune trainable: run or reuse every stage of one cell."""
+    """The Tune trainable: run or reuse every stage of one cell.
+
+    Each round reuses what is finished and claims every stage it can run now (its
+    input finished, or claimed in the same round), then runs the claimed ones in
+    dependency order on one Ray Train worker group: a cell pays the group's start-up
+    once, not per stage. A stage another trial holds is waited for (its result is
+    reused); meanwhile the stages that do not need it run.
+    """
     sys.unraisablehook = quiet_shutdown
     cell = config["cell"]
     cfg = from_dict(ExperimentConfig, cell["config"])
-    root, study_dir = storage.parse(ctx["stages"]), storage.parse(ctx["study_dir"])
+    root = storage.parse(ctx["stages"])
     claims = ray.get_actor(ctx["claims"])
     trial = tune.get_context().get_trial_id()
     rows: dict[str, dict[str, Any]] = {}
-    pending = list(ctx["stages_needed"])
+    pending = list(ctx["stages_needed"])  # in dependency order
     while pending:
-        ran = False
-        for stage in pending:
+        claimed: list[StageJob] = []
+        for stage in list(pending):
             dep = STAGES[stage].input
-            if dep in pending:
-                continue  # its input is not finished yet
-            key, out = stage_key(cfg, stage), stage_dir(root, cfg, stage)
-            result, status = storage.read_result(out), "reused"
-            if result is None:
-                if not ray.get(claims.claim.remote(key, trial)):
-                    continue  # another trial is computing it
-                with _renewing(claims, key, trial):
-                    # Finished by the previous holder between our look and our claim?
-                    result = storage.read_result(out)
-                    if result is None:
-                        tune.report({"cell": cell["id"], "stage": stage, "key": key,
-                                     "event": "start"})
-                        inp = stage_dir(root, cfg, dep) if dep else None
-                        # Rank 0's progress becomes this trial's metrics; the
-                        # driver's Console prints it once.
-                        result = run_stage(stage, cfg, out, inp, report=_tune_report,
-                                           callbacks=(TuneReportCallback(),))
-                        status = "executed"
-            rows[stage] = results.stage_row(ctx["study"], cell["id"], cell["axes"],
-                                            cell["config"], stage, key,
-                                            result, status, ctx["commit"], ctx["invocation"])
-            results.write_cell(study_dir, cell["id"], cell["key"], list(rows.values()))
-            tune.report({"cell": cell["id"], "stage": stage, "key": key, "event": status,
-                         "top1": result["metrics"].get("test_top1")})
-            pending.remove(stage)
-            ran = True
-            break
-        if not ran:
-            time.sleep(POLL_SECONDS)
+            if dep in pending and dep not in [j.stage for j in claimed]:
+                continue  # its input is not finished, and another trial computes it
+            job = StageJob(stage, cfg, stage_dir(root, cfg, stage),
+                           stage_dir(root, cfg, dep) if dep else None)
+            result = storage.read_result(job.out)
+            if result is None and ray.get(claims.claim.remote(job.key, trial)):
+                claimed.append(job)
+            elif result is not None:
+                _reused(ctx, cell, rows, job, result)
+                pending.remove(stage)
+        if not claimed:
+            if pending:
+                time.sleep(POLL_SECONDS)
+            continue
+        with _renewing(claims, [j.key for j in claimed], trial):
+            # Finished by the previous holder between our look and our claim?
+            for job in list(claimed):
+                if (result := storage.read_result(job.out)) is not None:
+                    _reused(ctx, cell, rows, job, result)
+                    claimed.remove(job)
+                    pending.remove(job.stage)
+            # Rank 0's progress becomes this trial's metrics, and the StageEvents
+            # around each stage its Console lines; the driver prints them once.
+            ran = run_stages(claimed, f"cell-{cell['key']}", report=_tune_report,
+                             ray_storage=str(storage.join(ctx["study_dir"], "_train")),
+                             callbacks=(TuneReportCallback(),),
+                             after=functools.partial(_record, ctx, cell, dict(rows)))
+        for job, result in zip(claimed, ran, strict=True):
+            _record(ctx, cell, rows, job, result)
+            pending.remove(job.stage)
+
+
+def _reused(ctx: dict[str, Any], cell: dict[str, Any], rows: dict[str, dict[str, Any]],
+            job: StageJob, result: StageResult) -> None:
+    _record(ctx, cell, rows, job, result, "reused")
+    tune.report({"stage": job.stage, "key": job.key, "event": "reused",
+                 "top1": result["metrics"].get("test_top1")})
 
 
 class Console(tune.Callback):
