@@ -96,6 +96,7 @@ def _worker(config: dict[str, Any]) -> None:
     import ray
     import ray.train
     import ray.train.torch
+    import torch.distributed
 
     # Ray Train logs every report and checkpoint copy at INFO; the stage prints its own.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
@@ -129,6 +130,8 @@ def _worker(config: dict[str, Any]) -> None:
             return
         if after is not None and env.is_main:
             after(job, result)
+        if base.world > 1:  # the next stage may read this one's result.json from rank 0
+            torch.distributed.barrier()
         event(_event(job, "executed", result))
 
 

@@ -1,6 +1,6 @@
 """The Ray Tune seam: a study runs as one Tune trial per cell. A trial is a driver
-that walks its cell's stages in dependency order and runs each on Ray Train
-(``scaling.runtime.ray_train.run_stage``), Train-inside-Tune.
+that walks its cell's stages in dependency order and runs the ones it can on one
+Ray Train worker group (``scaling.runtime.ray_train.run_stages``), Train-inside-Tune.
 
 Each distinct stage runs once per study storage. Stage directories are named
 by content hash (``scaling.stages.registry.stage_key``), so a finished stage is found
@@ -14,6 +14,7 @@ Storage layout (a directory or a URI):
     <storage>/<study>/results.csv          the tidy table (scaling/study/results.py)
     <storage>/<study>/cells/<hash>.json    each cell's rows, written as stages finish
     <storage>/<study>/_tune/<study>-<grid hash>/   Tune's experiment state (resume)
+    <storage>/<study>/_train/cell-<cell key>/      Ray Train's checkpoint copies, per cell
 """
 
 from __future__ import annotations
