@@ -87,6 +87,8 @@ def _interrupt_when(command: list[str], ready, timeout: float = 300,
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "interrupt point never reached"
         time.sleep(0.05)
+    # The command must still be running: else the window was missed, not the signal.
+    assert proc.poll() is None, ("ended before the interrupt point was seen", proc.communicate())
     meanwhile()
     os.killpg(proc.pid, signal.SIGINT)
     proc.wait(timeout=120)
@@ -162,7 +164,7 @@ def check_curves(study: Path, mlruns: Path) -> None:
 def test_ctrl_c_on_the_pipeline_exits_130_and_the_same_command_resumes(tmp_path):
     cfg = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
     cfg.update(label_fractions=[0.5], runtime={"device": "cpu", "checkpoint_every": 2})
-    cfg["pretrain"]["epochs"] = 6
+    cfg["pretrain"]["epochs"] = 12  # a window of seconds: a full run once beat the poll
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     command = [sys.executable, "-m", "scaling.pipeline", str(path), "--out", str(tmp_path)]
