@@ -85,8 +85,9 @@ class ProgressReport(TypedDict, total=False):
 
 
 class StageEvent(TypedDict):
-    """Around each stage that a runner runs for a watcher (a Tune trial): "start",
-    then "executed" with the stage's test accuracy (None for pretraining)."""
+    """What a watcher (a Tune trial) hears of a stage: "start", then "executed" with
+    the stage's test accuracy (None for pretraining); or "reused" for one found
+    finished."""
 
     stage: str
     key: str

@@ -28,8 +28,11 @@ def run_local(
     """Run a stage in this process (a Ray Train worker passes its own ``env``).
 
     The stage computes in ``storage.local_dir(out)``; for a URI its input is
-    fetched first and its outputs are published at the end.
+    fetched first and its outputs are published at the end, and a result already
+    published there is returned as it is (a fresh node has no local copy to find).
     """
+    if storage.is_uri(out) and (done := storage.read_result(out)) is not None:
+        return done
     local_in = storage.fetch(input_dir) if input_dir is not None else None
     local = storage.local_dir(out)
     result = registry.run(stage, cfg, local, local_in, env)

@@ -45,10 +45,10 @@ Watch = Callable[[ProgressReport | StageEvent, Path | None], None]
 After = Callable[["StageJob", StageResult], None]
 
 
-def _event(job: StageJob, event: str, result: StageResult | None = None) -> StageEvent:
+def stage_event(job: StageJob, event: str, result: StageResult | None = None) -> StageEvent:
+    """What a watcher hears of a stage: "start", "executed" or "reused"."""
     top1 = result["metrics"].get("test_top1") if result else None
-    return {"stage": job.stage, "key": job.key, "event": event,
-            "top1": top1}
+    return {"stage": job.stage, "key": job.key, "event": event, "top1": top1}
 
 
 def _report(metrics: ProgressReport, path: Path | None, job: StageJob) -> None:
@@ -73,13 +73,13 @@ def _restore(jobs: Sequence[StageJob]) -> None:
     # as_directory() downloads remote checkpoints into a temporary folder: the
     # checkpoint's name (see _report) comes from its storage path.
     name = checkpoint.path.rstrip("/").rsplit("/", 1)[-1]
-    found = [(j, name[len(storage.name(j.out)) + 1:].split(SEP)) for j in jobs
-             if name.startswith(storage.name(j.out) + SEP)]
-    if not found and SEP not in name and len(jobs) == 1:  # written before lists existed
-        found = [(jobs[0], ["checkpoints", name])]
-    if not found:  # a stage this run has no longer to run (finished, or not in it)
+    found = next(((j, name[len(storage.name(j.out)) + 1:].split(SEP)) for j in jobs
+                  if name.startswith(storage.name(j.out) + SEP)), None)
+    if found is None and SEP not in name and len(jobs) == 1:  # written before lists existed
+        found = (jobs[0], ["checkpoints", name])
+    if found is None:  # a stage this run has no longer to run (finished, or not in it)
         return
-    job, where = found[0]
+    job, where = found
     target = storage.local_dir(job.out).joinpath(*where)
     with checkpoint.as_directory() as d:
         src = Path(d)
@@ -116,11 +116,10 @@ def _worker(config: dict[str, Any]) -> None:
 
     for job in jobs:
         env = dataclasses.replace(base, report=functools.partial(_report, job=job))
-        event(_event(job, "start"))
+        event(stage_event(job, "start"))
         try:
-            # Done before a restart of the group? (A fresh node has no local copy.)
-            result = storage.read_result(job.out) or run_local(
-                job.stage, job.cfg, job.out, job.input, env)
+            # After a restart of the group, the stages done before it return at once.
+            result = run_local(job.stage, job.cfg, job.out, job.input, env)
         except NonFiniteLoss as e:
             # Not a failure a restart can fix: end the run cleanly (every worker raises
             # at the same step) and let the driver raise it, instead of max_failures
@@ -132,7 +131,7 @@ def _worker(config: dict[str, Any]) -> None:
             after(job, result)
         if base.world > 1:  # the next stage may read this one's result.json from rank 0
             torch.distributed.barrier()
-        event(_event(job, "executed", result))
+        event(stage_event(job, "executed", result))
 
 
 def run_stages(
@@ -156,10 +155,10 @@ def run_stages(
     jobs = [dataclasses.replace(j, out=storage.absolute(j.out),
                                 input=None if j.input is None else storage.absolute(j.input))
             for j in jobs]
-    results = [storage.read_result(j.out) for j in jobs]
-    todo = [j for j, r in zip(jobs, results, strict=True) if r is None]
+    found = {j.out: storage.read_result(j.out) for j in jobs}
+    todo = [j for j in jobs if found[j.out] is None]
     if not todo:
-        return [r for r in results if r is not None]
+        return [r for r in found.values() if r is not None]
     rt = todo[0].cfg.runtime
     if any(j.cfg.runtime != rt for j in todo):
         raise ValueError("run_stages: every stage of one list needs the same runtime section")
@@ -170,8 +169,8 @@ def run_stages(
         _run_on_workers(todo, name, ray_storage, callbacks, quiet, after)
     done = []
     for job in jobs:
-        result = storage.read_result(job.out)
-        error = storage.read_text(job.out, ERROR_FILE)
+        result = found[job.out] or storage.read_result(job.out)
+        error = storage.read_text(job.out, ERROR_FILE) if result is None else None
         if result is None and error is not None:
             raise NonFiniteLoss(json.loads(error)["error"])
         if result is None:
@@ -191,12 +190,12 @@ def _run_here(jobs: Sequence[StageJob], report: Watch | None, quiet: bool,
     env = Env.local(rt.device, rt.compile, report=report, progress_lines=not quiet, node=node)
     for job in jobs:
         if report is not None:
-            report(_event(job, "start"), None)
+            report(stage_event(job, "start"), None)
         result = run_local(job.stage, job.cfg, job.out, job.input, env)
         if after is not None:
             after(job, result)
         if report is not None:
-            report(_event(job, "executed", result), None)
+            report(stage_event(job, "executed", result), None)
 
 
 def _run_on_workers(jobs: Sequence[StageJob], name: str, ray_storage: str | None,

@@ -42,7 +42,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from scaling import storage
 from scaling.config import ConfigError, ExperimentConfig, from_dict, to_dict
 from scaling.records import ProgressReport, StageEvent, StageResult
-from scaling.runtime.ray_train import StageJob, run_stages
+from scaling.runtime.ray_train import StageJob, run_stages, stage_event
 from scaling.stages.registry import STAGES, stage_dir
 from scaling.storage import Location
 from scaling.study import cluster, results
@@ -199,8 +199,7 @@ def run_cell(config: dict[str, Any], ctx: dict[str, Any]) -> None:
 def _reused(ctx: dict[str, Any], cell: dict[str, Any], rows: dict[str, dict[str, Any]],
             job: StageJob, result: StageResult) -> None:
     _record(ctx, cell, rows, job, result, "reused")
-    tune.report({"stage": job.stage, "key": job.key, "event": "reused",
-                 "top1": result["metrics"].get("test_top1")})
+    tune.report(dict(stage_event(job, "reused", result)))
 
 
 def connect(address: str | None, cfg: ExperimentConfig) -> bool:
