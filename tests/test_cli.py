@@ -80,8 +80,11 @@ def _interrupt_when(command: list[str], ready, timeout: float = 300,
                     meanwhile=lambda: None) -> subprocess.Popen:
     """Start ``command`` in its own process group and Ctrl-C it (SIGINT to the whole
     group, as a terminal does) as soon as ``ready()``, after calling ``meanwhile()``."""
+    # A terminal's child gets SIGINT's default action. An ignored SIGINT would be
+    # inherited through exec, and Python installs no KeyboardInterrupt handler then.
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True, env=ENV)
+                            text=True, start_new_session=True, env=ENV,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + timeout
     while not ready():
         assert proc.poll() is None, proc.communicate()
