@@ -54,6 +54,38 @@ def test_each_distinct_stage_runs_once_across_concurrent_trials(tiny, tmp_path):
         ray.shutdown()
 
 
+def test_cells_run_in_turn_on_one_lane_and_a_failing_cell_fails_alone(tiny, tmp_path):
+    """Stages on Ray Train workers (1 worker of 2 CPUs: one lane on this machine):
+    both cells run on that lane's one worker group, which Ray Train keeps as one
+    run for the whole sweep. The cell whose loss becomes NaN fails alone, and the
+    lane goes on to the other, which finishes every stage."""
+    from scaling.study.sweep import run_study
+
+    base = with_overrides(tiny, {
+        "pretrain.epochs": 1, "finetune.epochs": 1, "supervised.epochs": 1,
+        "distill.epochs": 1, "pretrain.optim.warmup_fraction": 0.0,
+        "runtime.workers": 1, "runtime.cpus_per_worker": 2})
+    study = make_study("lanes", base, {"pretrain.optim.base_lr": [1.0e30, 0.1],
+                                       "label_fraction": [0.5]})
+    try:
+        out = run_study(study, tmp_path)
+    finally:
+        ray.shutdown()
+    assert len(out.errored) == 1 and "1e+30" in out.errored[0], out.errored
+    good, bad = out.table[out.table["cell"] != out.errored[0]], out.table[
+        out.table["cell"] == out.errored[0]]
+    assert sorted(good["stage"]) == ["distill", "finetune", "pretrain", "supervised"]
+    assert (good["status"] == "executed").all() and good["top1"].notna().sum() == 3
+    assert good["world_size"].eq(1).all() and good["node"].notna().all()
+    # The supervised baseline does not depend on pretraining: the failed cell reuses it.
+    assert bad["stage"].tolist() in ([], ["supervised"]) and (bad["status"] == "reused").all()
+    # One TorchTrainer run (a worker group) ran every stage of both cells.
+    runs = [p.name for p in (tmp_path / "lanes" / "_train").iterdir()]
+    assert len(runs) == 1 and runs[0].startswith("lane-0-") and runs[0].endswith("-1"), runs
+    nan = next((tmp_path / "stages").glob("pretrain-*/error.json"))
+    assert "non-finite" in nan.read_text() or "nan" in nan.read_text().lower()
+
+
 def _study_command(tmp_path: Path, storage: Path) -> list[str]:
     spec = tmp_path / "study.yaml"
     spec.write_text(yaml.safe_dump({

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from scaling import storage
-from scaling.config import ExperimentConfig
+from scaling.config import ExperimentConfig, RuntimeConfig
 from scaling.records import ProgressReport, StageEvent, StageResult
 from scaling.runtime.local import StageJob, run_local
 from scaling.stages.stage_run import NonFiniteLoss
@@ -51,10 +51,13 @@ def stage_event(job: StageJob, event: str, result: StageResult | None = None) ->
     return {"stage": job.stage, "key": job.key, "event": event, "top1": top1}
 
 
-def _report(metrics: ProgressReport, path: Path | None, job: StageJob) -> None:
+def _report(metrics: ProgressReport, path: Path | None, job: StageJob,
+            also: Callable[[StageJob, ProgressReport], None] | None = None) -> None:
     """Every worker calls this at every checkpoint (ray.train.report is a barrier)."""
     import ray.train
 
+    if also is not None:
+        also(job, metrics)
     checkpoint = ray.train.Checkpoint.from_directory(str(path)) if path else None
     name = None
     if path:  # which stage, and where in it (an LR grid's runs have their own)
@@ -63,7 +66,7 @@ def _report(metrics: ProgressReport, path: Path | None, job: StageJob) -> None:
     ray.train.report(dict(metrics), checkpoint=checkpoint, checkpoint_dir_name=name)
 
 
-def _restore(jobs: Sequence[StageJob]) -> None:
+def restore(jobs: Sequence[StageJob]) -> None:
     """Copy Ray's latest checkpoint into its stage's directory if it is not there."""
     import ray.train
 
@@ -93,37 +96,56 @@ def _restore(jobs: Sequence[StageJob]) -> None:
 
 
 def _worker(config: dict[str, Any]) -> None:
-    import ray
     import ray.train
-    import ray.train.torch
-    import torch.distributed
 
-    # Ray Train logs every report and checkpoint copy at INFO; the stage prints its own.
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
     jobs = [StageJob.decode(j) for j in config["jobs"]]
-    runtime = jobs[0].cfg.runtime
-    ctx = ray.train.get_context()
-    base = Env(ray.train.torch.get_device(), rank=ctx.get_world_rank(),
-               world=ctx.get_world_size(), compile=runtime.compile,
-               node=ray.get_runtime_context().get_node_id(),
-               progress_lines=config["progress_lines"])
-    _restore(jobs)
-    after: After | None = config["after"]
+    base = worker_env(jobs[0].cfg.runtime.compile, config["progress_lines"])
+    restore(jobs)
 
     def event(e: StageEvent) -> None:
         if config["events"]:  # a barrier too: every worker reports it
             ray.train.report(dict(e))
 
+    run_jobs(jobs, base, event, config["after"])
+
+
+def worker_env(compile: bool, progress_lines: bool) -> Env:
+    """This Ray Train worker's Env (no report hook yet: run_jobs sets one per stage)."""
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    # Ray Train logs every report and checkpoint copy at INFO; the stage prints its own.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    ctx = ray.train.get_context()
+    return Env(ray.train.torch.get_device(), rank=ctx.get_world_rank(),
+               world=ctx.get_world_size(), compile=compile,
+               node=ray.get_runtime_context().get_node_id(), progress_lines=progress_lines)
+
+
+def run_jobs(jobs: Sequence[StageJob], base: Env, event: Callable[[StageEvent], None],
+             after: After | None = None,
+             report: Callable[[StageJob, ProgressReport], None] | None = None) -> None:
+    """A worker's loop over a list of stages (every worker of the group runs it).
+
+    ``event`` hears each stage's "start" and "executed"; ``after`` runs on rank 0
+    as each stage finishes; ``report`` (rank 0) hears each checkpoint's progress
+    besides Ray. A non-finite loss ends the list (later stages do not run): the
+    stage's ERROR_FILE says why, for the driver to raise.
+    """
+    import torch.distributed
+
     for job in jobs:
-        env = dataclasses.replace(base, report=functools.partial(_report, job=job))
+        hook = functools.partial(_report, job=job, also=report if base.is_main else None)
+        env = dataclasses.replace(base, report=hook)
         event(stage_event(job, "start"))
         try:
             # After a restart of the group, the stages done before it return at once.
             result = run_local(job.stage, job.cfg, job.out, job.input, env)
         except NonFiniteLoss as e:
-            # Not a failure a restart can fix: end the run cleanly (every worker raises
+            # Not a failure a restart can fix: end the list cleanly (every worker raises
             # at the same step) and let the driver raise it, instead of max_failures
-            # retries from the same checkpoint. Later stages of the list do not run.
+            # retries from the same checkpoint.
             if env.is_main:
                 storage.write_text(job.out, ERROR_FILE, json.dumps({"error": str(e)}))
             return
@@ -167,9 +189,16 @@ def run_stages(
         _run_here(todo, report, quiet, after)
     else:
         _run_on_workers(todo, name, ray_storage, callbacks, quiet, after)
+    return collect(jobs, found)
+
+
+def collect(jobs: Sequence[StageJob],
+            found: dict[Location, StageResult | None] | None = None) -> list[StageResult]:
+    """The results of stages a runner ran (``found``: those read before), or the
+    error that stopped them: NonFiniteLoss from a stage's ERROR_FILE."""
     done = []
     for job in jobs:
-        result = found[job.out] or storage.read_result(job.out)
+        result = (found or {}).get(job.out) or storage.read_result(job.out)
         error = storage.read_text(job.out, ERROR_FILE) if result is None else None
         if result is None and error is not None:
             raise NonFiniteLoss(json.loads(error)["error"])
@@ -200,30 +229,36 @@ def _run_here(jobs: Sequence[StageJob], report: Watch | None, quiet: bool,
 
 def _run_on_workers(jobs: Sequence[StageJob], name: str, ray_storage: str | None,
                     callbacks: Sequence[Any], quiet: bool, after: After | None) -> None:
+    for job in jobs:
+        storage.delete(job.out, ERROR_FILE)
+    config = {"jobs": [j.encode() for j in jobs], "progress_lines": not quiet,
+              "events": quiet, "after": after}
+    where = ray_storage or str(storage.join(storage.parent(jobs[0].out), "_ray"))
+    trainer(_worker, config, jobs[0].cfg.runtime, name, where, callbacks).fit()
+
+
+def trainer(fn: Callable[[dict[str, Any]], None], config: dict[str, Any], rt: RuntimeConfig,
+            name: str, ray_storage: str, callbacks: Sequence[Any] = ()) -> Any:
+    """A TorchTrainer running ``fn(config)`` on ``rt``'s worker group."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    rt = jobs[0].cfg.runtime
-    for job in jobs:
-        storage.delete(job.out, ERROR_FILE)
     resources: dict[str, float] = {"CPU": rt.cpus_per_worker}
     if rt.gpus_per_worker:
         resources["GPU"] = rt.gpus_per_worker
-    trainer = TorchTrainer(
-        _worker,
-        train_loop_config={"jobs": [j.encode() for j in jobs], "progress_lines": not quiet,
-                           "events": quiet, "after": after},
+    return TorchTrainer(
+        fn,
+        train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=rt.workers, use_gpu=rt.gpus_per_worker > 0,
                                      resources_per_worker=resources),
         run_config=RunConfig(
             name=name,
-            storage_path=ray_storage or str(storage.join(storage.parent(jobs[0].out), "_ray")),
+            storage_path=ray_storage,
             failure_config=FailureConfig(max_failures=rt.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=rt.keep_checkpoints),
             callbacks=list(callbacks),
         ),
     )
-    trainer.fit()
 
 
 def run_stage(

@@ -40,8 +40,9 @@ from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from scaling import storage
-from scaling.config import ConfigError, ExperimentConfig, from_dict, to_dict
+from scaling.config import ConfigError, ExperimentConfig, RuntimeConfig, from_dict, to_dict
 from scaling.records import ProgressReport, StageEvent, StageResult
+from scaling.runtime.lanes import Dispatcher, run_on_lane, serve
 from scaling.runtime.ray_train import StageJob, run_stages, stage_event
 from scaling.stages.registry import STAGES, stage_dir
 from scaling.storage import Location
@@ -95,7 +96,19 @@ class Leases:
             del self.held[key]
 
 
-StageClaims: Any = ray.remote(num_cpus=0)(Leases)
+class Coordinator(Leases, Dispatcher):
+    """The sweep's one actor: the stage leases and, when stages run on workers, the
+    lanes' queue. A stage in a queued or running ticket cannot be claimed."""
+
+    def __init__(self, lanes: int) -> None:
+        Leases.__init__(self)
+        Dispatcher.__init__(self, lanes)
+
+    def claim(self, key: str, trial: str) -> bool:
+        return key not in self.in_flight() and Leases.claim(self, key, trial)
+
+
+StageClaims: Any = ray.remote(num_cpus=0)(Coordinator)
 
 
 @contextlib.contextmanager
@@ -187,10 +200,14 @@ def run_cell(config: dict[str, Any], ctx: dict[str, Any]) -> None:
                     pending.remove(job.stage)
             # Rank 0's progress becomes this trial's metrics, and the StageEvents
             # around each stage its Console lines; the driver prints them once.
-            ran = run_stages(claimed, f"cell-{cell['key']}", report=_tune_report,
-                             ray_storage=str(storage.join(ctx["study_dir"], "_train")),
-                             callbacks=(TuneReportCallback(),),
-                             after=functools.partial(_record, ctx, cell, dict(rows)))
+            if ctx["lanes"]:  # a lane's worker group runs them; rows written here
+                ran = run_on_lane(claims, claimed, _tune_report,
+                                  functools.partial(_record, ctx, cell, rows))
+            else:
+                ran = run_stages(claimed, f"cell-{cell['key']}", report=_tune_report,
+                                 ray_storage=str(storage.join(ctx["study_dir"], "_train")),
+                                 callbacks=(TuneReportCallback(),),
+                                 after=functools.partial(_record, ctx, cell, dict(rows)))
         for job, result in zip(claimed, ran, strict=True):
             _record(ctx, cell, rows, job, result)
             pending.remove(job.stage)
@@ -295,10 +312,12 @@ def run_study(study: Study, root: Location, *, address: str | None = None,
     # The handle keeps the actor alive for the sweep; trials look it up by name.
     # On this (the head) node: a trial's node may die; the claims must not.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    claims = StageClaims.options(name=claims_name, scheduling_strategy=here).remote()
+    lane_rt = _lane_runtime(grid)
+    lanes = cap.concurrent if lane_rt else 0
+    claims = StageClaims.options(name=claims_name, scheduling_strategy=here).remote(lanes)
     ctx = {"study": study.name, "stages": str(storage.join(root, "stages")),
            "study_dir": str(study_dir), "claims": claims_name, "commit": record["git_commit"],
-           "stages_needed": list(required_stages(study)),
+           "stages_needed": list(required_stages(study)), "lanes": lanes > 0,
            "invocation": time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"}
     storage.write_text(study_dir, "study.json", json.dumps(record, indent=1))
     payload = [{"id": c.id, "key": cell_key(study, c),
@@ -328,7 +347,9 @@ def run_study(study: Study, root: Location, *, address: str | None = None,
         tuner = tune.Tuner(
             trainable,
             param_space={"cell": tune.grid_search(payload)},
-            tune_config=tune.TuneConfig(max_concurrent_trials=cap.concurrent),
+            # With lanes, a cell's trial waits queued while another runs: its lane
+            # goes on to it at once instead of waiting for a trial process to start.
+            tune_config=tune.TuneConfig(max_concurrent_trials=cap.concurrent * (1 + bool(lanes))),
             # A trial whose node dies (spot reclaim, a crash) runs again on another,
             # from its stages' last checkpoints. A failing cell also gets one retry.
             run_config=tune.RunConfig(name=name, storage_path=tune_root, callbacks=callbacks,
@@ -337,10 +358,19 @@ def run_study(study: Study, root: Location, *, address: str | None = None,
         )
     tune_log = logging.getLogger("ray.tune.tune")
     tune_log.addFilter(_quiet_interrupt)
+    train_root = str(storage.join(study_dir, "_train"))
+    served = [] if lane_rt is None else [
+        ray.remote(serve).options(num_cpus=0, scheduling_strategy=here).remote(
+            i, claims_name, lane_rt, train_root, f"lane-{i}-{ctx['invocation']}")
+        for i in range(lanes)]
     try:
         grid_results = tuner.fit()
     finally:
         tune_log.removeFilter(_quiet_interrupt)
+        ray.get(claims.close.remote())
+        _, stuck = ray.wait(served, num_returns=len(served), timeout=60)
+        for task in stuck:
+            ray.cancel(task, force=True)
         ray.kill(claims)
     errored = [(grid_results[i].config or {})["cell"]["id"] for i in range(len(grid_results))
                if grid_results[i].error is not None]
@@ -354,6 +384,15 @@ def run_study(study: Study, root: Location, *, address: str | None = None,
                       and c.id not in errored for c in grid)
     return Outcome(df, executed, len(now) - executed, errored, time.perf_counter() - started,
                    interrupted)
+
+
+def _lane_runtime(grid: list[Any]) -> RuntimeConfig | None:
+    """The runtime section lanes run with: stages on workers, and every cell asking
+    for the same worker group (otherwise each cell's trial starts its own)."""
+    runtimes = {c.config.runtime for c in grid}
+    shapes = {(r.workers, r.cpus_per_worker, r.gpus_per_worker) for r in runtimes}
+    first = grid[0].config.runtime
+    return first if first.workers > 0 and len(shapes) == 1 else None
 
 
 def _quiet_interrupt(record: logging.LogRecord) -> bool:
