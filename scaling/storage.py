@@ -138,6 +138,36 @@ def list_names(location: Location, suffix: str = "") -> list[str]:
                   if i.type == pyarrow.fs.FileType.File and i.base_name.endswith(suffix))
 
 
+def list_dirs(location: Location) -> list[str]:
+    """Names of the directories directly in ``location``, sorted; none where it
+    does not exist."""
+    if not is_uri(location):
+        folder = Path(location)
+        return sorted(f.name for f in folder.iterdir() if f.is_dir()) if folder.is_dir() else []
+    import pyarrow.fs
+
+    fs, path = _fs(location)
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
+    return sorted(i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory)
+
+
+def download_dir(location: Location, target: Path) -> None:
+    """Copy a directory to ``target`` (a new local path), whole or not at all."""
+    import pyarrow.fs
+
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.download")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)  # pyarrow creates no local directory itself
+    fs, path = _fs(location) if is_uri(location) else (pyarrow.fs.LocalFileSystem(),
+                                                       str(location))
+    pyarrow.fs.copy_files(path, str(tmp), source_filesystem=fs,
+                          destination_filesystem=pyarrow.fs.LocalFileSystem())
+    try:
+        tmp.rename(target)
+    except OSError:  # another worker on this node got it first
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def delete(location: Location, file: str) -> None:
     if not is_uri(location):
         Path(location, file).unlink(missing_ok=True)

@@ -157,3 +157,36 @@ def test_study_resumes_from_s3_after_the_head_node_is_replaced(s3, tmp_path):
     df = pd.read_csv(io.StringIO(table))
     assert sorted(df["stage"]) == ["distill", "finetune", "pretrain", "supervised"]
     assert df.set_index("stage").loc["pretrain", "status"] == "reused"  # not recomputed
+
+
+def test_a_stages_checkpoints_come_back_from_an_earlier_invocations_lane_run(s3, tiny):
+    """With S3 storage a stage killed with its sweep's driver has its checkpoints only
+    in Ray's copy, under the killed invocation's lane run: a fresh node's empty stage
+    directory gets the latest one of each of its runs (an LR grid's too) back."""
+    import boto3
+
+    from scaling.runtime.local import StageJob
+    from scaling.runtime.ray_train import restore_from_runs
+
+    bucket = boto3.resource("s3").Bucket("bucket")
+    train = "lanes-study/_train"
+    for run, name in [("lane-0-a-1", "pretrain-k1@checkpoints@step-000000004"),
+                      ("lane-1-a-1", "pretrain-k1@checkpoints@step-000000008"),
+                      ("lane-0-a-1", "finetune-k2@lr-0.1@checkpoints@step-000000002"),
+                      ("lane-0-a-1", "pretrain-k10@checkpoints@step-000000012")]:
+        for file in ("state.pt", "meta.json"):
+            bucket.put_object(Key=f"{train}/{run}/{name}/{file}", Body=f"{name}/{file}".encode())
+    pre = StageJob("pretrain", tiny, f"{s3}/lanes-study/stages/pretrain-k1")
+    ft = StageJob("finetune", tiny, f"{s3}/lanes-study/stages/finetune-k2")
+    restore_from_runs([pre, ft], f"{s3}/{train}")
+    got = storage.local_dir(pre.out)
+    assert sorted(p.name for p in (got / "checkpoints").iterdir()) == ["step-000000008"]
+    assert (got / "checkpoints/step-000000008/state.pt").read_text() == (
+        "pretrain-k1@checkpoints@step-000000008/state.pt")
+    grid = storage.local_dir(ft.out) / "lr-0.1/checkpoints/step-000000002"
+    assert (grid / "meta.json").exists() and (grid / "state.pt").exists()
+    # A stage directory with checkpoints of its own is left alone.
+    restore_from_runs([pre], f"{s3}/{train}")
+    (got / "checkpoints/step-000000008").rename(got / "checkpoints/step-000000009")
+    restore_from_runs([pre], f"{s3}/{train}")
+    assert sorted(p.name for p in (got / "checkpoints").iterdir()) == ["step-000000009"]

@@ -38,6 +38,7 @@ from scaling.runtime.ray_train import (
     Watch,
     collect,
     restore,
+    restore_from_runs,
     run_jobs,
     trainer,
     worker_env,
@@ -144,7 +145,7 @@ def serve(lane: int, dispatcher: str, rt: RuntimeConfig, ray_storage: str, name:
     import ray
 
     handle = ray.get_actor(dispatcher)
-    config = {"dispatcher": dispatcher, "lane": lane}
+    config = {"dispatcher": dispatcher, "lane": lane, "ray_storage": ray_storage}
     for run in itertools.count(1):
         ray.get(handle.run_started.remote(lane))
         try:
@@ -180,7 +181,8 @@ def _lane_worker(config: dict[str, Any]) -> None:
         ticket, encoded = msg[0]
         jobs = [StageJob.decode(j) for j in encoded]
         base = worker_env(jobs[0].cfg.runtime.compile, progress_lines=False)
-        restore(jobs)
+        restore(jobs)  # this run's latest checkpoint (the group restarted mid-ticket)
+        restore_from_runs(jobs, config["ray_storage"])  # an earlier invocation's
 
         def event(e: Any, ticket: int = ticket) -> None:
             if rank == 0:

@@ -95,6 +95,29 @@ def restore(jobs: Sequence[StageJob]) -> None:
             print(f"restored {target} from Ray Train's storage", flush=True)
 
 
+def restore_from_runs(jobs: Sequence[StageJob], ray_storage: Location) -> None:
+    """Ray's latest copies of each stage's checkpoints, from any run under
+    ``ray_storage``, into a stage directory that has none: with URI storage a stage
+    killed with its sweep's driver has its checkpoints only there, under the run of
+    the invocation that was killed (lane runs are named per invocation)."""
+    for job in jobs:
+        local = storage.local_dir(job.out)
+        if not storage.is_uri(job.out) or any(local.rglob("state.pt")):
+            continue
+        prefix = storage.name(job.out) + SEP
+        latest: dict[tuple[str, ...], tuple[str, Location]] = {}
+        for run in storage.list_dirs(ray_storage):
+            for name in storage.list_dirs(storage.join(ray_storage, run)):
+                if name.startswith(prefix):
+                    *where, step = name[len(prefix):].split(SEP)  # step-<zero-padded>
+                    if step > latest.get(tuple(where), ("", ""))[0]:
+                        latest[tuple(where)] = (step, storage.join(ray_storage, run, name))
+        for parts, (step, location) in latest.items():
+            storage.download_dir(location, local.joinpath(*parts, step))
+            print(f"restored {local.joinpath(*parts, step)} from Ray Train's storage",
+                  flush=True)
+
+
 def _worker(config: dict[str, Any]) -> None:
     import ray.train
 
