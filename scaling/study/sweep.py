@@ -367,8 +367,12 @@ def run_study(study: Study, root: Location, *, address: str | None = None,
         grid_results = tuner.fit()
     finally:
         tune_log.removeFilter(_quiet_interrupt)
+        # Idle lanes end at once when closed; after Ctrl-C a lane is mid-ticket and
+        # is stopped (its stage resumes from its checkpoints on the next run).
+        interrupted_mid_ticket = bool(ray.get(claims.in_flight.remote()))
         ray.get(claims.close.remote())
-        _, stuck = ray.wait(served, num_returns=len(served), timeout=60)
+        _, stuck = ray.wait(served, num_returns=len(served),
+                            timeout=0 if interrupted_mid_ticket else 30)
         for task in stuck:
             ray.cancel(task, force=True)
         ray.kill(claims)
