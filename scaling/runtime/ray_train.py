@@ -102,7 +102,8 @@ def restore_from_runs(jobs: Sequence[StageJob], ray_storage: Location) -> None:
     the invocation that was killed (lane runs are named per invocation)."""
     for job in jobs:
         local = storage.local_dir(job.out)
-        if not storage.is_uri(job.out) or any(local.rglob("state.pt")):
+        if (not storage.is_uri(job.out) or any(local.rglob("state.pt"))
+                or storage.read_result(job.out) is not None):  # finished: run_local returns it
             continue
         prefix = storage.name(job.out) + SEP
         latest: dict[tuple[str, ...], tuple[str, Location]] = {}
