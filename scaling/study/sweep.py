@@ -313,7 +313,8 @@ def run_study(study: Study, root: Location, *, address: str | None = None,
     # On this (the head) node: a trial's node may die; the claims must not.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     lane_rt = _lane_runtime(grid)
-    lanes = cap.concurrent if lane_rt else 0
+    # A lane holds its worker group for the whole sweep: no more lanes than cells.
+    lanes = min(cap.concurrent, len(grid)) if lane_rt else 0
     claims = StageClaims.options(name=claims_name, scheduling_strategy=here).remote(lanes)
     ctx = {"study": study.name, "stages": str(storage.join(root, "stages")),
            "study_dir": str(study_dir), "claims": claims_name, "commit": record["git_commit"],
