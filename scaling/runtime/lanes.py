@@ -43,6 +43,7 @@ from scaling.runtime.ray_train import (
     trainer,
     worker_env,
 )
+from scaling.storage import Location
 
 CLOSED = "closed"  # take()'s answer once the sweep has no more work
 POLL_SECONDS = 0.5
@@ -206,7 +207,10 @@ def run_on_lane(dispatcher: Any, jobs: Sequence[StageJob], report: Watch,
     results (``ray_train.collect``: a non-finite loss raises NonFiniteLoss)."""
     import ray
 
+    if not jobs:
+        return []
     by_key = {j.key: j for j in jobs}
+    found: dict[Location, StageResult | None] = {}  # read once, as each stage finishes
     for job in jobs:
         storage.delete(job.out, ERROR_FILE)
     ticket = ray.get(dispatcher.submit.remote([j.encode() for j in jobs], list(by_key)))
@@ -215,13 +219,15 @@ def run_on_lane(dispatcher: Any, jobs: Sequence[StageJob], report: Watch,
         events, state, error = ray.get(dispatcher.poll.remote(ticket, seen))
         seen += len(events)
         for e in events:
-            if e.get("event") == "executed" and after is not None:
+            if e.get("event") == "executed":
                 job = by_key[e["key"]]
-                after(job, collect([job])[0])
+                found[job.out] = result = collect([job])[0]
+                if after is not None:
+                    after(job, result)
             report(e, None)
         if state == "failed":
             raise RuntimeError(f"the lane running {', '.join(j.stage for j in jobs)} "
                                f"failed: {error}")
         if state == "done":
-            return collect(jobs)
+            return collect(jobs, found)
         time.sleep(POLL_SECONDS)

@@ -200,16 +200,17 @@ def run_cell(config: dict[str, Any], ctx: dict[str, Any]) -> None:
                     pending.remove(job.stage)
             # Rank 0's progress becomes this trial's metrics, and the StageEvents
             # around each stage its Console lines; the driver prints them once.
-            if ctx["lanes"]:  # a lane's worker group runs them; rows written here
-                ran = run_on_lane(claims, claimed, _tune_report,
-                                  functools.partial(_record, ctx, cell, rows))
-            else:
+            if ctx["lanes"]:  # a lane's worker group runs them; each row is written here
+                run_on_lane(claims, claimed, _tune_report,
+                            functools.partial(_record, ctx, cell, rows))
+            else:  # rank 0 writes each row with its copy of the rows; then this trial
                 ran = run_stages(claimed, f"cell-{cell['key']}", report=_tune_report,
                                  ray_storage=str(storage.join(ctx["study_dir"], "_train")),
                                  callbacks=(TuneReportCallback(),),
                                  after=functools.partial(_record, ctx, cell, dict(rows)))
-        for job, result in zip(claimed, ran, strict=True):
-            _record(ctx, cell, rows, job, result)
+                for job, result in zip(claimed, ran, strict=True):
+                    _record(ctx, cell, rows, job, result)
+        for job in claimed:
             pending.remove(job.stage)
 
 
