@@ -382,12 +382,18 @@ class RuntimeConfig:
     cpus_per_worker: int = 1  # Ray's default; a 2-core machine fits 1 trial x 1 worker
     gpus_per_worker: int = 0  # 1 on GPU clusters (NCCL); 0: CPU workers on gloo
     max_failures: int = 3  # worker-group restarts from the last checkpoint
+    # The process group's collective timeout (TorchConfig.timeout_s): the longest rank
+    # 0 may evaluate alone while the others wait in a barrier (the probe is bounded
+    # by evaluate.probe_max_train so an ImageNet probe stays well inside it).
+    collective_timeout_s: int = 1800
 
     def __post_init__(self) -> None:
         check(self.workers >= 0, "workers", self.workers, ">= 0 (0: in the calling process)")
         check(self.cpus_per_worker >= 1, "cpus_per_worker", self.cpus_per_worker, ">= 1")
         check(self.gpus_per_worker >= 0, "gpus_per_worker", self.gpus_per_worker, ">= 0")
         check(self.max_failures >= 0, "max_failures", self.max_failures, ">= 0")
+        check(self.collective_timeout_s >= 1, "collective_timeout_s", self.collective_timeout_s,
+              ">= 1 (seconds)")
         check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, ">= 0")
         check(self.log_every >= 1, "log_every", self.log_every, ">= 1")
         check(self.keep_checkpoints >= 2, "keep_checkpoints", self.keep_checkpoints, ">= 2")

@@ -64,7 +64,7 @@ def test_gpu_script_runs_its_smoke_case_and_counts_training_flops():
     per_pair = float(line.split()[0]) * 1e9
     net = build_contrastive(gpu.ModelConfig(case.depth, case.width, stem=case.stem),
                             gpu.HeadConfig(3, 128), 3, case.side)
-    forward = forward_flops_per_image(net, torch.zeros(1, 3, case.side, case.side))
+    forward = forward_flops_per_image(net, 3, case.side)
     # Training a pair: two views, each forward + backward (~2x forward; the first
     # convolution needs no input gradient, so a little under 3x).
     assert 2 * 2.5 * forward < per_pair <= 2 * 3.0 * forward

@@ -9,6 +9,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from scaling.train.losses import distillation_loss, nt_xent
+from tolerance import assert_close_at_scale
 
 
 def naive_nt_xent(z1, z2, t, extra=None):
@@ -129,8 +130,8 @@ def test_two_workers_equal_one_worker_with_double_batch():
     assert torch.allclose(mean_loss, full.detach(), rtol=1e-5, atol=1e-6)
     for rank in range(2):
         ga, gb = out[rank][1].chunk(2)
-        assert torch.allclose(ga, a.grad[rank * 4:(rank + 1) * 4], rtol=1e-4, atol=1e-6)
-        assert torch.allclose(gb, b.grad[rank * 4:(rank + 1) * 4], rtol=1e-4, atol=1e-6)
+        assert_close_at_scale(ga, a.grad[rank * 4:(rank + 1) * 4], 1e-5, "grad z1")
+        assert_close_at_scale(gb, b.grad[rank * 4:(rank + 1) * 4], 1e-5, "grad z2")
 
 
 def test_distillation_closed_forms():
@@ -198,8 +199,10 @@ def test_global_bn_on_two_cpu_workers_equals_one_big_batch():
     for rank in range(2):
         y_r, gx, grads, running = out[rank]
         sl = slice(rank * 4, (rank + 1) * 4)
-        assert torch.allclose(y_r, y.detach()[sl], atol=1e-5)
-        assert torch.allclose(gx, xr.grad[sl], atol=1e-4)
+        assert_close_at_scale(y_r, y.detach()[sl], 1e-5, "output")
+        assert_close_at_scale(gx, xr.grad[sl], 1e-5, "input grad")
+        # The conv bias's exact gradient is 0 (BN removes it): scale by the largest.
+        largest = max(float(p.grad.abs().max()) for p in ref.parameters())
         for k, p in ref.named_parameters():
-            assert torch.allclose(grads[k] * 2, p.grad, atol=1e-4), k  # sum of both halves
-        assert torch.allclose(running, ref[1].running_mean, atol=1e-6)
+            assert_close_at_scale(grads[k] * 2, p.grad, 1e-5, k, largest)  # both halves
+        assert_close_at_scale(running, ref[1].running_mean, 1e-5, "running_mean")

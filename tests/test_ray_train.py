@@ -8,6 +8,7 @@ from scaling.config import with_overrides
 from scaling.model.network import build_contrastive
 from scaling.stages.checkpoint import load_final_models
 from scaling.stages.pretrain import pretrain
+from tolerance import assert_close_at_scale
 
 ray = pytest.importorskip("ray")
 
@@ -40,7 +41,7 @@ def test_one_ray_worker_reproduces_the_single_process_run(ray_local, tiny, tmp_p
     assert losses(on_ray) == pytest.approx(losses(local), abs=1e-4)
     a, b = load_final_models(tmp_path / "ray"), load_final_models(tmp_path / "local")
     for k, v in a["encoder"].items():
-        assert torch.allclose(v.float(), b["encoder"][k].float(), atol=1e-4), k
+        assert_close_at_scale(v.float(), b["encoder"][k].float(), 1e-4, k)
     # Ray registered the stage's checkpoints, and a second call returns the result.
     assert list((tmp_path / "_ray" / "ray").glob("ray@checkpoints@step-*"))
     assert run_stage("pretrain", cfg, tmp_path / "ray") == on_ray
@@ -75,7 +76,11 @@ def test_two_workers_compute_what_one_worker_computes(ray_local, tiny, tmp_path)
                 continue
             step_one = v - init[f"{part}.{k}"]
             step_two = b[part][k] - init[f"{part}.{k}"]
-            assert torch.allclose(step_one, step_two, atol=1e-6, rtol=1e-3), k
+            # At the tensor's scale: an element-wise rtol fails on near-zero steps
+            # whenever the two reductions' orders differ (AVX2 vs AVX-512, GPUs).
+            # 1e-4: the stem's gradient comes back through every layer's float32
+            # sums (seen: 1.2e-5 of its largest step); a wrong split is O(1).
+            assert_close_at_scale(step_two, step_one, 1e-4, k)
             moved += int(step_one.abs().max() > 1e-4)
     assert moved > 20  # most tensors really moved: the comparison is not vacuous
 

@@ -171,7 +171,9 @@ def color_jitter(
     channel mean, the grey image. So each position is one pass over the whole
     batch, images whose op there is another (or none) taking f = 1, which leaves
     them exactly as they are: no gathers, and no device sync on a GPU. Hue, an HSV
-    round trip, runs only on the images whose op it is.
+    round trip, is computed for the whole batch at each position and kept where it
+    is the image's op: 4x the hue arithmetic of gathering those images, but
+    gathering needs their count on the host (``nonzero``), a sync per position.
     """
     n, channels = x.shape[:2]
     chosen = torch.ones(n, dtype=torch.bool, device=x.device) if where is None else where
@@ -186,8 +188,8 @@ def color_jitter(
         # lerp is exact at f = 1 (it computes x - (x - t)(1 - f) for f >= 0.5).
         x = torch.lerp(target, x, f).clamp_(0, 1)
         if channels == 3:
-            idx = _where(chosen & (op == 3))
-            x.index_copy_(0, idx, _hue(x[idx], factors[idx, 3].view(-1, 1, 1, 1)).clamp_(0, 1))
+            hue = (chosen & (op == 3)).view(-1, 1, 1, 1)
+            x = torch.where(hue, _hue(x, factors[:, 3].view(-1, 1, 1, 1)).clamp_(0, 1), x)
     return x
 
 
@@ -203,10 +205,6 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     flat = F.conv2d(flat, kernel[:, None, :, None], groups=n * c)  # vertical
     flat = F.conv2d(flat, kernel[:, None, None, :], groups=n * c)  # horizontal
     return flat.view(n, c, height, width)
-
-
-def _where(mask: torch.Tensor) -> torch.Tensor:
-    return mask.nonzero().squeeze(1)
 
 
 @dataclass(frozen=True)
@@ -251,9 +249,10 @@ def apply_view(
         x = color_jitter(x, p.factors, p.order, p.jitter)
     if x.shape[1] == 3:
         x = torch.where(p.gray.view(-1, 1, 1, 1), _gray(x), x)
-    idx = _where(p.blur)
-    if idx.numel():
-        x[idx] = gaussian_blur(x[idx], p.sigma[idx])
+    if spec.blur_p > 0:
+        # Blur the whole batch and keep it where drawn: selecting the drawn images
+        # first would need their count on the host (a device sync every view).
+        x = torch.where(p.blur.view(-1, 1, 1, 1), gaussian_blur(x, p.sigma), x)
     return x
 
 

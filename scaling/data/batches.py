@@ -111,11 +111,12 @@ class Fetcher:
         """A fetcher of ``dataset`` with these settings."""
         return Fetcher(dataset, self.device, self.workers, self.decode_on_device)
 
-    def __call__(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, idx: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batch; ``idx`` may already be on the device (no upload then)."""
         if isinstance(self.dataset, ImageData):
-            i = torch.from_numpy(idx).to(self.device)
-            return self.images[i], self.labels[i]
-        return next(self.stream([idx]))
+            i = idx if isinstance(idx, torch.Tensor) else torch.from_numpy(idx).to(self.device)
+            return self.images.index_select(0, i), self.labels.index_select(0, i)
+        return next(self.stream([np.asarray(idx.cpu() if isinstance(idx, torch.Tensor) else idx)]))
 
     def stream(
         self, batches: list[np.ndarray], crops: Crops | None = None
@@ -124,7 +125,7 @@ class Fetcher:
         NxVxCxSxS random crops of the full images; otherwise NxCxHxW images
         (a folder dataset's evaluation view)."""
         if isinstance(self.dataset, ImageData):
-            yield from (self(b) for b in batches)
+            yield from self._gather(batches)
             return
         if self.decode_on_device:
             yield from self._decode_here(self.dataset, batches, crops)
@@ -141,6 +142,16 @@ class Fetcher:
         for x, y in loader:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
+
+    def _gather(self, batches: list[np.ndarray]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """In-memory batches as gathers on the device. The indices go up once for
+        the whole list (an epoch): a copy from pageable memory waits for the host,
+        and one per step would stall the GPU's queue every step."""
+        if not batches:
+            return
+        flat = torch.from_numpy(np.concatenate(batches)).to(self.device)
+        for i in flat.split([len(b) for b in batches]):
+            yield self.images.index_select(0, i), self.labels.index_select(0, i)
 
     def _decode_here(self, ds: FolderImages, batches: list[np.ndarray], crops: Crops | None
                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -181,7 +181,7 @@ def _lane_worker(config: dict[str, Any]) -> None:
             return
         ticket, encoded = msg[0]
         jobs = [StageJob.decode(j) for j in encoded]
-        base = worker_env(jobs[0].cfg.runtime.compile, progress_lines=False)
+        base = worker_env(jobs[0].cfg.runtime, progress_lines=False)
         restore(jobs)  # this run's latest checkpoint (the group restarted mid-ticket)
         restore_from_runs(jobs, config["ray_storage"])  # an earlier invocation's
 

@@ -35,6 +35,12 @@ def run_local(
         return done
     local_in = storage.fetch(input_dir) if input_dir is not None else None
     local = storage.local_dir(out)
+    if cfg.runtime.compile:
+        # One process runs many stages (a lane, a chain): Dynamo's cache of earlier
+        # architectures would reach its recompile limit (8) and silently run eager.
+        import torch._dynamo
+
+        torch._dynamo.reset()
     result = registry.run(stage, cfg, local, local_in, env)
     if env is None or env.is_main:
         storage.publish(local, out)

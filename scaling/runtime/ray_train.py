@@ -31,7 +31,7 @@ from scaling.records import ProgressReport, StageEvent, StageResult
 from scaling.runtime.local import StageJob, run_local
 from scaling.stages.stage_run import NonFiniteLoss
 from scaling.storage import Location
-from scaling.train.env import Env
+from scaling.train.env import Env, check_device
 
 ERROR_FILE = "error.json"  # a stage stopped for a reason retries cannot fix
 # Checkpoint names in Ray's storage: the stage directory's name and the checkpoint's
@@ -123,7 +123,7 @@ def _worker(config: dict[str, Any]) -> None:
     import ray.train
 
     jobs = [StageJob.decode(j) for j in config["jobs"]]
-    base = worker_env(jobs[0].cfg.runtime.compile, config["progress_lines"])
+    base = worker_env(jobs[0].cfg.runtime, config["progress_lines"])
     restore(jobs)
 
     def event(e: StageEvent) -> None:
@@ -133,8 +133,9 @@ def _worker(config: dict[str, Any]) -> None:
     run_jobs(jobs, base, event, config["after"])
 
 
-def worker_env(compile: bool, progress_lines: bool) -> Env:
-    """This Ray Train worker's Env (no report hook yet: run_jobs sets one per stage)."""
+def worker_env(rt: RuntimeConfig, progress_lines: bool) -> Env:
+    """This Ray Train worker's Env (no report hook yet: run_jobs sets one per stage).
+    A worker that asked for a GPU and sees none raises instead of training on the CPU."""
     import ray
     import ray.train
     import ray.train.torch
@@ -142,8 +143,10 @@ def worker_env(compile: bool, progress_lines: bool) -> Env:
     # Ray Train logs every report and checkpoint copy at INFO; the stage prints its own.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     ctx = ray.train.get_context()
-    return Env(ray.train.torch.get_device(), rank=ctx.get_world_rank(),
-               world=ctx.get_world_size(), compile=compile,
+    device = ray.train.torch.get_device()
+    check_device(rt.device, rt.gpus_per_worker, device)
+    return Env(device, rank=ctx.get_world_rank(),
+               world=ctx.get_world_size(), compile=rt.compile,
                node=ray.get_runtime_context().get_node_id(), progress_lines=progress_lines)
 
 
@@ -265,7 +268,7 @@ def trainer(fn: Callable[[dict[str, Any]], None], config: dict[str, Any], rt: Ru
             name: str, ray_storage: str, callbacks: Sequence[Any] = ()) -> Any:
     """A TorchTrainer running ``fn(config)`` on ``rt``'s worker group."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     resources: dict[str, float] = {"CPU": rt.cpus_per_worker}
     if rt.gpus_per_worker:
@@ -273,8 +276,11 @@ def trainer(fn: Callable[[dict[str, Any]], None], config: dict[str, Any], rt: Ru
     return TorchTrainer(
         fn,
         train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=rt.workers, use_gpu=rt.gpus_per_worker > 0,
-                                     resources_per_worker=resources),
+        scaling_config=ScalingConfig(
+            num_workers=rt.workers, use_gpu=rt.gpus_per_worker > 0,
+            resources_per_worker=resources, placement_strategy=placement(rt)),
+        # Explicit, and long enough for rank 0's evaluation between collectives.
+        torch_config=TorchConfig(timeout_s=rt.collective_timeout_s),
         run_config=RunConfig(
             name=name,
             storage_path=ray_storage,
@@ -283,6 +289,12 @@ def trainer(fn: Callable[[dict[str, Any]], None], config: dict[str, Any], rt: Ru
             callbacks=list(callbacks),
         ),
     )
+
+
+def placement(rt: RuntimeConfig) -> str:
+    """A GPU group on one node (STRICT_PACK): NCCL over NVLink, never across nodes by
+    accident; CPU groups may spread (PACK), as the two-node tests need."""
+    return "STRICT_PACK" if rt.gpus_per_worker > 0 and rt.workers > 1 else "PACK"
 
 
 def run_stage(

@@ -73,7 +73,7 @@ def distill(
     torch.manual_seed(cfg.seed)
     net = build_classifier(cfg.student, cfg.head, 0, train.channels, train.image_size,
                            train.num_classes)
-    flops = forward_flops_per_image(net, labelled_fetch(labelled[:1])[0].float())
+    flops = forward_flops_per_image(net, train.channels, train.image_size)
     model = env.prepare(net, sync_bn=True)  # global BN, as in pretraining
     optim, temperature = cfg.distill_optim(), cfg.distill_temperature()
     # A student from scratch, as pretraining's network: every weight (its classifier
@@ -88,6 +88,7 @@ def distill(
     run = StageRun("distill", out, env, cfg.runtime, spe, epochs,
                    {"model": net, "optimizer": optimizer}, gen)
     shard = (env.rank, env.world)
+    draws = LabelledDraws(cfg, labelled, env, spe)
     for x, _ in run.batches(fetch, pool, dc.batch_size, cfg.seed, CROP_FLIP, 1):
         lr = set_lr(optimizer, schedule(run.step))
         (view,) = augment_views(x, CROP_FLIP, gen, 1, shape, shard)
@@ -95,7 +96,7 @@ def distill(
         n = view.shape[0]
         labels = None
         if dc.alpha > 0:
-            xl, labels = labelled_fetch(labelled_batch(cfg, labelled, run.step, env))
+            xl, labels = labelled_fetch(draws(run.step))
             view = torch.cat([view, augment(xl, CROP_FLIP, gen, shard=shard)])
         with env.autocast():
             with torch.no_grad():
@@ -138,10 +139,11 @@ def load_teacher(cfg: ExperimentConfig, teacher_dir: Path, train: Dataset, env: 
     teacher = build_classifier(cfg.model, cfg.head, cfg.finetune.head_layer, train.channels,
                                train.image_size, train.num_classes)
     teacher.load_state_dict(load_final_models(teacher_dir)["classifier"])
-    teacher.to(env.device).eval().requires_grad_(False)
     if env.cuda:
-        teacher.to(memory_format=torch.channels_last)
-    return teacher
+        teacher.to(env.device, memory_format=torch.channels_last)
+    else:
+        teacher.to(env.device)
+    return teacher.eval().requires_grad_(False)
 
 
 def labelled_batch(cfg: ExperimentConfig, labelled: np.ndarray, step: int, env: Env
@@ -152,3 +154,24 @@ def labelled_batch(cfg: ExperimentConfig, labelled: np.ndarray, step: int, env: 
     chosen = rng.choice(labelled, cfg.distill.batch_size)
     per_worker = cfg.distill.batch_size // env.world
     return chosen[env.rank * per_worker:(env.rank + 1) * per_worker]
+
+
+class LabelledDraws:
+    """``labelled_batch`` for the coming steps, sent to the device a block of steps at
+    a time: one upload per ``block`` steps instead of a host-waiting copy each step."""
+
+    def __init__(self, cfg: ExperimentConfig, labelled: np.ndarray, env: Env, block: int
+                 ) -> None:
+        self.cfg, self.labelled, self.env, self.block = cfg, labelled, env, max(1, block)
+        self.first = -1
+        self.rows = torch.empty(0)
+
+    def __call__(self, step: int) -> torch.Tensor | np.ndarray:
+        if self.env.device.type == "cpu":  # nothing to wait for: no block needed
+            return labelled_batch(self.cfg, self.labelled, step, self.env)
+        if not self.first <= step < self.first + self.block:
+            self.first = step
+            block = [labelled_batch(self.cfg, self.labelled, s, self.env)
+                     for s in range(step, step + self.block)]
+            self.rows = torch.from_numpy(np.stack(block)).to(self.env.device)
+        return self.rows[step - self.first]

@@ -142,7 +142,7 @@ def train_classifier(
 
     torch.manual_seed(cfg.seed)
     net = build(train.channels, train.image_size, train.num_classes)
-    flops = forward_flops_per_image(net, fetch(labelled[:1])[0].float())
+    flops = forward_flops_per_image(net, train.channels, train.image_size)
     model = env.prepare(net, sync_bn=True)  # global BN, as in pretraining
     # The reference excludes the classifier from LARS adaptation and weight decay.
     optimizer = build_optimizer(optim, net, exclude=[net.classifier])

@@ -51,7 +51,7 @@ def pretrain(cfg: ExperimentConfig, out: Path, env: Env | None = None) -> StageR
     # Model: one forward over both views, so BN statistics cover both (global BN).
     torch.manual_seed(cfg.seed)
     net = build_contrastive(cfg.model, cfg.head, train.channels, train.image_size)
-    flops = forward_flops_per_image(net, fetch(np.arange(1))[0].float())
+    flops = forward_flops_per_image(net, train.channels, train.image_size)
     model = env.prepare(net, sync_bn=p.global_bn)
     objects: dict[str, Any] = {"model": net}
     queue = momentum = None

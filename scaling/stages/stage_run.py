@@ -47,6 +47,8 @@ class StageRun:
         self.total_steps = steps_per_epoch * epochs
         self.objects, self.generator = objects, generator
         self.started = time.perf_counter()
+        if env.cuda:  # the stage's own peak, not the process's (a lane runs many stages)
+            torch.cuda.reset_peak_memory_stats(env.device)
         self.step = 0
         self.resumed_from: int | None = None
         prior: dict[str, Any] = {}

@@ -70,16 +70,29 @@ class Env:
                 model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
             else:
                 convert_global_bn(model)
-        model.to(self.device)
         if self.cuda:
-            model.to(memory_format=torch.channels_last)
+            fast_cuda_math()
+            # One conversion, not two: parameters are moved once.
+            model.to(self.device, memory_format=torch.channels_last)
+        else:
+            model.to(self.device)
         wrapped: nn.Module = model
         if self.world > 1:
             ids = [self.device.index] if self.cuda else None
-            wrapped = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        if self.compile and self.cuda:
+            # With global BN every worker's running statistics are the same (they come
+            # from the gathered batch), so DDP's per-forward buffer broadcast is waste.
+            wrapped = nn.parallel.DistributedDataParallel(
+                model, device_ids=ids, broadcast_buffers=not sync_bn)
+        if self.compiles:
             wrapped = torch.compile(wrapped)  # type: ignore[assignment]
         return wrapped
+
+    @property
+    def compiles(self) -> bool:
+        """torch.compile only on one CUDA worker: under DDP, Dynamo breaks the graph
+        at every SyncBatchNorm (a host sync per BN layer), which costs more than
+        compiling saves; several workers run eager."""
+        return self.compile and self.cuda and self.world == 1
 
     @classmethod
     def local(cls, device: str, compile: bool, report: Report | None = None,
@@ -90,6 +103,28 @@ class Env:
 
     def images(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.cuda else x
+
+
+def fast_cuda_math() -> None:
+    """TF32 for fp32 matmuls and convolutions (the fp32 parts outside bf16 autocast:
+    the loss's similarity matrix, the probes) and cuDNN's autotuner (fixed shapes
+    every step). Process-wide settings; on the CPU they change nothing."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+
+
+def check_device(asked: str, gpus_per_worker: int, got: torch.device) -> None:
+    """Refuse to train on the CPU while the run asked for (and holds) a GPU: a
+    worker whose GPU is not visible (a driver or CUDA_VISIBLE_DEVICES problem)
+    would otherwise run 100x slower and say nothing."""
+    if got.type != "cuda" and (asked == "cuda" or gpus_per_worker > 0):
+        setting = ("runtime.device", asked) if asked == "cuda" else (
+            "runtime.gpus_per_worker", gpus_per_worker)
+        raise ConfigError(*setting, f"a visible CUDA device: this worker got {got} "
+                          f"(torch.cuda.is_available() = {torch.cuda.is_available()}); check "
+                          "the node's driver and CUDA_VISIBLE_DEVICES, or run with "
+                          "runtime.device: cpu and runtime.gpus_per_worker: 0")
 
 
 @contextlib.contextmanager

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import resource
 import sys
 from typing import Any
@@ -15,14 +16,19 @@ from scaling.records import CurvePoint
 from scaling.train.env import eval_mode
 
 
-def forward_flops_per_image(model: nn.Module, example: torch.Tensor) -> int:
+def forward_flops_per_image(model: nn.Module, channels: int, image_size: int) -> int:
     """FLOPs (2 per multiply-add) of one forward pass on one image, eval mode.
 
-    A training step costs about 3x this per image per forward it makes
-    (forward + backward); the stages record the forward number measured here.
+    Counted on ``meta`` stand-ins of the weights and of a CxSxS image: nothing is
+    computed and the model's own tensors are never touched, so the count is the
+    same wherever the model lives (the CPU, a GPU, or not moved yet). A training
+    step costs about 3x this per image per forward it makes (forward + backward).
     """
+    named = itertools.chain(model.named_parameters(), model.named_buffers())
+    weights = {k: torch.empty_like(v, device="meta") for k, v in named}
+    example = torch.empty(1, channels, image_size, image_size, device="meta")
     with eval_mode(model), FlopCounterMode(display=False) as counter:
-        model(example[:1])
+        torch.func.functional_call(model, weights, (example,))
     return int(counter.get_total_flops())
 
 

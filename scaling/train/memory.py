@@ -56,6 +56,10 @@ class NegativeQueue(nn.Module):
         self.register_buffer("queue", torch.zeros(size, dim))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("filled", torch.zeros((), dtype=torch.long))
+        # ``filled`` mirrored on the host: reading the buffer every step would wait
+        # for the GPU. Key counts are shapes (host-known); None: read once, lazily.
+        self._filled: int | None = 0
+        self.register_load_state_dict_post_hook(_forget_filled)
 
     @torch.no_grad()
     def push(self, keys: torch.Tensor, gather: bool = True) -> None:
@@ -68,8 +72,18 @@ class NegativeQueue(nn.Module):
         self.queue[idx] = keys
         self.ptr.copy_((self.ptr + n) % size)
         self.filled.copy_(torch.clamp(self.filled + n, max=size))
+        self._filled = min(self.filled_count() + n, size)
+
+    def filled_count(self) -> int:
+        if self._filled is None:  # after a checkpoint load: one read, not one per step
+            self._filled = int(self.filled)
+        return self._filled
 
     def negatives(self) -> torch.Tensor | None:
         """The filled part of the queue, or None when it is still empty."""
-        k = int(self.filled)
+        k = self.filled_count()
         return None if k == 0 else self.queue[:k]
+
+
+def _forget_filled(module: nn.Module, _: object) -> None:
+    module._filled = None  # type: ignore[assignment]
