@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -133,3 +134,32 @@ def test_bad_arguments_name_the_value():
         ResNet(42)
     with pytest.raises(ValueError, match="stem='tiny'"):
         ResNet(18, stem="tiny")  # type: ignore[arg-type]
+
+
+def test_activation_checkpointing_changes_memory_not_results():
+    """Recomputed groups: the same output, gradients and BN running statistics
+    (moved once, not twice), and fewer tensors saved for the backward."""
+    from tolerance import assert_close_at_scale
+
+    torch.manual_seed(0)
+    plain = ResNet(18, 0.25, stem="small", in_channels=3)
+    ckpt = copy.deepcopy(plain)
+    ckpt.checkpoint_groups = True
+    x = torch.rand(8, 3, 16, 16)
+    saved = {}
+    for name, net in (("plain", plain), ("ckpt", ckpt)):
+        count = []
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t, c=count: c.append(t.numel()) or t, lambda t: t):
+            out = net(x)
+        saved[name] = sum(count)
+        out.square().mean().backward()
+    assert saved["ckpt"] < saved["plain"] / 2
+    assert_close_at_scale(ckpt(x), plain(x), 1e-5, "output")
+    for (k, a), b in zip(plain.named_parameters(), ckpt.parameters(), strict=True):
+        assert_close_at_scale(b.grad, a.grad, 1e-5, k)
+    for (k, a), b in zip(plain.named_buffers(), ckpt.buffers(), strict=True):
+        if "num_batches" in k:
+            assert torch.equal(a, b), k
+        else:
+            assert_close_at_scale(b, a, 1e-5, k)

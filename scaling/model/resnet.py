@@ -13,11 +13,15 @@ The encoder returns the pooled feature vector (dim 2048*w for bottlenecks,
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+from collections.abc import Iterator
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from torch import nn
 
 from scaling.config import LAYERS
@@ -196,10 +200,42 @@ class ResNet(nn.Module):
             groups.append(nn.Sequential(*group))
         self.groups = nn.Sequential(*groups)
         self.feature_dim = cin
+        # Recompute each group's activations in the backward instead of keeping them
+        # (runtime.activation_checkpointing): only the groups' inputs stay saved.
+        self.checkpoint_groups = False
         init_variance_scaling(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.groups(self.stem(x)).mean((2, 3))
+        x = self.stem(x)
+        if not (self.checkpoint_groups and self.training and torch.is_grad_enabled()):
+            return self.groups(x).mean((2, 3))
+        for group in self.groups:
+            x = checkpoint(group, x, use_reentrant=False,
+                           context_fn=functools.partial(_recompute_without_bn_update, group))
+        return x.mean((2, 3))
+
+
+def _recompute_without_bn_update(group: nn.Module
+                                 ) -> tuple[contextlib.AbstractContextManager[None],
+                                            contextlib.AbstractContextManager[None]]:
+    """Checkpointing runs a group's forward twice; BN's running statistics must move
+    once (momentum 0 in the recomputation leaves them as the first pass left them)."""
+    return contextlib.nullcontext(), _frozen_bn_statistics(group)
+
+
+@contextlib.contextmanager
+def _frozen_bn_statistics(module: nn.Module) -> Iterator[None]:
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    kept = [(m.momentum, m.num_batches_tracked) for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+        if m.num_batches_tracked is not None:
+            m.num_batches_tracked = m.num_batches_tracked.clone()
+    try:
+        yield
+    finally:
+        for m, (momentum, tracked) in zip(norms, kept, strict=True):
+            m.momentum, m.num_batches_tracked = momentum, tracked
 
 
 def init_variance_scaling(module: nn.Module) -> None:
@@ -209,7 +245,7 @@ def init_variance_scaling(module: nn.Module) -> None:
     unit normal truncated to [-2, 2] (0.8796...), exactly as Keras does.
     """
     for m in module.modules():
-        if isinstance(m, nn.Conv2d):
+        if isinstance(m, nn.Conv2d) and not m.weight.is_meta:  # meta: shapes, no values
             fan_in = m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
             std = math.sqrt(1.0 / fan_in) / 0.87962566103423978
             nn.init.trunc_normal_(m.weight, 0.0, std, -2 * std, 2 * std)

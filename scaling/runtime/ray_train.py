@@ -147,6 +147,7 @@ def worker_env(rt: RuntimeConfig, progress_lines: bool) -> Env:
     check_device(rt.device, rt.gpus_per_worker, device)
     return Env(device, rank=ctx.get_world_rank(),
                world=ctx.get_world_size(), compile=rt.compile,
+               checkpointing=rt.activation_checkpointing,
                node=ray.get_runtime_context().get_node_id(), progress_lines=progress_lines)
 
 
@@ -243,7 +244,7 @@ def _run_here(jobs: Sequence[StageJob], report: Watch | None, quiet: bool,
     # A trial records the Ray node it ran on.
     node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
     rt = jobs[0].cfg.runtime
-    env = Env.local(rt.device, rt.compile, report=report, progress_lines=not quiet, node=node)
+    env = Env.local(rt, report=report, progress_lines=not quiet, node=node)
     for job in jobs:
         if report is not None:
             report(stage_event(job, "start"), None)

@@ -55,7 +55,7 @@ def distill(
     done = read_local_result(out)
     if done is not None:
         return done
-    env = env or Env.local(cfg.runtime.device, cfg.runtime.compile)
+    env = env or Env.local(cfg.runtime)
     dc = cfg.distill
 
     # Data: unlabelled images; the labelled subset only when alpha mixes in labels.

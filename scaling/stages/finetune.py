@@ -125,7 +125,7 @@ def train_classifier(
     done = read_local_result(out)
     if done is not None:
         return done
-    env = env or Env.local(cfg.runtime.device, cfg.runtime.compile)
+    env = env or Env.local(cfg.runtime)
 
     # Data: the labelled subset of the training split outside validation; crop+flip.
     splits = load_splits(cfg.data)

@@ -38,7 +38,7 @@ def pretrain(cfg: ExperimentConfig, out: Path, env: Env | None = None) -> StageR
     done = read_local_result(out)
     if done is not None:
         return done
-    env = env or Env.local(cfg.runtime.device, cfg.runtime.compile)
+    env = env or Env.local(cfg.runtime)
     p = cfg.pretrain
 
     # Data: the training split without validation (STL-10: + unlabelled), labels unused.
@@ -138,7 +138,7 @@ def pixel_probe(cfg: ExperimentConfig, env: Env | None = None, splits: Splits | 
                 ) -> dict[str, Any]:
     """The same probes on raw pixels (the evaluation view, flattened): the reference
     line a pretrained representation has to beat to be worth anything."""
-    env = env or Env.local(cfg.runtime.device, cfg.runtime.compile)
+    env = env or Env.local(cfg.runtime)
     return probe(cfg, lambda x: x.flatten(1), [], splits or load_splits(cfg.data), None, env)
 
 

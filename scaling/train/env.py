@@ -17,8 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from scaling.config import ConfigError
+from scaling.config import ConfigError, RuntimeConfig
 from scaling.model.global_bn import convert_global_bn
+from scaling.model.resnet import ResNet
 from scaling.records import ProgressReport
 
 Report = Callable[[ProgressReport, Path | None], None]
@@ -38,6 +39,7 @@ class Env:
     rank: int = 0
     world: int = 1
     compile: bool = False
+    checkpointing: bool = False  # runtime.activation_checkpointing: ResNet groups recompute
     # Called after every checkpoint and at the end with (metrics, directory or None).
     report: Report | None = None
     node: str = field(default_factory=socket.gethostname)  # Ray: the node id
@@ -76,6 +78,10 @@ class Env:
             model.to(self.device, memory_format=torch.channels_last)
         else:
             model.to(self.device)
+        if self.checkpointing:
+            for m in model.modules():
+                if isinstance(m, ResNet):
+                    m.checkpoint_groups = True
         wrapped: nn.Module = model
         if self.world > 1:
             ids = [self.device.index] if self.cuda else None
@@ -95,10 +101,11 @@ class Env:
         return self.compile and self.cuda and self.world == 1
 
     @classmethod
-    def local(cls, device: str, compile: bool, report: Report | None = None,
+    def local(cls, rt: RuntimeConfig, report: Report | None = None,
               progress_lines: bool = True, node: str | None = None) -> Env:
         """A single-process environment (the one a stage uses when given none)."""
-        return cls(pick_device(device), compile=compile, report=report,
+        return cls(pick_device(rt.device), compile=rt.compile, report=report,
+                   checkpointing=rt.activation_checkpointing,
                    progress_lines=progress_lines, node=node or socket.gethostname())
 
     def images(self, x: torch.Tensor) -> torch.Tensor:
