@@ -7,9 +7,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from tolerance import assert_close_at_scale
 
 from scaling.train.losses import distillation_loss, nt_xent
-from tolerance import assert_close_at_scale
 
 
 def naive_nt_xent(z1, z2, t, extra=None):

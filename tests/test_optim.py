@@ -3,12 +3,12 @@ import math
 
 import pytest
 import torch
+from tolerance import assert_close_at_scale
 from torch import nn
 
 from scaling.config import OptimConfig
 from scaling.train.lars import LARS, param_groups
 from scaling.train.schedule import LRSchedule, scaled_lr, warmup_cosine
-from tolerance import assert_close_at_scale
 
 
 class Net(nn.Module):

@@ -131,7 +131,8 @@ def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
     """Branch-free: channel n is v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6,
     n = 5, 3, 1 for r, g, b (the piecewise-linear sector formula in closed form)."""
     h, s, v = x.unbind(1)
-    n = x.new_tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1)
+    # Made on the device: a tensor from a Python list is a blocking host copy.
+    n = torch.arange(5.0, 0.0, -2.0, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     k = torch.remainder(n + 6.0 * h[:, None], 6.0)
     ramp = torch.minimum(k, 4.0 - k).clamp(0, 1)
     return (v[:, None] * (1 - s[:, None] * ramp)).clamp(0, 1)

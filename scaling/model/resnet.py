@@ -21,8 +21,8 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from scaling.config import LAYERS
 

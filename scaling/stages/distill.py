@@ -139,10 +139,7 @@ def load_teacher(cfg: ExperimentConfig, teacher_dir: Path, train: Dataset, env: 
     teacher = build_classifier(cfg.model, cfg.head, cfg.finetune.head_layer, train.channels,
                                train.image_size, train.num_classes)
     teacher.load_state_dict(load_final_models(teacher_dir)["classifier"])
-    if env.cuda:
-        teacher.to(env.device, memory_format=torch.channels_last)
-    else:
-        teacher.to(env.device)
+    env.move(teacher)
     return teacher.eval().requires_grad_(False)
 
 
@@ -163,13 +160,13 @@ class LabelledDraws:
     def __init__(self, cfg: ExperimentConfig, labelled: np.ndarray, env: Env, block: int
                  ) -> None:
         self.cfg, self.labelled, self.env, self.block = cfg, labelled, env, max(1, block)
-        self.first = -1
+        self.first: int | None = None  # the first step of the block on the device
         self.rows = torch.empty(0)
 
     def __call__(self, step: int) -> torch.Tensor | np.ndarray:
         if self.env.device.type == "cpu":  # nothing to wait for: no block needed
             return labelled_batch(self.cfg, self.labelled, step, self.env)
-        if not self.first <= step < self.first + self.block:
+        if self.first is None or not self.first <= step < self.first + self.block:
             self.first = step
             block = [labelled_batch(self.cfg, self.labelled, s, self.env)
                      for s in range(step, step + self.block)]

@@ -72,12 +72,7 @@ class Env:
                 model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
             else:
                 convert_global_bn(model)
-        if self.cuda:
-            fast_cuda_math()
-            # One conversion, not two: parameters are moved once.
-            model.to(self.device, memory_format=torch.channels_last)
-        else:
-            model.to(self.device)
+        self.move(model)
         if self.checkpointing:
             for m in model.modules():
                 if isinstance(m, ResNet):
@@ -92,6 +87,15 @@ class Env:
         if self.compiles:
             wrapped = torch.compile(wrapped)  # type: ignore[assignment]
         return wrapped
+
+    def move(self, model: nn.Module) -> nn.Module:
+        """To the device, in channels_last on CUDA (cuDNN's fast NHWC kernels for bf16),
+        in one conversion: each parameter is copied once."""
+        if not self.cuda:
+            return model.to(self.device)
+        fast_cuda_math()
+        # Module.to takes memory_format beside a device; its type stubs do not say so.
+        return model.to(self.device, memory_format=torch.channels_last)  # type: ignore[call-overload]
 
     @property
     def compiles(self) -> bool:
@@ -126,9 +130,9 @@ def check_device(asked: str, gpus_per_worker: int, got: torch.device) -> None:
     worker whose GPU is not visible (a driver or CUDA_VISIBLE_DEVICES problem)
     would otherwise run 100x slower and say nothing."""
     if got.type != "cuda" and (asked == "cuda" or gpus_per_worker > 0):
-        setting = ("runtime.device", asked) if asked == "cuda" else (
+        key, value = ("runtime.device", asked) if asked == "cuda" else (
             "runtime.gpus_per_worker", gpus_per_worker)
-        raise ConfigError(*setting, f"a visible CUDA device: this worker got {got} "
+        raise ConfigError(key, value, f"a visible CUDA device: this worker got {got} "
                           f"(torch.cuda.is_available() = {torch.cuda.is_available()}); check "
                           "the node's driver and CUDA_VISIBLE_DEVICES, or run with "
                           "runtime.device: cpu and runtime.gpus_per_worker: 0")

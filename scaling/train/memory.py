@@ -15,6 +15,7 @@ publish the details; ours are:
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 from torch import nn
@@ -59,7 +60,6 @@ class NegativeQueue(nn.Module):
         # ``filled`` mirrored on the host: reading the buffer every step would wait
         # for the GPU. Key counts are shapes (host-known); None: read once, lazily.
         self._filled: int | None = 0
-        self.register_load_state_dict_post_hook(_forget_filled)
 
     @torch.no_grad()
     def push(self, keys: torch.Tensor, gather: bool = True) -> None:
@@ -74,8 +74,16 @@ class NegativeQueue(nn.Module):
         self.filled.copy_(torch.clamp(self.filled + n, max=size))
         self._filled = min(self.filled_count() + n, size)
 
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any,
+                              **kwargs: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # A checkpoint's count is on the host already (map_location="cpu"): free to read.
+        filled = state_dict.get(prefix + "filled")
+        on_host = isinstance(filled, torch.Tensor) and filled.device.type == "cpu"
+        self._filled = int(filled) if on_host and filled is not None else None
+
     def filled_count(self) -> int:
-        if self._filled is None:  # after a checkpoint load: one read, not one per step
+        if self._filled is None:  # loaded from device tensors: one read, not one per step
             self._filled = int(self.filled)
         return self._filled
 
@@ -84,6 +92,3 @@ class NegativeQueue(nn.Module):
         k = self.filled_count()
         return None if k == 0 else self.queue[:k]
 
-
-def _forget_filled(module: nn.Module, _: object) -> None:
-    module._filled = None  # type: ignore[assignment]

@@ -1,0 +1,165 @@
+"""The GPU presets' stages, rehearsed on fake CUDA tensors (tests/rehearsal.py).
+
+No GPU has run this code; these tests run each stage's real set-up and first steps
+as a GPU would see them, at the preset's per-GPU batch: every tensor on the device,
+convolutions in bf16 under autocast, parameters in channels_last, optimiser state
+on the device, no host sync in the steady-state step, and a checkpoint that comes
+back onto the device when the stage resumes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from rehearsal import run_rehearsal, tensors_of
+
+from scaling.config import ExperimentConfig, load_config
+from scaling.model.network import build_classifier, build_contrastive
+from scaling.pipeline import PRESETS
+from scaling.stages.distill import distill
+from scaling.stages.finetune import finetune, supervised
+from scaling.stages.pretrain import pretrain
+from scaling.train import fake_cuda
+from scaling.train.env import Env
+from scaling.train.measure import FlopCounterMode, forward_flops_per_image
+
+# (preset, image side, channels, classes, data-parallel workers of its studies)
+PRESETS_GPU = {"cifar10-gpu": (32, 3, 10, 1), "imagenet-gpu": (224, 3, 1000, 8)}
+
+
+def preset(name: str, model: dict | None = None, **extra: object) -> ExperimentConfig:
+    """The preset at its per-GPU batch on one fake GPU, its data replaced."""
+    side, _, _, workers = PRESETS_GPU[name]
+    base = load_config(PRESETS / f"{name}.yaml")
+    per_gpu = {s: getattr(base, s).batch_size // workers
+               for s in ("pretrain", "finetune", "distill", "supervised")}
+    overrides = {
+        "data.val_size": 16, "data.val_excluded_file": None, "data.image_size": side,
+        "label_fractions": [], "finetune.per_fraction": {}, "finetune.label_fraction": 0.5,
+        "supervised.lr_grid": [], "runtime.device": "cuda",
+        "runtime.log_every": 1000, "runtime.checkpoint_every": 1000,
+        **{f"{s}.batch_size": b for s, b in per_gpu.items()},
+        **{f"model.{k}": v for k, v in (model or {}).items()}, **extra}
+    return load_config(PRESETS / f"{name}.yaml", overrides)
+
+
+def data_for(name: str, cfg: ExperimentConfig) -> tuple[int, int, int, int]:
+    side, channels, classes, _ = PRESETS_GPU[name]
+    # Enough images that the rehearsed steps (and a resume's) lie in one epoch: an
+    # epoch's first step uploads its batch order, once (a sync allowed per epoch).
+    n = 16 + 8 * max(cfg.pretrain.batch_size, cfg.distill.batch_size,
+                     2 * cfg.finetune.batch_size, 2 * cfg.supervised.batch_size)
+    return n, channels, side, classes
+
+
+def check_on_device(record, steps: int, saved: bool = True) -> None:
+    assert record.steps == steps
+    assert record.syncs == [], f"host syncs in the steady-state step: {record.syncs}"
+    assert record.cpu_ops == [], f"ops on CPU tensors in the step: {record.cpu_ops[:10]}"
+    assert record.conv_dtypes == {torch.bfloat16}, record.conv_dtypes
+    n_state = 0
+    for key, obj in record.objects.items():
+        for name, t in tensors_of(obj):
+            assert t.device == fake_cuda.CUDA, f"{key}.{name} on {t.device}"
+            if t.dim() == 4 and isinstance(obj, torch.nn.Module):
+                assert t.is_contiguous(memory_format=torch.channels_last), f"{key}.{name}"
+            n_state += name.startswith("state[")
+    assert n_state > 0, "the optimiser took no step (no state on the device)"
+    assert bool(record.saved) == saved, "a checkpoint was (not) written"
+
+
+@pytest.mark.parametrize("name", PRESETS_GPU)
+def test_pretraining_runs_on_the_gpu_as_planned_and_resumes_there(name, tmp_path):
+    cfg = preset(name, **{"pretrain.epochs": 100})
+    out = tmp_path / "pretrain"
+    first = run_rehearsal(pretrain, cfg, out, data_for(name, cfg), steps=3)
+    check_on_device(first, 3)
+    assert ("queue" in first.objects) == (cfg.pretrain.memory.queue_size > 0)
+    # The same stage again resumes from the checkpoint, onto the device.
+    again = run_rehearsal(pretrain, cfg, out, data_for(name, cfg), steps=2)
+    assert again.resumed_from == 3
+    check_on_device(again, 2)
+
+
+# The widest, deepest and SK cells of the studies' grids (no checkpoint: 3 GB of zeros).
+BIG = [("cifar10-gpu", {"depth": 50, "width": 1.0, "sk_ratio": 0.0625}),
+       ("imagenet-gpu", {"depth": 152, "width": 2.0, "sk_ratio": 0.0625})]
+
+
+@pytest.mark.parametrize(("name", "model"), BIG, ids=lambda v: str(v))
+def test_the_largest_cells_pretrain_on_the_gpu(name, model, tmp_path):
+    cfg = preset(name, model, **{"pretrain.epochs": 100})
+    record = run_rehearsal(pretrain, cfg, tmp_path / "p", data_for(name, cfg), 2, save=False)
+    check_on_device(record, 2, saved=False)
+
+
+@pytest.mark.parametrize("name", PRESETS_GPU)
+def test_supervised_and_fine_tuning_run_on_the_gpu(name, tmp_path):
+    cfg = preset(name, **{"supervised.epochs": 100, "supervised.min_steps": 0,
+                          "finetune.epochs": 100, "finetune.min_steps": 0})
+    side, channels, _, _ = PRESETS_GPU[name]
+    record = run_rehearsal(supervised, cfg, tmp_path / "supervised", data_for(name, cfg), 3)
+    check_on_device(record, 3)
+    net = build_contrastive(cfg.model, cfg.head, channels, side)  # as pretraining saves it
+    weights = {"encoder": net.encoder.state_dict(), "head": net.head.state_dict()}
+    record = run_rehearsal(finetune, cfg, tmp_path / "finetune", data_for(name, cfg), 3, False,
+                           weights, tmp_path / "pretrain")
+    check_on_device(record, 3)
+
+
+@pytest.mark.parametrize("name", PRESETS_GPU)
+def test_distillation_runs_on_the_gpu_with_its_teacher_there(name, tmp_path):
+    cfg = preset(name, **{"distill.epochs": 100, "distill.alpha": 0.5})
+    side, channels, classes, _ = PRESETS_GPU[name]
+    # The teacher's weights as a checkpoint holds them (real CPU tensors).
+    teacher = build_classifier(cfg.model, cfg.head, cfg.finetune.head_layer, channels, side,
+                               classes)
+    record = run_rehearsal(distill, cfg, tmp_path / "distill", data_for(name, cfg), 3, False,
+                           {"classifier": teacher.state_dict()}, tmp_path / "teacher")
+    check_on_device(record, 3)
+
+
+def test_activation_checkpointing_rehearses_too(tmp_path):
+    cfg = preset("imagenet-gpu", **{"pretrain.epochs": 100})
+    record = run_rehearsal(pretrain, cfg, tmp_path / "p", data_for("imagenet-gpu", cfg), 2, True,
+                           save=False)
+    check_on_device(record, 2, saved=False)
+
+
+def test_flops_count_where_the_model_is_not():
+    """The old order (a CPU model, a CUDA example) broke on its first step: the count
+    now runs on meta stand-ins, for a model on the CPU and one on the (fake) GPU."""
+    cfg = preset("cifar10-gpu")
+    net = build_classifier(cfg.model, cfg.head, 1, 3, 32, 10)
+    on_cpu = forward_flops_per_image(net, 3, 32)
+    with fake_cuda.fake_cuda():
+        Env(fake_cuda.CUDA).prepare(net)
+        assert next(net.parameters()).device == fake_cuda.CUDA
+        assert forward_flops_per_image(net, 3, 32) == on_cpu
+    with FlopCounterMode(display=False) as counter, torch.no_grad():  # a real forward
+        build_classifier(cfg.model, cfg.head, 1, 3, 32, 10).eval()(torch.zeros(1, 3, 32, 32))
+    assert on_cpu == counter.get_total_flops() > 2e9  # R50, small stem, 32 px
+
+
+def test_the_old_flop_order_fails_the_rehearsal(tmp_path, monkeypatch):
+    """The rehearsal catches the first GPU defect: counting FLOPs with a real forward
+    of a CPU model on an example already on the GPU."""
+    from scaling.stages import pretrain as stage
+    from scaling.train.measure import eval_mode
+
+    def old_count(model, channels, size):  # the old body: a real forward on the device
+        example = torch.empty(1, channels, size, size, device=fake_cuda.CUDA)
+        with eval_mode(model), FlopCounterMode(display=False) as counter:
+            model(example)
+        return int(counter.get_total_flops())
+
+    monkeypatch.setattr(stage, "forward_flops_per_image", old_count)
+    cfg = preset("cifar10-gpu", **{"pretrain.epochs": 100})
+    with pytest.raises(RuntimeError, match="same device|device"):
+        run_rehearsal(pretrain, cfg, tmp_path / "p", data_for("cifar10-gpu", cfg), 1)
+
+
+def test_compile_only_on_one_gpu_worker():
+    assert Env(fake_cuda.CUDA, compile=True).compiles
+    assert not Env(fake_cuda.CUDA, world=2, compile=True).compiles  # DDP + SyncBN: eager
+    assert not Env(torch.device("cpu"), compile=True).compiles
