@@ -21,9 +21,10 @@ from scaling import storage
 from scaling.stages.registry import ORDER
 from scaling.storage import Location
 from scaling.study import results
+from scaling.study.plan import DATA_SHAPES
 
-CLASSES = {"fashion-mnist": 10, "cifar10": 10, "cifar100": 100, "stl10": 10, "synthetic": 4,
-           "imagefolder": 1000}  # imagefolder: the ImageNet presets
+# imagefolder: the ImageNet presets' 1,000.
+CLASSES = {name: shape.classes for name, shape in DATA_SHAPES.items() if shape.classes}
 
 DERIVED = {
     "label_fraction": "fraction of the training labels the stage saw (pretraining: NaN)",

@@ -375,9 +375,9 @@ class RuntimeConfig:
     # workers) or "device" (the workers only read files; nvJPEG and roi_align on
     # the GPU, scaling.data.jpeg). Same boxes; pixels within the resamplers' rounding.
     decode: Literal["loader", "device"] = "loader"
-    # Keep only each ResNet group's input for the backward and recompute the rest:
-    # saved activations fall to about a quarter for one more forward's compute. Off:
-    # a plan that fits without it runs faster (the dry run's memory plan says).
+    # Keep only each ResNet block's input for the backward and recompute the rest:
+    # saved activations fall several-fold for one more forward's compute (~+1/3 a
+    # step). Off: a plan that fits without it runs faster (the dry run's memory plan).
     activation_checkpointing: bool = False
     # Ray Train (scaling.runtime.ray_train); the single-process pipeline ignores these.
     # Data-parallel workers per stage (the global batch is split); 0: run the stage

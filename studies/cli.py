@@ -24,13 +24,14 @@ import torch
 
 from scaling import storage
 from scaling.config import ConfigError, load_config, parse_yaml, read_yaml
-from scaling.data.datasets import DataError
+from scaling.data.datasets import DataError, root_problem
 from scaling.pipeline import parse_overrides, resolve
 from scaling.stages.registry import STAGES
 from scaling.study.estimate import wall_clock
 from scaling.study.folder import check_owner, study_record
 from scaling.study.plan import (
     Study,
+    cells,
     check_local,
     describe,
     distinct_runs,
@@ -68,6 +69,19 @@ BASELINE_GRID: dict[str, Any] = {"supervised.lr_grid": [0.1, 0.4, 1.6]}
 FMNIST_CPU_SCHEDULE: dict[str, Any] = LOCAL_SCHEDULE | BASELINE_GRID | {
     "finetune.lr_grid": [0.005, 0.02, 0.08], "finetune.per_fraction": {}}
 REPLICATES: dict[str, list[Any]] = {"seed": [0, 1], "subset_seed": [0, 1]}
+
+
+# The GPU presets' lanes, sized by the dry run's memory plan (docs/cluster.md).
+# CIFAR-10: one GPU a lane; the largest cell (R50 1x +SK, batch 1,024) needs 41.4 GiB,
+# which the 48 GB L40S of cluster/gpu.yaml's gpu-1x holds without checkpointing.
+CIFAR_LANE: dict[str, Any] = {"runtime.gpus_per_worker": 1}
+# ImageNet: 16 GPUs a lane (two 8x A100 80 GB nodes) with activation checkpointing:
+# batch 4,096 is 256 a GPU, and R152 2x +SK pretraining needs 55 GiB of the 80. On 8
+# GPUs even checkpointed it needs 102 GiB; unchecked on 16, 145. Loader workers per
+# GPU: cpus_per_worker - 1 (a node's 96 vCPUs over 8 GPUs, one core for the loop).
+IMAGENET_LANE: dict[str, Any] = {
+    "runtime.workers": 16, "runtime.gpus_per_worker": 1, "runtime.cpus_per_worker": 12,
+    "runtime.activation_checkpointing": True}
 
 
 @dataclass(frozen=True)
@@ -167,6 +181,12 @@ def parser(defn: StudyDef) -> argparse.ArgumentParser:
     p.add_argument("--restart-errored", action="store_true",
                    help="when resuming, run the cells that failed last time again")
     p.add_argument("--no-report", action="store_true", help="skip the report at the end")
+    p.add_argument("--gpu-memory", type=float, metavar="GB",
+                   help="memory per GPU (10^9 bytes) to check the memory plan against; "
+                        "default: the node types of --cluster (or of the running cluster)")
+    p.add_argument("--cluster", metavar="YAML",
+                   help="the cluster YAML whose GPUs the memory plan is checked against "
+                        "(default for GPU presets: cluster/gpu.yaml of this checkout)")
     p.add_argument("--mlflow", metavar="URI",
                    help="also log each stage's curves and metrics to MLflow at this tracking "
                         "URI (file:///path/mlruns or http://server:5000); needs mlflow installed")
@@ -199,6 +219,36 @@ def interrupted(study: Study | None, root: str) -> int:
         print(f"interrupted after {done}/{sum(map(len, runs.values()))} stage runs; run the "
               "same command to resume", file=sys.stderr)
     return 130
+
+
+def checks(study: Study, args: argparse.Namespace) -> list[str]:
+    """What would stop the study after it started, found now: a data root that is not
+    there, a stage run that does not fit its GPU's memory. Prints the memory plan of
+    a GPU study; returns every problem (the caller exits 2 on any)."""
+    from scaling.study import memory
+
+    found = []
+    datas = {c.config.data for c in cells(study)}
+    datas |= {c.config.distill.unlabelled for c in cells(study) if c.config.distill.unlabelled}
+    for data in sorted(datas, key=repr):
+        problem = root_problem(data.name, data.root, data.download)
+        if problem:
+            found.append(f"{problem} (checked on this machine; the run reads it on the "
+                         "training nodes)")
+    cfg = study.base
+    if cfg.runtime.gpus_per_worker > 0 or args.gpu_memory is not None:
+        yaml_path = args.cluster or (None if cluster_running(args) else
+                                     memory.default_cluster_yaml())
+        limit = memory.gpu_limit(cfg, args.gpu_memory, yaml_path)
+        runs = memory.memory_plan(study)
+        print(memory.describe_memory(runs, limit, cfg), flush=True)
+        found += memory.problems(runs, limit, cfg)
+    return found
+
+
+def cluster_running(args: argparse.Namespace) -> bool:
+    """Under ray submit (or --address): the head node's own config says the GPUs."""
+    return bool(args.address or os.environ.get("RAY_ADDRESS"))
 
 
 def dry_run(study: Study, args: argparse.Namespace) -> str:
@@ -238,9 +288,13 @@ def main(defn: StudyDef, argv: list[str] | None = None) -> int:
     try:
         study = build(defn, args)
         print(describe(study, plan(study)), flush=True)
+        found = checks(study, args)  # before Ray: data roots, and whether the GPUs hold it
         if args.dry_run:
             print(dry_run(study, args))
-            return 0
+        for problem in found:
+            print(f"error: {problem}", file=sys.stderr)
+        if found or args.dry_run:
+            return 2 if found else 0
         from scaling.study import sweep
 
         outcome = sweep.run_study(study, args.storage, address=args.address,

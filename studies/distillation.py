@@ -4,7 +4,15 @@ pretrained and fine-tuned once and distilled into every student."""
 
 import sys
 
-from studies.cli import LOCAL_SCHEDULE, Preset, StudyDef, findings_preset, main
+from studies.cli import (
+    CIFAR_LANE,
+    IMAGENET_LANE,
+    LOCAL_SCHEDULE,
+    Preset,
+    StudyDef,
+    findings_preset,
+    main,
+)
 
 STUDY = StudyDef(
     name="distillation",
@@ -31,11 +39,11 @@ STUDY = StudyDef(
         "cifar10-gpu": Preset("cifar10-gpu", {
             "depth": [50], "width": [1.0, 2.0], "student_depth": [18, 50],
             "unlabelled": ["cifar10", "cifar100"], "label_fraction": [0.01, 0.1]},
-            {"runtime.gpus_per_worker": 1}),
+            CIFAR_LANE | {"runtime.activation_checkpointing": True}),
         "imagenet-gpu": Preset("imagenet-gpu", {
             "depth": [152], "width": [2.0, 3.0], "sk": [0.0625], "student_depth": [50, 152],
             "label_fraction": [0.01, 0.1]},
-            {"runtime.workers": 8, "runtime.gpus_per_worker": 1, "runtime.cpus_per_worker": 8}),
+            IMAGENET_LANE | {"runtime.workers": 32}),
     },
 )
 

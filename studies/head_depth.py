@@ -4,7 +4,15 @@ Cells pretrain, fine-tune and train the supervised baseline; no distillation."""
 
 import sys
 
-from studies.cli import LOCAL_SCHEDULE, Preset, StudyDef, findings_preset, main
+from studies.cli import (
+    CIFAR_LANE,
+    IMAGENET_LANE,
+    LOCAL_SCHEDULE,
+    Preset,
+    StudyDef,
+    findings_preset,
+    main,
+)
 
 STUDY = StudyDef(
     name="head_depth",
@@ -21,10 +29,10 @@ STUDY = StudyDef(
             "label_fraction": [0.001, 0.1]}, ("pretrain", "finetune")),
         "cifar10-gpu": Preset("cifar10-gpu", {"head_depth": [2, 3, 4], "ft_layer": [0, 1, 2],
                                               "label_fraction": [0.01, 0.1, 1.0]},
-                              {"runtime.gpus_per_worker": 1}),
+                              CIFAR_LANE),
         "imagenet-gpu": Preset("imagenet-gpu", {
             "head_depth": [2, 3, 4], "ft_layer": [0, 1, 2], "label_fraction": [0.01, 0.1, 1.0]},
-            {"runtime.workers": 8, "runtime.gpus_per_worker": 1, "runtime.cpus_per_worker": 8}),
+            IMAGENET_LANE),
     },
 )
 

@@ -5,7 +5,16 @@ baseline on the same labels."""
 
 import sys
 
-from studies.cli import BASELINE_GRID, LOCAL_SCHEDULE, Preset, StudyDef, findings_preset, main
+from studies.cli import (
+    BASELINE_GRID,
+    CIFAR_LANE,
+    IMAGENET_LANE,
+    LOCAL_SCHEDULE,
+    Preset,
+    StudyDef,
+    findings_preset,
+    main,
+)
 
 LOCAL_FRACTIONS = [0.001, 0.003, 0.01, 0.03, 0.1]
 
@@ -39,12 +48,12 @@ STUDY = StudyDef(
             ("pretrain", "finetune", "supervised")),
         "cifar10-gpu": Preset("cifar10-gpu", {
             "depth": [18, 50], "width": [0.5, 1.0], "sk": [0.0, 0.0625],
-            "label_fraction": [0.01, 0.1, 1.0]}, {"runtime.gpus_per_worker": 1}),
+            "label_fraction": [0.01, 0.1, 1.0]}, CIFAR_LANE),
         # The paper's grid (R152 3x+SK is one more cell: --axis, or a --file).
         "imagenet-gpu": Preset("imagenet-gpu", {
             "depth": [50, 101, 152], "width": [1.0, 2.0], "sk": [0.0, 0.0625],
             "label_fraction": [0.01, 0.1, 1.0]},
-            {"runtime.workers": 8, "runtime.gpus_per_worker": 1, "runtime.cpus_per_worker": 8}),
+            IMAGENET_LANE),
     },
 )
 

@@ -144,7 +144,7 @@ def test_activation_checkpointing_changes_memory_not_results():
     torch.manual_seed(0)
     plain = ResNet(18, 0.25, stem="small", in_channels=3)
     ckpt = copy.deepcopy(plain)
-    ckpt.checkpoint_groups = True
+    ckpt.checkpoint_blocks = True
     x = torch.rand(8, 3, 16, 16)
     saved = {}
     for name, net in (("plain", plain), ("ckpt", ckpt)):

@@ -79,10 +79,13 @@ def crops_for(spec: ViewSpec, views: int, seed: int, epoch: int) -> Crops:
     return Crops(views, spec.crop_scale, spec.crop_ratio, epoch_seed(seed, epoch))
 
 
-def default_loader_workers() -> int:
-    """Decode processes: the cores this process may use, less one for the loop, <= 8
+def default_loader_workers(cpus: int | None = None) -> int:
+    """Decode processes: the cores this process may use (``cpus``: what Ray gave this
+    worker; its affinity still shows the whole node), less one for the loop, <= 8
     (more than the cores only makes torch warn and the processes contend)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if cpus is not None:
+        cores = min(cores or cpus, cpus)
     return max(0, min(8, (cores or 1) - 1))
 
 
@@ -94,18 +97,20 @@ class Fetcher:
     """
 
     def __init__(self, dataset: Dataset, device: torch.device, workers: int | None = None,
-                 decode_on_device: bool = False) -> None:
+                 decode_on_device: bool = False, cpus: int | None = None) -> None:
         self.dataset = dataset
         self.device = device
-        self.workers = default_loader_workers() if workers is None else workers
+        self.workers = default_loader_workers(cpus) if workers is None else workers
         self.decode_on_device = decode_on_device  # folder data: scaling.data.jpeg
         if isinstance(dataset, ImageData):
             self.images = dataset.images.to(device)
             self.labels = dataset.labels.to(device)
 
     @classmethod
-    def of(cls, dataset: Dataset, device: torch.device, runtime: RuntimeConfig) -> Fetcher:
-        return cls(dataset, device, runtime.loader_workers, runtime.decode == "device")
+    def of(cls, dataset: Dataset, device: torch.device, runtime: RuntimeConfig,
+           cpus: int | None = None) -> Fetcher:
+        """``cpus``: the cores the runner gave this process (Env.cpus)."""
+        return cls(dataset, device, runtime.loader_workers, runtime.decode == "device", cpus)
 
     def like(self, dataset: Dataset) -> Fetcher:
         """A fetcher of ``dataset`` with these settings."""

@@ -308,6 +308,32 @@ def load_dataset(
     raise DataError(f"dataset={name!r} is not registered; allowed: {', '.join(DATASETS)}")
 
 
+def root_problem(name: str, root: str | None, download: bool) -> str | None:
+    """Why ``load_dataset`` would fail for want of data at ``root`` (checked without
+    loading anything: a dry run's check), or None. Only the folders are looked at."""
+    if name in ("synthetic", *UNLABELLED_ONLY):
+        return None
+    where = f"data.root={root!r}"
+    if name == "fashion-mnist":
+        folder = Path(root) if root is not None else FASHION_MNIST_SYSTEM_DIR
+        if folder.is_dir() or (download and root is not None):
+            return None
+        return (f"{where}: no folder {folder} here; allowed: the system copy (apt-get install "
+                "dataset-fashion-mnist) or a folder of the IDX files")
+    if root is None:
+        fetch = " (and data.download: true to fetch it there)" if name != "imagefolder" else ""
+        return f"{where}: {name} needs data.root, a folder on the training nodes{fetch}"
+    if name == "imagefolder":
+        missing = [s for s in ("train", "val") if not (Path(root) / s).is_dir()]
+        return (f"{where}: no {' and no '.join(f'{m}/' for m in missing)} folder here; allowed: "
+                "root/train/CLASS/IMAGE and root/val/CLASS/IMAGE (docs/data.md)"
+                if missing else None)
+    if Path(root).is_dir() or download:
+        return None
+    return (f"{where}: no such folder here; allowed: a folder holding {name}, or "
+            "data.download: true to fetch it into data.root")
+
+
 PROJECT = Path(__file__).resolve().parents[2]  # the repository: scaling/data/ is two below
 
 

@@ -147,7 +147,7 @@ def worker_env(rt: RuntimeConfig, progress_lines: bool) -> Env:
     check_device(rt.device, rt.gpus_per_worker, device)
     return Env(device, rank=ctx.get_world_rank(),
                world=ctx.get_world_size(), compile=rt.compile,
-               checkpointing=rt.activation_checkpointing,
+               checkpointing=rt.activation_checkpointing, cpus=rt.cpus_per_worker,
                node=ray.get_runtime_context().get_node_id(), progress_lines=progress_lines)
 
 
@@ -292,10 +292,16 @@ def trainer(fn: Callable[[dict[str, Any]], None], config: dict[str, Any], rt: Ru
     )
 
 
+GPUS_PER_NODE = 8  # the largest GPU nodes of cluster/gpu.yaml
+
+
 def placement(rt: RuntimeConfig) -> str:
-    """A GPU group on one node (STRICT_PACK): NCCL over NVLink, never across nodes by
-    accident; CPU groups may spread (PACK), as the two-node tests need."""
-    return "STRICT_PACK" if rt.gpus_per_worker > 0 and rt.workers > 1 else "PACK"
+    """A GPU group that fits one node stays on one node (STRICT_PACK): NCCL over
+    NVLink, never across nodes by accident. A larger one (the ImageNet lanes' 16)
+    spans nodes as it must (PACK: as few as hold it); CPU groups may spread (PACK),
+    as the two-node tests need."""
+    gpus = rt.workers * rt.gpus_per_worker
+    return "STRICT_PACK" if 1 < gpus <= GPUS_PER_NODE else "PACK"
 
 
 def run_stage(

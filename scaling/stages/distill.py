@@ -62,7 +62,7 @@ def distill(
     splits = load_splits(cfg.data)
     train = splits.train
     unlabelled, pool, unlabelled_name = distill_pool(cfg, splits)
-    fetch = Fetcher.of(unlabelled, env.device, cfg.runtime)
+    fetch = Fetcher.of(unlabelled, env.device, cfg.runtime, env.cpus)
     labelled_fetch = fetch if unlabelled is train else fetch.like(train)
     labelled = labelled_subset(cfg, splits)
     spe = steps_per_epoch(len(pool), dc.batch_size, "distill.batch_size")

@@ -136,7 +136,7 @@ def train_classifier(
     # Small subsets (1% of a small set) can hold fewer images than a batch:
     # shrink the batch to what exists, keeping it divisible by the workers.
     batch = min(batch_size, len(labelled) // env.world * env.world)
-    fetch = Fetcher.of(train, env.device, cfg.runtime)
+    fetch = Fetcher.of(train, env.device, cfg.runtime, env.cpus)
     spe = steps_per_epoch(len(labelled), batch)
     epochs = schedule_epochs(epochs, min_steps, spe)
 

@@ -45,7 +45,7 @@ def pretrain(cfg: ExperimentConfig, out: Path, env: Env | None = None) -> StageR
     splits = load_splits(cfg.data)
     train = splits.train
     pool, indices = unlabelled_pool(cfg.data, splits)
-    fetch = Fetcher.of(pool, env.device, cfg.runtime)
+    fetch = Fetcher.of(pool, env.device, cfg.runtime, env.cpus)
     spe = steps_per_epoch(len(indices), p.batch_size, "pretrain.batch_size")
 
     # Model: one forward over both views, so BN statistics cover both (global BN).
@@ -117,7 +117,7 @@ def probe(
     """kNN and linear-probe top-1 of a frozen ``encoder`` (``modules`` are put in eval
     mode): fitted on the labelled training images outside validation, reported on
     validation (``*_val_top1``) and test."""
-    train_fetch = fetch or Fetcher.of(splits.train, env.device, cfg.runtime)
+    train_fetch = fetch or Fetcher.of(splits.train, env.device, cfg.runtime, env.cpus)
     f_train, y_train = apply(encoder, modules, train_fetch, splits.rest, env)
     evals = {"": apply(encoder, modules, train_fetch.like(splits.test),
                        np.arange(len(splits.test)), env)}

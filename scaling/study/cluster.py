@@ -17,6 +17,7 @@ import contextlib
 import copy
 import io
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -72,9 +73,15 @@ def validate(raw: Any, source: str = "cluster config", base: Path | None = None)
         jsonschema.validate(raw, json.loads(schema_path.read_text()))
         # Ray's launcher prints warnings (file mounts of single files: a docker concern)
         # and errors itself; keep its words for the message and the console clean.
-        with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
-            config = prepare_config(copy.deepcopy(raw))
-            validate_config(config)
+        quiet = logging.getLogger("ray.autoscaler")  # "setting max workers for head ..."
+        level = quiet.level
+        quiet.setLevel(logging.WARNING)
+        try:
+            with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
+                config = prepare_config(copy.deepcopy(raw))
+                validate_config(config)
+        finally:
+            quiet.setLevel(level)
     except jsonschema.ValidationError as e:
         raise _schema_error(e, source) from None
     except Exception as e:  # noqa: BLE001 - Ray raises ValueError, KeyError, click errors
@@ -134,15 +141,43 @@ def max_resources(config: dict) -> dict[str, float] | None:
     return total
 
 
-def autoscaling_limit() -> dict[str, float] | None:
-    """On a head node started by ``ray up``: what the cluster can grow to."""
+# Memory per GPU by EC2 instance family, in GB as AWS sells it (10^9 bytes): the
+# limit a memory plan is checked against (scaling.study.memory).
+GPU_MEMORY_GB = {"g5": 24, "g6": 24, "g6e": 48, "p3": 16, "p3dn": 32, "p4d": 40, "p4de": 80,
+                 "p5": 80, "p5e": 141, "p5en": 141}
+
+
+def gpu_nodes(config: dict) -> list[tuple[str, int, int | None]]:
+    """(node type, GPUs, bytes per GPU or None where the instance type is unknown)
+    of every worker type with GPUs."""
+    out = []
+    for name, t in config["available_node_types"].items():
+        gpus = int(t.get("resources", {}).get("GPU", 0))
+        if gpus:
+            family = str(t.get("node_config", {}).get("InstanceType", "")).split(".")[0]
+            gb = GPU_MEMORY_GB.get(family)
+            out.append((name, gpus, None if gb is None else gb * 10**9))
+    return out
+
+
+def bootstrap_config() -> dict | None:
+    """On a head node started by ``ray up``: the cluster's config, or None."""
     path = BOOTSTRAP.expanduser()
     if not path.exists():
         return None
     try:
         config = yaml.safe_load(path.read_text())
-        return max_resources(config)
-    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError):
+        return config if isinstance(config, dict) else None
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def autoscaling_limit() -> dict[str, float] | None:
+    """On a head node started by ``ray up``: what the cluster can grow to."""
+    config = bootstrap_config()
+    try:
+        return None if config is None else max_resources(config)
+    except (KeyError, TypeError, AttributeError):
         return None
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from scaling.config import ExperimentConfig, ModelConfig
-from scaling.study.plan import DATA_SHAPES, _forward_flops, stage_flops
+from scaling.study.plan import DATA_SHAPES, _forward_flops, model_label, stage_flops
 from scaling.train.env import pick_device
 
 MAX_BATCH = 512  # images per timed step at most (a step's rate depends on its batch)
@@ -27,11 +27,6 @@ class Estimate:
     rates: dict[str, float]  # "model @batch": measured training FLOP/s
 
 
-def _label(model: ModelConfig) -> str:
-    sk = " +SK" if model.sk_ratio else ""
-    return f"R{model.depth} {model.width:g}x{sk}"
-
-
 @functools.cache
 def training_rate(model: ModelConfig, data_name: str, image_size: int | None,
                   device: str, batch: int) -> float:
@@ -39,7 +34,7 @@ def training_rate(model: ModelConfig, data_name: str, image_size: int | None,
     ``batch`` images a step."""
     from scaling.model.network import build_encoder
 
-    _, channels, side = DATA_SHAPES[data_name]
+    _, channels, side, _, _ = DATA_SHAPES[data_name]
     side = image_size or side
     dev = torch.device(device)
     net = build_encoder(model, channels, side).to(dev).train()
@@ -79,7 +74,7 @@ def wall_clock(runs: list[tuple[str, ExperimentConfig]]) -> Estimate:
         model = (cfg.distill.student or cfg.model) if stage == "distill" else cfg.model
         data = (cfg.distill.unlabelled or cfg.data) if stage == "distill" else cfg.data
         batch = _step_batch(cfg, stage)
-        label = f"{_label(model)} @{batch}"
+        label = f"{model_label(model)} @{batch}"
         if label not in rates:
             if rates and time.perf_counter() - started > BUDGET_S:
                 rates[label] = min(rates.values())  # out of time: assume the slowest rate

@@ -17,7 +17,7 @@ import json
 import os
 import typing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from scaling import storage
 from scaling.config import (
@@ -200,10 +200,27 @@ class Plan:
 
 # Training-set size, channels and side per dataset, for the estimate only
 # (imagefolder is assumed to be ImageNet-sized).
-DATA_SHAPES = {"fashion-mnist": (60000, 1, 28), "cifar10": (50000, 3, 32),
-               "cifar100": (50000, 3, 32), "stl10": (105000, 3, 96),
-               "imagefolder": (1281167, 3, 224), "synthetic": (256, 1, 16),
-               "mnist-5k": (5000, 1, 28), "dead-leaves": (54000, 1, 28)}
+class DataShape(NamedTuple):
+    images: int  # in the training split (STL-10: with its unlabelled images)
+    channels: int
+    side: int
+    classes: int
+    in_memory: bool  # copied to the device whole (folder data is decoded per batch)
+
+
+DATA_SHAPES = {"fashion-mnist": DataShape(60000, 1, 28, 10, True),
+               "cifar10": DataShape(50000, 3, 32, 10, True),
+               "cifar100": DataShape(50000, 3, 32, 100, True),
+               "stl10": DataShape(105000, 3, 96, 10, True),
+               "imagefolder": DataShape(1281167, 3, 224, 1000, False),
+               "synthetic": DataShape(256, 1, 16, 4, True),
+               "mnist-5k": DataShape(5000, 1, 28, 0, True),
+               "dead-leaves": DataShape(54000, 1, 28, 0, True)}
+
+
+def model_label(model: ModelConfig) -> str:
+    sk = " +SK" if model.sk_ratio else ""
+    return f"R{model.depth} {model.width:g}x{sk}"
 
 
 @functools.cache
@@ -213,8 +230,8 @@ def _forward_flops(model: ModelConfig, data_name: str, image_size: int | None) -
 
     from scaling.model.network import build_encoder
 
-    _, channels, side = DATA_SHAPES[data_name]
-    side = image_size or side
+    shape = DATA_SHAPES[data_name]
+    channels, side = shape.channels, image_size or shape.side
     with torch.device("meta"):
         net = build_encoder(model, channels, side).eval()
         x = torch.empty(1, channels, side, side)

@@ -39,7 +39,8 @@ class Env:
     rank: int = 0
     world: int = 1
     compile: bool = False
-    checkpointing: bool = False  # runtime.activation_checkpointing: ResNet groups recompute
+    checkpointing: bool = False  # runtime.activation_checkpointing: ResNet blocks recompute
+    cpus: int | None = None  # the cores a runner gave this process (Ray: cpus_per_worker)
     # Called after every checkpoint and at the end with (metrics, directory or None).
     report: Report | None = None
     node: str = field(default_factory=socket.gethostname)  # Ray: the node id
@@ -76,7 +77,7 @@ class Env:
         if self.checkpointing:
             for m in model.modules():
                 if isinstance(m, ResNet):
-                    m.checkpoint_groups = True
+                    m.checkpoint_blocks = True
         wrapped: nn.Module = model
         if self.world > 1:
             ids = [self.device.index] if self.cuda else None
