@@ -10,8 +10,9 @@ CUDA as in training. The parts add up at the step's peak, the start of the backw
   recomputes and holds;
 - the memory network's copy, the negative queue, a distillation teacher;
 - data: an in-memory dataset copied to the device, the uint8 batch and its views.
-Not in the sum (``HEADROOM`` covers them): the CUDA context, cuDNN workspaces, the
-allocator's fragmentation, and the backward's transient buffers.
+- the backward's gradients in flight: twice the largest saved tensor.
+Not in the sum (``HEADROOM`` covers them): the CUDA context, cuDNN workspaces and
+the allocator's fragmentation.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class Footprint:
     optimizer: int = 0
     activations: int = 0  # saved for the backward
     recompute: int = 0  # activation checkpointing: the largest block, rebuilt in the backward
+    backward: int = 0  # gradients in flight: twice the largest saved tensor
     momentum: int = 0  # the memory network (parameters and buffers)
     queue: int = 0
     teacher: int = 0
@@ -79,7 +81,8 @@ def _state_bytes(module: nn.Module) -> int:
 
 @contextlib.contextmanager
 def saved_bytes(exclude: set[int], into: list[int]) -> Iterator[None]:
-    """Adds to ``into[0]`` the bytes of every storage autograd saves, each once."""
+    """Adds to ``into[0]`` the bytes of every storage autograd saves, each once;
+    ``into[1]``, where given, becomes the largest of them."""
     seen: set[int] = set(exclude)
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -88,6 +91,8 @@ def saved_bytes(exclude: set[int], into: list[int]) -> Iterator[None]:
         if key not in seen:
             seen.add(key)
             into[0] += storage.nbytes()
+            if len(into) > 1:
+                into[1] = max(into[1], storage.nbytes())
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -143,11 +148,13 @@ def step_footprint(cfg: ExperimentConfig, stage: str, batch: int, channels: int,
                 teacher_logits = teacher(env.images(v[:batch])).float()
         if ckpt:  # the largest block, recomputed in the backward, comes on top
             parts["recompute"] = max(_block_bytes(net, model_on_device, env, v, weights))
-        activations = [0]
+        activations = [0, 0]
         with saved_bytes(weights, activations), env.autocast():
             out = model_on_device(env.images(v))
             loss = _loss(stage, cfg, out, teacher_logits, queue, batch)
         parts["activations"] = activations[0]
+        # The backward holds the gradient flowing into an op and the one it makes.
+        parts["backward"] = 2 * activations[1]
         fake_cuda.fake_backward(loss)
         parts["gradients"] = tensor_bytes(p.grad for p in net.parameters() if p.grad is not None)
         optimizer = build_optimizer(_optim(cfg, stage), net)
