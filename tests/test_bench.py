@@ -94,3 +94,17 @@ def test_the_lars_bench_times_both_updates_of_one_network():
     assert done.returncode == 0, done.stderr
     assert "LARS reference" in done.stdout and "LARS foreach" in done.stdout
     assert "reference / foreach:" in done.stdout
+
+
+def test_the_gpu_acceptance_script_runs_every_item_on_the_cpu():
+    """bench/accept.py --smoke: the same items a GPU machine runs, at tiny shapes."""
+    done = subprocess.run([sys.executable, "bench/accept.py", "--smoke"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for stage in ("pretrain", "finetune", "supervised", "distill"):
+        assert f"PASS smoke {stage} " in done.stdout
+        assert f"smoke {stage} syncs         0 host syncs" in done.stdout
+        assert f"smoke {stage} memory" in done.stdout
+    for item in ("smoke throughput", "input path", "lars share"):
+        assert item in done.stdout
+    assert "0 FAIL" in done.stdout

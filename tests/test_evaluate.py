@@ -80,3 +80,23 @@ def test_the_linear_probe_standardises_its_inputs():
 def test_top1_counts_argmax_matches():
     logits = torch.tensor([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
     assert top1(logits, torch.tensor([1, 0, 0, 1])) == 0.5
+
+
+def test_the_probe_fits_on_a_bounded_class_balanced_sample():
+    """ImageNet's 1.27M training images would keep rank 0 encoding past the group's
+    collective timeout: the probes take at most PROBE_MAX_TRAIN, balanced, never
+    from validation; a set under the bound is used whole."""
+    from scaling.data.datasets import ImageData
+    from scaling.data.splits import Splits
+    from scaling.stages.pretrain import PROBE_MAX_TRAIN, probe_images
+
+    n, classes = 250_000, 1000
+    labels = torch.arange(n) % classes
+    big = ImageData(torch.empty(n, 1, 1, 1, dtype=torch.uint8), labels, classes, "big")
+    val = np.arange(0, n, 7)  # every class keeps images outside validation
+    splits = Splits(big, val, np.setdiff1d(np.arange(n), val), big)
+    chosen = probe_images(splits)
+    assert len(chosen) == PROBE_MAX_TRAIN and not np.intersect1d(chosen, val).size
+    assert set(np.bincount(labels.numpy()[chosen], minlength=classes)) == {100}
+    small = Splits(big, val[:10], np.arange(5000), big)
+    assert np.array_equal(probe_images(small), np.arange(5000))

@@ -17,6 +17,7 @@ from scaling.data.augment import augment_views
 from scaling.data.batches import Fetcher, steps_per_epoch
 from scaling.data.datasets import Dataset, ImageData
 from scaling.data.splits import Splits, load_splits, unlabelled_pool
+from scaling.data.subsets import label_subset
 from scaling.model.network import build_contrastive
 from scaling.records import StageResult
 from scaling.stages.evaluate import apply, fit_linear_probe, knn_accuracy, top1
@@ -31,6 +32,9 @@ from scaling.train.schedule import LRSchedule
 
 # Pixel probes only where they are cheap: in-memory sets of up to 32x32x3 values.
 PIXEL_PROBE_MAX_DIMS = 3072
+# The probes' training images at most (class-balanced): all of Fashion-MNIST's and
+# CIFAR's; 100 a class of ImageNet's (an R152 3x encodes them in minutes, not hours).
+PROBE_MAX_TRAIN = 100_000
 
 
 def pretrain(cfg: ExperimentConfig, out: Path, env: Env | None = None) -> StageResult:
@@ -91,12 +95,13 @@ def pretrain(cfg: ExperimentConfig, out: Path, env: Env | None = None) -> StageR
             pixels = pixel_reference(cfg, splits, out.parent, env)
             metrics |= {f"pixel_{k}": v for k, v in pixels.items()}
     models = {"encoder": net.encoder.state_dict(), "head": net.head.state_dict()}
-    return run.finish(models, metrics, _protocol(cfg, train, len(indices), len(splits.val)),
+    return run.finish(models, metrics, _protocol(cfg, train, len(indices), len(splits.val),
+                                            len(probe_images(splits))),
                       {"config": to_dict(cfg)})
 
 
-def _protocol(cfg: ExperimentConfig, train: Dataset, images: int, val_size: int
-              ) -> dict[str, Any]:
+def _protocol(cfg: ExperimentConfig, train: Dataset, images: int, val_size: int,
+              probe_n: int) -> dict[str, Any]:
     p = cfg.pretrain
     return {
         "stem": cfg.model.resolved_stem(train.image_size), "image_size": train.image_size,
@@ -104,8 +109,10 @@ def _protocol(cfg: ExperimentConfig, train: Dataset, images: int, val_size: int
         "temperature": p.temperature, "queue_size": p.memory.queue_size,
         "images": images, "val_size": val_size, "val_seed": cfg.data.val_seed,
         "loss": "nt_xent as the reference: mean over view-1 anchors + mean over view-2 anchors",
+        "probe_train_images": probe_n,
         "probe": f"frozen encoder, unaugmented features; fitted on the training split's labels "
-                 f"without validation; kNN k={cfg.evaluate.knn_k} T="
+                 f"without validation (class-balanced, at most {PROBE_MAX_TRAIN}); kNN "
+                 f"k={cfg.evaluate.knn_k} T="
                  f"{cfg.evaluate.knn_temperature}; logistic L-BFGS; reported on val and test",
     }
 
@@ -118,7 +125,7 @@ def probe(
     mode): fitted on the labelled training images outside validation, reported on
     validation (``*_val_top1``) and test."""
     train_fetch = fetch or Fetcher.of(splits.train, env.device, cfg.runtime, env.cpus)
-    f_train, y_train = apply(encoder, modules, train_fetch, splits.rest, env)
+    f_train, y_train = apply(encoder, modules, train_fetch, probe_images(splits), env)
     evals = {"": apply(encoder, modules, train_fetch.like(splits.test),
                        np.arange(len(splits.test)), env)}
     if len(splits.val):
@@ -132,6 +139,17 @@ def probe(
                                                ev.knn_temperature)
         out[f"linear_{split}top1"] = top1(linear(f), y)
     return out
+
+
+def probe_images(splits: Splits) -> np.ndarray:
+    """The probes' training images: the training split outside validation, a fixed
+    class-balanced sample of PROBE_MAX_TRAIN where larger (ImageNet's 1.27M would keep
+    rank 0 encoding for most of the collective timeout while the others wait)."""
+    if len(splits.rest) <= PROBE_MAX_TRAIN:
+        return splits.rest
+    labels = splits.train.labels.numpy()[splits.rest]
+    per_class = PROBE_MAX_TRAIN // max(splits.train.num_classes, 1)
+    return splits.rest[label_subset(labels, per_class=per_class, seed=0)]
 
 
 def pixel_probe(cfg: ExperimentConfig, env: Env | None = None, splits: Splits | None = None
