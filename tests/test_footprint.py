@@ -107,3 +107,26 @@ def test_a_worker_that_asked_for_a_gpu_and_has_none_refuses_to_train():
         check_device("auto", 1, torch.device("cpu"))
     with pytest.raises(ConfigError, match="runtime.device='cuda'"):
         check_device("cuda", 0, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("study", ["model_size", "head_depth", "distillation"])
+def test_the_gpu_presets_lanes_fit_cluster_gpu_yaml(study):
+    """Every GPU preset's lane can be scheduled on cluster/gpu.yaml as it autoscales:
+    its GPUs fit one node type (or whole 8-GPU nodes), at least one lane at a time."""
+    import importlib
+
+    from scaling.study import cluster
+    from scaling.study.plan import capacity
+
+    config = cluster.load(REPO / "cluster" / "gpu.yaml")
+    most = cluster.max_resources(config)
+    nodes = cluster.gpu_nodes(config)
+    defn = importlib.import_module(f"studies.{study}").STUDY
+    for name in ("cifar10-gpu", "imagenet-gpu"):
+        preset = defn.presets[name]
+        cfg = load_config(PRESETS / f"{preset.base}.yaml", preset.set)
+        lane = cfg.runtime.workers * cfg.runtime.gpus_per_worker
+        assert capacity(cfg, most).concurrent >= 1
+        per_node = max(g for _, g, _ in nodes)
+        assert lane <= per_node or lane % per_node == 0, (name, lane)
+        assert placement(cfg.runtime) == ("STRICT_PACK" if 1 < lane <= per_node else "PACK")

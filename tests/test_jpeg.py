@@ -3,6 +3,8 @@ the same images, boxes and crops as the loader path, within resampling rounding.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -77,16 +79,32 @@ def test_the_fetcher_decodes_on_the_device_like_the_loader(tmp_path):
     assert device.like(ds).decode_on_device
 
 
-def test_a_file_that_is_not_a_jpeg_is_named(tmp_path):
+def test_files_the_jpeg_decoder_refuses_are_read_by_pil_and_only_junk_is_named(tmp_path):
+    """ImageNet's train set holds a PNG and CMYK JPEGs under .JPEG names: the batch
+    decodes, those files through PIL; a file no decoder reads is named."""
     from PIL import Image
 
     ds_root = tmp_path
     _photos(ds_root, n=2)
-    Image.new("RGB", (20, 20)).save(ds_root / "train" / "a" / "odd.png")
+    png = Image.new("RGB", (20, 24), (200, 30, 60))
+    png.save(ds_root / "train" / "a" / "png.JPEG", format="PNG")
+    Image.new("CMYK", (22, 18), (10, 200, 30, 0)).save(ds_root / "train" / "a" / "cmyk.JPEG",
+                                                        format="JPEG")
     ds = FolderImages(ds_root / "train", 32, "imagefolder")
     fetch = Fetcher(ds, CPU, 0, decode_on_device=True)
-    with pytest.raises(DataError, match=r"odd\.png does not decode as a JPEG"):
-        list(fetch.stream([np.arange(len(ds))]))
+    files = [str(p) for p, _ in ds.folder.samples]
+    data = [jpeg.EncodedFiles(ds)[i][0] for i in range(len(ds))]
+    images = jpeg.decode(data, CPU, files)
+    by_name = dict(zip((Path(f).name for f in files), images, strict=True))
+    assert torch.equal(by_name["png.JPEG"], torch.tensor([200, 30, 60]).view(3, 1, 1).expand(
+        3, 24, 20).to(torch.uint8))
+    assert by_name["cmyk.JPEG"].shape == (3, 18, 22)
+    (x, _), = fetch.stream([np.arange(len(ds))])
+    assert x.shape[0] == len(ds)
+    (ds_root / "train" / "a" / "junk.JPEG").write_bytes(b"not an image at all")
+    ds = FolderImages(ds_root / "train", 32, "imagefolder")
+    with pytest.raises(DataError, match=r"junk\.JPEG does not decode as a JPEG"):
+        list(Fetcher(ds, CPU, 0, decode_on_device=True).stream([np.arange(len(ds))]))
 
 
 def test_the_setting_is_checked_and_reaches_the_fetcher(tiny):
@@ -97,3 +115,22 @@ def test_the_setting_is_checked_and_reaches_the_fetcher(tiny):
     assert Fetcher.of(synthetic("train", n=8), CPU, cfg.runtime).decode_on_device
     with pytest.raises(ConfigError, match="decode"):
         with_overrides(tiny, {"runtime.decode": "gpu"})
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+def test_training_batches_keep_their_loader_workers_across_epochs(tmp_path, on_device):
+    """One DataLoader for training with persistent workers: epoch 2 is decoded by the
+    processes that decoded epoch 1 (a new pool per epoch cost seconds per rank)."""
+    ds = _photos(tmp_path)
+    fetch = Fetcher(ds, CPU, 1, decode_on_device=on_device)
+    pids = []
+    for epoch in range(2):
+        crops = Crops(2, (0.08, 1.0), (0.75, 4 / 3), epoch)
+        batches = [np.array([0, 7, 3]), np.array([11, 2, 5])]
+        assert len(list(fetch.stream(batches, crops))) == 2
+        pids.append([w.pid for w in fetch._training._iterator._workers])  # type: ignore
+    assert pids[0] == pids[1] and all(pids[0])
+    # A stage that stops mid-epoch (a resumed run's first epoch) does not wedge the next.
+    first = next(fetch.stream(batches, Crops(2, (0.08, 1.0), (0.75, 4 / 3), 5)))
+    assert first[0].shape[:2] == (3, 2)
+    assert len(list(fetch.stream(batches, Crops(2, (0.08, 1.0), (0.75, 4 / 3), 6)))) == 2

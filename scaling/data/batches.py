@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -89,6 +90,20 @@ def default_loader_workers(cpus: int | None = None) -> int:
     return max(0, min(8, (cores or 1) - 1))
 
 
+class EpochBatches:
+    """A batch sampler whose batches are replaced every epoch: a DataLoader with
+    persistent workers asks its sampler again at each ``iter()``."""
+
+    def __init__(self) -> None:
+        self.keys: list[Any] = []
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
 class Fetcher:
     """Turns index arrays into (uint8 images, labels) on the training device.
 
@@ -102,6 +117,8 @@ class Fetcher:
         self.device = device
         self.workers = default_loader_workers(cpus) if workers is None else workers
         self.decode_on_device = decode_on_device  # folder data: scaling.data.jpeg
+        self._training: torch.utils.data.DataLoader[Any] | None = None  # see _loader
+        self._batches = EpochBatches()
         if isinstance(dataset, ImageData):
             self.images = dataset.images.to(device)
             self.labels = dataset.labels.to(device)
@@ -140,13 +157,27 @@ class Fetcher:
                 [(i, s, c.views, c.scale, c.ratio)
                  for i, s in zip(b.tolist(), item_seeds(c.seed, b).tolist(), strict=True)]
                 for b in batches]
-        loader = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=keys,
-            num_workers=self.workers, pin_memory=self.device.type == "cuda",
-        )
+        loader = self._loader(self.dataset, keys, None, training=crops is not None)
         for x, y in loader:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
+    def _loader(self, dataset: torch.utils.data.Dataset[Any], keys: list[Any],
+                collate: Any, training: bool) -> torch.utils.data.DataLoader[Any]:
+        """Training batches come from one DataLoader whose workers live across epochs
+        (each epoch hands it new batches); starting 8+ decode processes a rank every
+        epoch cost seconds each time. Evaluation (once, at the end) gets a plain one."""
+        if not training or self.workers == 0:
+            return torch.utils.data.DataLoader(
+                dataset, batch_sampler=keys, num_workers=self.workers, collate_fn=collate,
+                pin_memory=self.device.type == "cuda" and collate is None)
+        if self._training is None:
+            self._batches = EpochBatches()
+            self._training = torch.utils.data.DataLoader(
+                dataset, batch_sampler=self._batches, num_workers=self.workers,
+                collate_fn=collate, persistent_workers=True,
+                pin_memory=self.device.type == "cuda" and collate is None)
+        self._batches.keys = keys
+        return self._training
 
     def _gather(self, batches: list[np.ndarray]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """In-memory batches as gathers on the device. The indices go up once for
@@ -161,9 +192,8 @@ class Fetcher:
     def _decode_here(self, ds: FolderImages, batches: list[np.ndarray], crops: Crops | None
                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Workers read the files; the batch is decoded and cropped on the device."""
-        loader = torch.utils.data.DataLoader(
-            jpeg.EncodedFiles(ds), batch_sampler=[b.tolist() for b in batches],
-            num_workers=self.workers, collate_fn=jpeg.collate)
+        loader = self._loader(jpeg.EncodedFiles(ds), [b.tolist() for b in batches],
+                              jpeg.collate, training=crops is not None)
         for b, (data, y, paths) in zip(batches, loader, strict=True):
             images = jpeg.decode(data, self.device, paths)
             if crops is None:  # the evaluation view

@@ -47,25 +47,46 @@ def collate(items: list[tuple[torch.Tensor, int, str]]
 
 def decode(data: list[torch.Tensor], device: torch.device, paths: list[str] | None = None
            ) -> list[torch.Tensor]:
-    """RGB uint8 CxHxW images on ``device`` from encoded JPEG bytes (1-D uint8, on the
-    CPU), decoded as one batch. A file that does not decode is named (``paths``)."""
+    """RGB uint8 CxHxW images on ``device`` from encoded bytes (1-D uint8, on the CPU),
+    decoded as one batch. A file the JPEG decoder refuses (ImageNet's train set has
+    a PNG and CMYK JPEGs named .JPEG) is read by PIL instead, that file only; one
+    PIL cannot read either is named (``paths``)."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
+    if device.type == "cuda":
+        # torchvision's CUDA decoder runs on its own stream: let the kernels queued on
+        # ours (the last step's, still reading the buffers it reuses) finish first.
+        torch.cuda.current_stream(device).synchronize()
     with warnings.catch_warnings():
         # torchvision 0.29 deprecates its decoders for TorchCodec's; we pin 0.29.
         warnings.simplefilter("ignore", DeprecationWarning)
         try:
             return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
-        except RuntimeError as e:  # the batch fails as a whole: find the file
+        except RuntimeError:  # the batch fails as a whole: decode file by file
+            out = []
             for i, d in enumerate(data):
                 try:
-                    decode_jpeg(d, mode=ImageReadMode.RGB)
-                except RuntimeError:
+                    out.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=device))
+                except RuntimeError as e:
                     name = paths[i] if paths else f"image {i} of the batch"
-                    raise DataError(f"{name} does not decode as a JPEG ({e}); replace it, or "
-                                    "use runtime.decode: loader (PIL reads other formats)"
-                                    ) from None
-            raise
+                    out.append(_with_pil(d, name, e).to(device))
+            return out
+
+
+def _with_pil(data: torch.Tensor, name: str, error: Exception) -> torch.Tensor:
+    """One file through PIL (any format it reads, CMYK converted to RGB)."""
+    import io
+
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data.numpy().tobytes())) as img:
+            rgb = np.asarray(img.convert("RGB"))
+    except (UnidentifiedImageError, OSError):
+        raise DataError(f"{name} does not decode as a JPEG ({error}) nor as any image PIL "
+                        "reads; replace or remove it") from None
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
 
 
 def crop_boxes(images: list[torch.Tensor], seeds: list[int], views: int,
