@@ -51,7 +51,8 @@ from scaling.train.losses import nt_xent  # noqa: E402
 from scaling.train.optimizer import build_optimizer  # noqa: E402
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets (no sparsity), TFLOP/s.
-PEAK_BF16 = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0, "L4": 121.0,
+PEAK_BF16 = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.0,
+             "L4": 121.0,
              "A10G": 70.0}
 
 
