@@ -134,3 +134,17 @@ def test_training_batches_keep_their_loader_workers_across_epochs(tmp_path, on_d
     first = next(fetch.stream(batches, Crops(2, (0.08, 1.0), (0.75, 4 / 3), 5)))
     assert first[0].shape[:2] == (3, 2)
     assert len(list(fetch.stream(batches, Crops(2, (0.08, 1.0), (0.75, 4 / 3), 6)))) == 2
+
+
+def test_crops_of_a_mixed_size_batch_match_cropping_each_image_alone():
+    """Grouped by shape (one roi_align per size): every image keeps its own crops,
+    in its place in the batch."""
+    g = torch.Generator().manual_seed(0)
+    sizes = [(30, 40), (25, 25), (30, 40), (44, 31), (25, 25)]
+    images = [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8)
+              for h, w in sizes]
+    boxes = jpeg.crop_boxes(images, [3, 1, 4, 1, 5], 2, (0.08, 1.0), (0.75, 4 / 3))
+    batch = jpeg.crop_resize(images, boxes, 16)
+    for i, (img, b) in enumerate(zip(images, boxes, strict=True)):
+        assert torch.equal(batch[i], jpeg.crop_resize([img], [b], 16)[0]), i
+    assert not torch.equal(batch[0], batch[2])  # same size, other boxes and pixels
