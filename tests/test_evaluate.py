@@ -100,3 +100,75 @@ def test_the_probe_fits_on_a_bounded_class_balanced_sample():
     assert set(np.bincount(labels.numpy()[chosen], minlength=classes)) == {100}
     small = Splits(big, val[:10], np.arange(5000), big)
     assert np.array_equal(probe_images(small), np.arange(5000))
+
+
+def _probe_worker(rank, world, init_file, out):
+    import datetime
+
+    import torch.distributed as dist
+
+    from scaling.config import load_config
+    from scaling.data.batches import Fetcher
+    from scaling.data.splits import load_splits
+    from scaling.pipeline import PRESETS
+    from scaling.stages.evaluate import apply
+    from scaling.stages.pretrain import probe
+    from scaling.train.env import Env
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
+    cfg = load_config(PRESETS / "tiny.yaml", {"runtime.device": "cpu"})
+    env = Env(torch.device("cpu"), rank=rank, world=world)
+    splits = load_splits(cfg.data)
+    torch.manual_seed(0)
+    encoder = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(256, 8))
+    fetch = Fetcher.of(splits.train, env.device, cfg.runtime)
+    features = apply(encoder, [encoder], fetch, splits.rest[:101], env, shard=True)
+    out[rank] = (features, probe(cfg, encoder, [encoder], splits, None, env))
+    dist.destroy_process_group()
+
+
+def test_the_probe_is_encoded_in_shares_and_fitted_once():
+    """Two gloo workers each encode half of the probe's images and all get every
+    feature, in order (101 rows: the shares differ); rank 0's probe equals one
+    worker's, and the other rank returns nothing to report."""
+    import os
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    from scaling.config import load_config
+    from scaling.data.batches import Fetcher
+    from scaling.data.splits import load_splits
+    from scaling.pipeline import PRESETS
+    from scaling.stages.evaluate import apply
+    from scaling.stages.pretrain import probe
+    from scaling.train.env import Env
+
+    with tempfile.TemporaryDirectory() as d:
+        out = mp.Manager().dict()
+        mp.spawn(_probe_worker, args=(2, os.path.join(d, "init"), out), nprocs=2)
+    cfg = load_config(PRESETS / "tiny.yaml", {"runtime.device": "cpu"})
+    splits, env = load_splits(cfg.data), Env(torch.device("cpu"))
+    torch.manual_seed(0)
+    encoder = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(256, 8))
+    fetch = Fetcher.of(splits.train, env.device, cfg.runtime)
+    alone, labels = apply(encoder, [encoder], fetch, splits.rest[:101], env)
+    for rank in (0, 1):
+        shared, shared_labels = out[rank][0]
+        assert torch.equal(shared_labels, labels)
+        assert torch.allclose(shared, alone)  # the same rows, in the same order
+    assert out[1][1] == {}
+    assert out[0][1] == pytest.approx(probe(cfg, encoder, [encoder], splits, None, env))
+
+
+def test_the_collective_timeout_reaches_the_process_group():
+    """Rank 0 evaluates while the others wait in a collective: the timeout is set,
+    not left to the backend's default (runtime.collective_timeout_s)."""
+    pytest.importorskip("ray")
+    from scaling.config import RuntimeConfig
+    from scaling.runtime.ray_train import trainer
+
+    t = trainer(lambda c: None, {}, RuntimeConfig(workers=2, collective_timeout_s=77), "n",
+                "/tmp/unused")
+    assert t.backend_config.timeout_s == 77

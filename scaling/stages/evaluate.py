@@ -24,17 +24,46 @@ EVAL_BATCH = 1024
 
 def apply(
     fn: Callable[[torch.Tensor], torch.Tensor], modules: list[torch.nn.Module], fetch: Fetcher,
-    indices: np.ndarray, env: Env,
+    indices: np.ndarray, env: Env, shard: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``fn`` on the images at ``indices`` (float in [0, 1], the evaluation
-    view) in eval mode -> (outputs, labels)."""
-    outs, labels = [], []
+    view) in eval mode -> (outputs, labels), in the order of ``indices``.
+
+    ``shard``: every worker of the group calls this, encodes its contiguous share of
+    ``indices``, and all of them get every output (an all_gather): the probe's
+    encoding then takes 1/world of the time one rank alone would hold the others
+    waiting in a collective."""
+    if shard and env.world > 1:
+        share = -(-len(indices) // env.world)  # ceil
+        mine = indices[env.rank * share:(env.rank + 1) * share]
+        out, labels = apply(fn, modules, fetch, mine, env) if len(mine) else (None, None)
+        return _gather_rows(out, labels, share, len(indices), env)
+    outs, labels_ = [], []
     with eval_mode(*modules):
         for x, y in fetch.stream(eval_batches(indices, EVAL_BATCH)):
             with env.autocast():
                 outs.append(fn(env.images(x.float().div_(255))).float())
-            labels.append(y)
-    return torch.cat(outs), torch.cat(labels)
+            labels_.append(y)
+    return torch.cat(outs), torch.cat(labels_)
+
+
+def _gather_rows(out: torch.Tensor | None, labels: torch.Tensor | None, share: int, n: int,
+                 env: Env) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every worker's rows (``share`` each, the last possibly fewer), in rank order."""
+    import torch.distributed as dist
+
+    # The feature width is the same everywhere; a worker with no rows still sends a pad.
+    width = torch.tensor([0 if out is None else out.shape[1]], device=env.device)
+    dist.all_reduce(width, dist.ReduceOp.MAX)
+    rows = torch.zeros(share, int(width), device=env.device)
+    tags = torch.full((share,), -1, dtype=torch.long, device=env.device)
+    if out is not None and labels is not None:
+        rows[:len(out)], tags[:len(labels)] = out, labels.long()
+    all_rows = [torch.empty_like(rows) for _ in range(env.world)]
+    all_tags = [torch.empty_like(tags) for _ in range(env.world)]
+    dist.all_gather(all_rows, rows)
+    dist.all_gather(all_tags, tags)
+    return torch.cat(all_rows)[:n], torch.cat(all_tags)[:n]
 
 
 def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:

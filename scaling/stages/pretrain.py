@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -89,11 +90,12 @@ def pretrain(cfg: ExperimentConfig, out: Path, env: Env | None = None) -> StageR
         run.after_step(loss, lr, x.shape[0] * env.world)
 
     metrics: dict[str, Any] = size_metrics(net, flops)
-    if env.is_main:
-        metrics |= probe(cfg, net.encoder, [net], splits, fetch if pool is train else None, env)
-        if isinstance(train, ImageData) and train.images[0].numel() <= PIXEL_PROBE_MAX_DIMS:
-            pixels = pixel_reference(cfg, splits, out.parent, env)
-            metrics |= {f"pixel_{k}": v for k, v in pixels.items()}
+    # Every worker encodes its share of the probe's images; rank 0 fits the probes.
+    metrics |= probe(cfg, net.encoder, [net], splits, fetch if pool is train else None, env)
+    small = isinstance(train, ImageData) and train.images[0].numel() <= PIXEL_PROBE_MAX_DIMS
+    if env.is_main and small:
+        pixels = pixel_reference(cfg, splits, out.parent, env)
+        metrics |= {f"pixel_{k}": v for k, v in pixels.items()}
     models = {"encoder": net.encoder.state_dict(), "head": net.head.state_dict()}
     return run.finish(models, metrics, _protocol(cfg, train, len(indices), len(splits.val),
                                             len(probe_images(splits))),
@@ -123,13 +125,16 @@ def probe(
 ) -> dict[str, Any]:
     """kNN and linear-probe top-1 of a frozen ``encoder`` (``modules`` are put in eval
     mode): fitted on the labelled training images outside validation, reported on
-    validation (``*_val_top1``) and test."""
+    validation (``*_val_top1``) and test. Every worker of ``env`` calls it and encodes
+    a share; rank 0 fits and returns the numbers (the others: {})."""
     train_fetch = fetch or Fetcher.of(splits.train, env.device, cfg.runtime, env.cpus)
-    f_train, y_train = apply(encoder, modules, train_fetch, probe_images(splits), env)
+    f_train, y_train = apply(encoder, modules, train_fetch, probe_images(splits), env, True)
     evals = {"": apply(encoder, modules, train_fetch.like(splits.test),
-                       np.arange(len(splits.test)), env)}
+                       np.arange(len(splits.test)), env, True)}
     if len(splits.val):
-        evals["val_"] = apply(encoder, modules, train_fetch, splits.val, env)
+        evals["val_"] = apply(encoder, modules, train_fetch, splits.val, env, True)
+    if not env.is_main:
+        return {}
     classes = splits.test.num_classes
     ev = cfg.evaluate
     linear = fit_linear_probe(f_train, y_train, classes, ev.linear_steps)
@@ -156,7 +161,8 @@ def pixel_probe(cfg: ExperimentConfig, env: Env | None = None, splits: Splits | 
                 ) -> dict[str, Any]:
     """The same probes on raw pixels (the evaluation view, flattened): the reference
     line a pretrained representation has to beat to be worth anything."""
-    env = env or Env.local(cfg.runtime)
+    # Rank 0 alone (a cached reference, no collective): a one-worker view of its Env.
+    env = dataclasses.replace(env, rank=0, world=1) if env else Env.local(cfg.runtime)
     return probe(cfg, lambda x: x.flatten(1), [], splits or load_splits(cfg.data), None, env)
 
 
