@@ -163,3 +163,35 @@ def test_compile_only_on_one_gpu_worker():
     assert Env(fake_cuda.CUDA, compile=True).compiles
     assert not Env(fake_cuda.CUDA, world=2, compile=True).compiles  # DDP + SyncBN: eager
     assert not Env(torch.device("cpu"), compile=True).compiles
+
+
+def test_global_bn_groups_skip_the_buffer_broadcast(tmp_path):
+    """With global BN every worker's running statistics are equal: DDP's broadcast
+    of buffers before each forward is waste; without it DDP keeps broadcasting."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
+                            world_size=1)
+    try:
+        for sync_bn in (True, False):
+            net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.BatchNorm2d(2))
+            ddp = Env(torch.device("cpu"), world=2).prepare(net, sync_bn=sync_bn)
+            assert ddp.broadcast_buffers is (not sync_bn)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_each_stage_starts_with_a_fresh_dynamo_cache(tiny, tmp_path, monkeypatch):
+    """A lane compiles many architectures in one process; Dynamo's recompile limit
+    would otherwise turn compilation off silently after about 8."""
+    import torch._dynamo
+
+    from scaling.config import with_overrides
+    from scaling.runtime.local import run_local
+
+    resets = []
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1))
+    cfg = with_overrides(tiny, {"pretrain.epochs": 1, "runtime.compile": True})
+    run_local("pretrain", cfg, tmp_path / "p", None)
+    run_local("pretrain", with_overrides(cfg, {"runtime.compile": False}), tmp_path / "p", None)
+    assert resets == [1]
