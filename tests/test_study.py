@@ -98,6 +98,10 @@ def test_every_preset_of_every_study_plans(module, preset, capsys, monkeypatch, 
     # Planning, not timing: a fixed speed instead of measuring every model of every
     # preset (scaling.study.estimate is measured in test_cli's dry runs).
     monkeypatch.setattr("scaling.study.estimate.training_rate", lambda *args: 5e9)
+    # Nor the data roots (the GPU presets' live on cluster nodes) and the memory plan
+    # (a second a footprint; tests/test_footprint.py runs it for the GPU presets).
+    monkeypatch.setattr("studies.cli.root_problem", lambda *args: None)
+    monkeypatch.setattr("scaling.study.memory.memory_plan", lambda study: [])
     # An empty storage: a user's finished runs/ would leave nothing to estimate.
     assert main(module.STUDY, ["--preset", preset, "--dry-run", "--storage", str(tmp_path)]) == 0
     out = capsys.readouterr().out
