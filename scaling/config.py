@@ -386,6 +386,10 @@ class RuntimeConfig:
     cpus_per_worker: int = 1  # Ray's default; a 2-core machine fits 1 trial x 1 worker
     gpus_per_worker: int = 0  # 1 on GPU clusters (NCCL); 0: CPU workers on gloo
     max_failures: int = 3  # worker-group restarts from the last checkpoint
+    # A custom resource each worker also asks one unit of, so Ray (and the autoscaler)
+    # places the group only on node types that offer it: cluster/gpu.yaml gives its
+    # 1-GPU nodes GPU_1X, and the 1-GPU lanes ask for it (none lands on an 8-GPU node).
+    node_resource: str | None = None
     # The process group's collective timeout (TorchConfig.timeout_s): the longest rank
     # 0 may evaluate alone while the others wait in a barrier (the probe is bounded
     # by evaluate.probe_max_train so an ImageNet probe stays well inside it).

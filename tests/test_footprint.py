@@ -130,3 +130,20 @@ def test_the_gpu_presets_lanes_fit_cluster_gpu_yaml(study):
         per_node = max(g for _, g, _ in nodes)
         assert lane <= per_node or lane % per_node == 0, (name, lane)
         assert placement(cfg.runtime) == ("STRICT_PACK" if 1 < lane <= per_node else "PACK")
+        if lane == 1:  # 1-GPU lanes ask for what only the 1-GPU node type offers
+            offering = [n for n, t in config["available_node_types"].items()
+                        if cfg.runtime.node_resource in t.get("resources", {})]
+            assert [g for n, g, _ in nodes if n in offering] == [1]
+
+
+def test_a_lane_asking_for_a_resource_the_cluster_lacks_is_refused():
+    from scaling.config import ConfigError
+    from scaling.study.plan import capacity
+
+    rt = RuntimeConfig(gpus_per_worker=1, node_resource="GPU_1X")
+    cfg = load_config(PRESETS / "cifar10-gpu.yaml", {"runtime.node_resource": "GPU_1X",
+                                                     "runtime.gpus_per_worker": 1})
+    assert capacity(cfg, {"CPU": 16, "GPU": 2, "GPU_1X": 2}).concurrent == 2
+    with pytest.raises(ConfigError, match="runtime.node_resource='GPU_1X'.*no custom"):
+        capacity(cfg, {"CPU": 16, "GPU": 2})
+    assert rt.node_resource == "GPU_1X"

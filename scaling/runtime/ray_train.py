@@ -274,6 +274,8 @@ def trainer(fn: Callable[[dict[str, Any]], None], config: dict[str, Any], rt: Ru
     resources: dict[str, float] = {"CPU": rt.cpus_per_worker}
     if rt.gpus_per_worker:
         resources["GPU"] = rt.gpus_per_worker
+    if rt.node_resource:
+        resources[rt.node_resource] = 1
     return TorchTrainer(
         fn,
         train_loop_config=config,

@@ -317,6 +317,11 @@ def capacity(cfg: ExperimentConfig, cluster: dict[str, float]) -> Capacity:
     per_trial_cpu = max(rt.workers, 1) * rt.cpus_per_worker
     per_trial_gpu = rt.workers * rt.gpus_per_worker
     cpus, gpus = cluster.get("CPU", 0), cluster.get("GPU", 0)
+    if rt.node_resource and cluster.get(rt.node_resource, 0) < max(rt.workers, 1):
+        have = ", ".join(sorted(k for k in cluster if k not in ("CPU", "GPU", "memory")))
+        raise ConfigError("runtime.node_resource", rt.node_resource,
+                          f"a resource this cluster offers {max(rt.workers, 1)} of (it has: "
+                          f"{have or 'no custom resources'}), or null")
     if per_trial_cpu > cpus:
         raise ConfigError("runtime.workers", rt.workers,
                           f"workers x cpus_per_worker <= the cluster's {cpus:g} CPUs")
