@@ -1,7 +1,7 @@
 """The report's figures: one function per figure, each taking the tidy table
 (analysis/collect.py) and returning a matplotlib Figure. Points are means over
 seeds; error bars their standard deviation where there are several seeds (the
-gain figure: 95% BCa intervals). Accuracies and errors are drawn in percent.
+gain figure: 95% Student-t intervals). Accuracies and errors are drawn in percent.
 """
 
 from __future__ import annotations
@@ -253,7 +253,7 @@ def table1(df: pd.DataFrame) -> pd.DataFrame:
 def gain(df: pd.DataFrame) -> pd.DataFrame:
     """The study's key number: fine-tuned minus supervised top-1 (percentage points)
     per model and label fraction, paired within a cell (same labels and seed): mean
-    and 95% BCa interval over seeds. Where the head or the fine-tuning layer varies,
+    and 95% Student-t interval over seeds. Where the head or the fine-tuning layer varies,
     each is its own line ('R18 1/16x, head 3 from layer 1')."""
     rows = []
     ft = df[(df["stage"] == "finetune") & df["gain_over_supervised"].notna()]
@@ -275,7 +275,7 @@ def gain(df: pd.DataFrame) -> pd.DataFrame:
 
 def distill_gap(df: pd.DataFrame) -> pd.DataFrame:
     """Distilled student minus its teacher, test top-1 (points), per teacher model,
-    label fraction, student and unlabelled set: mean and 95% BCa interval over
+    label fraction, student and unlabelled set: mean and 95% Student-t interval over
     replicates (the paper: a student matches or beats its teacher)."""
     rows = []
     dist = df[(df["stage"] == "distill") & df["top1"].notna() & df["teacher_top1"].notna()]
@@ -349,7 +349,7 @@ def findings_figure(table: pd.DataFrame) -> Figure:
                                   + (f"  ({r['study']})" if several else "")
                                   for _, r in t.iterrows()], fontsize=7)
     ax.axvline(0, color="black", linewidth=0.8)
-    ax.set_xlabel("effect, top-1 percentage points (95% bootstrap interval over replicates)")
+    ax.set_xlabel("effect, top-1 percentage points (95% Student-t interval over replicates)")
     handles = [plt.Line2D([], [], color=c, marker="o", linestyle="", label=v)
                for v, c in VERDICT_COLORS.items() if (t["verdict"] == v).any()]
     ax.legend(handles=handles, fontsize="small", loc="best")

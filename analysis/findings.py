@@ -10,7 +10,7 @@ from the tidy tables of the three studies:
 - F4 bigger models gain more (relative to the smallest) with fewer labels.
 
 Every effect is a mean over replicates (seeds and label subsets) of a difference
-paired within a replicate, with its 95% BCa bootstrap interval (analysis.fit).
+paired within a replicate, with its 95% Student-t interval (analysis.fit.mean_interval).
 Verdicts: 'reproduced' when the interval lies on the paper's side of zero,
 'reversed' when it lies on the other, 'not at this scale' when it covers zero.
 """

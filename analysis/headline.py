@@ -45,7 +45,9 @@ def headline(df: pd.DataFrame) -> str:
 
     reps = int(t["seeds"].min())
     lines = [f"what pretraining buys: fine-tuned minus the tuned supervised baseline, test "
-             f"top-1 points, mean [95% interval over {reps} replicates]"]
+             f"top-1 points, mean [95% Student-t interval over {reps} replicates"
+             + ("; with 2 it is +-12.7 standard errors: wide by design" if reps == 2 else "")
+             + "]"]
     width = max(len(str(m)) for m in t["model"])
     for model, g in t.groupby("model", sort=False):
         first = g[g["label fraction"] == fewest]

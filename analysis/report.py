@@ -149,7 +149,7 @@ def params_table(a: Analysis) -> pd.DataFrame:
 
 def improvement_table(df: pd.DataFrame) -> pd.DataFrame:
     """Relative improvement over the smallest model per model, stage and label
-    fraction: mean over seeds and its 95% bootstrap interval (the paper's "bigger
+    fraction: mean over seeds and its 95% Student-t interval (the paper's "bigger
     models gain more from pretraining with fewer labels")."""
     rows = []
     keep = df["stage"].isin(["finetune", "supervised"]) & df["relative_improvement"].notna()
@@ -202,7 +202,7 @@ def figure_set(df: pd.DataFrame, a: Analysis, history: pd.DataFrame | None = Non
                 "The study's key number: test top-1 of the fine-tuned model minus that of the "
                 "supervised baseline trained on the same labels (same cell, same seed), in "
                 "percentage points, against the labelled fraction. A line per model; error "
-                "bars: 95% BCa bootstrap intervals of the mean over seeds (none with one "
+                "bars: 95% Student-t intervals of the mean over seeds (none with one "
                 "seed). Above 0: pretraining helped at that label budget."))
         if df["params"].nunique() > 1:
             out["relative_improvement"] = (lambda: figures.relative_improvement(df), (
@@ -238,10 +238,10 @@ def figure_set(df: pd.DataFrame, a: Analysis, history: pd.DataFrame | None = Non
         out["findings"] = (lambda: figures.findings_figure(found), (
             "The paper's findings this study measures (analysis.findings): each "
             "comparison's paired effect in top-1 percentage points, the mean over "
-            "replicates with its 95% BCa bootstrap interval; green: on the paper's side "
+            "replicates with its 95% Student-t interval; green: on the paper's side "
             "of 0 (reproduced), red: on the other (reversed), grey: covers 0 (not at this "
-            "scale). With 2-4 replicates the bootstrap interval is narrow: read it as a "
-            "lower bound on the uncertainty."))
+            "scale). With 2 replicates the interval is wide (t = 12.7): an effect must be "
+            "large and consistent to exclude 0."))
     if history is not None and not history.empty:
         out["training_curves"] = (lambda: figures.training_curves(history), (
             "Training loss against each stage's own steps, from the stored history of every "
@@ -345,12 +345,12 @@ def write_report(study_dir: Location) -> Location:
             parts += ["<h2>What pretraining buys: fine-tuned minus supervised</h2>",
                       _styled(g.drop(columns=["_lo", "_hi"]), (
                           "Top-1 of the fine-tuned model minus the supervised baseline on "
-                          "the same labels and seed, percentage points; 95% BCa bootstrap "
+                          "the same labels and seed, percentage points; 95% Student-t "
                           "interval of the mean over seeds."))]
     if "distill" in set(df["stage"]):
         parts += ["<h2>Distilled student minus teacher</h2>", _styled(figures.distill_gap(df), (
             "Test top-1 of the distilled student minus its fine-tuned teacher, percentage "
-            "points, per unlabelled set; 95% BCa bootstrap interval of the mean over seeds."))]
+            "points, per unlabelled set; 95% Student-t interval of the mean over seeds."))]
     if df["params"].nunique() > 1:
         parts += ["<h2>Relative improvement over the smallest model</h2>",
                   _table_html(improvement_table(df))]
