@@ -328,7 +328,12 @@ def training_curves(history: pd.DataFrame) -> Figure:
 
 
 VERDICT_COLORS = {"reproduced": "tab:green", "reversed": "tab:red",
-                  "not at this scale": "tab:grey"}
+                  "not resolved": "tab:grey"}
+
+
+def _verdict_kind(verdict: str) -> str:
+    """'not resolved (detectable: 1.2 pp)' -> 'not resolved' (the legend's entry)."""
+    return verdict.split(" (")[0]
 
 
 def findings_figure(table: pd.DataFrame) -> Figure:
@@ -342,16 +347,18 @@ def findings_figure(table: pd.DataFrame) -> Figure:
         mean = r["effect (pp)"]  # rounded: may sit a hair outside a near-zero-width interval
         err = [[0], [0]] if np.isnan(lo) else [[max(0, mean - lo)], [max(0, hi - mean)]]
         ax.errorbar(mean, i, xerr=err, fmt="o", capsize=3,
-                    color=VERDICT_COLORS.get(str(r["verdict"]), "black"))
+                    color=VERDICT_COLORS.get(_verdict_kind(str(r["verdict"])), "black"))
     # The study names a row only where several studies share a comparison's wording.
     several = "study" in t and t["study"].nunique() > 1
     ax.set_yticks(range(len(t)), [f"{r['finding']}  {r['comparison']}"
                                   + (f"  ({r['study']})" if several else "")
                                   for _, r in t.iterrows()], fontsize=7)
     ax.axvline(0, color="black", linewidth=0.8)
-    ax.set_xlabel("effect, top-1 percentage points (95% Student-t interval over replicates)")
+    ax.set_xlabel("effect, top-1 percentage points (95% Student-t interval over replicates;"
+                  " verdicts Holm-adjusted)")
     handles = [plt.Line2D([], [], color=c, marker="o", linestyle="", label=v)
-               for v, c in VERDICT_COLORS.items() if (t["verdict"] == v).any()]
+               for v, c in VERDICT_COLORS.items()
+               if (t["verdict"].astype(str).map(_verdict_kind) == v).any()]
     ax.legend(handles=handles, fontsize="small", loc="best")
     ax.set_title("The paper's findings at this scale (above 0: the paper's direction)")
     fig.tight_layout()

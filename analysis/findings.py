@@ -11,8 +11,11 @@ from the tidy tables of the three studies:
 
 Every effect is a mean over replicates (seeds and label subsets) of a difference
 paired within a replicate, with its 95% Student-t interval (analysis.fit.mean_interval).
-Verdicts: 'reproduced' when the interval lies on the paper's side of zero,
-'reversed' when it lies on the other, 'not at this scale' when it covers zero.
+Verdicts are Holm-adjusted across the table (one t-test of each effect against 0,
+the raw interval still shown): 'reproduced' when the adjusted p < 0.05 and the effect
+is on the paper's side of zero, 'reversed' when on the other, otherwise 'not
+resolved', with the smallest effect these replicates could detect (a two-sided test
+at 5% with 80% power, at the observed spread).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import sys
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from analysis import collect
 from analysis.figures import findings_figure, gain
@@ -30,22 +34,53 @@ from analysis.fit import mean_interval
 from scaling import storage
 
 COLUMNS = ["finding", "comparison", "effect (pp)", "95% interval (pp)", "replicates",
-           "verdict", "study"]
+           "p (Holm)", "verdict", "study"]
 # The interval's ends as numbers (for figures), beside the printed columns.
 NUMERIC = ["_lo", "_hi"]
+ALPHA, POWER = 0.05, 0.8
 
 
-def verdict(lo: float, hi: float) -> str:
-    if np.isnan(lo):
+def _test(mean: float, lo: float, hi: float, n: int) -> tuple[float, float]:
+    """(two-sided p of the effect against 0, smallest detectable effect) from its
+    Student-t interval (analysis.fit.mean_interval) over ``n`` replicates."""
+    if n < 2 or np.isnan(lo):
+        return float("nan"), float("nan")
+    q = stats.t.ppf(1 - ALPHA / 2, n - 1)
+    se = (hi - lo) / (2 * q)
+    if se == 0:  # every replicate agrees
+        return (0.0 if mean != 0 else 1.0), 0.0
+    p = float(2 * stats.t.sf(abs(mean / se), n - 1))
+    return p, float((q + stats.t.ppf(POWER, n - 1)) * se)
+
+
+def holm(p: np.ndarray) -> np.ndarray:
+    """Holm's step-down adjustment of p-values (nan stays nan, not counted)."""
+    p = np.asarray(p, dtype=float)
+    out = np.full_like(p, np.nan)
+    idx = np.flatnonzero(np.isfinite(p))
+    order = idx[np.argsort(p[idx], kind="stable")]
+    m, running = len(order), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        out[i] = running
+    return out
+
+
+def verdict(mean: float, p_adjusted: float, detectable: float) -> str:
+    if np.isnan(p_adjusted):
         return "one replicate: no verdict"
-    return "reproduced" if lo > 0 else "reversed" if hi < 0 else "not at this scale"
+    if p_adjusted < ALPHA:
+        return "reproduced" if mean > 0 else "reversed"
+    return f"not resolved (detectable: {detectable:.2f} pp)"
 
 
 def _entry(finding: str, comparison: str, mean: float, lo: float, hi: float,
            replicates: int) -> dict:
+    p, detectable = _test(mean, lo, hi, replicates)
     return {"finding": finding, "comparison": comparison, "effect (pp)": round(mean, 2),
             "95% interval (pp)": "n/a" if np.isnan(lo) else f"[{lo:.2f}, {hi:.2f}]",
-            "replicates": replicates, "verdict": verdict(lo, hi), "_lo": lo, "_hi": hi}
+            "replicates": replicates, "_lo": lo, "_hi": hi, "_p": p,
+            "_detectable": detectable}
 
 
 def _row(finding: str, comparison: str, diffs: np.ndarray) -> dict:
@@ -135,6 +170,10 @@ def findings(tables: list[pd.DataFrame]) -> pd.DataFrame:
     for df in tables:
         study = str(df["study"].iloc[0]) if len(df) else ""
         rows += [r | {"study": study} for r in f1(df) + f2(df) + f3(df) + f4(df)]
+    adjusted = holm(np.array([r["_p"] for r in rows]))
+    for r, p in zip(rows, adjusted, strict=True):
+        r["p (Holm)"] = "n/a" if np.isnan(p) else f"{p:.3g}"
+        r["verdict"] = verdict(r["effect (pp)"], p, r["_detectable"])
     return pd.DataFrame(rows, columns=COLUMNS + NUMERIC).sort_values(
         "finding", kind="stable", ignore_index=True)
 

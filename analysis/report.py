@@ -238,10 +238,11 @@ def figure_set(df: pd.DataFrame, a: Analysis, history: pd.DataFrame | None = Non
         out["findings"] = (lambda: figures.findings_figure(found), (
             "The paper's findings this study measures (analysis.findings): each "
             "comparison's paired effect in top-1 percentage points, the mean over "
-            "replicates with its 95% Student-t interval; green: on the paper's side "
-            "of 0 (reproduced), red: on the other (reversed), grey: covers 0 (not at this "
-            "scale). With 2 replicates the interval is wide (t = 12.7): an effect must be "
-            "large and consistent to exclude 0."))
+            "replicates with its 95% Student-t interval. Verdicts from a t-test of each "
+            "effect against 0, Holm-adjusted across the table: green reproduced (the "
+            "paper's side of 0), red reversed, grey not resolved (the table gives the "
+            "smallest effect these replicates could detect). With 2 replicates the "
+            "interval is wide (t = 12.7): an effect must be large and consistent to count."))
     if history is not None and not history.empty:
         out["training_curves"] = (lambda: figures.training_curves(history), (
             "Training loss against each stage's own steps, from the stored history of every "
