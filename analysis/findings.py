@@ -14,8 +14,8 @@ paired within a replicate, with its 95% Student-t interval (analysis.fit.mean_in
 Verdicts are Holm-adjusted across the table (one t-test of each effect against 0,
 the raw interval still shown): 'reproduced' when the adjusted p < 0.05 and the effect
 is on the paper's side of zero, 'reversed' when on the other, otherwise 'not
-resolved', with the smallest effect these replicates could detect (a two-sided test
-at 5% with 80% power, at the observed spread).
+resolved', with the smallest effect these replicates could detect (80% power at the
+strictest Holm level, 5% / the number of tests, and the observed spread).
 """
 
 from __future__ import annotations
@@ -41,16 +41,21 @@ ALPHA, POWER = 0.05, 0.8
 
 
 def _test(mean: float, lo: float, hi: float, n: int) -> tuple[float, float]:
-    """(two-sided p of the effect against 0, smallest detectable effect) from its
-    Student-t interval (analysis.fit.mean_interval) over ``n`` replicates."""
+    """(two-sided p of the effect against 0, its standard error) from its Student-t
+    interval (analysis.fit.mean_interval) over ``n`` replicates."""
     if n < 2 or np.isnan(lo):
         return float("nan"), float("nan")
-    q = stats.t.ppf(1 - ALPHA / 2, n - 1)
-    se = (hi - lo) / (2 * q)
+    se = (hi - lo) / (2 * stats.t.ppf(1 - ALPHA / 2, n - 1))
     if se == 0:  # every replicate agrees
         return (0.0 if mean != 0 else 1.0), 0.0
-    p = float(2 * stats.t.sf(abs(mean / se), n - 1))
-    return p, float((q + stats.t.ppf(POWER, n - 1)) * se)
+    return float(2 * stats.t.sf(abs(mean / se), n - 1)), float(se)
+
+
+def detectable(se: float, n: int, tests: int) -> float:
+    """The smallest effect a two-sided t-test over ``n`` replicates finds with 80%
+    power at the level the table's strictest Holm step asks (5% / ``tests``)."""
+    level = ALPHA / max(tests, 1)
+    return float((stats.t.ppf(1 - level / 2, n - 1) + stats.t.ppf(POWER, n - 1)) * se)
 
 
 def holm(p: np.ndarray) -> np.ndarray:
@@ -76,11 +81,10 @@ def verdict(mean: float, p_adjusted: float, detectable: float) -> str:
 
 def _entry(finding: str, comparison: str, mean: float, lo: float, hi: float,
            replicates: int) -> dict:
-    p, detectable = _test(mean, lo, hi, replicates)
+    p, se = _test(mean, lo, hi, replicates)
     return {"finding": finding, "comparison": comparison, "effect (pp)": round(mean, 2),
             "95% interval (pp)": "n/a" if np.isnan(lo) else f"[{lo:.2f}, {hi:.2f}]",
-            "replicates": replicates, "_lo": lo, "_hi": hi, "_p": p,
-            "_detectable": detectable}
+            "replicates": replicates, "_lo": lo, "_hi": hi, "_p": p, "_se": se}
 
 
 def _row(finding: str, comparison: str, diffs: np.ndarray) -> dict:
@@ -171,9 +175,11 @@ def findings(tables: list[pd.DataFrame]) -> pd.DataFrame:
         study = str(df["study"].iloc[0]) if len(df) else ""
         rows += [r | {"study": study} for r in f1(df) + f2(df) + f3(df) + f4(df)]
     adjusted = holm(np.array([r["_p"] for r in rows]))
+    tests = int(np.isfinite(adjusted).sum())
     for r, p in zip(rows, adjusted, strict=True):
         r["p (Holm)"] = "n/a" if np.isnan(p) else f"{p:.3g}"
-        r["verdict"] = verdict(r["effect (pp)"], p, r["_detectable"])
+        least = detectable(r["_se"], r["replicates"], tests) if np.isfinite(p) else np.nan
+        r["verdict"] = verdict(r["effect (pp)"], p, least)
     return pd.DataFrame(rows, columns=COLUMNS + NUMERIC).sort_values(
         "finding", kind="stable", ignore_index=True)
 

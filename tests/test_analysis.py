@@ -480,17 +480,19 @@ def test_bootstrap_percentiles_of_unreachable_errors_stay_infinite():
 def test_findings_verdicts_are_holm_adjusted_and_say_what_could_be_detected():
     from scipy import stats
 
-    from analysis.findings import _test, holm, verdict
+    from analysis.findings import _test, detectable, holm, verdict
 
     # Holm by hand: sorted 0.005 x4, 0.01 x3, 0.03 x2, 0.04 x1, made monotone.
     adjusted = holm(np.array([0.01, 0.04, 0.03, 0.005, np.nan]))
     assert adjusted[:4] == pytest.approx([0.03, 0.06, 0.06, 0.02]) and np.isnan(adjusted[4])
-    # An effect of 2 pp with se 1 over 4 replicates: the t-test's p, and the smallest
-    # effect detectable at 80% power: (t(0.975, 3) + t(0.8, 3)) x se.
+    # An effect of 2 pp with se 1 over 4 replicates: the t-test's p and se; in a table
+    # of 5 tests the smallest effect detectable at 80% power and Holm's strictest
+    # level (1%): (t(0.995, 3) + t(0.8, 3)) x se.
     q = stats.t.ppf(0.975, 3)
-    p, detectable = _test(2.0, 2.0 - q, 2.0 + q, 4)
-    assert p == pytest.approx(2 * stats.t.sf(2.0, 3))
-    assert detectable == pytest.approx(q + stats.t.ppf(0.8, 3))
-    assert verdict(2.0, p, detectable) == f"not resolved (detectable: {detectable:.2f} pp)"
+    p, se = _test(2.0, 2.0 - q, 2.0 + q, 4)
+    assert p == pytest.approx(2 * stats.t.sf(2.0, 3)) and se == pytest.approx(1.0)
+    least = detectable(se, 4, 5)
+    assert least == pytest.approx(stats.t.ppf(0.995, 3) + stats.t.ppf(0.8, 3))
+    assert verdict(2.0, p, least) == f"not resolved (detectable: {least:.2f} pp)"
     assert verdict(-3.0, 0.01, 1.0) == "reversed" and verdict(3.0, 0.01, 1.0) == "reproduced"
     assert verdict(1.0, float("nan"), float("nan")) == "one replicate: no verdict"
