@@ -3,6 +3,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from tolerance import assert_close_at_scale
 
 from scaling.config import ViewSpec
 from scaling.data.augment import (
@@ -121,7 +122,7 @@ def test_grayscale_weights():
 
 def test_blur_preserves_constants_and_mass():
     x = torch.full((2, 3, 20, 20), 0.3)
-    assert torch.allclose(gaussian_blur(x, torch.tensor([0.5, 2.0])), x, atol=1e-6)
+    assert_close_at_scale(gaussian_blur(x, torch.tensor([0.5, 2.0])), x, 1e-5)
     spike = torch.zeros(1, 1, 20, 20)
     spike[0, 0, 10, 10] = 1.0
     out = gaussian_blur(spike, torch.tensor([1.0]))
@@ -173,7 +174,7 @@ def test_hsv_to_rgb_matches_colorsys():
     got = hsv_to_rgb(hsv)[0].permute(1, 2, 0).reshape(-1, 3)
     want = torch.tensor([colorsys.hsv_to_rgb(*px.tolist())
                          for px in hsv[0].permute(1, 2, 0).reshape(-1, 3)])
-    assert torch.allclose(got, want, atol=1e-6)
+    assert_close_at_scale(got, want, 1e-5)
 
 
 def test_resized_crop_matches_an_affine_grid():
