@@ -230,8 +230,9 @@ def checks(study: Study, args: argparse.Namespace) -> list[str]:
     from scaling.study import memory
 
     found = []
-    datas = {c.config.data for c in cells(study)}
-    datas |= {c.config.distill.unlabelled for c in cells(study) if c.config.distill.unlabelled}
+    configs = [c.config for c in cells(study)]
+    datas = {c.data for c in configs} | {c.distill.unlabelled for c in configs
+                                         if c.distill.unlabelled}
     for data in sorted(datas, key=repr):
         problem = root_problem(data.name, data.root, data.download)
         if problem:

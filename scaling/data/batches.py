@@ -171,7 +171,6 @@ class Fetcher:
                 dataset, batch_sampler=keys, num_workers=self.workers, collate_fn=collate,
                 pin_memory=self.device.type == "cuda" and collate is None)
         if self._training is None:
-            self._batches = EpochBatches()
             self._training = torch.utils.data.DataLoader(
                 dataset, batch_sampler=self._batches, num_workers=self.workers,
                 collate_fn=collate, persistent_workers=True,

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from unittest import mock
 
 import torch
 import torch.cuda.amp.common as amp_common
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
 
 CUDA = torch.device("cuda", 0)
 
@@ -72,6 +72,17 @@ def fake_module(module: nn.Module, mode: FakeTensorMode, device: torch.device = 
             if b is not None:
                 m._buffers[name] = convert(b)
     return module
+
+
+def empty_module(build: Callable[[], nn.Module]) -> nn.Module:
+    """``build()`` as a real CPU module with uninitialised weights, at no cost: built on
+    ``meta`` (no init; weights loaded into it are dropped) then given empty storage.
+    For planning and rehearsals, where nothing reads the values."""
+    with unset_fake_temporarily(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="for .*: copying from a non-meta")
+        with torch.device("meta"):
+            net = build()
+        return net.to_empty(device="cpu")
 
 
 def leaves(loss: torch.Tensor) -> list[torch.Tensor]:

@@ -18,19 +18,19 @@ the allocator's fragmentation.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from scaling.config import ExperimentConfig, OptimConfig
 from scaling.model.network import build_classifier, build_contrastive
 from scaling.model.resnet import ResNet
 from scaling.train import fake_cuda
 from scaling.train.env import Env
+from scaling.train.fake_cuda import empty_module
 from scaling.train.losses import distillation_loss, nt_xent
 from scaling.train.memory import NegativeQueue, momentum_copy
 from scaling.train.optimizer import build_optimizer
@@ -99,14 +99,6 @@ def saved_bytes(exclude: set[int], into: list[int]) -> Iterator[None]:
         yield
 
 
-def _empty(build: Callable[[], nn.Module]) -> nn.Module:
-    """A real module with uninitialised weights, built at no cost (on ``meta``)."""
-    with unset_fake_temporarily(), torch.device("meta"):
-        net = build()
-    with unset_fake_temporarily():
-        return net.to_empty(device="cpu")
-
-
 def step_footprint(cfg: ExperimentConfig, stage: str, batch: int, channels: int, side: int,
                    classes: int, dataset_images: int = 0, device: str = "cuda",
                    checkpointing: bool | None = None) -> Footprint:
@@ -119,11 +111,12 @@ def step_footprint(cfg: ExperimentConfig, stage: str, batch: int, channels: int,
     head_layer = 0 if stage in ("supervised", "distill") else cfg.finetune.head_layer
     with fake_cuda.fake_cuda():
         if stage == "pretrain":
-            net: nn.Module = _empty(lambda: build_contrastive(cfg.model, cfg.head, channels, side))
+            net: nn.Module = empty_module(
+                lambda: build_contrastive(cfg.model, cfg.head, channels, side))
         else:
             model = cfg.student if stage == "distill" else cfg.model
-            net = _empty(lambda: build_classifier(model, cfg.head, head_layer, channels, side,
-                                                  classes))
+            net = empty_module(
+                lambda: build_classifier(model, cfg.head, head_layer, channels, side, classes))
         model_on_device = env.prepare(net)
         parts: dict[str, int] = {"parameters": tensor_bytes(net.parameters())}
         weights = {p.untyped_storage()._cdata for p in net.parameters()}
@@ -140,8 +133,8 @@ def step_footprint(cfg: ExperimentConfig, stage: str, batch: int, channels: int,
             parts["queue"] = _state_bytes(queue)
         teacher_logits = None
         if stage == "distill":
-            teacher = _empty(lambda: build_classifier(cfg.model, cfg.head, cfg.finetune.head_layer,
-                                                      channels, side, classes))
+            teacher = empty_module(lambda: build_classifier(
+                cfg.model, cfg.head, cfg.finetune.head_layer, channels, side, classes))
             env.move(teacher).eval().requires_grad_(False)
             parts["teacher"] = _state_bytes(teacher)
             with torch.no_grad(), env.autocast():
@@ -168,14 +161,14 @@ def _block_bytes(net: nn.Module, call: nn.Module, env: Env, x: torch.Tensor, wei
                  ) -> list[int]:
     """Bytes each ResNet block saves for the backward in a plain (not checkpointed)
     forward: what recomputing that block holds while its backward runs."""
-    groups = [b for m in net.modules() if isinstance(m, ResNet) for b in m.blocks()]
-    counter, sizes = [0], []
     resnets = [m for m in net.modules() if isinstance(m, ResNet)]
+    blocks = [b for m in resnets for b in m.blocks()]
+    counter, sizes = [0], []
     for m in resnets:
         m.checkpoint_blocks = False
-    hooks = [g.register_forward_pre_hook(lambda *_: sizes.append(-counter[0])) for g in groups]
-    hooks += [g.register_forward_hook(lambda *_: sizes.append(sizes.pop() + counter[0]))
-              for g in groups]
+    hooks = [b.register_forward_pre_hook(lambda *_: sizes.append(-counter[0])) for b in blocks]
+    hooks += [b.register_forward_hook(lambda *_: sizes.append(sizes.pop() + counter[0]))
+              for b in blocks]
     try:
         with saved_bytes(weights, counter), env.autocast():
             call(env.images(x))
