@@ -1,7 +1,7 @@
 """The command line every studies/*.py script shares.
 
     python studies/model_size.py                      # the local preset, a local Ray
-    python studies/model_size.py --preset fmnist-cpu --axis width=0.0625,0.125 --repeats 2
+    python studies/model_size.py --preset fmnist-cpu --axis width=0.0625,0.125 --replicates 3
     python studies/model_size.py --file my-study.yaml --dry-run
     ray submit cluster/gpu.yaml studies/model_size.py -- --preset cifar10-gpu --storage s3://b/s
 
@@ -68,7 +68,7 @@ LOCAL_SCHEDULE: dict[str, Any] = {
 BASELINE_GRID: dict[str, Any] = {"supervised.lr_grid": [0.1, 0.4, 1.6]}
 FMNIST_CPU_SCHEDULE: dict[str, Any] = LOCAL_SCHEDULE | BASELINE_GRID | {
     "finetune.lr_grid": [0.005, 0.02, 0.08], "finetune.per_fraction": {}}
-REPLICATES: dict[str, list[Any]] = {"seed": [0, 1], "subset_seed": [0, 1]}
+REPLICATES: dict[str, list[Any]] = {"replicate": [0, 1, 2]}
 
 
 # The GPU presets' lanes, sized by the dry run's memory plan (docs/cluster.md).
@@ -145,7 +145,20 @@ def build(defn: StudyDef, args: argparse.Namespace) -> Study:
         if args.repeats < 1:
             raise ConfigError("--repeats", args.repeats, ">= 1")
         seeds = list(range(args.repeats))
+    if args.replicates is not None:
+        if seeds is not None:
+            raise ConfigError("--replicates", args.replicates, "either --replicates N or seeds "
+                              "(--seeds, --repeats, a file's seeds), not both")
+        if args.replicates < 1:
+            raise ConfigError("--replicates", args.replicates, ">= 1")
+        # Independent replicates replace whatever seeds and subsets the preset crossed.
+        for key in ("seed", "subset_seed", "finetune.subset_seed", "replicate"):
+            axes.pop(key, None)
+        axes["replicate"] = list(range(args.replicates))
     if seeds is not None:
+        if "replicate" in axes:
+            raise ConfigError("--seeds", seeds, "no seeds beside the preset's replicate axis "
+                              "(replicate r sets seed and subset to r): --replicates N instead")
         axes["seed"] = seeds
     study_name = args.name or f"{defn.name}-{name}"
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", study_name):
@@ -167,8 +180,11 @@ def parser(defn: StudyDef) -> argparse.ArgumentParser:
                    help="replace an axis, e.g. --axis width=0.0625,0.125 (repeatable)")
     p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="override base config keys, e.g. pretrain.epochs=5 (repeatable)")
-    p.add_argument("--seeds", help="comma-separated seeds (an axis)")
-    p.add_argument("--repeats", type=int, help="seeds 0..N-1")
+    p.add_argument("--replicates", type=int, metavar="N",
+                   help="N independent replicates 0..N-1 (replaces the preset's): replicate r "
+                        "has its own pretraining seed, labelled subset and fine-tuning seed")
+    p.add_argument("--seeds", help="comma-separated seeds (an axis; the labelled subset stays)")
+    p.add_argument("--repeats", type=int, help="seeds 0..N-1 (the labelled subset stays)")
     p.add_argument("--storage", default=os.environ.get("SCALING_STORAGE", "runs"),
                    help="study storage: a directory or a URI (s3://bucket/studies); default "
                         "$SCALING_STORAGE (set on nodes by cluster/*.yaml), else ./runs")

@@ -34,12 +34,18 @@ class Stage:
     depends: Callable[[ExperimentConfig], dict[str, Any]]
     function: str  # "module:name": (cfg, out[, input_dir], env) -> result dict
     per_fraction: bool  # once per label fraction (pretraining: once for all)
+    # False: the key hashes the data and ``depends`` only, no seed and no model (the
+    # pixel arm: one run serves every model and seed with the same labels).
+    keyed_on_model: bool = True
+    trains: bool = True  # False: no network and no training step (no memory plan, no rate)
 
 
 def _labels(cfg: ExperimentConfig) -> dict[str, Any]:
     ft = cfg.finetune
-    return {"fraction": ft.label_fraction, "per_class": ft.labels_per_class,
-            "seed": ft.subset_seed}
+    labels = {"fraction": ft.label_fraction, "per_class": ft.labels_per_class,
+              "seed": ft.subset_seed}
+    # Only where set, so the keys of runs without a subset file stay what they were.
+    return labels | ({"file": ft.subset_file} if ft.subset_file is not None else {})
 
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
@@ -54,6 +60,9 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           "scaling.stages.distill:distill", per_fraction=True),
     Stage("supervised", None, lambda c: {"labels": _labels(c), "supervised": c.supervised},
           "scaling.stages.finetune:supervised", per_fraction=True),
+    Stage("pixels", None, lambda c: {"labels": _labels(c), "pixels": c.pixels},
+          "scaling.stages.pixels:pixels", per_fraction=True, keyed_on_model=False,
+          trains=False),
 )}
 ORDER = {name: i for i, name in enumerate(STAGES)}  # dependency order, for sorting
 
@@ -66,8 +75,11 @@ def stage(name: str) -> Stage:
 
 def stage_key(cfg: ExperimentConfig, name: str) -> str:
     """Hash of what stage ``name`` depends on (runtime settings never count)."""
-    parts = {"seed": cfg.seed, "model": cfg.model, "data": cfg.data}
-    return config_hash(parts | stage(name).depends(cfg))
+    spec = stage(name)
+    parts: dict[str, Any] = {"data": cfg.data}
+    if spec.keyed_on_model:
+        parts = {"seed": cfg.seed, "model": cfg.model} | parts
+    return config_hash(parts | spec.depends(cfg))
 
 
 def stage_dir(root: Location, cfg: ExperimentConfig, name: str) -> Location:

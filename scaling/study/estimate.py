@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from scaling.config import ExperimentConfig, ModelConfig
+from scaling.stages.registry import STAGES
 from scaling.study.plan import DATA_SHAPES, _forward_flops, model_label, stage_flops
 from scaling.train.env import pick_device
 
@@ -70,7 +71,9 @@ def wall_clock(runs: list[tuple[str, ExperimentConfig]]) -> Estimate:
     rates: dict[str, float] = {}
     total, started = 0.0, time.perf_counter()
     # The largest first: if measuring runs out of time, the small ones are guessed.
-    for stage, cfg in sorted(runs, key=lambda r: -stage_flops(r[1], r[0])):
+    # Stages without a training step (the pixel arm's closed forms) take seconds.
+    trained = [(s, c) for s, c in runs if STAGES[s].trains]
+    for stage, cfg in sorted(trained, key=lambda r: -stage_flops(r[1], r[0])):
         model = (cfg.distill.student or cfg.model) if stage == "distill" else cfg.model
         data = (cfg.distill.unlabelled or cfg.data) if stage == "distill" else cfg.data
         batch = _step_batch(cfg, stage)

@@ -15,6 +15,7 @@ from typing import Any
 
 from scaling.config import ExperimentConfig
 from scaling.study import cluster
+from scaling.stages.registry import STAGES
 from scaling.study.plan import DATA_SHAPES, Study, cells, model_label, required_stages
 from scaling.train.footprint import Footprint, GiB, step_footprint
 
@@ -53,7 +54,7 @@ def memory_plan(study: Study) -> list[RunMemory]:
     """Every distinct footprint of the study's stage runs, largest first."""
     found: dict[tuple[Any, ...], tuple[ExperimentConfig, list[str]]] = {}
     for cell in cells(study):
-        for stage in required_stages(study):
+        for stage in (s for s in required_stages(study) if STAGES[s].trains):
             entry = found.setdefault(_key(cell.config, stage), (cell.config, []))
             entry[1].append(cell.id)
     out = []

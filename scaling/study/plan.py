@@ -6,6 +6,12 @@ student, ...), and estimating the compute.
 
 Axes are dotted config keys (``model.width``) or the short names in ``ALIASES``.
 ``finetune.label_fraction`` defaults to the base config's ``label_fractions``.
+
+``replicate`` is the axis intervals are taken over: replicate ``r`` sets the seed
+(pretraining's, and fine-tuning's and the baseline's, which take it from the cell) and
+the labelled subset to ``r``, so no two replicates share a stage run. Crossing a
+``seed`` axis with a ``subset_seed`` axis is the other design: replicates that share
+pretraining runs, which the analysis clusters (analysis.replicates).
 """
 
 from __future__ import annotations
@@ -41,6 +47,9 @@ ALIASES = {
     "student_sk": "distill.student.sk_ratio", "unlabelled": "distill.unlabelled.name",
 }
 SHORT = {v: k for k, v in ALIASES.items()}
+REPLICATE = "replicate"
+# What one replicate draws afresh: every seed a stage run's key hashes.
+REPLICATE_KEYS = ("seed", "finetune.subset_seed")
 
 
 @dataclass(frozen=True)
@@ -78,8 +87,9 @@ def _leaf_keys(cls: Any, prefix: str = "") -> list[str]:
 
 
 # Runtime settings are how a cell runs, not what it computes: not an axis.
-AXIS_KEYS = tuple(k for k in _leaf_keys(ExperimentConfig)
-                  if not k.startswith("runtime.") and k not in ("name", "label_fractions"))
+AXIS_KEYS = (*(k for k in _leaf_keys(ExperimentConfig)
+                if not k.startswith("runtime.") and k not in ("name", "label_fractions")),
+             REPLICATE)
 
 
 def make_study(name: str, base: ExperimentConfig, axes: dict[str, list[Any]],
@@ -95,7 +105,14 @@ def make_study(name: str, base: ExperimentConfig, axes: dict[str, list[Any]],
             raise ConfigError(f"axes.{key}", values, "a non-empty list of values")
         if len(set(map(json.dumps, values))) != len(values):
             raise ConfigError(f"axes.{key}", values, "distinct values")
+        if full == REPLICATE and not all(type(v) is int and v >= 0 for v in values):
+            raise ConfigError(f"axes.{key}", values, "replicate numbers: integers >= 0")
         resolved[full] = tuple(values)
+    if REPLICATE in resolved and (clash := [SHORT.get(k, k) for k in REPLICATE_KEYS
+                                            if k in resolved]):
+        raise ConfigError(f"axes.{clash[0]}", list(resolved[canonical(clash[0])]),
+                          "no seed or subset_seed axis beside a replicate axis (replicate r "
+                          "sets both to r); cross seed and subset_seed without it instead")
     if "finetune.label_fraction" not in resolved:
         resolved["finetune.label_fraction"] = tuple(base.label_fractions) or (
             base.finetune.label_fraction,)
@@ -119,10 +136,13 @@ def _cell_config(base: ExperimentConfig, values: tuple[tuple[str, Any], ...]) ->
     if any(k.startswith("distill.unlabelled.") for k, _ in values) and (
             base.distill.unlabelled is None):
         overrides["distill.unlabelled"] = dataclasses.asdict(base.data)
+    keep = []
     for k, v in values:
-        overrides[k] = v
+        for key in REPLICATE_KEYS if k == REPLICATE else (k,):
+            overrides[key] = v
+            keep.append(key)
     # The cell's fraction picks its per-fraction fine-tuning settings; axes win.
-    return resolve_fraction(with_overrides(base, overrides), keep=tuple(k for k, _ in values))
+    return resolve_fraction(with_overrides(base, overrides), keep=tuple(keep))
 
 
 def _fmt(v: Any) -> str:
@@ -246,6 +266,11 @@ def stage_flops(cfg: ExperimentConfig, stage: str) -> float:
     n = DATA_SHAPES[cfg.data.name][0] - cfg.data.resolved_val_size()  # validation: no training
     fwd = _forward_flops(cfg.model, cfg.data.name, cfg.data.image_size)
     fraction = cfg.finetune.label_fraction or 1.0
+    if stage == "pixels":  # no network: the ridge's Gram matrix and kNN's distances
+        shape = DATA_SHAPES[cfg.data.name]
+        side = min(cfg.data.image_size or shape.side, cfg.pixels.max_side)
+        d, labelled = shape.channels * side * side, fraction * n
+        return 2 * labelled * d * d + 2 * labelled * d * 2 * cfg.data.resolved_val_size()
     if stage == "pretrain":
         return 3 * fwd * 2 * n * cfg.pretrain.epochs
     if stage in ("finetune", "supervised"):  # one run per LR of the stage's grid

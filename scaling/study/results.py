@@ -33,7 +33,11 @@ METRICS = {  # table column: result.json metrics key (top1 columns: the test spl
     # The same probes on raw pixels (pretraining rows): the line a representation must beat.
     "pixel_linear_top1": "pixel_linear_top1", "pixel_linear_val_top1": "pixel_linear_val_top1",
     "pixel_knn_top1": "pixel_knn_top1", "pixel_knn_val_top1": "pixel_knn_val_top1",
+    # The pixel arm's rows (stage "pixels"): its ridge classifier on the cell's labels.
+    "pixel_ridge_top1": "pixel_ridge_top1", "pixel_ridge_val_top1": "pixel_ridge_val_top1",
 }
+# The baselines without pretraining, beside every row of their cell (results.table).
+BASELINES = ("supervised", "pixels")
 
 
 CODE_PATHS = ("scaling", "studies", "analysis", "configs", "subsets", "pyproject.toml")
@@ -118,14 +122,19 @@ def read_cells(study_dir: Location, keys: list[str]) -> list[dict[str, Any]]:
 
 
 def table(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    """Rows as a DataFrame with the supervised baseline beside every row of its cell."""
+    """Rows as a DataFrame with the baselines' top-1 (test and validation) beside
+    every row of their cell: ``supervised_top1``, ``pixels_top1``, ..."""
     df = pd.DataFrame(rows)
     if df.empty:
         return df
     df = df.sort_values(["cell", "stage"], key=lambda c: c.map(ORDER) if c.name == "stage" else c,
                         kind="stable", ignore_index=True)
-    sup = df[df["stage"] == "supervised"].set_index("cell")["top1"]
-    df.insert(df.columns.get_loc("top1") + 1, "supervised_top1", df["cell"].map(sup))
+    at = df.columns.get_loc("top1") + 1
+    for stage in BASELINES:
+        for col in ("top1", "val_top1"):
+            rows_of = df[df["stage"] == stage].set_index("cell")[col]
+            df.insert(at, f"{stage}_{col}", df["cell"].map(rows_of))
+            at += 1
     return df
 
 
