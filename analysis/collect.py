@@ -17,6 +17,7 @@ import json
 import numpy as np
 import pandas as pd
 
+from analysis import replicates
 from scaling import storage
 from scaling.stages.registry import ORDER
 from scaling.storage import Location
@@ -42,7 +43,14 @@ DERIVED = {
     "relative_improvement": "top1 / top1 of the smallest model (fewest parameters) at the "
                             "same stage, label fraction, head and seed, minus 1",
     "gain_over_supervised": "top1 - supervised_top1 (same cell: same labels, model, seed)",
+    "gain_over_pixels": "top1 - pixels_top1 (the pixel arm on the same labels)",
+    "best_baseline": "the cell's better baseline without pretraining on validation top-1: "
+                     "'supervised' or 'pixels'",
+    "gain_over_best": "top1 minus the test top-1 of best_baseline",
+    "runs": "the stage keys the row rests on (its own and its input stages'): rows that "
+            "share one are not independent replicates (analysis.replicates)",
 }
+PIXELS = "raw pixels"  # the pixel arm's rows: no network, so no model name
 
 
 def study_spec(study_dir: Location) -> dict | None:
@@ -112,8 +120,8 @@ def tidy(raw: pd.DataFrame) -> pd.DataFrame:
     df["sk"] = df["model.sk_ratio"].astype(float)
     df["head_depth"] = df["head.num_layers"].astype(int)
     df["ft_layer"] = df["finetune.head_layer"].astype(int)
-    df["model"] = [model_name(d, w, s) for d, w, s in zip(df["depth"], df["width"], df["sk"],
-                                                            strict=True)]
+    df["model"] = [PIXELS if st == "pixels" else model_name(d, w, s) for st, d, w, s in
+                   zip(df["stage"], df["depth"], df["width"], df["sk"], strict=True)]
     df["student"] = [_student(r) if st == "distill" else None
                      for st, (_, r) in zip(df["stage"], df.iterrows(), strict=True)]
     unl = df.get("distill.unlabelled.name", pd.Series(np.nan, index=df.index))
@@ -121,18 +129,31 @@ def tidy(raw: pd.DataFrame) -> pd.DataFrame:
     df["classes"] = df["data.name"].map(CLASSES).astype("Int64")
     df["labels"] = df["labelled_examples"]
     df["error"] = 1 - df["top1"]
-    df["gain_over_supervised"] = df["top1"] - df["supervised_top1"]
+    nan = pd.Series(np.nan, index=df.index)
+    compared = df["stage"].isin(["finetune", "distill"])  # a gain is a pretrained row's
+    df["gain_over_supervised"] = (df["top1"] - df["supervised_top1"]).where(compared)
+    pixels_top1 = df.get("pixels_top1", nan)
+    df["gain_over_pixels"] = (df["top1"] - pixels_top1).where(compared)
+    # The best baseline without pretraining, chosen on validation (never on test).
+    px_better = df.get("pixels_val_top1", nan) > df.get("supervised_val_top1", nan)
+    df["best_baseline"] = np.where(px_better, "pixels", "supervised")
+    df["gain_over_best"] = (df["top1"] - np.where(px_better, pixels_top1, df["supervised_top1"])
+                            ).where(compared)
+    df["runs"] = replicates.row_runs(df)
     # The smallest model of each comparable group is the reference (paper Figure 1 right).
     group = ["stage", "label_fraction", "head_depth", "ft_layer", "seed", "subset_seed"]
     keyed = df.assign(_lf=df["label_fraction"].fillna(-1))
     key = [c if c != "label_fraction" else "_lf" for c in group]
     smallest = keyed.loc[keyed.groupby(key, dropna=False)["params"].idxmin(), [*key, "top1"]]
     ref = keyed.merge(smallest.rename(columns={"top1": "_ref"}), on=key, how="left")["_ref"]
-    df["relative_improvement"] = (df["top1"] / ref.to_numpy() - 1).where(df["top1"].notna())
+    df["relative_improvement"] = (df["top1"] / ref.to_numpy() - 1).where(
+        df["top1"].notna() & (df["stage"] != "pixels"))
     df["_stage"] = df["stage"].map(ORDER)
-    df = df.sort_values(["params", "sk", "head_depth", "ft_layer", "_stage", "label_fraction",
+    df["_px"] = df["stage"] == "pixels"  # the pixel arm's rows last: they have no model
+    df = df.sort_values(["_px", "params", "sk", "head_depth", "ft_layer", "_stage",
+                         "label_fraction",
                          "seed", "subset_seed"], kind="stable", ignore_index=True)
-    return df.drop(columns="_stage")
+    return df.drop(columns=["_stage", "_px"])
 
 
 def missing(spec: dict | None, df: pd.DataFrame) -> list[str]:

@@ -21,8 +21,9 @@ from matplotlib.container import BarContainer  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import PercentFormatter  # noqa: E402
 
+from analysis import replicates  # noqa: E402
 from analysis.collect import model_name  # noqa: E402
-from analysis.fit import Bootstrap, Fit, curve, mean_interval  # noqa: E402
+from analysis.fit import Bootstrap, Fit, curve  # noqa: E402
 
 STYLE = {"style": "whitegrid", "context": "paper", "font_scale": 1.1}
 
@@ -80,6 +81,14 @@ def top1_vs_params(df: pd.DataFrame, stage: str = "finetune") -> Figure:
                       linestyle="--" if sk > 0 else "-", label=label)
     if not m.empty:  # name the models once, on the line with the most labels
         _label_models(ax, m[m["label_fraction"] == m["label_fraction"].max()], _names(rows))
+    # The pixel arm on the same labels, a dotted line per fraction in its colour:
+    # what no network at all reaches.
+    px = df[df["stage"] == "pixels"].drop_duplicates("stage_key")
+    colors = dict(zip(sorted(m["label_fraction"].unique()), palette, strict=False))
+    for lf, part in px.groupby("label_fraction"):
+        if lf in colors:
+            ax.axhline(100 * part["top1"].mean(), color=colors[lf], linestyle=":",
+                       linewidth=1.2, label=f"{_pct(float(lf))}: pixels, no network")
     return _finish(fig, ax, "encoder parameters", f"top-1 accuracy after {stage}",
                    "Top-1 vs model size", {"title": "label fraction"})
 
@@ -209,6 +218,7 @@ def _cell(values: pd.Series) -> str:
 
 
 MODEL_KEYS = ["depth", "width", "sk", "params"]
+PIXELS_ROW = "raw pixels (no network)"
 
 
 def table1(df: pd.DataFrame) -> pd.DataFrame:
@@ -218,7 +228,7 @@ def table1(df: pd.DataFrame) -> pd.DataFrame:
     'mean ± sd' over seeds where there are several."""
     models = df[df["stage"] == "pretrain"].drop_duplicates(MODEL_KEYS)[MODEL_KEYS]
     if models.empty:
-        models = df.drop_duplicates(MODEL_KEYS)[MODEL_KEYS]
+        models = df[df["stage"] != "pixels"].drop_duplicates(MODEL_KEYS)[MODEL_KEYS]
     models = models.sort_values("params", ignore_index=True)
     out = models.copy()
     out.insert(0, "model", [model_name(d, w, k) for d, w, k in
@@ -240,32 +250,53 @@ def table1(df: pd.DataFrame) -> pd.DataFrame:
     pre = df[df["stage"] == "pretrain"].drop_duplicates("stage_key")
     out["linear"] = column(pre, "linear_top1")
     out["kNN"] = column(pre, "knn_top1")
-    if pre.get("pixel_linear_top1", pd.Series(dtype=float)).notna().any():
-        # The same probes on raw pixels: the line the representation has to beat.
-        ref: dict[str, Any] = {c: "-" for c in out.columns} | {"model": "raw pixels (reference)"}
+    px = df[df["stage"] == "pixels"].drop_duplicates("stage_key")  # shared by every model
+    has_probe = pre.get("pixel_linear_top1", pd.Series(dtype=float)).notna().any()
+    if has_probe or not px.empty:
+        # Raw pixels: the pixel arm on each fraction's labels (in the supervised columns:
+        # a baseline without pretraining) and the probes on every training label.
+        ref: dict[str, Any] = {c: "-" for c in out.columns} | {"model": PIXELS_ROW}
         ref |= {"depth": None, "width": None, "sk": None, "params": 0}
-        ref |= {"linear": _cell(pre["pixel_linear_top1"].iloc[:1]),
-                "kNN": _cell(pre["pixel_knn_top1"].iloc[:1])}
+        for lf in fractions:
+            if f"supervised {_pct(lf)}" in ref:
+                ref[f"supervised {_pct(lf)}"] = _cell(px[px["label_fraction"] == lf]["top1"])
+        if has_probe:
+            ref |= {"linear": _cell(pre["pixel_linear_top1"].iloc[:1]),
+                    "kNN": _cell(pre["pixel_knn_top1"].iloc[:1])}
         out = pd.concat([out, pd.DataFrame([ref])], ignore_index=True)
     return out
 
 
-def gain(df: pd.DataFrame) -> pd.DataFrame:
-    """The study's key number: fine-tuned minus supervised top-1 (percentage points)
+# What a gain is measured against: the baseline's name, the stages it compares.
+BASELINES = {"supervised": ("the tuned supervised baseline", ("finetune", "supervised")),
+             "pixels": ("the pixel arm", ("finetune", "pixels")),
+             "best": ("the best baseline without pretraining (chosen on validation)",
+                      ("finetune", "supervised", "pixels"))}
+
+
+def _interval_text(lo: float, hi: float) -> str:
+    return "n/a (one replicate)" if np.isnan(lo) else f"[{100 * lo:.2f}, {100 * hi:.2f}]"
+
+
+def gain(df: pd.DataFrame, against: str = "supervised") -> pd.DataFrame:
+    """The study's key number: fine-tuned minus a baseline's top-1 (percentage points)
     per model and label fraction, paired within a cell (same labels and seed): mean
-    and 95% Student-t interval over seeds. Where the head or the fine-tuning layer varies,
-    each is its own line ('R18 1/16x, head 3 from layer 1')."""
+    and 95% Student-t interval over independent replicates (values that share a stage
+    run count once, analysis.replicates). ``against``: a key of BASELINES. Where the
+    head or the fine-tuning layer varies, each is its own line ('R18 1/16x, head 3
+    from layer 1')."""
     rows = []
-    ft = df[(df["stage"] == "finetune") & df["gain_over_supervised"].notna()]
+    column = f"gain_over_{against}"
+    ft = df[(df["stage"] == "finetune") & df[column].notna()]
+    shared = replicates.links(df, ft, BASELINES[against][1])
     heads = ft["head_depth"].nunique() > 1 or ft["ft_layer"].nunique() > 1
     keys = ["model", "params", "head_depth", "ft_layer", "label_fraction"]
     for (model, params, hd, layer, lf), g in ft.groupby(keys, sort=False):
-        mean, lo, hi = mean_interval(g["gain_over_supervised"].to_numpy())
+        mean, lo, hi, n = replicates.effect(g[column].to_numpy(), list(shared[g.index]))
         name = f"{model}, head {hd} from layer {layer}" if heads else model
         rows.append({"model": name, "params": int(params), "label fraction": lf,
                      "gain (pp)": round(100 * mean, 2),
-                     "95% interval (pp)": "n/a (one seed)" if np.isnan(lo) else
-                     f"[{100 * lo:.2f}, {100 * hi:.2f}]", "seeds": len(g),
+                     "95% interval (pp)": _interval_text(lo, hi), "replicates": n,
                      "_lo": 100 * lo, "_hi": 100 * hi})
     if not rows:
         return pd.DataFrame(rows)
@@ -276,24 +307,25 @@ def gain(df: pd.DataFrame) -> pd.DataFrame:
 def distill_gap(df: pd.DataFrame) -> pd.DataFrame:
     """Distilled student minus its teacher, test top-1 (points), per teacher model,
     label fraction, student and unlabelled set: mean and 95% Student-t interval over
-    replicates (the paper: a student matches or beats its teacher)."""
+    independent replicates (the paper: a student matches or beats its teacher)."""
     rows = []
     dist = df[(df["stage"] == "distill") & df["top1"].notna() & df["teacher_top1"].notna()]
     keys = ["model", "label_fraction", "student", "unlabelled"]
     for (model, lf, student, unl), g in dist.groupby(keys, sort=False):
-        mean, lo, hi = mean_interval((g["top1"] - g["teacher_top1"]).to_numpy())
+        mean, lo, hi, n = replicates.effect((g["top1"] - g["teacher_top1"]).to_numpy(),
+                                            list(g["runs"]))
         rows.append({"teacher": model, "label fraction": lf, "student": student,
                      "unlabelled": unl, "student minus teacher (pp)": round(100 * mean, 2),
-                     "95% interval (pp)": "n/a (one seed)" if np.isnan(lo) else
-                     f"[{100 * lo:.2f}, {100 * hi:.2f}]", "seeds": len(g)})
+                     "95% interval (pp)": _interval_text(lo, hi), "replicates": n})
     return pd.DataFrame(rows)
 
 
-def gain_figure(df: pd.DataFrame) -> Figure:
-    """Fine-tuned minus supervised top-1 against label fraction, a line per model."""
+def gain_figure(df: pd.DataFrame, against: str = "best") -> Figure:
+    """Fine-tuned minus a baseline's top-1 against label fraction, a line per model
+    (default: the better baseline without pretraining on validation, pixels included)."""
     sns.set_theme(**STYLE)
     fig, ax = plt.subplots(figsize=(6, 4))
-    t = gain(df)
+    t = gain(df, against)
     for i, (model, g) in enumerate(t.groupby("model", sort=False)):
         g = g.sort_values("label fraction")
         err = np.vstack([g["gain (pp)"] - g["_lo"], g["_hi"] - g["gain (pp)"]])
@@ -304,9 +336,10 @@ def gain_figure(df: pd.DataFrame) -> Figure:
                     textcoords="offset points", xytext=(4, 4 - 9 * i), fontsize=7)
     ax.axhline(0, color="grey", linewidth=0.8)
     _finish(fig, ax, "labelled fraction of the training set",
-            "fine-tuned minus supervised top-1 (points)",
-            "What pretraining buys, per model and label fraction", {"fontsize": "small"},
+            "fine-tuned minus baseline top-1 (points)",
+            f"What pretraining buys over {BASELINES[against][0]}", {"fontsize": "small"},
             percent=None)
+    ax.title.set_fontsize("small")
     ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=None))  # after the log scale
     return fig
 

@@ -4,13 +4,17 @@ from the tidy tables of the three studies:
     python -m analysis.findings runs/model_size-fmnist-cpu runs/head_depth-fmnist-cpu \\
         runs/distillation-fmnist-cpu [--out docs/findings]
 
-- F1 pretraining + fine-tuning beats the tuned supervised baseline with few labels;
-- F2 a distilled student matches or beats its teacher (self and smaller students);
+- F1 pretraining + fine-tuning beats the best baseline without pretraining (the tuned
+  supervised network or the pixel arm, chosen on validation) with few labels;
+- F2 a self-distilled student matches or beats its teacher, and a distilled smaller
+  model beats the same small model fine-tuned on the same labels;
 - F3 a deeper head, fine-tuned from its middle layer, helps most with few labels;
 - F4 bigger models gain more (relative to the smallest) with fewer labels.
 
-Every effect is a mean over replicates (seeds and label subsets) of a difference
-paired within a replicate, with its 95% Student-t interval (analysis.fit.mean_interval).
+Every effect is a mean over independent replicates of a difference paired within a
+replicate, with its 95% Student-t interval (analysis.fit.mean_interval); values that
+share a stage run (a crossed design's pretraining, a pooled row's) count once
+(analysis.replicates).
 Verdicts are Holm-adjusted across the table (one t-test of each effect against 0,
 the raw interval still shown): 'reproduced' when the adjusted p < 0.05 and the effect
 is on the paper's side of zero, 'reversed' when on the other, otherwise 'not
@@ -28,9 +32,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from analysis import collect
+from analysis import collect, replicates
 from analysis.figures import findings_figure, gain
-from analysis.fit import mean_interval
 from scaling import storage
 
 COLUMNS = ["finding", "comparison", "effect (pp)", "95% interval (pp)", "replicates",
@@ -87,9 +90,11 @@ def _entry(finding: str, comparison: str, mean: float, lo: float, hi: float,
             "replicates": replicates, "_lo": lo, "_hi": hi, "_p": p, "_se": se}
 
 
-def _row(finding: str, comparison: str, diffs: np.ndarray) -> dict:
-    mean, lo, hi = mean_interval(100 * np.asarray(diffs, dtype=float))
-    return _entry(finding, comparison, mean, lo, hi, int(np.isfinite(diffs).sum()))
+def _row(finding: str, comparison: str, values: pd.Series, shared: pd.Series) -> dict:
+    """An effect from per-cell differences ``values`` (fractions) and the stage runs
+    each rests on: values sharing a run count once (analysis.replicates)."""
+    mean, lo, hi, n = replicates.effect(100 * values.to_numpy(dtype=float), list(shared))
+    return _entry(finding, comparison, mean, lo, hi, n)
 
 
 def _pct(lf: float) -> str:
@@ -97,27 +102,45 @@ def _pct(lf: float) -> str:
 
 
 def f1(df: pd.DataFrame) -> list[dict]:
-    """Fine-tuned minus supervised at the fewest labels, per model (and head setting
-    where it varies): the report's gain table at its smallest fraction."""
-    g = gain(df)
+    """Fine-tuned minus the best baseline without pretraining (the tuned supervised
+    network or the pixel arm, whichever is better on validation in the cell) at the
+    fewest labels, per model (and head setting where it varies)."""
+    g = gain(df, "best")
     if g.empty:
         return []
     few = g[g["label fraction"] == g["label fraction"].min()]
-    return [_entry("F1", f"{r['model']} at {_pct(r['label fraction'])} labels: "
-                         "fine-tuned - supervised",
-                   r["gain (pp)"], r["_lo"], r["_hi"], r["seeds"]) for _, r in few.iterrows()]
+    return [_entry("F1", f"{r['model']} at {_pct(r['label fraction'])} labels: fine-tuned - "
+                         "best baseline without pretraining",
+                   r["gain (pp)"], r["_lo"], r["_hi"], r["replicates"])
+            for _, r in few.iterrows()]
+
+
+REPLICATE = ["seed", "subset_seed"]  # a replicate: its seeds (the labels they draw)
 
 
 def f2(df: pd.DataFrame) -> list[dict]:
-    """Distilled student minus its teacher, per teacher, student and label fraction
-    (on the training images: other unlabelled sets are reported apart)."""
+    """As the paper states it, on the training images (other unlabelled sets are
+    reported apart): a self-distilled student minus its teacher, and a distilled
+    smaller student minus the same small model fine-tuned on the same labels."""
     d = df[(df["stage"] == "distill") & df["top1"].notna() & df["teacher_top1"].notna()]
     d = d[d["unlabelled"] == d["data.name"]]
-    return [_row("F2", f"{model} -> {'itself' if student == 'self' else student} at "
-                       f"{_pct(lf)} labels: student - teacher",
-                 (g["top1"] - g["teacher_top1"]).to_numpy())
-            for (model, student, lf), g in d.groupby(["model", "student", "label_fraction"],
-                                                     sort=False)]
+    out = []
+    for (model, student, lf), g in d.groupby(["model", "student", "label_fraction"], sort=False):
+        if student == "self":
+            out.append(_row("F2", f"{model} -> itself at {_pct(lf)} labels: student - teacher",
+                            g["top1"] - g["teacher_top1"], g["runs"]))
+            continue
+        ft = df[(df["stage"] == "finetune") & (df["model"] == student)
+                & (df["label_fraction"] == lf)]
+        both = g.reset_index().merge(ft[[*REPLICATE, "top1", "runs"]], on=REPLICATE,
+                                     suffixes=("", "_ft"))
+        if both.empty:  # the study did not fine-tune the small model itself
+            continue
+        out.append(_row("F2", f"{model} -> {student} at {_pct(lf)} labels: distilled "
+                              f"{student} - fine-tuned {student}",
+                        both["top1"] - both["top1_ft"],
+                        both["runs"].combine(both["runs_ft"], frozenset.union)))
+    return out
 
 
 def f3(df: pd.DataFrame, deep: tuple[int, int] = (3, 1), shallow: tuple[int, int] = (2, 0)
@@ -125,47 +148,57 @@ def f3(df: pd.DataFrame, deep: tuple[int, int] = (3, 1), shallow: tuple[int, int
     """Fine-tuned top-1 of a deep head from its middle layer minus SimCLR v1's
     (2-layer head, fine-tuned from the encoder), at the fewest and the most labels,
     and how much larger the effect is with few labels."""
-    ft = df[df["stage"] == "finetune"][["model", "label_fraction", "replicate", "head_depth",
-                                        "ft_layer", "top1"]]
+    ft = df[df["stage"] == "finetune"][["model", "label_fraction", *REPLICATE, "head_depth",
+                                        "ft_layer", "top1", "runs"]]
 
     def setting(hd: int, layer: int) -> pd.DataFrame:
         return ft[(ft["head_depth"] == hd) & (ft["ft_layer"] == layer)].drop(
             columns=["head_depth", "ft_layer"])
 
-    on = ["model", "label_fraction", "replicate"]
     a, b = setting(*deep), setting(*shallow)
     if a.empty or b.empty:
         return []
-    both = a.merge(b, on=on, suffixes=("_a", "_b"))
+    both = a.merge(b, on=["model", "label_fraction", *REPLICATE], suffixes=("_a", "_b"))
     both["d"] = both["top1_a"] - both["top1_b"]
+    both["runs"] = both["runs_a"].combine(both["runs_b"], frozenset.union)
     out = []
     name = f"head {deep[0]} from layer {deep[1]} - head {shallow[0]} from layer {shallow[1]}"
     few, many = both["label_fraction"].min(), both["label_fraction"].max()
     for model, g in both.groupby("model", sort=False):
         for lf in sorted({few, many}):
-            out.append(_row("F3", f"{model} at {_pct(lf)} labels: {name}",
-                            g.loc[g["label_fraction"] == lf, "d"].to_numpy()))
+            at = g[g["label_fraction"] == lf]
+            out.append(_row("F3", f"{model} at {_pct(lf)} labels: {name}", at["d"], at["runs"]))
         if few != many:
-            w = g.pivot_table(index="replicate", columns="label_fraction", values="d")
+            w = g[g["label_fraction"] == few].merge(g[g["label_fraction"] == many],
+                                                    on=REPLICATE, suffixes=("_f", "_m"))
             out.append(_row("F3", f"{model}: the effect at {_pct(few)} minus at {_pct(many)}",
-                            (w[few] - w[many]).to_numpy()))
+                            w["d_f"] - w["d_m"],
+                            w["runs_f"].combine(w["runs_m"], frozenset.union)))
     return out
 
 
 def f4(df: pd.DataFrame) -> list[dict]:
     """The biggest model's relative improvement over the smallest (fine-tuned) at the
-    fewest labels minus at the most: above 0, bigger models gain more with fewer labels."""
-    ft = df[(df["stage"] == "finetune") & df["relative_improvement"].notna()]
+    fewest labels minus at the most: above 0, bigger models gain more with fewer labels.
+    Pooled over head settings where they vary; settings that share a pretraining run
+    (or anything else) count once."""
+    ft = df[(df["stage"] == "finetune") & df["top1"].notna()]
     if ft["params"].nunique() < 2 or ft["label_fraction"].nunique() < 2:
         return []
+    on = ["head_depth", "ft_layer", *REPLICATE]
     big = ft[ft["params"] == ft["params"].max()]
-    few, many = big["label_fraction"].min(), big["label_fraction"].max()
-    w = big.pivot_table(index=["head_depth", "ft_layer", "replicate"], columns="label_fraction",
-                        values="relative_improvement")
-    model = str(big["model"].iloc[0])
-    small = str(ft.loc[ft["params"].idxmin(), "model"])
-    return [_row("F4", f"{model} over {small}: relative gain at {_pct(few)} minus at "
-                       f"{_pct(many)} labels", (w[few] - w[many]).to_numpy())]
+    small = ft[ft["params"] == ft["params"].min()]
+    rel = big.merge(small[[*on, "label_fraction", "top1", "runs"]], on=[*on, "label_fraction"],
+                    suffixes=("", "_small"))
+    rel["rel"] = rel["top1"] / rel["top1_small"] - 1
+    rel["runs"] = rel["runs"].combine(rel["runs_small"], frozenset.union)
+    few, many = rel["label_fraction"].min(), rel["label_fraction"].max()
+    w = rel[rel["label_fraction"] == few].merge(rel[rel["label_fraction"] == many], on=on,
+                                                 suffixes=("_f", "_m"))
+    model, least = str(big["model"].iloc[0]), str(small["model"].iloc[0])
+    return [_row("F4", f"{model} over {least}: relative gain at {_pct(few)} minus at "
+                       f"{_pct(many)} labels", w["rel_f"] - w["rel_m"],
+                 w["runs_f"].combine(w["runs_m"], frozenset.union))]
 
 
 def findings(tables: list[pd.DataFrame]) -> pd.DataFrame:

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from analysis import collect, figures
+from analysis import collect, figures, replicates
 from analysis.findings import findings
 from analysis.fit import (
     Bootstrap,
@@ -38,7 +38,6 @@ from analysis.fit import (
     efficiency,
     fit,
     fit_joint,
-    mean_interval,
     select,
 )
 from analysis.headline import headline
@@ -155,11 +154,12 @@ def improvement_table(df: pd.DataFrame) -> pd.DataFrame:
     keep = df["stage"].isin(["finetune", "supervised"]) & df["relative_improvement"].notna()
     for (model, stage, lf), g in df[keep].groupby(["model", "stage", "label_fraction"],
                                                   sort=False):
-        mean, lo, hi = mean_interval(g["relative_improvement"].to_numpy())
+        mean, lo, hi, n = replicates.effect(g["relative_improvement"].to_numpy(),
+                                            list(g["runs"]))
         rows.append({"model": model, "params": int(g["params"].iloc[0]), "stage": stage,
                      "label fraction": lf, "relative improvement %": round(100 * mean, 2),
-                     "95% interval": "n/a (one seed)" if np.isnan(lo) else
-                     f"[{100 * lo:.2f}, {100 * hi:.2f}]", "seeds": len(g)})
+                     "95% interval": "n/a (one replicate)" if np.isnan(lo) else
+                     f"[{100 * lo:.2f}, {100 * hi:.2f}]", "replicates": n})
     return pd.DataFrame(rows)
 
 
@@ -182,8 +182,8 @@ Drawn = tuple[Callable[[], Figure], str]  # the figure, and its caption
 
 def _over(df: pd.DataFrame) -> str:
     seeds = df["replicate"].nunique()
-    return (f"over {seeds} seeds (error bars: one standard deviation)" if seeds > 1 else
-            "one seed: no error bars (run with --repeats 2 or more for intervals)")
+    return (f"over {seeds} replicates (error bars: one standard deviation)" if seeds > 1 else
+            "one replicate: no error bars (run with --replicates 3 or more for intervals)")
 
 
 def figure_set(df: pd.DataFrame, a: Analysis, history: pd.DataFrame | None = None
@@ -196,14 +196,16 @@ def figure_set(df: pd.DataFrame, a: Analysis, history: pd.DataFrame | None = Non
         out["top1_vs_params"] = (lambda: figures.top1_vs_params(df), (
             "Test top-1 after fine-tuning against encoder parameters (log scale). A line per "
             "label fraction; points are each model's mean " + over + "; squares and dashed "
-            "lines: selective-kernel models."))
+            "lines: selective-kernel models; dotted lines: the pixel arm (ridge or kNN on "
+            "the same labelled pixels, no network) at each fraction."))
         if df["gain_over_supervised"].notna().any():
             out["gain"] = (lambda: figures.gain_figure(df), (
                 "The study's key number: test top-1 of the fine-tuned model minus that of the "
-                "supervised baseline trained on the same labels (same cell, same seed), in "
-                "percentage points, against the labelled fraction. A line per model; error "
-                "bars: 95% Student-t intervals of the mean over seeds (none with one "
-                "seed). Above 0: pretraining helped at that label budget."))
+                "better baseline without pretraining on validation (the tuned supervised "
+                "network or the pixel arm) on the same labels, in percentage points, against "
+                "the labelled fraction. A line per model; error bars: 95% Student-t "
+                "intervals of the mean over independent replicates (none with one). Above "
+                "0: pretraining helped at that label budget."))
         if df["params"].nunique() > 1:
             out["relative_improvement"] = (lambda: figures.relative_improvement(df), (
                 "Top-1 relative to the smallest model at the same stage, label fraction and "
@@ -335,19 +337,27 @@ def write_report(study_dir: Location) -> Location:
         parts.append("<p>Every stage of the grid has a result.</p>" if spec else
                      "<p>(No study.json: the grid, and so what is missing, is unknown.)</p>")
     seeds = df["replicate"].nunique()
-    spread = f"mean ± standard deviation over {seeds} seeds" if seeds > 1 else "one seed"
+    spread = f"mean ± standard deviation over {seeds} replicates" if seeds > 1 else "one replicate"
     if "finetune" in set(df["stage"]):
         parts += ["<h2>Table 1: top-1 by model</h2>", _styled(figures.table1(df), (
             f"Test top-1 (%), {spread}: fine-tuned and supervised (same labels) at every "
-            "label fraction, self-distilled, and the linear and kNN probes of the pretrained "
-            "encoder."))]
-        g = figures.gain(df)
+            "label fraction, self-distilled where the study distils, and the linear and kNN "
+            "probes of the pretrained encoder (fitted on every training label). The raw-pixels "
+            "row has no network: in the supervised columns the pixel arm (ridge or kNN on the "
+            "same labelled pixels, chosen on validation); under linear and kNN the same probes "
+            "on the pixels."))]
+        gains = [figures.gain(df, b).assign(against=figures.BASELINES[b][0])
+                 for b in figures.BASELINES if df[f"gain_over_{b}"].notna().any()]
+        g = pd.concat(gains, ignore_index=True) if gains else pd.DataFrame()
         if not g.empty:
-            parts += ["<h2>What pretraining buys: fine-tuned minus supervised</h2>",
+            parts += ["<h2>What pretraining buys: fine-tuned minus each baseline</h2>",
                       _styled(g.drop(columns=["_lo", "_hi"]), (
-                          "Top-1 of the fine-tuned model minus the supervised baseline on "
-                          "the same labels and seed, percentage points; 95% Student-t "
-                          "interval of the mean over seeds."))]
+                          "Top-1 of the fine-tuned model minus a baseline without "
+                          "pretraining on the same labels: the tuned supervised network, the "
+                          "pixel arm (ridge or kNN on the labelled pixels), and the better of "
+                          "the two on validation; percentage points; 95% Student-t interval "
+                          "of the mean over independent replicates (values sharing a stage "
+                          "run count once)."))]
     if "distill" in set(df["stage"]):
         parts += ["<h2>Distilled student minus teacher</h2>", _styled(figures.distill_gap(df), (
             "Test top-1 of the distilled student minus its fine-tuned teacher, percentage "

@@ -17,7 +17,7 @@ from studies.cli import (
 STUDY = StudyDef(
     name="head_depth",
     doc=__doc__,
-    stages=("pretrain", "finetune", "supervised"),
+    stages=("pretrain", "finetune", "supervised", "pixels"),
     presets={
         "local": Preset("fmnist-cpu", {"width": [0.0625], "head_depth": [2, 3],
                                        "ft_layer": [0, 1]}, LOCAL_SCHEDULE),

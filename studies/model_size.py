@@ -37,7 +37,7 @@ STUDY = StudyDef(
                 "label_fractions": LOCAL_FRACTIONS, "finetune.per_fraction": {
                     0.001: {"base_lr": 0.005}, 0.003: {"base_lr": 0.005},
                     0.01: {"base_lr": 0.02}, 0.03: {"base_lr": 0.02}, 0.1: {"base_lr": 0.02}}},
-            stages=("pretrain", "finetune", "supervised")),
+            stages=("pretrain", "finetune", "supervised", "pixels")),
         # The whole pipeline, distillation included, in about 6 minutes on 2 cores:
         # two widths, 1% and 10% labels, one subset (a smoke run; no intervals).
         "quick": Preset("fmnist-cpu", {"depth": [18], "width": [0.0625, 0.125]}, LOCAL_SCHEDULE),
@@ -45,7 +45,7 @@ STUDY = StudyDef(
         # labels over 4 replicates; its 1% teachers serve the distillation study.
         "fmnist-cpu": findings_preset({
             "depth": [18], "width": [0.0625, 0.125, 0.25], "label_fraction": [0.001, 0.01, 0.1]},
-            ("pretrain", "finetune", "supervised")),
+            ("pretrain", "finetune", "supervised", "pixels")),
         "cifar10-gpu": Preset("cifar10-gpu", {
             "depth": [18, 50], "width": [0.5, 1.0], "sk": [0.0, 0.0625],
             "label_fraction": [0.01, 0.1, 1.0]}, CIFAR_LANE),

@@ -128,8 +128,11 @@ def synthetic_rows(seeds=(0, 1, 2), fractions=FRACTIONS, head_depths=(3,), stude
                             g.normal(0, 0.02))
                         sup_err = min(0.85, size * (6.0 * n**-0.4 + 0.06)) * np.exp(
                             g.normal(0, 0.02))
+                        # Independent replicates: seed s also draws labelled subset s.
+                        px_err = min(0.85, 4.0 * n**-0.3 + 0.1)
                         base = {"study": "synthetic", "cell": cell, "status": "executed",
                                 "git_commit": "abc", "seed": seed, "model.depth": depth,
+                                "finetune.subset_seed": seed,
                                 "model.width": width, "model.sk_ratio": sk,
                                 "head.num_layers": hd, "finetune.head_layer": ft_layer,
                                 "finetune.label_fraction": lf, "data.name": "fashion-mnist",
@@ -146,7 +149,12 @@ def synthetic_rows(seeds=(0, 1, 2), fractions=FRACTIONS, head_depths=(3,), stude
                              **({"distill.student.depth": 18, "distill.student.width": 0.0625,
                                  "distill.student.sk_ratio": 0.0} if students else {})},
                             {**base, "stage": "supervised", "stage_key": f"s{cell}",
-                             "top1": 1 - sup_err, "labelled_examples": n},
+                             "top1": 1 - sup_err, "val_top1": 1 - sup_err,
+                             "labelled_examples": n},
+                            # One pixel-arm run per (fraction, subset), whatever the model.
+                            {**base, "stage": "pixels", "stage_key": f"x{lf}-{seed}",
+                             "top1": 1 - px_err, "val_top1": 1 - px_err,
+                             "labelled_examples": n},
                         ]
     return rows
 
@@ -168,7 +176,14 @@ def test_tidy_adds_the_derived_columns():
         assert row["error"] == pytest.approx(1 - row["top1"])
         assert row["labels"] == 6000 and row["label_fraction"] == 0.1
     assert list(df.drop_duplicates("model")["model"]) == ["R18 1/16x", "R18 1/8x",
-                                                           "R34 1/8x +SK"]
+                                                           "R34 1/8x +SK", collect.PIXELS]
+    px = df[df["stage"] == "pixels"]
+    assert px["relative_improvement"].isna().all() and px["gain_over_supervised"].isna().all()
+    assert (ft["gain_over_pixels"] == ft["top1"] - ft["pixels_top1"]).all()
+    # The better baseline on validation (synthetic: validation = test), then its test top-1.
+    best = np.maximum(ft["supervised_top1"], ft["pixels_top1"])
+    assert np.allclose(ft["gain_over_best"], ft["top1"] - best)
+    assert ft["runs"].map(len).eq(2).all()  # fine-tuning rests on itself and pretraining
     assert df.loc[df["stage"] == "pretrain", "label_fraction"].isna().all()
     assert df.loc[df["stage"] == "distill", "student"].eq("self").all()
     with pytest.raises(ValueError, match="empty"):
@@ -214,7 +229,8 @@ def test_every_figure_renders_with_axes_labels_and_legends(tmp_path):
     dist = made["distillation"].axes[0]
     assert dist.texts and dist.get_ylim()[0] > 0
     t = figures.table1(df)
-    assert list(t.columns[:2]) == ["model", "depth"] and len(t) == len(MODELS)
+    assert list(t.columns[:2]) == ["model", "depth"] and len(t) == len(MODELS) + 1
+    assert t["model"].iloc[-1] == figures.PIXELS_ROW  # the pixel arm, last
     for lf in ("1%", "10%", "100%"):
         assert {f"fine-tune {lf}", f"supervised {lf}", f"distilled {lf}"} <= set(t.columns)
     assert "linear" in t and "kNN" in t
@@ -233,7 +249,7 @@ def _write_study(tmp_path: Path, rows, drop_cell: str | None = None) -> Path:
             write_cell(study, cell, f"key-{cell}", [r for r in rows if r["cell"] == cell])
     (study / "study.json").write_text(json.dumps({
         "study": "synthetic", "cells": cells, "keys": [f"key-{c}" for c in cells],
-        "stages": ["pretrain", "finetune", "distill", "supervised"],
+        "stages": ["pretrain", "finetune", "distill", "supervised", "pixels"],
         "command": "python studies/model_size.py --repeats 3", "git_commit": "abc"}))
     return study
 
@@ -255,9 +271,9 @@ def test_report_on_a_partial_sweep_and_chromium_renders_it(tmp_path):
         assert f'alt="{name}"' in page
     # Every figure has a caption saying what it shows and over how many seeds; tables
     # are HTML tables, not images.
-    assert page.count("<figcaption>") == 7 and page.count("over 3 seeds") >= 4
+    assert page.count("<figcaption>") == 7 and page.count("over 3 replicates") >= 4
     assert not (out / "table1.png").exists() and "Table 1: top-1 by model" in page
-    assert "<caption>" in page and "± " in page and "fine-tuned minus supervised" in page
+    assert "<caption>" in page and "± " in page and "fine-tuned minus each baseline" in page
     assert "The <b>label-efficiency multiplier</b> is" in page
     assert (out / "results_tidy.csv").exists()
     assert f"{gone}: finetune" in page and "partial sweep" in page  # what is missing
@@ -266,10 +282,11 @@ def test_report_on_a_partial_sweep_and_chromium_renders_it(tmp_path):
     assert "Joint fit" in page and "not fitted" not in page
     assert "Relative improvement over the smallest model" in page
     protocols = report.protocol_table(collect.load(study))
-    assert list(protocols["stage"]) == ["pretrain", "finetune", "distill", "supervised"]
+    assert list(protocols["stage"]) == ["pretrain", "finetune", "distill", "supervised",
+                                        "pixels"]
     assert json.loads(protocols["protocol"].iloc[0]) == {"probe": "test top-1"}
     tidy = pd.read_csv(out / "results_tidy.csv")
-    assert len(tidy) == len(rows) - 4 and "an-earlier-grid" not in set(tidy["cell"])
+    assert len(tidy) == len(rows) - 5 and "an-earlier-grid" not in set(tidy["cell"])
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
@@ -301,7 +318,9 @@ def test_improvement_table_is_the_mean_over_seeds_with_an_interval():
             & (t["label fraction"] == 0.01)]
     assert row["relative improvement %"].item() == pytest.approx(
         100 * big["relative_improvement"].mean(), abs=0.01)
-    assert row["seeds"].item() == len(big) and row["95% interval"].item().startswith("[")
+    # Head 3's two fine-tuning layers share each replicate's pretraining: 3, not 6.
+    assert len(big) == 6 and row["replicates"].item() == 3
+    assert row["95% interval"].item().startswith("[")
     # The synthetic data make bigger models gain more with fewer labels.
     gain = t[t["stage"] == "finetune"].set_index(["model", "label fraction"])
     assert gain.loc[("R34 1/8x +SK", 0.01), "relative improvement %"] > gain.loc[
@@ -364,36 +383,52 @@ def test_two_label_counts_get_points_but_no_fitted_curve():
     assert any("more points than parameters" in n for n in a.notes)
     drawn = report.figure_set(df, a)
     assert "No curves" in drawn["label_efficiency"][1]
-    assert "over 2 seeds" in drawn["top1_vs_params"][1]
+    assert "over 2 replicates" in drawn["top1_vs_params"][1]
 
 
-def test_headline_gives_each_models_gap_at_fewest_and_most_labels_with_a_verdict():
+def test_headline_gives_both_margins_at_fewest_and_most_labels_with_a_verdict():
     from analysis.headline import headline, verdict
 
     rows = synthetic_rows(seeds=(0, 1, 2), fractions=[0.001, 0.1], head_depths=(1,))
     df = _table(rows)
     text = headline(df)
-    gains = figures.gain(df)
     lines = text.splitlines()
-    assert "3 replicates" in lines[0]
-    for model in df["model"].unique():
-        line = next(x for x in lines if x.strip().startswith(model))
-        g = gains[gains["model"] == model].set_index("label fraction")
-        # The table's numbers, fewest labels first: 60 images then 6,000.
-        assert line.index("0.1% labels (60 images)") < line.index("10% labels (6,000 images)")
-        assert f"{g.loc[0.001, 'gain (pp)']:+.1f} [{g.loc[0.001, '_lo']:+.1f}," in line
-    # The synthetic curves put fine-tuning well above supervised at 60 labels.
-    assert lines[-1].startswith("at 0.1% labels (60 images): pretraining helps for ")
+    assert "3 independent replicates" in lines[0]
+    few, many = (lines.index(f"  at {x}:") for x in ("0.1% labels (60 images)",
+                                                      "10% labels (6,000 images)"))
+    assert few < many
+    for against in ("supervised", "pixels"):
+        g = figures.gain(df, against).set_index(["model", "label fraction"])
+        for model in ("R18 1/16x", "R34 1/8x +SK"):
+            line = next(x for x in lines[few:many] if x.strip().startswith(model))
+            r = g.loc[(model, 0.001)]
+            assert f"vs {against} {r['gain (pp)']:+.1f} [{r['_lo']:+.1f}, {r['_hi']:+.1f}]" in line
+    # The synthetic curves put fine-tuning well above both baselines at 60 labels.
+    assert lines[-1].startswith("against the better baseline on validation, at 0.1% labels "
+                                "(60 images): pretraining helps for ")
     assert verdict(0.5, 2.0) == "pretraining helps" and verdict(-2.0, -0.1) == (
-        "supervised is better") and verdict(-1.0, 1.0) == "no clear difference"
+        "a baseline without pretraining is better") and verdict(-1.0, 1.0) == (
+        "no clear difference")
     assert verdict(float("nan"), float("nan")).startswith("one replicate")
     assert headline(df[df["stage"] == "pretrain"]) == ""
 
 
+def test_gains_count_replicates_that_share_a_run_once():
+    """Seeds crossed with one labelled subset share the pixel run: the gain over
+    pixels has one independent value, the gain over supervised one per seed."""
+    rows = [{**r, "finetune.subset_seed": 0,
+             "stage_key": "x-shared" if r["stage"] == "pixels" else r["stage_key"]}
+            for r in synthetic_rows(seeds=(0, 1, 2), fractions=[0.01], head_depths=(1,))]
+    df = _table(rows)
+    assert (figures.gain(df, "supervised")["replicates"] == 3).all()
+    px = figures.gain(df, "pixels")
+    assert (px["replicates"] == 1).all() and px["95% interval (pp)"].str.startswith("n/a").all()
+
+
 def test_label_subsets_are_replicates_and_distillation_gaps_are_per_unlabelled_set():
     rows = []
-    for subset in (0, 1):
-        for r in synthetic_rows(seeds=(0,), fractions=[0.01], head_depths=(1,)):
+    for subset in (0, 1):  # replicate r: seed r and subset r (its own pretraining)
+        for r in synthetic_rows(seeds=(subset,), fractions=[0.01], head_depths=(1,)):
             r = {**r, "finetune.subset_seed": subset, "cell": r["cell"] + f",subset={subset}"}
             for unl in ("fashion-mnist", "dead-leaves"):
                 if r["stage"] == "distill":
@@ -404,22 +439,32 @@ def test_label_subsets_are_replicates_and_distillation_gaps_are_per_unlabelled_s
             if r["stage"] != "distill":
                 rows.append(r)
     df = _table(rows)
-    assert df["replicate"].nunique() == 2  # one seed, two labelled subsets
+    assert df["replicate"].nunique() == 2
     gaps = figures.distill_gap(df).set_index(["teacher", "unlabelled"])
     one = gaps.loc[("R18 1/16x", "fashion-mnist")]
-    assert one["seeds"] == 2 and one["student minus teacher (pp)"] == pytest.approx(-0.3)
+    assert one["replicates"] == 2 and one["student minus teacher (pp)"] == pytest.approx(-0.3)
     assert one["95% interval (pp)"] == "[-1.57, 0.97]"  # t(0.975, 1) x 0.1: two replicates
     dead = gaps.loc[("R18 1/16x", "dead-leaves")]
     assert dead["student minus teacher (pp)"] == pytest.approx(-1.0)
     assert dead["95% interval (pp)"] == "[-1.00, -1.00]"  # equal values: zero width
+    # The same subsets on one pretraining run: its two values are one replicate.
+    shared = df.assign(runs=[frozenset({"one-pretraining"}) | r for r in df["runs"]])
+    one = figures.distill_gap(shared).set_index(["teacher", "unlabelled"]).loc[
+        ("R18 1/16x", "fashion-mnist")]
+    assert one["replicates"] == 1 and one["95% interval (pp)"].startswith("n/a")
 
 
-def test_table1_shows_the_raw_pixel_probes_as_a_reference_row():
+def test_table1_shows_the_pixel_arm_and_the_raw_pixel_probes_in_one_row():
     rows = [{**r, "pixel_linear_top1": 0.84, "pixel_knn_top1": 0.79}
-            for r in synthetic_rows(seeds=(0,), fractions=[0.1], head_depths=(1,))]
-    t = figures.table1(_table(rows)).set_index("model")
-    assert t.loc["raw pixels (reference)", ["linear", "kNN"]].tolist() == ["84.0", "79.0"]
-    assert t.loc["raw pixels (reference)", "fine-tune 10%"] == "-"
+            for r in synthetic_rows(seeds=(0, 1), fractions=[0.1], head_depths=(1,))]
+    df = _table(rows)
+    t = figures.table1(df).set_index("model")
+    row = t.loc[figures.PIXELS_ROW]
+    assert row[["linear", "kNN"]].tolist() == ["84.0", "79.0"]
+    assert row["fine-tune 10%"] == "-"
+    # The pixel arm's runs count once each, however many models share them.
+    px = 100 * df[df["stage"] == "pixels"].drop_duplicates("stage_key")["top1"]
+    assert len(px) == 2 and row["supervised 10%"] == f"{px.mean():.1f} ± {px.std():.1f}"
 
 
 def test_findings_recover_effects_built_into_synthetic_studies():
@@ -443,7 +488,9 @@ def test_findings_recover_effects_built_into_synthetic_studies():
     assert few["verdict"] == "reproduced" and few["effect (pp)"] > 4
     assert f3.loc["R18 1/16x: the effect at 1% minus at 10%", "verdict"] == "reproduced"
     assert (by["F4"]["verdict"] == "reproduced").all() and len(by["F4"]) == 1
-    assert by["F4"]["replicates"].iloc[0] == 3 * 4  # seeds x (head, layer) settings
+    # Pooled over 4 (head, layer) settings, but the two layers of a head share its
+    # pretraining run: 3 replicates x 2 heads independent values, not 12.
+    assert by["F4"]["replicates"].iloc[0] == 3 * 2
     # The figure draws each row's interval; the report shows it.
     fig = figures.findings_figure(t)
     bars = [c for c in fig.axes[0].collections if len(c.get_segments())]

@@ -30,17 +30,42 @@ def test_grid_expands_aliases_and_defaults_the_fraction_axis(tiny):
 def test_each_distinct_stage_is_counted_once(tiny):
     # 2 models x 3 fractions: pretraining per model, everything else per cell.
     p = plan(make_study("s", tiny, {"width": [0.0625, 0.125], "label_fraction": [0.1, 0.5, 1.0]}))
-    assert p.distinct == {"pretrain": 2, "finetune": 6, "distill": 6, "supervised": 6}
-    assert (p.stage_runs, p.naive_stage_runs) == (20, 24)
+    # The pixel arm: once per fraction, whatever the model.
+    assert p.distinct == {"pretrain": 2, "finetune": 6, "distill": 6, "supervised": 6,
+                          "pixels": 3}
+    assert (p.stage_runs, p.naive_stage_runs) == (23, 30)
     # Students share their teacher's pretraining and fine-tuning.
     p = plan(make_study("s", tiny, {"student_width": [0.0625, 0.125], "label_fraction": [0.5]}))
-    assert p.distinct == {"pretrain": 1, "finetune": 1, "distill": 2, "supervised": 1}
+    assert p.distinct == {"pretrain": 1, "finetune": 1, "distill": 2, "supervised": 1,
+                          "pixels": 1}
     # The head's depth changes pretraining, the fine-tune layer only fine-tuning, and
     # neither the supervised baseline; a study without distillation never plans it.
     p = plan(make_study("s", tiny, {"head_depth": [2, 3], "ft_layer": [0, 1]},
                         ("pretrain", "finetune", "supervised")))
     assert p.distinct == {"pretrain": 2, "finetune": 8, "supervised": 2}
     assert p.flops > 0
+
+
+def test_independent_replicates_share_no_stage_run(tiny):
+    """Replicate r draws its own pretraining seed, labelled subset and fine-tuning seed:
+    across replicates no stage run is shared; the crossed design shares pretraining."""
+    from scaling.stages.registry import stage_key
+
+    study = make_study("s", tiny, {"width": [0.0625, 0.125], "label_fraction": [0.1, 0.5],
+                                   "replicate": [0, 1, 2]})
+    runs: dict[int, set[tuple[str, str]]] = {}
+    for cell in cells(study):
+        r = dict(cell.values)["replicate"]
+        c = cell.config
+        assert (c.seed, c.finetune.subset_seed) == (r, r)
+        runs.setdefault(r, set()).update((s, stage_key(c, s)) for s in study.stages)
+    assert all(runs[a].isdisjoint(runs[b]) for a in runs for b in runs if a < b)
+    crossed = make_study("s", tiny, {"seed": [0, 1], "subset_seed": [0, 1]})
+    assert plan(crossed).distinct["pretrain"] == 2  # 4 cells, 2 pretraining runs
+    with pytest.raises(ConfigError, match="no seed or subset_seed axis beside a replicate"):
+        make_study("s", tiny, {"replicate": [0, 1], "seed": [0]})
+    with pytest.raises(ConfigError, match="integers >= 0"):
+        make_study("s", tiny, {"replicate": [0.5]})
 
 
 def test_student_axes_start_from_the_teachers_architecture(tiny):
@@ -117,7 +142,12 @@ def test_cli_overrides_axes_seeds_and_files(tmp_path, capsys):
                                    "--repeats", "3", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "3 cells" in out and "seed             0, 1, 2" in out
-    assert "stage runs: 12 distinct" in out  # every seed is its own model
+    # Every seed is its own model; the labelled subset, and so the pixel arm, is shared.
+    assert "stage runs: 13 distinct" in out and "pixels 1" in out
+    assert main(model_size.STUDY, ["--file", str(spec), "--axis", "label_fraction=0.1",
+                                   "--replicates", "3", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "replicate        0, 1, 2" in out and "stage runs: 15 distinct" in out
 
 
 @pytest.mark.parametrize("args, text", [

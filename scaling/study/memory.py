@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from scaling.config import ExperimentConfig
-from scaling.study import cluster
 from scaling.stages.registry import STAGES
+from scaling.study import cluster
 from scaling.study.plan import DATA_SHAPES, Study, cells, model_label, required_stages
 from scaling.train.footprint import Footprint, GiB, step_footprint
 

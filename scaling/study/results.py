@@ -132,6 +132,8 @@ def table(rows: list[dict[str, Any]]) -> pd.DataFrame:
     at = df.columns.get_loc("top1") + 1
     for stage in BASELINES:
         for col in ("top1", "val_top1"):
+            if col not in df:  # rows of a table written before validation existed
+                continue
             rows_of = df[df["stage"] == stage].set_index("cell")[col]
             df.insert(at, f"{stage}_{col}", df["cell"].map(rows_of))
             at += 1
