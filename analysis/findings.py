@@ -116,12 +116,19 @@ def f1(df: pd.DataFrame) -> list[dict]:
 
 
 REPLICATE = ["seed", "subset_seed"]  # a replicate: its seeds (the labels they draw)
+# What a fine-tuned small model must share with a distillation's teacher to stand beside
+# its student (F2): the recipe, not the architecture.
+SAME_RECIPE = ["data.name", "pretrain.epochs", "head.num_layers", "finetune.head_layer",
+               "finetune.epochs", "finetune.min_steps", "finetune.lr_grid"]
 
 
-def f2(df: pd.DataFrame) -> list[dict]:
+def f2(df: pd.DataFrame, finetuned: pd.DataFrame | None = None) -> list[dict]:
     """As the paper states it, on the training images (other unlabelled sets are
     reported apart): a self-distilled student minus its teacher, and a distilled
-    smaller student minus the same small model fine-tuned on the same labels."""
+    smaller student minus the same small model fine-tuned on the same labels, looked
+    up in ``finetuned`` (default ``df``; findings() passes every study's rows, so the
+    model-size study's fine-tuned small models serve the distillation study)."""
+    pool = df if finetuned is None else finetuned
     d = df[(df["stage"] == "distill") & df["top1"].notna() & df["teacher_top1"].notna()]
     d = d[d["unlabelled"] == d["data.name"]]
     out = []
@@ -130,8 +137,12 @@ def f2(df: pd.DataFrame) -> list[dict]:
             out.append(_row("F2", f"{model} -> itself at {_pct(lf)} labels: student - teacher",
                             g["top1"] - g["teacher_top1"], g["runs"]))
             continue
-        ft = df[(df["stage"] == "finetune") & (df["model"] == student)
-                & (df["label_fraction"] == lf)]
+        ft = pool[(pool["stage"] == "finetune") & (pool["model"] == student)
+                  & (pool["label_fraction"] == lf)]
+        for col in SAME_RECIPE:  # the small model trained as the teacher was
+            if col in ft and col in g:
+                ft = ft[ft[col] == g[col].iloc[0]]
+        ft = ft.drop_duplicates("stage_key")
         both = g.reset_index().merge(ft[[*REPLICATE, "top1", "runs"]], on=REPLICATE,
                                      suffixes=("", "_ft"))
         if both.empty:  # the study did not fine-tune the small model itself
@@ -204,9 +215,10 @@ def f4(df: pd.DataFrame) -> list[dict]:
 def findings(tables: list[pd.DataFrame]) -> pd.DataFrame:
     """F1-F4 from whichever studies' tidy tables are given."""
     rows: list[dict] = []
+    every = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
     for df in tables:
         study = str(df["study"].iloc[0]) if len(df) else ""
-        rows += [r | {"study": study} for r in f1(df) + f2(df) + f3(df) + f4(df)]
+        rows += [r | {"study": study} for r in f1(df) + f2(df, every) + f3(df) + f4(df)]
     adjusted = holm(np.array([r["_p"] for r in rows]))
     tests = int(np.isfinite(adjusted).sum())
     for r, p in zip(rows, adjusted, strict=True):

@@ -48,6 +48,7 @@ from scaling.data.datasets import ImageData  # noqa: E402
 from scaling.pipeline import PRESETS  # noqa: E402
 from scaling.stages.distill import distill  # noqa: E402
 from scaling.stages.finetune import finetune, supervised  # noqa: E402
+from scaling.stages.pixels import pixels  # noqa: E402
 from scaling.stages.pretrain import pretrain  # noqa: E402
 from scaling.stages.stage_run import StageRun  # noqa: E402
 from scaling.train.env import Env  # noqa: E402
@@ -173,6 +174,16 @@ def run_stages(preset: str, device: torch.device, smoke: bool, out: Path,
                 outcomes.append(Outcome(f"{preset} {stage} memory", None,
                                         f"planned {plan.total / GiB:.3f} GiB (no GPU to "
                                         "measure)"))
+        # The pixel arm: no training step, features on the device, fits in float64.
+        started = time.perf_counter()
+        try:
+            m = pixels(cfg, out / "pixels", env)["metrics"]
+            outcomes.append(Outcome(f"{preset} pixels", 0 <= m["test_top1"] <= 1,
+                                    f"test top-1 {m['test_top1']:.3f} from "
+                                    f"{m['labelled_examples']} labels, "
+                                    f"{time.perf_counter() - started:.0f} s"))
+        except Exception as e:  # noqa: BLE001 - the verdict is the report
+            outcomes.append(Outcome(f"{preset} pixels", False, f"{type(e).__name__}: {e}"[:300]))
     return outcomes
 
 

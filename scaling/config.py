@@ -122,8 +122,8 @@ class DataConfig:
     root: str | None = None  # None: the system copy (Fashion-MNIST only)
     download: bool = False  # never fetch unless asked: tests and clusters stay offline
     # Side of the images the network sees. imagefolder: crops resized to it (None:
-    # 224); synthetic: generated at it (None: 16); in-memory sets keep their native
-    # size (28 Fashion-MNIST, 32 CIFAR, 96 STL-10).
+    # 224); synthetic: generated at it (None: 16); in-memory sets are resized to it once
+    # at load (bilinear, antialiased; None: native, 28 Fashion-MNIST, 32 CIFAR, 96 STL-10).
     image_size: int | None = None
     # A class-balanced validation split carved from the training split, for every
     # choice (presets, LRs, recipes); the test split only reports. None: VAL_SIZES.

@@ -27,11 +27,11 @@ STUDY = StudyDef(
             ("pretrain", "finetune", "distill")),
         # What the unlabelled set does: the training images, real images of another
         # domain (handwritten digits, mnist-5k) and synthetic dead-leaves images, each
-        # for the same number of steps (840: 4 epochs of the training images), for the
-        # local model-size study's width-1/8 teacher at 2% labels on its two subsets.
-        # In the same storage it reuses that study's pretraining and fine-tuning.
+        # for the same number of steps (840: 4 epochs of the training images), for a
+        # width-1/8 teacher at 2% labels, 3 independent replicates (each its own
+        # pretraining, subset and fine-tuning).
         "unlabelled": Preset("fmnist-cpu", {
-            "width": [0.125], "label_fraction": [0.02], "subset_seed": [0, 1],
+            "width": [0.125], "label_fraction": [0.02], "replicate": [0, 1, 2],
             "unlabelled": ["fashion-mnist", "mnist-5k", "dead-leaves"]},
             LOCAL_SCHEDULE | {"distill.min_steps": 840},
             stages=("pretrain", "finetune", "distill")),

@@ -543,3 +543,39 @@ def test_findings_verdicts_are_holm_adjusted_and_say_what_could_be_detected():
     assert verdict(2.0, p, least) == f"not resolved (detectable: {least:.2f} pp)"
     assert verdict(-3.0, 0.01, 1.0) == "reversed" and verdict(3.0, 0.01, 1.0) == "reproduced"
     assert verdict(1.0, float("nan"), float("nan")) == "one replicate: no verdict"
+
+
+def test_values_sharing_a_run_directly_or_through_others_form_one_cluster():
+    from analysis import replicates
+
+    shared = [frozenset(x) for x in ({"a"}, {"b"}, {"a", "c"}, {"c", "d"}, {"e"}, set())]
+    labels = replicates.clusters(shared)
+    assert labels[0] == labels[2] == labels[3]  # a-c-d: linked through the third
+    assert len({labels[0], labels[1], labels[4], labels[5]}) == 4
+    # One value per cluster: its mean; NaN values are left out before clustering.
+    means = replicates.cluster_means([1.0, 5.0, 2.0, 3.0, 7.0, np.nan], shared)
+    assert sorted(means) == [2.0, 5.0, 7.0]
+    mean, lo, hi, n = replicates.effect([1.0, 5.0, 2.0, 3.0, 7.0, np.nan], shared)
+    assert n == 3 and mean == pytest.approx(14 / 3) and lo < mean < hi
+
+
+def test_f2_compares_a_smaller_student_with_the_small_model_fine_tuned():
+    """The paper's F2 for a smaller student: distilled small model minus the same small
+    model fine-tuned on the same labels (here from another study's table), not minus
+    its teacher."""
+    from analysis.findings import f2
+
+    rows = synthetic_rows(seeds=(0, 1, 2), fractions=[0.01], head_depths=(1,), students=True)
+    df = _table(rows)
+    distilled = df[df["stage"] != "finetune"]  # the distillation study's own table
+    finetuned = df[df["stage"] == "finetune"]  # the model-size study's
+    out = {r["comparison"]: r for r in f2(distilled, finetuned)}
+    key = "R34 1/8x +SK -> R18 1/16x at 1% labels: distilled R18 1/16x - fine-tuned R18 1/16x"
+    big = df[(df["stage"] == "distill") & (df["model"] == "R34 1/8x +SK")].sort_values("seed")
+    small = finetuned[finetuned["model"] == "R18 1/16x"].sort_values("seed")
+    want = 100 * (big["top1"].to_numpy() - small["top1"].to_numpy()).mean()
+    assert out[key]["effect (pp)"] == pytest.approx(want, abs=0.01)
+    assert out[key]["replicates"] == 3 and want > 0
+    # The smallest teacher's student has its architecture: self-distillation, vs teacher.
+    assert "R18 1/16x -> itself at 1% labels: student - teacher" in out
+    assert f2(distilled) == [r for r in f2(distilled) if "itself" in r["comparison"]]

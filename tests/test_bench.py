@@ -106,6 +106,7 @@ def test_the_gpu_acceptance_script_runs_every_item_on_the_cpu():
         assert f"PASS smoke {stage} " in done.stdout
         assert re.search(rf"smoke {stage} syncs +0 host syncs", done.stdout)
         assert f"smoke {stage} memory" in done.stdout
+    assert "PASS smoke pixels " in done.stdout  # the pixel arm on the device too
     for item in ("smoke throughput", "input path", "lars share"):
         assert item in done.stdout
     assert "0 FAIL" in done.stdout

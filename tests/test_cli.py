@@ -47,7 +47,7 @@ def test_a_variant_run_never_replaces_the_default_studys_results(tmp_path):
     ok(run(default))
     table = storage / "model_size-quick" / "results.csv"
     before = pd.read_csv(table)
-    assert len(before) == 8
+    assert len(before) == 10  # 2 cells x 5 stages (the pixel arm included)
 
     variant = ["--axis", "width=0.0625", "--axis", "label_fraction=0.1",
                "--set", "finetune.epochs=2"]
@@ -58,20 +58,20 @@ def test_a_variant_run_never_replaces_the_default_studys_results(tmp_path):
     pd.testing.assert_frame_equal(pd.read_csv(table), before)  # untouched
 
     # --dry-run checks what the run checks and shows what is left of the study.
-    assert "7 of 7 stage runs finished" in ok(run(default, "--dry-run"))
+    assert "9 of 9 stage runs finished" in ok(run(default, "--dry-run"))
     assert run(default, *variant, "--dry-run").returncode == 2
     plan = ok(run(default, *variant, "--name", "short-ft", "--dry-run"))
-    assert "2 of 4 stage runs finished" in plan and "2 to run" in plan
+    assert "3 of 5 stage runs finished" in plan and "2 to run" in plan
     assert "estimated time here (cpu): ~" in plan and "H100" not in plan
     assert not (storage / "short-ft").exists()
     out = ok(run(default, *variant, "--name", "short-ft"))
-    # Its own fine-tuning and distillation; pretraining and the baseline are shared.
-    assert "this run: 2 stage runs executed, 2 reused" in out
+    # Its own fine-tuning and distillation; pretraining and the baselines are shared.
+    assert "this run: 2 stage runs executed, 3 reused" in out
     short = pd.read_csv(storage / "short-ft" / "results.csv")
-    assert len(short) == 4 and set(short["finetune.epochs"]) == {2}
+    assert len(short) == 5 and set(short["finetune.epochs"]) == {2}
 
     # The default study is still whole and finished (a dry run: no Ray start-up).
-    assert "7 of 7 stage runs finished" in ok(run(default, "--dry-run"))
+    assert "9 of 9 stage runs finished" in ok(run(default, "--dry-run"))
     pd.testing.assert_frame_equal(pd.read_csv(table), before)
     assert set(before["finetune.epochs"]) == {3}
 
@@ -116,11 +116,11 @@ def test_ctrl_c_on_a_study_exits_130_and_the_same_command_resumes(tmp_path, monk
     assert proc.returncode == 130, out[-3000:] + err[-3000:]
     finished = len(list(storage.glob("stages/*/result.json")))
     assert err.strip().splitlines()[-1] == (
-        f"interrupted after {finished}/4 stage runs; run the same command to resume")
+        f"interrupted after {finished}/5 stage runs; run the same command to resume")
     for noise in ("Tuner.restore", "results table:", "Traceback", "KeyboardInterrupt"):
         assert noise not in out + err, noise
     seen = ok(watched[0])
-    assert "study model_size-quick: " in seen and "/4 stage runs finished" in seen
+    assert "study model_size-quick: " in seen and "/5 stage runs finished" in seen
     assert "running, checkpoint at step" in seen and "tensorboard --logdir" in seen
     assert "Resources" in seen and "CPU" in seen  # ray status, authenticated
 
@@ -132,8 +132,8 @@ def test_ctrl_c_on_a_study_exits_130_and_the_same_command_resumes(tmp_path, monk
     assert "Exception ignored" not in out + resumed.stderr
     # Each progress line once, from the sweep's driver; one whole-sweep line per stage run.
     assert "(run_cell pid=" not in out and "repeated" not in out
-    assert "[sweep] 4/4 stage runs, done" in out
-    assert len(pd.read_csv(storage / "model_size-quick" / "results.csv")) == 4
+    assert "[sweep] 5/5 stage runs, done" in out
+    assert len(pd.read_csv(storage / "model_size-quick" / "results.csv")) == 5
     check_curves(storage / "model_size-quick", tmp_path / "mlruns")
 
 
@@ -176,9 +176,9 @@ def test_ctrl_c_on_the_pipeline_exits_130_and_the_same_command_resumes(tmp_path)
     err = proc.stderr.read()
     assert proc.returncode == 130, err
     assert err.strip().splitlines() == [
-        "interrupted after 0/4 stage runs; run the same command to resume"]
+        "interrupted after 0/5 stage runs; run the same command to resume"]
     out = ok(run(command))
-    assert "resumed from step" in out and "4 stage results" in out
+    assert "resumed from step" in out and "5 stage results" in out
 
 
 def test_a_trial_process_ends_quietly_but_other_unraisable_errors_print(capsys, monkeypatch):

@@ -27,6 +27,19 @@ def test_fashion_mnist_from_the_debian_package():
     assert 60 < train.images.float().mean().item() < 90  # real images, not zeros
 
 
+@needs_fmnist
+def test_data_image_size_resizes_an_in_memory_set_once():
+    """data.image_size is honoured for in-memory sets too (it once was silently ignored)."""
+    native = load_dataset("fashion-mnist", "test")
+    big = load_dataset("fashion-mnist", "test", image_size=42)
+    assert big.images.shape == (10000, 1, 42, 42) and big.images.dtype == torch.uint8
+    assert big.image_size == 42 and torch.equal(big.labels, native.labels)
+    # Resampling keeps the mean brightness: within 1% of the 0-255 range.
+    assert abs(big.images.float().mean() - native.images.float().mean()) < 2.55
+    assert torch.equal(load_dataset("fashion-mnist", "test", image_size=28).images,
+                       native.images)  # the native size: untouched
+
+
 def test_missing_fashion_mnist_says_how_to_get_it(tmp_path, monkeypatch):
     monkeypatch.setattr("scaling.data.datasets.FASHION_MNIST_SYSTEM_DIR", tmp_path / "none")
     with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):

@@ -93,3 +93,13 @@ def test_the_stage_chooses_on_validation_and_its_key_ignores_model_and_seed(tiny
     other = with_overrides(cfg, {"finetune.subset_seed": 1})
     assert stage_key(other, "pixels") != stage_key(cfg, "pixels")
     assert pixels(cfg, tmp_path / "px") == r  # finished: read back, not recomputed
+
+
+def test_without_validation_nothing_is_chosen(tiny, tmp_path):
+    cfg = with_overrides(tiny, {"finetune.label_fraction": 0.5, "label_fractions": [],
+                                "data.val_size": 0, "supervised.lr_grid": []})
+    r = pixels(cfg, tmp_path / "px")
+    m, p = r["metrics"], r["protocol"]
+    assert p["chosen_on"].startswith("nothing") and m["val_top1"] is None
+    assert (p["arm"], p["knn_k"]) == ("ridge", cfg.pixels.knn_k[0])
+    assert p["ridge_strength"] == cfg.pixels.ridge_grid[len(cfg.pixels.ridge_grid) // 2]

@@ -110,7 +110,7 @@ def test_a_chain_runs_on_one_worker_group_and_each_stage_keeps_its_own_state(
             f.write(f"{os.getpid()} {job.stage} {result['stage']}\n")
 
     results = run_stages(jobs, "chain", after=after)
-    stages = ["pretrain", "finetune", "distill", "supervised"]
+    stages = ["pretrain", "finetune", "distill", "supervised", "pixels"]
     assert [r["stage"] for r in results] == stages
     marks = [line.split() for line in log.read_text().splitlines()]
     # Each stage finished once, in one rank 0 process: no second group (rank 1 once
@@ -121,12 +121,13 @@ def test_a_chain_runs_on_one_worker_group_and_each_stage_keeps_its_own_state(
     for job, result in zip(jobs, results, strict=True):
         assert result["stage"] == job.stage and (job.out / "result.json").exists()
     # Ray kept the latest checkpoints, named by stage and place: the grid's last run.
-    grid_run = jobs[-1].out / "lr-0.1"
+    sup = jobs[3]  # the baseline with its LR grid (the pixel arm trains nothing)
+    grid_run = sup.out / "lr-0.1"
     kept = (tmp_path / "runs" / "_ray" / "chain").glob(
-        f"{jobs[-1].out.name}@lr-0.1@checkpoints@step-*")
+        f"{sup.out.name}@lr-0.1@checkpoints@step-*")
     assert list(kept)
     shutil.rmtree(grid_run)
-    (jobs[-1].out / "result.json").unlink()
+    (sup.out / "result.json").unlink()
     again = run_stages(jobs, "chain")
     resumed = storage.read_local_result(grid_run)
     assert resumed is not None and resumed["resumed_from"] == resumed["step"]

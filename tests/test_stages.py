@@ -23,7 +23,7 @@ from scaling.storage import read_local_result
 def test_pipeline_end_to_end_and_rerun_reuses(tiny, tmp_path):
     results = run_pipeline(tiny, tmp_path)
     assert [r["stage"] for r in results] == ["pretrain"] + ["finetune", "distill",
-                                                            "supervised"] * 2
+                                                            "supervised", "pixels"] * 2
     pre = results[0]
     for key in ("knn_top1", "linear_top1", "images_per_s", "wall_seconds", "params",
                 "forward_flops_per_image", "peak_memory_bytes"):
@@ -40,7 +40,7 @@ def test_pipeline_end_to_end_and_rerun_reuses(tiny, tmp_path):
         assert 0 <= r["metrics"]["test_top1"] <= 1
         assert 0 <= r["metrics"]["val_top1"] <= 1
         for key in ("stem", "batch_size", "epochs", "subset_seed", "probe", "head_layer"):
-            assert key in r["protocol"] or r["stage"] == "distill", key
+            assert key in r["protocol"] or r["stage"] in ("distill", "pixels"), key
     ft = results[1]
     assert ft["protocol"]["label_fraction"] == 0.1 and ft["protocol"]["head_layer"] == 1
     labels = np.loadtxt(stage_dir(tmp_path, with_overrides(

@@ -78,10 +78,11 @@ def test_pipeline_on_ray_with_s3_storage_and_a_fresh_node_resume(s3, tiny):
         # this process (workers=0: same stage keys, no worker start-up each).
         run_stage("pretrain", cfg, stage_dir(root, cfg, "pretrain"))
         results = run_pipeline(with_overrides(cfg, {"runtime.workers": 0}), root, run_stage)
-        assert [r["stage"] for r in results] == ["pretrain", "finetune", "distill", "supervised"]
+        assert [r["stage"] for r in results] == ["pretrain", "finetune", "distill", "supervised",
+                                                 "pixels"]
         half = fraction_configs(cfg)[0]
-        for r, stage in zip(results, ["pretrain", "finetune", "distill", "supervised"],
-                            strict=True):
+        for r, stage in zip(results, ["pretrain", "finetune", "distill", "supervised",
+                                      "pixels"], strict=True):
             assert storage.read_result(stage_dir(root, half, stage)) == r
         pre = stage_dir(root, cfg, "pretrain")
         before = load_final_models(storage.fetch(pre))
@@ -155,7 +156,7 @@ def test_study_resumes_from_s3_after_the_head_node_is_replaced(s3, tmp_path):
     import pandas as pd
 
     df = pd.read_csv(io.StringIO(table))
-    assert sorted(df["stage"]) == ["distill", "finetune", "pretrain", "supervised"]
+    assert sorted(df["stage"]) == ["distill", "finetune", "pixels", "pretrain", "supervised"]
     assert df.set_index("stage").loc["pretrain", "status"] == "reused"  # not recomputed
 
 

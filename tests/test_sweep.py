@@ -33,11 +33,12 @@ def test_each_distinct_stage_runs_once_across_concurrent_trials(tiny, tmp_path):
         first = run_study(study, tmp_path)
         assert first.errored == []
         df = first.table
-        assert len(df) == 8 and set(df["cell"]) == {
+        assert len(df) == 10 and set(df["cell"]) == {
             "width=0.0625,label_fraction=0.1", "width=0.0625,label_fraction=0.5"}
         pre = df[df["stage"] == "pretrain"]
         assert pre["stage_key"].nunique() == 1 and sorted(pre["status"]) == ["executed", "reused"]
-        assert (first.executed, first.reused) == (7, 1)  # 1 + 2 x (finetune, distill, supervised)
+        # 1 + 2 x (finetune, distill, supervised, pixels)
+        assert (first.executed, first.reused) == (9, 1)
         assert (df[df["stage"] != "pretrain"]["status"] == "executed").all()
         assert len(list((tmp_path / "stages").glob("pretrain-*"))) == 1
         assert df["world_size"].eq(1).all() and df["node"].notna().all()
@@ -99,8 +100,8 @@ def test_cells_run_in_turn_on_one_lane_and_failures_stay_in_their_cell(tiny, tmp
     assert len(out.errored) == 1 and "1e+30" in out.errored[0], out.errored
     good, bad = out.table[out.table["cell"] != out.errored[0]], out.table[
         out.table["cell"] == out.errored[0]]
-    assert sorted(good["stage"]) == ["distill", "finetune", "pretrain", "supervised"]
-    assert (good["status"] == "executed").all() and good["top1"].notna().sum() == 3
+    assert sorted(good["stage"]) == ["distill", "finetune", "pixels", "pretrain", "supervised"]
+    assert (good["status"] == "executed").all() and good["top1"].notna().sum() == 4
     assert good["world_size"].eq(1).all() and good["node"].notna().all()
     # The supervised baseline does not depend on pretraining: the failed cell reuses it.
     assert bad["stage"].tolist() in ([], ["supervised"]) and (bad["status"] == "reused").all()
@@ -177,7 +178,7 @@ def test_a_sigkilled_sweep_resumes_to_the_uninterrupted_result(tmp_path):
                            text=True, timeout=600)
     assert clean.returncode == 0, clean.stdout[-3000:] + clean.stderr[-3000:]
     got, want = _metrics(storage), _metrics(reference)
-    assert len(got) == 8
+    assert len(got) == 10
     pd.testing.assert_frame_equal(got, want, rtol=1e-6)
     # Each distinct stage was computed into exactly one directory.
     assert len(list(stages.glob("pretrain-*"))) == 1
@@ -213,7 +214,7 @@ def test_failed_cells_stay_failed_until_restart_errored(tmp_path):
     assert len(failed) == 1 and "pretrain.optim.base_lr=1e+30" in failed[0], first.stdout
     bad = failed[0].removeprefix("1 cells failed: ").split(";")[0]
     table = pd.read_csv(tmp_path / "s" / "model_size-quick" / "results.csv")
-    assert set(table["stage"]) == {"pretrain", "finetune", "distill", "supervised"}
+    assert set(table["stage"]) == {"pretrain", "finetune", "distill", "supervised", "pixels"}
     assert (table["cell"] != bad).all()  # the good cell finished; the bad one wrote no rows
     second = run()
     assert second.returncode == 1 and "resuming the sweep" in second.stdout

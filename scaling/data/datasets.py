@@ -11,6 +11,7 @@ missing dataset raises ``DataError`` saying how to get it.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import os
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from scaling.data.augment import sample_crops
 from scaling.data.subsets import load_indices
@@ -36,6 +38,17 @@ class DataError(RuntimeError):
         if "Original Traceback" in message:
             message = message.strip().splitlines()[-1].split("DataError: ", 1)[-1]
         super().__init__(message)
+
+
+def resized(ds: ImageData, side: int | None) -> ImageData:
+    """``ds`` with every image resized to ``side`` x ``side`` once (bilinear,
+    antialiased, rounded back to uint8); None or the native size: ``ds`` itself."""
+    if side is None or tuple(ds.images.shape[-2:]) == (side, side):
+        return ds
+    out = [F.interpolate(chunk.float(), size=(side, side), mode="bilinear", antialias=True,
+                         align_corners=False).round_().clamp_(0, 255).to(torch.uint8)
+           for chunk in ds.images.split(4096)]
+    return dataclasses.replace(ds, images=torch.cat(out))
 
 
 @dataclass(frozen=True)
@@ -291,11 +304,11 @@ def load_dataset(
         raise DataError(f"split={split!r}; allowed: {', '.join(SPLITS)}")
     r = None if root is None else str(root)
     if name == "fashion-mnist":
-        return fashion_mnist(split, r, download)
+        return resized(fashion_mnist(split, r, download), image_size)
     if name in ("cifar10", "cifar100"):
-        return cifar(split, r, download, int(name[5:]))
+        return resized(cifar(split, r, download, int(name[5:])), image_size)
     if name == "stl10":
-        return stl10(split, r, download)
+        return resized(stl10(split, r, download), image_size)
     if name == "imagefolder":
         return imagefolder(split, r, image_size)
     if name == "synthetic":

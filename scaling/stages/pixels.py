@@ -111,8 +111,10 @@ def pixels(cfg: ExperimentConfig, out: Path, env: Env | None = None) -> StageRes
         return apply(lambda x: pixel_features(x, px.max_side), [], f, idx, env, shard=True)
 
     x, y = features(fetch, labelled)
-    evals = {"val": features(fetch, splits.val), "test": features(
-        fetch.like(splits.test), np.arange(len(splits.test)))}
+    evals = {"test": features(fetch.like(splits.test), np.arange(len(splits.test)))}
+    has_val = len(splits.val) > 0
+    if has_val:
+        evals["val"] = features(fetch, splits.val)
     fit_started = time.perf_counter()
     ridge = ridge_fits(x, y, classes, px.ridge_grid)
     top1: dict[str, dict[str, dict[Any, float]]] = {"ridge": {}, "knn": {}}
@@ -123,7 +125,6 @@ def pixels(cfg: ExperimentConfig, out: Path, env: Env | None = None) -> StageRes
                               knn_votes(x, y, xs, classes, px.knn_k).items()}
     fit_seconds = time.perf_counter() - fit_started
 
-    has_val = len(splits.val) > 0
     # Without validation nothing is chosen: a fixed middle strength, 1-NN, the ridge arm.
     lam = (max(px.ridge_grid, key=lambda v: top1["ridge"]["val"][v]) if has_val
            else px.ridge_grid[len(px.ridge_grid) // 2])
@@ -132,6 +133,7 @@ def pixels(cfg: ExperimentConfig, out: Path, env: Env | None = None) -> StageRes
            else "ridge")
     chosen = {"ridge": lam, "knn": k}
     pick = {name: {s: top1[name][s][chosen[name]] for s in evals} for name in top1}
+    val_of = {name: top1[name].get("val", {}) for name in top1}
     d = x.shape[1]
     metrics: dict[str, Any] = {
         "params": d * classes + classes, "params_with_head": d * classes + classes,
@@ -141,6 +143,9 @@ def pixels(cfg: ExperimentConfig, out: Path, env: Env | None = None) -> StageRes
         "pixel_ridge_top1": pick["ridge"]["test"],
         "pixel_knn_val_top1": pick["knn"]["val"] if has_val else None,
         "pixel_knn_top1": pick["knn"]["test"],
+        # Images the fits and the evaluation went through, per second of fitting.
+        "images_per_s": (len(x) + sum(len(v[1]) for v in evals.values())) / max(fit_seconds,
+                                                                                1e-9),
         "train_seconds": fit_seconds, "wall_seconds": time.perf_counter() - started,
         "peak_memory_bytes": peak_memory_bytes(env.device), "final_loss": None,
     }
@@ -149,8 +154,8 @@ def pixels(cfg: ExperimentConfig, out: Path, env: Env | None = None) -> StageRes
         "max_side": px.max_side, "val_size": len(splits.val), "val_seed": cfg.data.val_seed,
         "arm": arm, "ridge_strength": lam, "knn_k": k,
         "chosen_on": "validation top-1" if has_val else "nothing (no validation split)",
-        "ridge_val_top1": {f"{v:g}": a for v, a in top1["ridge"]["val"].items()},
-        "knn_val_top1": {str(v): a for v, a in top1["knn"]["val"].items()},
+        "ridge_val_top1": {f"{v:g}": a for v, a in val_of["ridge"].items()},
+        "knn_val_top1": {str(v): a for v, a in val_of["knn"].items()},
     }
     result: dict[str, Any] = {
         "stage": "pixels", "step": 0, "metrics": metrics, "history": [], "protocol": protocol,
