@@ -42,7 +42,8 @@ STUDY = StudyDef(
         # two widths, 1% and 10% labels, one subset (a smoke run; no intervals).
         "quick": Preset("fmnist-cpu", {"depth": [18], "width": [0.0625, 0.125]}, LOCAL_SCHEDULE),
         # F1 and F4 (docs/results.md): the local study's models at 0.1%, 1% and 10%
-        # labels over 4 replicates; its 1% teachers serve the distillation study.
+        # labels, 3 independent replicates, on the findings' budgets; its 1% teachers
+        # and small models serve the distillation study (F2).
         "fmnist-cpu": findings_preset({
             "depth": [18], "width": [0.0625, 0.125, 0.25], "label_fraction": [0.001, 0.01, 0.1]},
             ("pretrain", "finetune", "supervised", "pixels")),

@@ -103,3 +103,10 @@ def test_without_validation_nothing_is_chosen(tiny, tmp_path):
     assert p["chosen_on"].startswith("nothing") and m["val_top1"] is None
     assert (p["arm"], p["knn_k"]) == ("ridge", cfg.pixels.knn_k[0])
     assert p["ridge_strength"] == cfg.pixels.ridge_grid[len(cfg.pixels.ridge_grid) // 2]
+
+
+def test_raw_pixels_are_native_whatever_size_the_networks_see(tiny, tmp_path):
+    cfg = with_overrides(tiny, {"finetune.label_fraction": 0.5, "label_fractions": [],
+                                "data.image_size": 24})
+    r = pixels(cfg, tmp_path / "px")
+    assert r["protocol"]["native_size"] and r["protocol"]["features"] == 16 * 16  # not 24 x 24

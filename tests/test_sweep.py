@@ -47,10 +47,10 @@ def test_each_distinct_stage_runs_once_across_concurrent_trials(tiny, tmp_path):
             sup = cell.loc[cell["stage"] == "supervised", "top1"].item()
             assert (cell["supervised_top1"] == sup).all()
         on_disk = pd.read_csv(tmp_path / "dedup" / "results.csv")
-        assert len(on_disk) == 8 and "model.width" in on_disk and "git_commit" in on_disk
+        assert len(on_disk) == 10 and "model.width" in on_disk and "git_commit" in on_disk
         # The same sweep again: Tune restores it finished; nothing runs.
         again = run_study(study, tmp_path)
-        assert (again.executed, again.reused) == (0, 0) and len(again.table) == 8
+        assert (again.executed, again.reused) == (0, 0) and len(again.table) == 10
     finally:
         ray.shutdown()
 

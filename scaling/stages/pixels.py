@@ -11,6 +11,7 @@ is the stage around them.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -100,7 +101,10 @@ def pixels(cfg: ExperimentConfig, out: Path, env: Env | None = None) -> StageRes
     env = env or Env.local(cfg.runtime)
     started = time.perf_counter()
     px = cfg.pixels
-    splits = load_splits(cfg.data)
+    # Raw pixels: an in-memory set at its native size, whatever data.image_size upscales
+    # the networks' input to (the labelled indices are the same either way).
+    native = cfg.data.name != "imagefolder"
+    splits = load_splits(dataclasses.replace(cfg.data, image_size=None) if native else cfg.data)
     labelled = labelled_subset(cfg, splits)
     if env.is_main:
         save_indices(out / "labels.txt", labelled)
@@ -151,7 +155,8 @@ def pixels(cfg: ExperimentConfig, out: Path, env: Env | None = None) -> StageRes
     }
     protocol = {
         **labels_protocol(cfg), "subset_file": cfg.finetune.subset_file, "features": d,
-        "max_side": px.max_side, "val_size": len(splits.val), "val_seed": cfg.data.val_seed,
+        "max_side": px.max_side, "native_size": native, "val_size": len(splits.val),
+        "val_seed": cfg.data.val_seed,
         "arm": arm, "ridge_strength": lam, "knn_k": k,
         "chosen_on": "validation top-1" if has_val else "nothing (no validation split)",
         "ridge_val_top1": {f"{v:g}": a for v, a in val_of["ridge"].items()},
