@@ -304,7 +304,9 @@ def write_report(study_dir: Location) -> Location:
     missing = collect.missing(spec or None, df)
     a = analyse(df)
     out = storage.join(study_dir, "report")
-    storage.write_text(out, "results_tidy.csv", df.to_csv(index=False))
+    # The run keys as text a spreadsheet reads: sorted, ';'-separated.
+    flat = df.assign(runs=[";".join(sorted(r)) for r in df["runs"]])
+    storage.write_text(out, "results_tidy.csv", flat.to_csv(index=False))
     shown = []
     for name, (draw, caption) in figure_set(df, a, histories(df, study_dir)).items():
         fig = draw()

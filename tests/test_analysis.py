@@ -286,6 +286,9 @@ def test_report_on_a_partial_sweep_and_chromium_renders_it(tmp_path):
                                         "pixels"]
     assert json.loads(protocols["protocol"].iloc[0]) == {"probe": "test top-1"}
     tidy = pd.read_csv(out / "results_tidy.csv")
+    # The shared-run keys as text: a finetune row rests on itself and its pretraining.
+    ft_runs = tidy.loc[tidy["stage"] == "finetune", "runs"].iloc[0].split(";")
+    assert len(ft_runs) == 2 and all(k and "frozenset" not in k for k in ft_runs)
     assert len(tidy) == len(rows) - 5 and "an-earlier-grid" not in set(tidy["cell"])
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
