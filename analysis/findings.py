@@ -97,6 +97,11 @@ def _row(finding: str, comparison: str, values: pd.Series, shared: pd.Series) ->
     return _entry(finding, comparison, mean, lo, hi, n)
 
 
+def _union(a: pd.Series, b: pd.Series) -> pd.Series:
+    """Row by row, the stage runs of two paired values together."""
+    return a.combine(b, frozenset.union)
+
+
 def _pct(lf: float) -> str:
     return f"{100 * lf:g}%"
 
@@ -150,7 +155,7 @@ def f2(df: pd.DataFrame, finetuned: pd.DataFrame | None = None) -> list[dict]:
         out.append(_row("F2", f"{model} -> {student} at {_pct(lf)} labels: distilled "
                               f"{student} - fine-tuned {student}",
                         both["top1"] - both["top1_ft"],
-                        both["runs"].combine(both["runs_ft"], frozenset.union)))
+                        _union(both["runs"], both["runs_ft"])))
     return out
 
 
@@ -171,7 +176,7 @@ def f3(df: pd.DataFrame, deep: tuple[int, int] = (3, 1), shallow: tuple[int, int
         return []
     both = a.merge(b, on=["model", "label_fraction", *REPLICATE], suffixes=("_a", "_b"))
     both["d"] = both["top1_a"] - both["top1_b"]
-    both["runs"] = both["runs_a"].combine(both["runs_b"], frozenset.union)
+    both["runs"] = _union(both["runs_a"], both["runs_b"])
     out = []
     name = f"head {deep[0]} from layer {deep[1]} - head {shallow[0]} from layer {shallow[1]}"
     few, many = both["label_fraction"].min(), both["label_fraction"].max()
@@ -184,7 +189,7 @@ def f3(df: pd.DataFrame, deep: tuple[int, int] = (3, 1), shallow: tuple[int, int
                                                     on=REPLICATE, suffixes=("_f", "_m"))
             out.append(_row("F3", f"{model}: the effect at {_pct(few)} minus at {_pct(many)}",
                             w["d_f"] - w["d_m"],
-                            w["runs_f"].combine(w["runs_m"], frozenset.union)))
+                            _union(w["runs_f"], w["runs_m"])))
     return out
 
 
@@ -193,23 +198,24 @@ def f4(df: pd.DataFrame) -> list[dict]:
     fewest labels minus at the most: above 0, bigger models gain more with fewer labels.
     Pooled over head settings where they vary; settings that share a pretraining run
     (or anything else) count once."""
-    ft = df[(df["stage"] == "finetune") & df["top1"].notna()]
+    ft = df[(df["stage"] == "finetune") & df["relative_improvement"].notna()]
     if ft["params"].nunique() < 2 or ft["label_fraction"].nunique() < 2:
         return []
     on = ["head_depth", "ft_layer", *REPLICATE]
     big = ft[ft["params"] == ft["params"].max()]
     small = ft[ft["params"] == ft["params"].min()]
-    rel = big.merge(small[[*on, "label_fraction", "top1", "runs"]], on=[*on, "label_fraction"],
+    # tidy's relative_improvement, resting on the smallest model's runs too.
+    rel = big.merge(small[[*on, "label_fraction", "runs"]], on=[*on, "label_fraction"],
                     suffixes=("", "_small"))
-    rel["rel"] = rel["top1"] / rel["top1_small"] - 1
-    rel["runs"] = rel["runs"].combine(rel["runs_small"], frozenset.union)
+    rel["rel"] = rel["relative_improvement"]
+    rel["runs"] = _union(rel["runs"], rel["runs_small"])
     few, many = rel["label_fraction"].min(), rel["label_fraction"].max()
     w = rel[rel["label_fraction"] == few].merge(rel[rel["label_fraction"] == many], on=on,
                                                  suffixes=("_f", "_m"))
     model, least = str(big["model"].iloc[0]), str(small["model"].iloc[0])
     return [_row("F4", f"{model} over {least}: relative gain at {_pct(few)} minus at "
                        f"{_pct(many)} labels", w["rel_f"] - w["rel_m"],
-                 w["runs_f"].combine(w["runs_m"], frozenset.union))]
+                 _union(w["runs_f"], w["runs_m"]))]
 
 
 def findings(tables: list[pd.DataFrame]) -> pd.DataFrame:
