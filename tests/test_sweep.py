@@ -103,8 +103,9 @@ def test_cells_run_in_turn_on_one_lane_and_failures_stay_in_their_cell(tiny, tmp
     assert sorted(good["stage"]) == ["distill", "finetune", "pixels", "pretrain", "supervised"]
     assert (good["status"] == "executed").all() and good["top1"].notna().sum() == 4
     assert good["world_size"].eq(1).all() and good["node"].notna().all()
-    # The supervised baseline does not depend on pretraining: the failed cell reuses it.
-    assert bad["stage"].tolist() in ([], ["supervised"]) and (bad["status"] == "reused").all()
+    # The baselines do not depend on pretraining: the failed cell may reuse them
+    # (whether it gets to them before its own pretraining fails depends on timing).
+    assert set(bad["stage"]) <= {"supervised", "pixels"} and (bad["status"] == "reused").all()
     pre = yaml.safe_load(next(tmp_path.glob("stages/pretrain-*/result.json")).read_text())
     protocol = pre["protocol"]  # every epoch's steps were done, once
     assert pre["step"] == 8 * (protocol["images"] // 16) and protocol["epochs"] == 8, pre
