@@ -9,12 +9,14 @@ builds: an unknown key, a wrong type or an out-of-range value raises
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import os
 import re
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -64,6 +66,12 @@ def parse_yaml(text: str, source: str) -> Any:
 
 def read_yaml(path: str | os.PathLike[str]) -> Any:
     return parse_yaml(Path(path).read_text(), str(path))
+
+
+def did_you_mean(word: Any, choices: Iterable[str]) -> str:
+    """"; did you mean 'width'?" when ``word`` is a near miss of one of ``choices``."""
+    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def check(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -556,7 +564,8 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _convert(inner[0], value, key)
     if origin is Literal:
-        check(value in args, key, value, "one of " + ", ".join(repr(a) for a in args))
+        check(value in args, key, value, "one of " + ", ".join(repr(a) for a in args)
+              + did_you_mean(value, [str(a) for a in args]))
         return value
     if origin is tuple:
         check(isinstance(value, list | tuple), key, value, "a list")
@@ -602,7 +611,8 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     for key in data:
         if key not in names:
             path = f"{prefix}.{key}" if prefix else str(key)
-            raise ConfigError(path, data[key], f"known keys here: {', '.join(names)}")
+            raise ConfigError(path, data[key], f"known keys here: {', '.join(names)}"
+                              + did_you_mean(key, names))
     kwargs = {
         k: _convert(hints[k], v, f"{prefix}.{k}" if prefix else k) for k, v in data.items()
     }

@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from scaling import storage
-from scaling.config import ConfigError, ExperimentConfig, config_hash, load_config, parse_yaml
+from scaling.config import (
+    ConfigError,
+    ExperimentConfig,
+    config_hash,
+    did_you_mean,
+    load_config,
+    parse_yaml,
+)
 from scaling.data.datasets import DataError
 from scaling.records import StageResult
 from scaling.runtime.local import pipeline_jobs, run_pipeline
@@ -69,7 +76,8 @@ def resolve(config: str) -> Path:
     if preset.exists():
         return preset
     names = sorted(p.stem for p in PRESETS.glob("*.yaml"))
-    raise ConfigError("config", config, f"a YAML file or a preset: {', '.join(names)}")
+    raise ConfigError("config", config, f"a YAML file or a preset: {', '.join(names)}"
+                      + did_you_mean(config, names))
 
 
 def main(argv: list[str] | None = None) -> int:

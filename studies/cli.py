@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from scaling import storage
-from scaling.config import ConfigError, load_config, parse_yaml, read_yaml
+from scaling.config import ConfigError, did_you_mean, load_config, parse_yaml, read_yaml
 from scaling.data.datasets import DataError, root_problem
 from scaling.pipeline import parse_overrides, resolve
 from scaling.stages.registry import STAGES
@@ -132,7 +132,8 @@ def build(defn: StudyDef, args: argparse.Namespace) -> Study:
                                   "preset, base, set, axes, seeds")
     name = args.preset or spec.get("preset") or defn.default
     if name not in defn.presets:
-        raise ConfigError("--preset", name, ", ".join(defn.presets))
+        raise ConfigError("--preset", name, ", ".join(defn.presets)
+                          + did_you_mean(name, defn.presets))
     preset = defn.presets[name]
     overrides = {**preset.set, **spec.get("set", {}), **parse_overrides(args.set)}
     base = load_config(resolve(spec.get("base", preset.base)), overrides)

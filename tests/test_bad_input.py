@@ -176,3 +176,29 @@ def test_help_names_its_own_command_and_explains_every_flag(command, usage):
         if flag and not flag.group(2) and not line.startswith("  -h"):
             nxt = options[i + 1] if i + 1 < len(options) else ""
             assert nxt.startswith(" " * 10) and nxt.strip(), f"no help for {line.strip()}"
+
+
+@pytest.mark.parametrize("argv, guess", [
+    (["--axis", "widht=0.1"], "did you mean 'width'?"),
+    (["--axis", "model.widht=0.1"], "did you mean 'model.width'?"),
+    (["--preset", "fmnist-cpux"], "did you mean 'fmnist-cpu'?"),
+    (["--set", "model.widht=0.5"], "did you mean 'width'?"),
+    (["--set", "model.stem=imagnet"], "did you mean 'imagenet'?"),
+])
+def test_a_near_miss_gets_a_did_you_mean(argv, guess):
+    from scaling.config import ConfigError
+    from studies.cli import build, parser
+    from studies.model_size import STUDY
+
+    with pytest.raises(ConfigError) as e:
+        build(STUDY, parser(STUDY).parse_args(argv))
+    assert str(e.value).endswith(guess), str(e.value)
+
+
+def test_a_far_miss_gets_no_guess():
+    from scaling.config import ConfigError
+    from scaling.pipeline import resolve
+
+    near = pytest.raises(ConfigError, resolve, "fmnist-cp").value
+    far = pytest.raises(ConfigError, resolve, "zzzzzz").value
+    assert "did you mean 'fmnist-cpu'" in str(near) and "did you mean" not in str(far)

@@ -120,6 +120,32 @@ def test_missing_local_files_are_named(tmp_path):
         cluster.validate(raw, "local.yaml", base=REPO)
 
 
+def test_the_command_line_refuses_placeholders_relative_paths_and_missing_files(
+        tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)  # file_mounts resolve from the repository root, as for ray up
+    assert cluster.main(["cluster/gpu.yaml"]) == 2  # as shipped: the bucket is a placeholder
+    assert "setup_commands.3 still holds the placeholder 's3://EDIT-your-bucket/studies'" \
+        in capsys.readouterr().err.replace("SCALING_STORAGE=", "")
+    text = (REPO / "cluster" / "gpu.yaml").read_text()
+    edited = tmp_path / "gpu.yaml"
+    edited.write_text(text.replace("EDIT-your-bucket", "lab-bucket"))
+    assert cluster.main([str(edited)]) == 0, capsys.readouterr().err
+    assert "ok (aws" in capsys.readouterr().out
+    relative = tmp_path / "relative.yaml"
+    relative.write_text(text.replace("s3://EDIT-your-bucket/studies", "runs/studies"))
+    assert cluster.main([str(relative)]) == 2
+    assert "SCALING_STORAGE=runs/studies, a relative path" in capsys.readouterr().err
+    raw = _raw("local.yaml")
+    raw["setup_commands"].append("echo --set data.root=data/cifar10")
+    assert any("data.root=data/cifar10, a relative path" in p
+               for p in cluster.unfinished(raw, "local.yaml"))
+    assert cluster.unfinished(_raw("local.yaml"), "local.yaml") == []
+    assert cluster.main([str(tmp_path / "nonexist.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {tmp_path / 'nonexist.yaml'}: no such file")
+    assert "Errno" not in err[0]
+
+
 # --- a real two-node cluster on loopback ----------------------------------------------
 
 def _free_port() -> int:

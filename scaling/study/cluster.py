@@ -19,7 +19,9 @@ import io
 import json
 import logging
 import os
+import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +120,41 @@ def _check_project(raw: dict, config: dict, source: str, base: Path | None) -> N
                               f"a local path that exists{hint}")
 
 
+PLACEHOLDER = re.compile(r"\bEDIT\b|EDIT-")
+# Paths the study reads on every node: relative ones resolve against whatever
+# directory a Ray worker happens to run in (~ for `ray submit`), not the checkout.
+NODE_PATH = re.compile(r"\b(SCALING_STORAGE|data\.root)=['\"]?([^\s'\"]+)")
+
+
+def _strings(value: Any, path: tuple = ()) -> Iterator[tuple[str, str]]:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _strings(v, (*path, k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _strings(v, (*path, i))
+    elif isinstance(value, str):
+        yield _where(path), value
+
+
+def unfinished(raw: dict, source: str) -> list[str]:
+    """What a template still leaves to its user: ``EDIT`` placeholders, and study
+    storage or data roots that are relative paths. ``validate`` accepts these (the
+    shipped templates must pass Ray's checks); the command line refuses them."""
+    problems = []
+    for where, text in _strings(raw):
+        if PLACEHOLDER.search(text):
+            shown = next(w for w in text.split() if PLACEHOLDER.search(w)).strip("'\"")
+            problems.append(f"{source}: {where} still holds the placeholder {shown!r}: "
+                            "replace it (docs/cluster.md, first steps)")
+        for name, value in NODE_PATH.findall(text):
+            if "://" not in value and not value.startswith(("/", "~", "$")):
+                problems.append(f"{source}: {where} sets {name}={value}, a relative path: "
+                                "give an absolute path (Ray workers do not run in the "
+                                "checkout) or a URI such as s3://bucket/studies")
+    return problems
+
+
 def load(path: str | Path, base: Path | None = None) -> dict:
     return validate(parse_yaml(Path(path).read_text(), str(path)), str(path), base)
 
@@ -188,10 +225,22 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     failed = 0
     for path in args.configs:
+        if not Path(path).is_file():
+            shipped = ", ".join(str(p) for p in sorted(Path("cluster").glob("*.yaml")))
+            print(f"error: {path}: no such file" + (f" (shipped: {shipped})" if shipped else ""),
+                  file=sys.stderr)
+            failed += 1
+            continue
         try:
             config = load(path, base=Path.cwd())
         except (ConfigError, OSError, yaml.YAMLError) as e:
             print(f"error: {e}", file=sys.stderr)  # every message names the file
+            failed += 1
+            continue
+        left = unfinished(parse_yaml(Path(path).read_text(), str(path)), str(path))
+        for problem in left:
+            print(f"error: {problem}", file=sys.stderr)
+        if left:
             failed += 1
             continue
         most = max_resources(config)

@@ -31,6 +31,7 @@ from scaling.config import (
     ExperimentConfig,
     ModelConfig,
     config_hash,
+    did_you_mean,
     resolve_fraction,
     with_overrides,
 )
@@ -100,7 +101,8 @@ def make_study(name: str, base: ExperimentConfig, axes: dict[str, list[Any]],
         full = canonical(key)
         if full not in AXIS_KEYS:
             raise ConfigError(f"axes.{key}", values, "an axis: one of " + ", ".join(
-                sorted(ALIASES)) + ", or a dotted config key (model.stem, pretrain.epochs, ...)")
+                sorted(ALIASES)) + ", or a dotted config key (model.stem, pretrain.epochs, ...)"
+                + did_you_mean(key, [*ALIASES, *AXIS_KEYS]))
         if not isinstance(values, list | tuple) or not values:
             raise ConfigError(f"axes.{key}", values, "a non-empty list of values")
         if len(set(map(json.dumps, values))) != len(values):

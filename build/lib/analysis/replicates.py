@@ -1,0 +1,94 @@
+"""Replicates, and the stage runs they share.
+
+An interval over replicates claims that they are independent draws. A study's
+``replicate`` axis makes them so (each its own pretraining seed, labelled subset and
+fine-tuning seed: no stage run in common). Other designs share runs: crossing 2
+pretraining seeds with 2 labelled subsets gives 4 cells but only 2 pretraining runs,
+and every model's cells share one pixel-arm run per subset. Values that share a run
+are not independent, so an effect's values are first grouped into clusters, the
+connected components of "shares a stage run", each cluster counts once (its mean),
+and the Student-t interval is taken over the clusters.
+
+Every row of the tidy table carries ``runs``: the stage keys it rests on (its own
+and its input stages', from the same cell). An effect that combines rows unites
+their runs (``links``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+from numpy.typing import ArrayLike
+
+from analysis.fit import mean_interval
+from scaling.stages.registry import with_inputs
+
+
+def row_runs(df: pd.DataFrame) -> pd.Series:
+    """Per row: the frozenset of stage keys it rests on, its own and its inputs' (the
+    rows of the same cell with an input stage)."""
+    by_cell: dict[str, dict[str, str]] = {}
+    for cell, stage, key in zip(df["cell"], df["stage"], df["stage_key"], strict=True):
+        by_cell.setdefault(cell, {})[stage] = key
+    out = []
+    for cell, stage in zip(df["cell"], df["stage"], strict=True):
+        keys = by_cell[cell]
+        out.append(frozenset(keys[s] for s in with_inputs([stage]) if s in keys))
+    return pd.Series(out, index=df.index, dtype=object)
+
+
+def links(df: pd.DataFrame, rows: pd.DataFrame, stages: Iterable[str]) -> pd.Series:
+    """Per row of ``rows`` (a subset of ``df``): the runs of its own cell's rows of
+    ``stages`` united, i.e. what an effect comparing those stages in a cell rests on."""
+    stages = set(stages)
+    of: dict[str, frozenset[str]] = {}
+    for cell, stage, runs in zip(df["cell"], df["stage"], df["runs"], strict=True):
+        if stage in stages:
+            of[cell] = of.get(cell, frozenset()) | runs
+    return pd.Series([of.get(c, frozenset()) for c in rows["cell"]], index=rows.index,
+                     dtype=object)
+
+
+def clusters(shared: Sequence[frozenset[str]]) -> np.ndarray:
+    """A cluster number per value: values whose run sets overlap, directly or through
+    others, are one cluster (union-find over the run keys)."""
+    parent = list(range(len(shared)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[str, int] = {}
+    for i, runs in enumerate(shared):
+        for key in runs:
+            if key in first:
+                parent[root(i)] = root(first[key])
+            else:
+                first[key] = i
+    roots = [root(i) for i in range(len(shared))]
+    _, labels = np.unique(roots, return_inverse=True)
+    return np.asarray(labels)
+
+
+def cluster_means(values: ArrayLike, shared: Sequence[frozenset[str]]) -> np.ndarray:
+    """One value per cluster of ``shared`` (its mean); NaN values are left out."""
+    v = np.asarray(values, dtype=float)
+    ok = np.isfinite(v)
+    if not ok.any():
+        return np.array([])
+    labels = clusters([s for s, keep in zip(shared, ok, strict=True) if keep])
+    return np.asarray(pd.Series(v[ok]).groupby(labels).mean().to_numpy())
+
+
+def effect(values: ArrayLike, shared: Sequence[frozenset[str]]) -> tuple[float, float, float, int]:
+    """(mean, low, high, independent replicates): the Student-t 95% interval over the
+    clusters of values that share no stage run."""
+    means = cluster_means(values, shared)
+    if len(means) == 0:
+        return float("nan"), float("nan"), float("nan"), 0
+    mean, lo, hi = mean_interval(means)
+    return mean, lo, hi, len(means)

@@ -1,0 +1,121 @@
+"""Checkpoints: the contract between stages and the unit of resumption.
+
+Layout of one stage directory (documented in docs/checkpoints.md):
+
+    checkpoints/step-000000120/state.pt   model/optimiser/queue/RNG state dicts
+    checkpoints/step-000000120/meta.json  step, epoch, sha256 of state.pt, history
+    final/model.pt                        unwrapped state dicts of the result
+    result.json                           written last: the stage is finished
+
+Every file is written atomically and every checkpoint directory appears by one
+rename, so a kill leaves either the previous checkpoint or the new one. Loading
+verifies the sha256 and uses ``weights_only=True``; a corrupt latest checkpoint
+is reported and the previous one is used.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from scaling.atomic import atomic_write, atomic_write_text
+from scaling.records import StageResult
+from scaling.storage import read_local_result, sha256
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _to_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    stage_dir: Path, step: int, state: dict[str, Any], meta: dict[str, Any], keep: int = 2
+) -> Path:
+    """Write ``state`` (tensors, dicts, numbers) and ``meta`` (JSON) as step ``step``."""
+    root = stage_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:09d}"
+    tmp = root / f".step-{step:09d}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    data = _to_bytes(state)
+    atomic_write(tmp / "state.pt", lambda f: f.write(data))
+    meta = {**meta, "step": step, "sha256": sha256(data)}
+    atomic_write_text(tmp / "meta.json", json.dumps(meta))
+    if final.exists():  # the same step saved again (e.g. after a resume): replace it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    for old in sorted(root.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint_dir(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load one checkpoint directory, verifying its checksum. Raises CheckpointError."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        data = (path / "state.pt").read_bytes()
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e})") from None
+    if sha256(data) != meta.get("sha256"):
+        raise CheckpointError(f"{path}: state.pt does not match its sha256 (truncated or corrupt)")
+    try:
+        state = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means corrupt
+        raise CheckpointError(f"{path}: state.pt does not load ({e})") from None
+    return state, meta
+
+
+def latest_checkpoint(stage_dir: Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The newest checkpoint that verifies; older ones are the fallback."""
+    for path in sorted((stage_dir / "checkpoints").glob("step-*"), reverse=True):
+        try:
+            return load_checkpoint_dir(path)
+        except CheckpointError as e:
+            print(f"warning: {e}; falling back to the previous checkpoint", file=sys.stderr)
+    return None
+
+
+def write_result(stage_dir: Path, models: dict[str, Any], result: Mapping[str, Any]
+                 ) -> StageResult:
+    """Save the final unwrapped state dicts, then result.json (the 'finished' mark)."""
+    data = _to_bytes(models)
+    atomic_write(stage_dir / "final" / "model.pt", lambda f: f.write(data))
+    text = json.dumps({**result, "model_sha256": sha256(data)}, indent=1, sort_keys=True)
+    atomic_write_text(stage_dir / "result.json", text)
+    written: StageResult = json.loads(text)  # callers see exactly what a re-run reads
+    return written
+
+
+def load_final_models(stage_dir: Path) -> dict[str, Any]:
+    """The finished stage's state dicts (checksum-verified, weights only)."""
+    result = read_local_result(stage_dir)
+    if result is None:
+        raise CheckpointError(f"{stage_dir} has no result.json: the stage has not finished")
+    data = (stage_dir / "final" / "model.pt").read_bytes()
+    if sha256(data) != result["model_sha256"]:
+        raise CheckpointError(f"{stage_dir}/final/model.pt does not match result.json's sha256")
+    models: dict[str, Any] = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    return models

@@ -1,0 +1,217 @@
+"""Bookkeeping every training stage shares: resume, checkpoints, NaN guard, progress.
+
+A stage function owns its data, model, loss and loop; it hands this object the
+things that must survive a kill (state-dict holders and the augmentation RNG)
+and calls ``after_step`` once per step. That is all the shared machinery there is.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.distributed
+
+from scaling.config import ExperimentConfig, OptimConfig, RuntimeConfig, ViewSpec
+from scaling.data.batches import Fetcher, crops_for, epoch_batches
+from scaling.records import ProgressReport, StageResult
+from scaling.stages.checkpoint import latest_checkpoint, save_checkpoint, write_result
+from scaling.train.env import Env
+from scaling.train.measure import Progress, peak_memory_bytes
+from scaling.train.schedule import LRSchedule
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> Any: ...
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or inf; nothing after the last good checkpoint was saved."""
+
+
+class StageRun:
+    def __init__(
+        self, name: str, out: Path, env: Env, runtime: RuntimeConfig,
+        steps_per_epoch: int, epochs: int, objects: dict[str, Stateful],
+        generator: torch.Generator,
+    ) -> None:
+        self.name, self.out, self.env, self.runtime = name, out, env, runtime
+        self.steps_per_epoch, self.epochs = steps_per_epoch, epochs
+        self.total_steps = steps_per_epoch * epochs
+        self.objects, self.generator = objects, generator
+        self.started = time.perf_counter()
+        if env.cuda:  # the stage's own peak, not the process's (a lane runs many stages)
+            torch.cuda.reset_peak_memory_stats(env.device)
+        self.step = 0
+        self.resumed_from: int | None = None
+        prior: dict[str, Any] = {}
+        found = latest_checkpoint(out)
+        if found is not None:
+            state, meta = found
+            for key, obj in objects.items():
+                obj.load_state_dict(state[key])
+            generator.set_state(state["rng"]["augment"])
+            torch.set_rng_state(state["rng"]["torch"])
+            self.step = self.resumed_from = meta["step"]
+            prior = meta["progress"]
+            if env.is_main and env.progress_lines:  # else the sweep's driver says it
+                print(f"[{name}] resumed from step {self.step} ({out})", flush=True)
+        self.progress = Progress(
+            name, self.total_steps, env.is_main and env.progress_lines,
+            prior.get("history"), prior.get("step_seconds", 0.0), prior.get("images", 0),
+        )
+        self._bad = torch.zeros((), dtype=torch.bool, device=env.device)
+        self._loss_sum = torch.zeros((), device=env.device)
+        self._loss_n = 0
+        self._last = time.perf_counter()
+        # Curve points reported so far: none, so a resumed stage's first report carries
+        # its whole history (the points before the interrupt included).
+        self._reported = 0
+
+    @property
+    def epoch(self) -> int:
+        return self.step // self.steps_per_epoch
+
+    def skip_in_epoch(self) -> int:
+        """Batches of the current epoch already done (non-zero only after a resume)."""
+        return self.step - self.epoch * self.steps_per_epoch
+
+    def batches(self, fetch: Fetcher, indices: np.ndarray, global_batch: int, seed: int,
+                view: ViewSpec, views: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This worker's share of every remaining batch, epoch after epoch from where
+        the run resumes; each epoch's order and (folder data) full-image crops are
+        drawn from (seed, epoch), so a resumed run sees the batches it would have."""
+        while self.step < self.total_steps:
+            env = self.env
+            batches = epoch_batches(indices, global_batch, seed, self.epoch, env.rank, env.world)
+            crops = crops_for(view, views, seed, self.epoch)
+            yield from fetch.stream(batches[self.skip_in_epoch():], crops)
+
+    def after_step(self, loss: torch.Tensor, lr: float, images: int) -> None:
+        """Record a finished step; check for NaN; checkpoint when due."""
+        self._bad |= ~torch.isfinite(loss.detach())
+        self._loss_sum += loss.detach().float()
+        self._loss_n += 1
+        log_due = (self.step + 1) % self.runtime.log_every == 0 or self.step + 1 == self.total_steps
+        every = self.runtime.checkpoint_every or self.steps_per_epoch
+        ckpt_due = (self.step + 1) % every == 0 or self.step + 1 == self.total_steps
+        # Check every step in a single CPU process; otherwise only where a sync or a
+        # collective happens anyway (log points, checkpoints), and always before saving.
+        if (not self.env.cuda and self.env.world == 1) or log_due or ckpt_due:
+            self._check_finite(loss)
+        now = time.perf_counter()
+        mean = None
+        if log_due:  # the mean loss since the last point: a smooth, honest curve
+            total = self._loss_sum / self._loss_n
+            if self.env.world > 1:  # every worker logs at the same steps: average them
+                torch.distributed.all_reduce(total)
+                total = total / self.env.world
+            mean = float(total)
+            self._loss_sum.zero_()
+            self._loss_n = 0
+        self.progress.step(self.step, self.epoch, mean, lr, images, now - self._last)
+        self.step += 1
+        if ckpt_due:
+            self.checkpoint()
+        self._last = time.perf_counter()
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        if self.env.world > 1:
+            # All workers must stop together: one raising alone would leave the
+            # others waiting in the next collective until the group times out.
+            flag = self._bad.to(torch.int32)  # gloo reduces no bools
+            torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX)
+            self._bad = flag.bool()
+        if bool(self._bad):
+            kept = sorted((self.out / "checkpoints").glob("step-*"))
+            where = str(kept[-1]) if kept else "none (no checkpoint yet)"
+            raise NonFiniteLoss(
+                f"{self.name}: loss became {float(loss.detach())} by step {self.step + 1}; "
+                f"stopped without saving. Last good checkpoint: {where}. Lower the learning "
+                "rate (optim.base_lr) or raise the temperature."
+            )
+
+    def checkpoint(self) -> Path | None:
+        if not self.env.is_main:
+            self._report(None)
+            return None
+        state: dict[str, Any] = {k: o.state_dict() for k, o in self.objects.items()}
+        state["rng"] = {"augment": self.generator.get_state(), "torch": torch.get_rng_state()}
+        meta = {"stage": self.name, "epoch": self.epoch, "progress": self.progress.state()}
+        path = save_checkpoint(self.out, self.step, state, meta, self.runtime.keep_checkpoints)
+        self._report(path)
+        return path
+
+    def _report(self, path: Path | None) -> None:
+        if self.env.report is not None:
+            points = self.progress.history[self._reported:]  # since the last report
+            self._reported = len(self.progress.history)
+            progress: ProgressReport = {
+                "stage": self.name, "step": self.step, "points": points,
+                "resumed_from": self.resumed_from, "total_steps": self.total_steps,
+                "epochs": self.epochs, "eta_s": self.progress.eta_seconds(self.step)}
+            if self.progress.history:  # the latest point's loss, lr, epoch and rate
+                last = self.progress.history[-1]
+                progress |= {"epoch": last["epoch"], "loss": last["loss"], "lr": last["lr"],
+                             "images_per_s": last["images_per_s"]}
+            self.env.report(progress, path)
+
+    def finish(self, models: dict[str, Any], metrics: dict[str, Any],
+               protocol: dict[str, Any], extra: dict[str, Any]) -> StageResult:
+        """Write the result (main worker only) with everything a stage records."""
+        result: dict[str, Any] = {
+            "stage": self.name,
+            "step": self.step,
+            "metrics": {
+                **metrics,
+                "images_per_s": self.progress.images_per_second,
+                "train_seconds": self.progress.step_seconds,
+                "wall_seconds": time.perf_counter() - self.started,
+                "peak_memory_bytes": peak_memory_bytes(self.env.device),
+                "final_loss": next(
+                    (p["loss"] for p in reversed(self.progress.history)
+                     if math.isfinite(p["loss"])), None),
+            },
+            "history": self.progress.history,
+            "protocol": protocol,
+            "resumed_from": self.resumed_from,
+            "world_size": self.env.world,
+            "node": self.env.node,
+            "device": str(self.env.device),
+            **extra,
+        }
+        if self.env.is_main:
+            return write_result(self.out, models, result)
+        copy: StageResult = json.loads(json.dumps(result))  # as the main worker's reads
+        return copy
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def augment_generator(env: Env, seed: int) -> torch.Generator:
+    """Augmentation RNG on the training device, in the same state on every worker:
+    each draws the choices of the whole global batch and applies its own rows."""
+    return torch.Generator(env.device).manual_seed(seed * 1_000_003 + 17)
+
+
+def labels_protocol(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Which labelled subset a classifier (or a student's teacher) was trained on."""
+    ft = cfg.finetune
+    return {"label_fraction": ft.label_fraction, "labels_per_class": ft.labels_per_class,
+            "subset_seed": ft.subset_seed}
+
+
+def optim_protocol(optim: OptimConfig, schedule: LRSchedule) -> dict[str, Any]:
+    return {"optimizer": optim.name, "base_lr": optim.base_lr, "lr_scaling": optim.lr_scaling,
+            "peak_lr": schedule.peak, "weight_decay": optim.weight_decay}

@@ -1,0 +1,205 @@
+"""Ray cluster-launcher configs (cluster/*.yaml): offline validation, and the
+resources an autoscaling cluster can grow to.
+
+    python -m scaling.study.cluster cluster/gpu.yaml cluster/local.yaml
+
+checks each file the way ``ray up`` will (Ray's own schema and config checks,
+no cloud credentials needed) plus what this project relies on: the head node
+carries the ``TRAIN_DRIVER`` resource, nodes get the project installed, and the
+local files to upload exist. Ray's checks are private API
+(``ray.autoscaler._private.util``); tests/test_cluster.py pins them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from scaling.config import ConfigError, ConfigFileError, parse_yaml
+
+DRIVER_RESOURCE = "TRAIN_DRIVER"  # the custom resource trial drivers are scheduled on
+# Written on the head node by `ray up`: the config as the launcher prepared it.
+BOOTSTRAP = Path("~/ray_bootstrap_config.yaml")
+
+
+def _where(path: Any) -> str:
+    return ".".join(str(p) for p in path) or "(top level)"
+
+
+def _schema_error(e: Any, source: str) -> ConfigError:
+    """Ray's schema error naming the one offending key, never the whole mapping."""
+    path = list(e.absolute_path)
+    if e.validator == "additionalProperties" and isinstance(e.instance, dict):
+        known = set(e.schema.get("properties", {}))
+        extra = sorted(k for k in e.instance if k not in known)[0]
+        return ConfigFileError(_where([*path, extra]), f"{source}: {_where([*path, extra])} "
+                               "is not a key Ray's cluster schema knows there; allowed: "
+                               + ", ".join(sorted(known)))
+    if e.validator == "required":
+        missing = e.message.split("'")[1]
+        return ConfigFileError(_where([*path, missing]), f"{source}: {_where([*path, missing])}"
+                               " is missing; Ray's cluster schema requires it")
+    value = e.instance if not isinstance(e.instance, dict | list) else type(e.instance).__name__
+    return ConfigError(f"{source}: {_where(path)}", value, f"Ray's cluster schema: "
+                       f"{e.message if len(e.message) < 200 else e.validator}")
+
+
+def validate(raw: Any, source: str = "cluster config", base: Path | None = None) -> dict:
+    """The config as ``ray up`` would use it, or ConfigError naming the key, the
+    value and what is allowed. ``base``: where local file_mounts paths resolve
+    (the directory ``ray up`` runs in); None skips that check."""
+    import jsonschema
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    if not isinstance(raw, dict):
+        raise ConfigError(source, type(raw).__name__, "a YAML mapping of the launcher's keys")
+    said = io.StringIO()
+    try:
+        # Ray's schema first, on the file as written, so an unknown key is reported
+        # as such rather than as whatever filling in defaults turns it into.
+        import ray.autoscaler
+
+        schema_path = Path(ray.autoscaler.__file__).parent / "ray-schema.json"
+        jsonschema.validate(raw, json.loads(schema_path.read_text()))
+        # Ray's launcher prints warnings (file mounts of single files: a docker concern)
+        # and errors itself; keep its words for the message and the console clean.
+        quiet = logging.getLogger("ray.autoscaler")  # "setting max workers for head ..."
+        level = quiet.level
+        quiet.setLevel(logging.WARNING)
+        try:
+            with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
+                config = prepare_config(copy.deepcopy(raw))
+                validate_config(config)
+        finally:
+            quiet.setLevel(level)
+    except jsonschema.ValidationError as e:
+        raise _schema_error(e, source) from None
+    except Exception as e:  # noqa: BLE001 - Ray raises ValueError, KeyError, click errors
+        printed = [line.strip() for line in said.getvalue().splitlines()
+                   if line.strip() and "WARN" not in line and "To ensure" not in line]
+        words = " ".join([str(e), *printed]).strip()
+        raise ConfigError(source, type(e).__name__, f"Ray's config checks: {words}") from None
+    _check_project(raw, config, source, base)
+    return config
+
+
+def _check_project(raw: dict, config: dict, source: str, base: Path | None) -> None:
+    """What the studies need beyond a config Ray accepts."""
+    starts = " ".join(config.get("head_start_ray_commands", []))
+    head = config["available_node_types"][config["head_node_type"]]
+    if DRIVER_RESOURCE not in head.get("resources", {}) and DRIVER_RESOURCE not in starts:
+        raise ConfigError(f"{source}: available_node_types.{config['head_node_type']}.resources",
+                          head.get("resources"),
+                          f"a {DRIVER_RESOURCE} resource on the head node (the study's trial "
+                          "drivers run there), or --resources in head_start_ray_commands")
+    setup = " ".join(config.get("setup_commands", []))
+    if "pip install" not in setup:
+        raise ConfigError(f"{source}: setup_commands", raw.get("setup_commands"),
+                          "commands that pip-install the project on every node")
+    if base is None:
+        return
+    for remote, local in config.get("file_mounts", {}).items():
+        path = Path(os.path.expanduser(local))
+        if not (base / path).exists():
+            hint = (" (run `ray get-auth-token --generate` first)"
+                    if Path(remote).name == "auth_token"
+                    else " (run ray up from the repository root)")
+            raise ConfigError(f"{source}: file_mounts.{remote}", local,
+                              f"a local path that exists{hint}")
+
+
+def load(path: str | Path, base: Path | None = None) -> dict:
+    return validate(parse_yaml(Path(path).read_text(), str(path)), str(path), base)
+
+
+def max_resources(config: dict) -> dict[str, float] | None:
+    """The most of each resource the cluster can hold: the head plus every worker
+    type at its max_workers, within the global max_workers (largest nodes first).
+    None where a node type leaves its resources to be detected (local provider)."""
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]
+    if any(not t.get("resources") for t in types.values()):
+        return None
+    total: dict[str, float] = dict(head["resources"])
+    left = config.get("max_workers", 0)
+    workers = [t for name, t in types.items() if name != config["head_node_type"]]
+    for t in sorted(workers, key=lambda t: -sum(t["resources"].values())):
+        n = min(t.get("max_workers", 0), left)
+        left -= n
+        for key, value in t["resources"].items():
+            total[key] = total.get(key, 0) + n * value
+    return total
+
+
+# Memory per GPU by EC2 instance family, in GB as AWS sells it (10^9 bytes): the
+# limit a memory plan is checked against (scaling.study.memory).
+GPU_MEMORY_GB = {"g5": 24, "g6": 24, "g6e": 48, "p3": 16, "p3dn": 32, "p4d": 40, "p4de": 80,
+                 "p5": 80, "p5e": 141, "p5en": 141}
+
+
+def gpu_nodes(config: dict) -> list[tuple[str, int, int | None]]:
+    """(node type, GPUs, bytes per GPU or None where the instance type is unknown)
+    of every worker type with GPUs."""
+    out = []
+    for name, t in config["available_node_types"].items():
+        gpus = int(t.get("resources", {}).get("GPU", 0))
+        if gpus:
+            family = str(t.get("node_config", {}).get("InstanceType", "")).split(".")[0]
+            gb = GPU_MEMORY_GB.get(family)
+            out.append((name, gpus, None if gb is None else gb * 10**9))
+    return out
+
+
+def bootstrap_config() -> dict | None:
+    """On a head node started by ``ray up``: the cluster's config, or None."""
+    path = BOOTSTRAP.expanduser()
+    if not path.exists():
+        return None
+    try:
+        config = yaml.safe_load(path.read_text())
+        return config if isinstance(config, dict) else None
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def autoscaling_limit() -> dict[str, float] | None:
+    """On a head node started by ``ray up``: what the cluster can grow to."""
+    config = bootstrap_config()
+    try:
+        return None if config is None else max_resources(config)
+    except (KeyError, TypeError, AttributeError):
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m scaling.study.cluster", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("configs", nargs="+", help="cluster YAML files")
+    args = p.parse_args(argv)
+    failed = 0
+    for path in args.configs:
+        try:
+            config = load(path, base=Path.cwd())
+        except (ConfigError, OSError, yaml.YAMLError) as e:
+            print(f"error: {e}", file=sys.stderr)  # every message names the file
+            failed += 1
+            continue
+        most = max_resources(config)
+        grows = (", ".join(f"{k} {v:g}" for k, v in sorted(most.items()))
+                 if most else "detected on each machine")
+        print(f"{path}: ok ({config['provider']['type']}; at most: {grows})")
+    return 2 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""What a running study shows: the Tune callback that prints one line per stage
+event and progress report and a whole-sweep line with an ETA, and keeps the
+results table fresh as stages finish."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import pandas as pd
+from ray import tune
+
+from scaling.storage import Location
+from scaling.study import results
+from scaling.study.plan import fmt_duration
+
+
+class Console(tune.Callback):
+    """One line per progress report (cell, stage, epoch, ETA), and after every stage
+    run one line for the whole sweep: k/N distinct stage runs and an ETA from this
+    run's measured rate (training FLOPs finished per second). The table kept fresh."""
+
+    def __init__(self, study_dir: Location, cell_keys: list[str],
+                 flops: dict[tuple[str, str], float], done: set[tuple[str, str]]) -> None:
+        self.study_dir, self.cell_keys = study_dir, cell_keys
+        self.flops, self.done = flops, set(done)
+        self.started, self.executed_flops = time.monotonic(), 0.0
+        self.last: dict[str, float] = {}  # trial id: when its last progress line was
+        self.resumed: set[tuple[str, str, int | None]] = set()
+
+    def sweep_line(self) -> str:
+        left = sum(f for k, f in self.flops.items() if k not in self.done)
+        rate = self.executed_flops / max(time.monotonic() - self.started, 1e-9)
+        eta = f"ETA {fmt_duration(left / rate)}" if rate > 0 and left else (
+            "done" if not left else "ETA after the first stage run")
+        return f"[sweep] {len(self.done)}/{len(self.flops)} stage runs, {eta}"
+
+    def on_trial_result(self, iteration: int, trials: list[Any], trial: Any,
+                        result: dict[str, Any], **info: Any) -> None:
+        cell = trial.config["cell"]["id"]
+        if result.get("event"):
+            print(f"[{cell}] {result['stage']}: {result['event']}", flush=True)
+            if result["event"] in ("executed", "reused"):
+                run = (result["stage"], result["key"])
+                if result["event"] == "executed" and run not in self.done:
+                    self.executed_flops += self.flops.get(run, 0.0)
+                if run not in self.done:
+                    self.done.add(run)
+                    print(self.sweep_line(), flush=True)
+                update_table(self.study_dir, self.cell_keys)
+            return
+        if "total_steps" not in result:
+            return
+        resumed = (trial.trial_id, result["stage"], result.get("resumed_from"))
+        if resumed[2] is not None and resumed not in self.resumed:  # once per resume
+            self.resumed.add(resumed)
+            print(f"[{cell}] {result['stage']}: resumed from step {resumed[2]}", flush=True)
+        now = time.monotonic()
+        if now - self.last.get(trial.trial_id, 0) < 10 and result["step"] < result["total_steps"]:
+            return
+        self.last[trial.trial_id] = now
+        spe = max(result["total_steps"] // result["epochs"], 1)
+        epoch = min(math.ceil(result["step"] / spe), result["epochs"])
+        loss = f" loss {result['loss']:.4f}" if "loss" in result else ""
+        print(f"[{cell}] {result['stage']} epoch {epoch}/{result['epochs']} "
+              f"step {result['step']}/{result['total_steps']}{loss} "
+              f"ETA {fmt_duration(result['eta_s'])}", flush=True)
+
+
+def update_table(study_dir: Location, cell_keys: list[str]) -> pd.DataFrame:
+    rows = results.read_cells(study_dir, cell_keys)
+    df = results.table(rows)
+    if not df.empty:
+        results.write_table(study_dir, df)
+    return df

@@ -1,0 +1,430 @@
+"""The Ray Tune seam: a study runs as one Tune trial per cell. A trial is a driver
+that walks its cell's stages in dependency order and runs the ones it can on one
+Ray Train worker group (``scaling.runtime.ray_train.run_stages``), Train-inside-Tune.
+
+Each distinct stage runs once per study storage. Stage directories are named
+by content hash (``scaling.stages.registry.stage_key``), so a finished stage is found
+and reused by every cell that needs it. Stages that several running trials need
+at the same moment are claimed through one small actor: the claimant runs it,
+the others do other ready work (their supervised baseline) or wait, then reuse it.
+
+Storage layout (a directory or a URI):
+
+    <storage>/stages/<stage>-<key>/        stage results, shared by every study there
+    <storage>/<study>/results.csv          the tidy table (scaling/study/results.py)
+    <storage>/<study>/cells/<hash>.json    each cell's rows, written as stages finish
+    <storage>/<study>/_tune/<study>-<grid hash>/   Tune's experiment state (resume)
+    <storage>/<study>/_train/cell-<cell key>/      Ray Train's checkpoint copies, per cell
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import ray
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from scaling import storage
+from scaling.config import ConfigError, ExperimentConfig, RuntimeConfig, from_dict, to_dict
+from scaling.records import ProgressReport, StageEvent, StageResult
+from scaling.runtime.lanes import Dispatcher, run_on_lane, serve
+from scaling.runtime.ray_train import StageJob, run_stages, stage_event
+from scaling.stages.registry import STAGES, stage_dir
+from scaling.storage import Location
+from scaling.study import cluster, results
+from scaling.study.console import Console, update_table
+from scaling.study.folder import check_owner, study_record
+from scaling.study.plan import (
+    SHORT,
+    Study,
+    capacity,
+    cell_key,
+    cells,
+    check_local,
+    distinct_runs,
+    finished,
+    grid_hash,
+    required_stages,
+    schedule_order,
+    stage_flops,
+)
+from scaling.study.tracking import MLflow, TensorBoard, check_mlflow
+
+POLL_SECONDS = 2.0
+TRIAL_RETRIES = 1  # Tune re-runs a trial whose process or node died
+DRIVER_RESOURCE = cluster.DRIVER_RESOURCE  # trial drivers are scheduled on it
+
+
+class Leases:
+    """Which trial is computing which stage key. A claim is a lease its holder
+    renews while it works; if the holder's process dies, the lease runs out and a
+    waiting trial takes the stage over (its checkpoints included). Held in memory:
+    after a crash of the sweep the leases are gone, and the storage is the truth."""
+
+    def __init__(self, seconds: float = 60.0, clock: Callable[[], float] = time.monotonic):
+        self.seconds, self.clock = seconds, clock
+        self.held: dict[str, tuple[str, float]] = {}
+
+    def claim(self, key: str, trial: str) -> bool:
+        holder, renewed = self.held.get(key, (trial, 0.0))
+        if holder != trial and self.clock() - renewed <= self.seconds:
+            return False
+        self.held[key] = (trial, self.clock())
+        return True
+
+    def renew(self, key: str, trial: str) -> None:
+        if self.held.get(key, ("", 0.0))[0] == trial:
+            self.held[key] = (trial, self.clock())
+
+    def release(self, key: str, trial: str) -> None:
+        if self.held.get(key, ("", 0.0))[0] == trial:
+            del self.held[key]
+
+
+class Coordinator(Leases, Dispatcher):
+    """The sweep's one actor: the stage leases and, when stages run on workers, the
+    lanes' queue. A stage in a queued or running ticket cannot be claimed."""
+
+    def __init__(self, lanes: int) -> None:
+        Leases.__init__(self)
+        Dispatcher.__init__(self, lanes)
+
+    def claim(self, key: str, trial: str) -> bool:
+        return key not in self.in_flight() and Leases.claim(self, key, trial)
+
+
+StageClaims: Any = ray.remote(num_cpus=0)(Coordinator)
+
+
+@contextlib.contextmanager
+def _renewing(claims: Any, keys: list[str], trial: str) -> Iterator[None]:
+    """Renew the leases on ``keys`` every 10 s while the body runs; release them after."""
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(10.0):
+            for key in keys:
+                claims.renew.remote(key, trial)
+
+    thread = threading.Thread(target=renew, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        ray.get([claims.release.remote(key, trial) for key in keys])
+
+
+def quiet_shutdown(unraisable: Any) -> None:
+    """sys.unraisablehook for trial processes: Ray ends a finished trial's process by
+    raising SystemExit in it, which can land inside a weakref callback and print an
+    "Exception ignored ... SystemExit" traceback at the end of a sweep. That one is
+    the shutdown itself; every other unraisable exception is printed as usual."""
+    if isinstance(unraisable.exc_value, SystemExit | KeyboardInterrupt):
+        return
+    sys.__unraisablehook__(unraisable)
+
+
+def _tune_report(progress: ProgressReport | StageEvent, path: Path | None) -> None:
+    tune.report(dict(progress))
+
+
+def _record(ctx: dict[str, Any], cell: dict[str, Any], rows: dict[str, dict[str, Any]],
+            job: StageJob, result: StageResult, status: str = "executed") -> None:
+    """Add a stage's row to the cell's rows and rewrite its file (results.write_cell).
+    Also rank 0's hook (``run_stages(after=...)``), with its own copy of ``rows``."""
+    rows[job.stage] = results.stage_row(
+        ctx["study"], cell["id"], cell["axes"], cell["config"], job.stage,
+        job.key, result, status, ctx["commit"], ctx["invocation"])
+    results.write_cell(storage.parse(ctx["study_dir"]), cell["id"], cell["key"],
+                       list(rows.values()))
+
+
+def run_cell(config: dict[str, Any], ctx: dict[str, Any]) -> None:
+    """The Tune trainable: run or reuse every stage of one cell.
+
+    Each round reuses what is finished and claims every stage it can run now (its
+    input finished, or claimed in the same round), then runs the claimed ones in
+    dependency order on one Ray Train worker group: a cell pays the group's start-up
+    once, not per stage. A stage another trial holds is waited for (its result is
+    reused); meanwhile the stages that do not need it run.
+    """
+    sys.unraisablehook = quiet_shutdown
+    cell = config["cell"]
+    cfg = from_dict(ExperimentConfig, cell["config"])
+    root = storage.parse(ctx["stages"])
+    claims = ray.get_actor(ctx["claims"])
+    trial = tune.get_context().get_trial_id()
+    rows: dict[str, dict[str, Any]] = {}
+    pending = list(ctx["stages_needed"])  # in dependency order
+    while pending:
+        claimed: list[StageJob] = []
+        for stage in list(pending):
+            dep = STAGES[stage].input
+            if dep in pending and dep not in [j.stage for j in claimed]:
+                continue  # its input is not finished, and another trial computes it
+            job = StageJob(stage, cfg, stage_dir(root, cfg, stage),
+                           stage_dir(root, cfg, dep) if dep else None)
+            result = storage.read_result(job.out)
+            if result is None and ray.get(claims.claim.remote(job.key, trial)):
+                claimed.append(job)
+            elif result is not None:
+                _reused(ctx, cell, rows, job, result)
+                pending.remove(stage)
+        if not claimed:
+            if pending:
+                time.sleep(POLL_SECONDS)
+            continue
+        with _renewing(claims, [j.key for j in claimed], trial):
+            # Finished by the previous holder between our look and our claim?
+            for job in list(claimed):
+                if (result := storage.read_result(job.out)) is not None:
+                    _reused(ctx, cell, rows, job, result)
+                    claimed.remove(job)
+                    pending.remove(job.stage)
+            # Rank 0's progress becomes this trial's metrics, and the StageEvents
+            # around each stage its Console lines; the driver prints them once.
+            if ctx["lanes"]:  # a lane's worker group runs them; each row is written here
+                run_on_lane(claims, claimed, _tune_report,
+                            functools.partial(_record, ctx, cell, rows))
+            else:  # rank 0 writes each row with its copy of the rows; then this trial
+                ran = run_stages(claimed, f"cell-{cell['key']}", report=_tune_report,
+                                 ray_storage=str(storage.join(ctx["study_dir"], "_train")),
+                                 callbacks=(TuneReportCallback(),),
+                                 after=functools.partial(_record, ctx, cell, dict(rows)))
+                for job, result in zip(claimed, ran, strict=True):
+                    _record(ctx, cell, rows, job, result)
+        for job in claimed:
+            pending.remove(job.stage)
+
+
+def _reused(ctx: dict[str, Any], cell: dict[str, Any], rows: dict[str, dict[str, Any]],
+            job: StageJob, result: StageResult) -> None:
+    _record(ctx, cell, rows, job, result, "reused")
+    tune.report(dict(stage_event(job, "reused", result)))
+
+
+def connect(address: str | None, cfg: ExperimentConfig) -> bool:
+    """Join ``address`` ('auto': the running cluster, as under ``ray submit``) or
+    start a local Ray with every core and a driver resource. True if it joined."""
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address)
+        return True
+    if _ray_running_here():  # a cluster started here (ray start / ray up; ray submit)?
+        try:
+            ray.init(address="auto")
+            print("joined the running Ray cluster", flush=True)
+            return True
+        except ConnectionError:
+            pass
+    cpus = check_local(cfg)
+    # "local": a new instance even where a dead cluster left its address file.
+    ray.init(address="local", num_cpus=cpus, resources={DRIVER_RESOURCE: 1000},
+             include_dashboard=False)
+    return False
+
+
+def _ray_running_here() -> bool:
+    """RAY_ADDRESS set, or a GCS process on this machine. Not just Ray's address file:
+    a killed cluster leaves it behind, and joining that address hangs."""
+    if os.environ.get("RAY_ADDRESS"):
+        return True
+    try:
+        from ray._private.services import find_gcs_addresses
+    except ImportError:  # moved in a later Ray: let ray.init decide
+        return True
+    return bool(find_gcs_addresses())
+
+
+def cluster_resources(limit: dict[str, float] | None) -> dict[str, float]:
+    """What the cluster has now or, on a head node started by ``ray up``, what the
+    autoscaler can grow it to (``limit``): GPU nodes start only once trials ask."""
+    now = dict(ray.cluster_resources())
+    for key, value in (limit or {}).items():
+        now[key] = max(now.get(key, 0.0), float(value))
+    return now
+
+
+def warn_if_not_shared(root: Location, joined: bool, limit: dict[str, float] | None) -> None:
+    """A local path must be shared (NFS) by every node of a multi-node cluster."""
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    if joined and not storage.is_uri(root) and (nodes > 1 or limit):
+        eprint(f"warning: --storage {root} is a local path on a multi-node cluster: every "
+               "node must see it at that path (NFS); otherwise use s3://bucket/studies")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    table: pd.DataFrame
+    executed: int
+    reused: int
+    errored: list[str]
+    seconds: float
+    interrupted: bool = False  # Ctrl-C: stopped with cells unfinished; resumable
+
+
+def run_study(study: Study, root: Location, *, address: str | None = None,
+              restart_errored: bool = False, resume: bool = False,
+              mlflow: str | None = None) -> Outcome:
+    """Run (or resume) the study's grid on Ray Tune; returns the results table.
+    ``resume``: there must be a sweep to resume in ``root`` (guards a mistyped URI).
+    ``mlflow``: a tracking URI to log the stages' curves to, besides TensorBoard."""
+    started = time.perf_counter()
+    grid = cells(study)
+    root = storage.absolute(root)
+    study_dir = storage.join(root, study.name)
+    tune_root = str(storage.join(study_dir, "_tune"))
+    name = f"{study.name}-{grid_hash(study)}"
+    path = str(storage.join(tune_root, name))
+    # Every check that can fail runs before Ray starts and before anything is written.
+    if resume and not tune.Tuner.can_restore(path):
+        raise ConfigError("--resume", str(root), "the storage of an earlier run of this study "
+                          f"(same --storage, preset, axes and --set): no sweep state in {path}")
+    record = study_record(study)
+    check_owner(study_dir, record)
+    if mlflow:
+        check_mlflow(mlflow)
+    if address is None and not ray.is_initialized() and not _ray_running_here():
+        check_local(study.base)  # before the storage is touched
+    storage.check_writable(root, "--storage")
+    joined = connect(address, study.base)
+    limit = cluster.autoscaling_limit() if joined else None
+    cap = capacity(study.base, cluster_resources(limit))
+    warn_if_not_shared(root, joined, limit)
+    claims_name = f"scaling-claims-{study.name}-{os.getpid()}"
+    # The handle keeps the actor alive for the sweep; trials look it up by name.
+    # On this (the head) node: a trial's node may die; the claims must not.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    lane_rt = _lane_runtime(grid)
+    # A lane holds its worker group for the whole sweep: no more lanes than cells.
+    lanes = min(cap.concurrent, len(grid)) if lane_rt else 0
+    claims = StageClaims.options(name=claims_name, scheduling_strategy=here).remote(lanes)
+    ctx = {"study": study.name, "stages": str(storage.join(root, "stages")),
+           "study_dir": str(study_dir), "claims": claims_name, "commit": record["git_commit"],
+           "stages_needed": list(required_stages(study)), "lanes": lanes > 0,
+           "invocation": time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"}
+    storage.write_text(study_dir, "study.json", json.dumps(record, indent=1))
+    payload = [{"id": c.id, "key": cell_key(study, c),
+                "axes": {SHORT.get(k, k): v for k, v in c.values},
+                "config": to_dict(c.config)} for c in schedule_order(study, grid)]
+    trainable = tune.with_resources(tune.with_parameters(run_cell, ctx=ctx), cap.resources)
+    runs = distinct_runs(study)
+    flops = {(s, k): stage_flops(c, s) for s, keyed in runs.items() for k, c in keyed.items()}
+    stages = storage.join(root, "stages")
+    logdir = storage.local_dir(study_dir) / "tensorboard" if storage.is_uri(study_dir) else (
+        Path(study_dir) / "tensorboard")
+    # Tune's own TensorBoard logger joins every stage into one curve per trial under
+    # /tmp/ray: ours (scaling.study.tracking) replaces it; its CSV/JSON loggers stay.
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    callbacks: list[tune.Callback] = [
+        Console(study_dir, record["keys"], flops, finished(study, root, runs)),
+        TensorBoard(logdir, stages), CSVLoggerCallback(), JsonLoggerCallback()]
+    if mlflow:
+        callbacks.append(MLflow(mlflow, study.name, stages))
+    print(f"{study.name}: {len(grid)} cells, up to {cap.concurrent} at once; "
+          f"results in {study_dir}; curves: tensorboard --logdir {logdir}", flush=True)
+    if tune.Tuner.can_restore(path):
+        print(f"resuming the sweep in {path}", flush=True)
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
+                                   resume_errored=restart_errored, restart_errored=False)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"cell": tune.grid_search(payload)},
+            # With lanes, a cell's trial waits queued while another runs: its lane
+            # goes on to it at once instead of waiting for a trial process to start.
+            tune_config=tune.TuneConfig(max_concurrent_trials=cap.concurrent * (1 + bool(lanes))),
+            # A trial whose node dies (spot reclaim, a crash) runs again on another,
+            # from its stages' last checkpoints. A failing cell also gets one retry.
+            run_config=tune.RunConfig(name=name, storage_path=tune_root, callbacks=callbacks,
+                                      failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES),
+                                      verbose=0),
+        )
+    tune_log = logging.getLogger("ray.tune.tune")
+    tune_log.addFilter(_quiet_interrupt)
+    train_root = str(storage.join(study_dir, "_train"))
+    served = [] if lane_rt is None else [
+        ray.remote(serve).options(num_cpus=0, scheduling_strategy=here).remote(
+            i, claims_name, lane_rt, train_root, f"lane-{i}-{ctx['invocation']}")
+        for i in range(lanes)]
+    try:
+        grid_results = tuner.fit()
+    finally:
+        tune_log.removeFilter(_quiet_interrupt)
+        # Idle lanes end at once when closed; after Ctrl-C a lane is mid-ticket and
+        # is stopped (its stage resumes from its checkpoints on the next run).
+        interrupted_mid_ticket = bool(ray.get(claims.in_flight.remote()))
+        ray.get(claims.close.remote())
+        _, stuck = ray.wait(served, num_returns=len(served),
+                            timeout=0 if interrupted_mid_ticket else 30)
+        for task in stuck:
+            ray.cancel(task, force=True)
+        ray.kill(claims)
+    errored = [(grid_results[i].config or {})["cell"]["id"] for i in range(len(grid_results))
+               if grid_results[i].error is not None]
+    df = update_table(study_dir, record["keys"])
+    now = df[df["invocation"] == ctx["invocation"]] if not df.empty else df
+    executed = int((now["status"] == "executed").sum()) if not now.empty else 0
+    # Tune ends a run it was asked to stop (SIGINT) like a finished one; a cell that
+    # neither failed nor has all its rows tells them apart.
+    stages_per_cell = {} if df.empty else df.groupby("cell")["stage"].nunique().to_dict()
+    interrupted = any(stages_per_cell.get(c.id, 0) < len(ctx["stages_needed"])
+                      and c.id not in errored for c in grid)
+    return Outcome(df, executed, len(now) - executed, errored, time.perf_counter() - started,
+                   interrupted)
+
+
+def _lane_runtime(grid: list[Any]) -> RuntimeConfig | None:
+    """The runtime section lanes run with: stages on workers, and every cell asking
+    for the same worker group (otherwise each cell's trial starts its own)."""
+    runtimes = {c.config.runtime for c in grid}
+    shapes = {(r.workers, r.cpus_per_worker, r.gpus_per_worker) for r in runtimes}
+    first = grid[0].config.runtime
+    return first if first.workers > 0 and len(shapes) == 1 else None
+
+
+def _quiet_interrupt(record: logging.LogRecord) -> bool:
+    """Drop Tune's own words on an interrupt: its resume hint (Tuner.restore(...)) is
+    wrong for this CLI, which prints how to resume itself."""
+    text = record.getMessage()
+    return not any(t in text for t in ("Stop signal received", "has been interrupted",
+                                       "Trials did not complete"))
+
+
+def summary(outcome: Outcome, study: Study) -> str:
+    df = outcome.table
+    lines = [f"this run: {outcome.executed} stage runs executed, {outcome.reused} reused, in "
+             f"{outcome.seconds:.0f} s; the table has {len(df)} rows for {len(cells(study))} cells"]
+    if not df.empty:
+        cols = ["cell", "stage", "status", "top1", "supervised_top1", "linear_top1",
+                "knn_top1", "params", "train_seconds"]
+        show = df[cols].copy()
+        for c in ("top1", "supervised_top1", "linear_top1", "knn_top1"):
+            show[c] = (100 * show[c]).round(1)
+        lines.append(show.to_string(index=False))
+    if outcome.errored:
+        lines.append(f"{len(outcome.errored)} cells failed: {', '.join(outcome.errored)}; "
+                     "re-run with --restart-errored")
+    return "\n".join(lines)
+
+
+def eprint(*args: Any) -> None:
+    print(*args, file=sys.stderr, flush=True)

@@ -1,0 +1,146 @@
+"""Training curves for watching a study: TensorBoard event files in the study's
+folder, and optionally MLflow (through Ray's own MLflow logger callback).
+
+Each stage has its own tags on its own step axis (``pretrain/loss``,
+``pretrain/lr``, ``finetune/loss``, ..., ``pretrain/knn_val_top1``), one run per
+cell. Live points arrive with the trials' progress reports (at checkpoints); when
+a stage finishes, its whole stored history (every ``runtime.log_every`` steps) and
+its final metrics are written, so a curve is complete however often it reported.
+
+    tensorboard --logdir runs/model_size-local/tensorboard
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+from scaling import storage
+from scaling.storage import Location
+
+CURVES = ("loss", "lr", "images_per_s")  # per history point
+FINAL = ("val_top1", "test_top1", "knn_val_top1", "knn_top1", "linear_val_top1",
+         "linear_top1", "teacher_val_top1", "teacher_test_top1", "images_per_s",
+         "train_seconds")
+Points = list[tuple[int, dict[str, float]]]
+
+
+def _curve(stage: str, points: Iterable[Mapping[str, Any]]) -> Points:
+    return [(int(p["step"]), {f"{stage}/{k}": float(p[k]) for k in CURVES if k in p})
+            for p in points]
+
+
+def stage_points(result: dict[str, Any], stages: Location) -> Points:
+    """(step, {tag: value}) for one trial report: a live progress point, or, when a
+    stage has finished (event executed/reused), its stored history and metrics."""
+    stage = result.get("stage")
+    if not stage:
+        return []
+    if "total_steps" in result:  # progress at a checkpoint: the points since the last one
+        return _curve(stage, result.get("points", []))
+    if result.get("event") not in ("executed", "reused"):
+        return []
+    done = storage.read_result(storage.stage_location(stages, stage, result["key"]))
+    if done is None:
+        return []
+    points = _curve(stage, done["history"])
+    final = {f"{stage}/{k}": float(v) for k, v in done["metrics"].items()
+             if k in FINAL and isinstance(v, int | float)}
+    return [*points, (int(done["step"]), final)]
+
+
+class Unseen:
+    """Keeps each tag's steps increasing: a finished stage's history repeats the points
+    already reported live, and TensorBoard takes a step going back for a restart."""
+
+    def __init__(self) -> None:
+        self.last: dict[tuple[str, str], int] = {}
+
+    def __call__(self, cell: str, points: Points) -> Points:
+        out = []
+        for step, values in points:
+            fresh = {t: v for t, v in values.items() if step > self.last.get((cell, t), -1)}
+            self.last |= {(cell, t): step for t in fresh}
+            if fresh:
+                out.append((step, fresh))
+        return out
+
+
+def run_name(cell: str) -> str:
+    """A cell id as a folder name (its '=' and ',' kept; '/' and spaces replaced)."""
+    return re.sub(r"[^A-Za-z0-9=,._-]", "_", cell)
+
+
+class TensorBoard(tune.Callback):
+    """Event files under ``logdir/<cell>/``, written by the sweep's driver."""
+
+    def __init__(self, logdir: Path, stages: Location) -> None:
+        self.logdir, self.stages = logdir, stages
+        self.writers: dict[str, Any] = {}
+        self.unseen = Unseen()
+
+    def on_trial_result(self, iteration: int, trials: list[Any], trial: Any,
+                        result: dict[str, Any], **info: Any) -> None:
+        from tensorboardX import SummaryWriter
+
+        cell = trial.config["cell"]["id"]
+        if cell not in self.writers:
+            # purge_step=0 hides what an interrupted run of this cell wrote: a trial that
+            # runs again reports every stage's whole history, reused ones included.
+            self.writers[cell] = SummaryWriter(str(self.logdir / run_name(cell)), purge_step=0)
+        writer = self.writers[cell]
+        for step, values in self.unseen(cell, stage_points(result, self.stages)):
+            for tag, value in values.items():
+                writer.add_scalar(tag, value, step)
+        writer.flush()
+
+    def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
+        for writer in self.writers.values():
+            writer.close()
+
+
+class MLflow(MLflowLoggerCallback):
+    """Ray's MLflow logger, one MLflow run per cell, with the stages' own tags and
+    steps instead of Tune's one joined curve; params: the cell's axis values (its
+    whole configuration is in results.csv)."""
+
+    def __init__(self, tracking_uri: str, experiment: str, stages: Location) -> None:
+        super().__init__(tracking_uri=tracking_uri, experiment_name=experiment,
+                         save_artifact=False)
+        self.stages = stages
+        self.unseen = Unseen()
+
+    def log_trial_start(self, trial: Any) -> None:
+        if trial not in self._trial_runs:
+            cell = trial.config["cell"]
+            run = self.mlflow_util.start_run(tags={"cell": cell["id"]}, run_name=cell["id"])
+            self._trial_runs[trial] = run.info.run_id
+            self.mlflow_util.log_params(run_id=self._trial_runs[trial],
+                                        params_to_log={"cell": cell["id"], **cell["axes"]})
+
+    def log_trial_result(self, iteration: int, trial: Any, result: dict[str, Any]) -> None:
+        points = stage_points(result, self.stages)
+        for step, values in self.unseen(trial.config["cell"]["id"], points):
+            self.mlflow_util.log_metrics(run_id=self._trial_runs[trial], metrics_to_log=values,
+                                         step=step)
+
+
+def check_mlflow(uri: str) -> None:
+    """Fail before the sweep starts if MLflow is missing or ``uri`` does not answer."""
+    from scaling.config import ConfigError
+
+    try:
+        import mlflow
+    except ImportError:
+        raise ConfigError("--mlflow", uri, "a tracking URI, with mlflow installed "
+                          "(pip install mlflow-skinny)") from None
+    try:
+        mlflow.MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as e:  # noqa: BLE001 - MLflow raises its own and the stores' errors
+        first = str(e).split(". ")[0]
+        raise ConfigError("--mlflow", uri, f"a tracking URI MLflow can use ({first})") from None

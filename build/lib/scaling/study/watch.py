@@ -1,0 +1,100 @@
+"""Watch a running (or finished) study from another terminal; read-only.
+
+    python -m scaling.study.watch runs/model_size-local          # stage runs, the table so far
+    python -m scaling.study.watch runs/model_size-local --ray    # and the Ray cluster's status
+
+Progress comes from the storage alone (study.json, the stage directories'
+result.json and checkpoints), so it works for a local directory or a URI, while
+the sweep runs or after it ended. ``--ray`` runs ``ray status`` with token
+authentication on: Ray 2.59+ starts local clusters with it, and a shell without
+``RAY_AUTH_MODE=token`` gets an AuthenticationError from ``ray status``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from scaling import storage
+from scaling.storage import Location
+
+COLUMNS = ["cell", "stage", "status", "val_top1", "top1", "supervised_top1", "train_seconds"]
+
+
+def stage_state(stages: Location, stage: str, key: str) -> str:
+    """'finished', 'running at step N' (a checkpoint exists) or 'waiting'."""
+    where = storage.stage_location(stages, stage, key)
+    if storage.read_result(where) is not None:
+        return "finished"
+    if not storage.is_uri(where):
+        steps = sorted(Path(where, "checkpoints").glob("step-*"))
+        if steps:
+            return f"running, checkpoint at step {int(steps[-1].name[5:])}"
+    return "waiting"
+
+
+def progress(study_dir: Location) -> str:
+    text = storage.read_text(study_dir, "study.json")
+    if text is None:
+        raise FileNotFoundError(f"{study_dir} holds no study.json: not a study's folder")
+    spec = json.loads(text)
+    if "runs" not in spec:
+        raise ValueError(f"{study_dir}/study.json was written by an older version; run the "
+                         "study's command once (it reuses every finished stage) to update it")
+    stages = storage.join(storage.parent(study_dir), "stages")
+    states = [(stage, key, stage_state(stages, stage, key)) for stage, key in spec["runs"]]
+    done = sum(s == "finished" for _, _, s in states)
+    lines = [f"study {spec['study']}: {done}/{len(states)} stage runs finished"]
+    lines += [f"  {stage}-{key}: {state}" for stage, key, state in states if state != "finished"]
+    table = storage.read_text(study_dir, "results.csv")
+    if table is not None:
+        df = pd.read_csv(io.StringIO(table))
+        show = df[[c for c in COLUMNS if c in df]].copy()
+        for c in ("val_top1", "top1", "supervised_top1"):
+            if c in show:
+                show[c] = (100 * show[c]).round(1)
+        lines += ["results so far (top-1 %):", show.to_string(index=False)]
+    if not storage.is_uri(study_dir):
+        lines.append(f"curves: tensorboard --logdir {Path(study_dir, 'tensorboard')}")
+    return "\n".join(lines)
+
+
+def ray_status() -> str:
+    """``ray status`` of the cluster this machine runs or joined, with token auth."""
+    ray = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
+    env = {**os.environ}
+    if "RAY_AUTH_MODE" not in env and (Path.home() / ".ray" / "auth_token").exists():
+        env["RAY_AUTH_MODE"] = "token"
+    proc = subprocess.run([ray, "status"], capture_output=True, text=True, env=env, timeout=60)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return f"ray status failed: {last}"
+    return proc.stdout.rstrip()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m scaling.study.watch", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("study", help="a study's folder: runs/model_size-local or an s3:// URI")
+    p.add_argument("--ray", action="store_true", help="also print the Ray cluster's status")
+    args = p.parse_args(argv)
+    try:
+        print(progress(storage.absolute(storage.parse(args.study))))
+    except (OSError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.ray:
+        print(ray_status())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

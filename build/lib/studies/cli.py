@@ -1,0 +1,340 @@
+"""The command line every studies/*.py script shares.
+
+    python studies/model_size.py                      # the local preset, a local Ray
+    python studies/model_size.py --preset fmnist-cpu --axis width=0.0625,0.125 --replicates 3
+    python studies/model_size.py --file my-study.yaml --dry-run
+    ray submit cluster/gpu.yaml studies/model_size.py -- --preset cifar10-gpu --storage s3://b/s
+
+A preset names a base configuration (configs/*.yaml), overrides of it and the
+axes. ``--file`` YAML may hold the same keys: preset, base, set, axes, seeds.
+Everything is validated before Ray starts; a bad key or value exits with status
+2 naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from scaling import storage
+from scaling.config import ConfigError, load_config, parse_yaml, read_yaml
+from scaling.data.datasets import DataError, root_problem
+from scaling.pipeline import parse_overrides, resolve
+from scaling.stages.registry import STAGES
+from scaling.study.estimate import wall_clock
+from scaling.study.folder import check_owner, study_record
+from scaling.study.plan import (
+    Study,
+    cells,
+    check_local,
+    describe,
+    distinct_runs,
+    finished,
+    fmt_duration,
+    gpu_hours,
+    make_study,
+    plan,
+    stage_flops,
+)
+
+# The `local` presets' schedule: Fashion-MNIST on 2 cores in minutes. Stages run
+# inside their trial's process (workers: 0): on one machine a one-worker Ray Train
+# group adds nothing Tune's trial retry does not, and with its start-up and
+# tear-down for each of the 14 stage runs the local model_size sweep took 631 s
+# instead of 317 s (bench/sweep.py, docs/performance.md). Fine-tuning and the
+# baseline share one step budget (at least 100 steps and 5 epochs: 105 steps at 10% of
+# Fashion-MNIST), and the baseline still picks its LR on validation,
+# from a shorter grid than fmnist-cpu's. A student from scratch (no head layers,
+# pretraining's LARS) reached 36.2% validation top-1 after 1 epoch of distillation
+# and 65.5% after 4 (width 1/16, 1%; its teacher 68.0%): 4 here.
+LOCAL_SCHEDULE: dict[str, Any] = {
+    "pretrain.epochs": 3, "finetune.epochs": 5, "supervised.epochs": 5,
+    "finetune.min_steps": 100, "supervised.min_steps": 100, "supervised.lr_grid": [0.4, 1.6],
+    "distill.epochs": 4, "evaluate.linear_steps": 50, "runtime.checkpoint_every": 200,
+    "runtime.workers": 0}
+
+# The `fmnist-cpu` presets: the four findings (analysis.findings) with budgets that
+# can decide them (issue 28; docs/protocol.md has the steps). The recipe the pilot
+# chose on validation (`studies/recipe.py --pilot`, docs/results.md): images upscaled
+# to 42 px (11x11 after the ImageNet stem) and 10 pretraining epochs, whose linear
+# probe of R18 1/4x beat the pixels' on validation (85.5 vs 84.8) in less than half
+# the time of 30 epochs at 28 px (84.7); fine-tuning and the baseline for at least 30
+# epochs (10% labels: 630 steps) and 100 steps, each choosing its LR on validation in
+# every run (fine-tuning from 0.005 and 0.02, the two that the 2026-11-29 grid's mean
+# validation top-1 chose per count; the baseline from three); distillation for 40
+# epochs (8,400 steps, 10x the local schedule's 840); 3 independent replicates a cell.
+# The three studies share pretraining and fine-tuning in one storage.
+BASELINE_GRID: dict[str, Any] = {"supervised.lr_grid": [0.1, 0.4, 1.6]}
+FMNIST_CPU_SCHEDULE: dict[str, Any] = LOCAL_SCHEDULE | BASELINE_GRID | {
+    "pretrain.epochs": 10, "data.image_size": 42, "finetune.epochs": 30,
+    "supervised.epochs": 30, "finetune.lr_grid": [0.005, 0.02],
+    "finetune.per_fraction": {}, "distill.epochs": 40}
+REPLICATES: dict[str, list[Any]] = {"replicate": [0, 1, 2]}
+
+
+# The GPU presets' lanes, sized by the dry run's memory plan (docs/cluster.md).
+# CIFAR-10: one GPU a lane; the largest cell (R50 1x +SK, batch 1,024) needs 41.4 GiB,
+# which the 48 GB L40S of cluster/gpu.yaml's gpu-1x holds without checkpointing.
+# Its worker asks for GPU_1X, which only gpu-1x nodes offer: a 1-GPU lane never holds
+# an 8-GPU node (pass --set runtime.node_resource=null on clusters without it).
+CIFAR_LANE: dict[str, Any] = {"runtime.gpus_per_worker": 1, "runtime.node_resource": "GPU_1X"}
+# ImageNet: 16 GPUs a lane (two 8x A100 80 GB nodes) with activation checkpointing:
+# batch 4,096 is 256 a GPU, and R152 2x +SK pretraining needs 55 GiB of the 80. On 8
+# GPUs even checkpointed it needs 102 GiB; unchecked on 16, 145. Loader workers per
+# GPU: cpus_per_worker - 1 (a node's 96 vCPUs over 8 GPUs, one core for the loop).
+IMAGENET_LANE: dict[str, Any] = {
+    "runtime.workers": 16, "runtime.gpus_per_worker": 1, "runtime.cpus_per_worker": 12,
+    "runtime.activation_checkpointing": True}
+
+
+@dataclass(frozen=True)
+class Preset:
+    base: str  # a configs/*.yaml preset or a YAML path
+    axes: dict[str, list[Any]]
+    set: dict[str, Any] = field(default_factory=dict)
+    stages: tuple[str, ...] | None = None  # None: the study's
+
+
+def findings_preset(axes: dict[str, list[Any]], stages: tuple[str, ...]) -> Preset:
+    """A `fmnist-cpu` findings preset: ``axes`` x the replicates, on FMNIST_CPU_SCHEDULE."""
+    return Preset("fmnist-cpu", axes | REPLICATES, FMNIST_CPU_SCHEDULE, stages=stages)
+
+
+@dataclass(frozen=True)
+class StudyDef:
+    name: str
+    doc: str
+    presets: dict[str, Preset]
+    stages: tuple[str, ...] = tuple(STAGES)
+    default: str = "local"
+
+
+def _values(text: str) -> list[Any]:
+    return [parse_yaml(v, "--axis") for v in text.split(",") if v != ""]
+
+
+def build(defn: StudyDef, args: argparse.Namespace) -> Study:
+    """The study the arguments describe: preset, then --file, then the flags."""
+    spec: dict[str, Any] = {}
+    if args.file:
+        spec = read_yaml(args.file) or {}
+        if not isinstance(spec, dict):
+            raise ConfigError("--file", args.file, "a YAML mapping: preset, base, set, axes, seeds")
+        for key in spec:
+            if key not in ("preset", "base", "set", "axes", "seeds"):
+                raise ConfigError(f"{args.file}: {key}", spec[key],
+                                  "preset, base, set, axes, seeds")
+    name = args.preset or spec.get("preset") or defn.default
+    if name not in defn.presets:
+        raise ConfigError("--preset", name, ", ".join(defn.presets))
+    preset = defn.presets[name]
+    overrides = {**preset.set, **spec.get("set", {}), **parse_overrides(args.set)}
+    base = load_config(resolve(spec.get("base", preset.base)), overrides)
+    axes = {**preset.axes, **spec.get("axes", {})}
+    for item in args.axis:
+        if "=" not in item:
+            raise ConfigError("--axis", item, "NAME=V1,V2,..., e.g. width=0.0625,0.125")
+        key, text = item.split("=", 1)
+        axes[key] = _values(text)
+    seeds = spec.get("seeds")
+    if args.seeds:
+        seeds = _values(args.seeds)
+    if args.repeats is not None:
+        if args.seeds:
+            raise ConfigError("--repeats", args.repeats, "either --repeats N (seeds 0..N-1) or "
+                              f"--seeds (here {args.seeds}), not both")
+        if args.repeats < 1:
+            raise ConfigError("--repeats", args.repeats, ">= 1")
+        seeds = list(range(args.repeats))
+    if args.replicates is not None:
+        if seeds is not None:
+            raise ConfigError("--replicates", args.replicates, "either --replicates N or seeds "
+                              "(--seeds, --repeats, a file's seeds), not both")
+        if args.replicates < 1:
+            raise ConfigError("--replicates", args.replicates, ">= 1")
+        # Independent replicates replace whatever seeds and subsets the preset crossed.
+        for key in ("seed", "subset_seed", "finetune.subset_seed", "replicate"):
+            axes.pop(key, None)
+        axes["replicate"] = list(range(args.replicates))
+    if seeds is not None:
+        if "replicate" in axes:
+            raise ConfigError("--seeds", seeds, "no seeds beside the preset's replicate axis "
+                              "(replicate r sets seed and subset to r): --replicates N instead")
+        axes["seed"] = seeds
+    study_name = args.name or f"{defn.name}-{name}"
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", study_name):
+        raise ConfigError("--name", study_name, "letters, digits, '.', '_' and '-'")
+    return make_study(study_name, base, axes, preset.stages or defn.stages)
+
+
+def parser(defn: StudyDef) -> argparse.ArgumentParser:
+    script = f"studies/{defn.name}.py"  # the examples name the study they help with
+    p = argparse.ArgumentParser(prog=f"python {script}",
+                                description=f"{defn.doc}\n\n{__doc__}".replace(
+                                    "studies/model_size.py", script),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", help=f"one of: {', '.join(defn.presets)} (default {defn.default})")
+    p.add_argument("--name", help=f"the study's folder in --storage (default {defn.name}-PRESET);"
+                   " one name holds one configuration's results")
+    p.add_argument("--file", help="a study YAML: preset, base, set, axes, seeds")
+    p.add_argument("--axis", action="append", default=[], metavar="NAME=V1,V2",
+                   help="replace an axis, e.g. --axis width=0.0625,0.125 (repeatable)")
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="override base config keys, e.g. pretrain.epochs=5 (repeatable)")
+    p.add_argument("--replicates", type=int, metavar="N",
+                   help="N independent replicates 0..N-1 (replaces the preset's): replicate r "
+                        "has its own pretraining seed, labelled subset and fine-tuning seed")
+    p.add_argument("--seeds", help="comma-separated seeds (an axis; the labelled subset stays)")
+    p.add_argument("--repeats", type=int, help="seeds 0..N-1 (the labelled subset stays)")
+    p.add_argument("--storage", default=os.environ.get("SCALING_STORAGE", "runs"),
+                   help="study storage: a directory or a URI (s3://bucket/studies); default "
+                        "$SCALING_STORAGE (set on nodes by cluster/*.yaml), else ./runs")
+    p.add_argument("--address", default=None,
+                   help="Ray address; default: the running cluster if there is one "
+                        "(as under ray submit), else a local Ray on this machine")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the grid, the distinct stage runs and the compute; run nothing")
+    p.add_argument("--resume", action="store_true",
+                   help="require an earlier run's sweep state in --storage and continue it "
+                        "(a plain run resumes too, but starts afresh when there is none)")
+    p.add_argument("--restart-errored", action="store_true",
+                   help="when resuming, run the cells that failed last time again")
+    p.add_argument("--no-report", action="store_true", help="skip the report at the end")
+    p.add_argument("--gpu-memory", type=float, metavar="GB",
+                   help="memory per GPU (10^9 bytes) to check the memory plan against; "
+                        "default: the node types of --cluster (or of the running cluster)")
+    p.add_argument("--cluster", metavar="YAML",
+                   help="the cluster YAML whose GPUs the memory plan is checked against "
+                        "(default for GPU presets: cluster/gpu.yaml of this checkout)")
+    p.add_argument("--mlflow", metavar="URI",
+                   help="also log each stage's curves and metrics to MLflow at this tracking "
+                        "URI (file:///path/mlruns or http://server:5000); needs mlflow installed")
+    return p
+
+
+def _report(study_dir: Any) -> bool:
+    """The study's report (analysis/report.py); the results are safe either way."""
+    from analysis.collect import load
+    from analysis.headline import headline
+    from analysis.report import write_report
+
+    try:
+        print(f"report: {write_report(study_dir)}")
+        print(headline(load(study_dir)))
+    except Exception as e:  # noqa: BLE001 - never lose the sweep's exit status to a figure
+        print(f"error: the report failed ({type(e).__name__}: {e}); the results are in "
+              f"{study_dir}; retry with: python -m analysis.report {study_dir}", file=sys.stderr)
+        return False
+    return True
+
+
+def interrupted(study: Study | None, root: str) -> int:
+    """Ctrl-C: say how far the study got and how to go on; exit status 130."""
+    if study is None:
+        print("interrupted before anything ran", file=sys.stderr)
+    else:
+        runs = distinct_runs(study)
+        done = len(finished(study, storage.absolute(storage.parse(root)), runs))
+        print(f"interrupted after {done}/{sum(map(len, runs.values()))} stage runs; run the "
+              "same command to resume", file=sys.stderr)
+    return 130
+
+
+def checks(study: Study, args: argparse.Namespace) -> list[str]:
+    """What would stop the study after it started, found now: a data root that is not
+    there, a stage run that does not fit its GPU's memory. Prints the memory plan of
+    a GPU study; returns every problem (the caller exits 2 on any)."""
+    from scaling.study import memory
+
+    found = []
+    configs = [c.config for c in cells(study)]
+    datas = {c.data for c in configs} | {c.distill.unlabelled for c in configs
+                                         if c.distill.unlabelled}
+    for data in sorted(datas, key=repr):
+        problem = root_problem(data.name, data.root, data.download)
+        if problem:
+            found.append(f"{problem} (checked on this machine; the run reads it on the "
+                         "training nodes)")
+    cfg = study.base
+    if cfg.runtime.gpus_per_worker > 0 or args.gpu_memory is not None:
+        yaml_path = args.cluster or (None if cluster_running(args) else
+                                     memory.default_cluster_yaml())
+        limit = memory.gpu_limit(cfg, args.gpu_memory, yaml_path)
+        runs = memory.memory_plan(study)
+        print(memory.describe_memory(runs, limit, cfg), flush=True)
+        found += memory.problems(runs, limit, cfg)
+    return found
+
+
+def cluster_running(args: argparse.Namespace) -> bool:
+    """Under ray submit (or --address): the head node's own config says the GPUs."""
+    return bool(args.address or os.environ.get("RAY_ADDRESS"))
+
+
+def dry_run(study: Study, args: argparse.Namespace) -> str:
+    """What a run would do: the checks it makes before Ray, the stage runs already in
+    the storage, and how long the rest takes here (measured) or on GPUs (assumed)."""
+    root = storage.absolute(storage.parse(args.storage))
+    rt = study.base.runtime
+    on_cluster = args.address or os.environ.get("RAY_ADDRESS")
+    if not on_cluster and rt.gpus_per_worker == 0:
+        check_local(study.base)  # a CPU preset runs here: refuse what the run would
+    check_owner(storage.join(root, study.name), study_record(study))
+    runs = distinct_runs(study)
+    done = finished(study, root, runs)
+    left = [(s, c) for s, keyed in runs.items() for k, c in keyed.items() if (s, k) not in done]
+    per = ", ".join(f"{s} {sum((s, k) in done for k in keyed)}/{len(keyed)}"
+                    for s, keyed in runs.items())
+    lines = [f"in {root}: {len(done)} of {sum(map(len, runs.values()))} stage runs finished "
+             f"({per}); {len(left)} to run"]
+    if not left:
+        return "\n".join(lines)
+    flops = sum(stage_flops(c, s) for s, c in left)
+    if rt.gpus_per_worker == 0 or torch.cuda.is_available():
+        est = wall_clock(left)
+        rates = ", ".join(f"{m} {r / 1e9:.1f}" for m, r in est.rates.items())
+        lines.append(f"estimated time here ({est.device}): ~{fmt_duration(est.seconds)} of "
+                     f"training steps for the {len(left)} to run, at speeds measured just now "
+                     f"(GFLOP/s: {rates}); evaluation and start-up come on top")
+    if rt.gpus_per_worker > 0:
+        lines.append(f"estimated training compute to run: {flops:.3g} FLOPs (~"
+                     f"{gpu_hours(flops):.3g} H100-hours at an assumed 40% of bf16 peak)")
+    return "\n".join(lines)
+
+
+def main(defn: StudyDef, argv: list[str] | None = None) -> int:
+    args = parser(defn).parse_args(argv)
+    study = None
+    try:
+        study = build(defn, args)
+        print(describe(study, plan(study)), flush=True)
+        found = checks(study, args)  # before Ray: data roots, and whether the GPUs hold it
+        if args.dry_run:
+            print(dry_run(study, args))
+        for problem in found:
+            print(f"error: {problem}", file=sys.stderr)
+        if found or args.dry_run:
+            return 2 if found else 0
+        from scaling.study import sweep
+
+        outcome = sweep.run_study(study, args.storage, address=args.address,
+                                  restart_errored=args.restart_errored, resume=args.resume,
+                                  mlflow=args.mlflow)
+    except (ConfigError, DataError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before the sweep started
+        return interrupted(study, args.storage)
+    if outcome.interrupted:
+        return interrupted(study, args.storage)
+    print(sweep.summary(outcome, study))
+    study_dir = storage.join(storage.absolute(storage.parse(args.storage)), study.name)
+    print(f"results table: {storage.join(study_dir, 'results.csv')}")
+    reported = args.no_report or outcome.table.empty or _report(study_dir)
+    return 1 if outcome.errored or not reported else 0
