@@ -2,12 +2,14 @@
 
     python -m scaling.study.watch runs/model_size-local          # stage runs, the table so far
     python -m scaling.study.watch runs/model_size-local --ray    # and the Ray cluster's status
+    python -m scaling.study.watch runs/model_size-local --follow # refresh until it is done
 
 Progress comes from the storage alone (study.json, the stage directories'
 result.json and checkpoints), so it works for a local directory or a URI, while
 the sweep runs or after it ended. ``--ray`` runs ``ray status`` with token
 authentication on: Ray 2.59+ starts local clusters with it, and a shell without
-``RAY_AUTH_MODE=token`` gets an AuthenticationError from ``ray status``.
+``RAY_AUTH_MODE=token`` gets an AuthenticationError from ``ray status``; when it
+cannot reach Ray the command says so and exits 1.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -42,6 +45,11 @@ def stage_state(stages: Location, stage: str, key: str) -> str:
 
 
 def progress(study_dir: Location) -> str:
+    return snapshot(study_dir)[0]
+
+
+def snapshot(study_dir: Location) -> tuple[str, bool]:
+    """The progress text, and whether every stage run has finished."""
     text = storage.read_text(study_dir, "study.json")
     if text is None:
         raise FileNotFoundError(f"{study_dir} holds no study.json: not a study's folder")
@@ -64,11 +72,12 @@ def progress(study_dir: Location) -> str:
         lines += ["results so far (top-1 %):", show.to_string(index=False)]
     if not storage.is_uri(study_dir):
         lines.append(f"curves: tensorboard --logdir {Path(study_dir, 'tensorboard')}")
-    return "\n".join(lines)
+    return "\n".join(lines), done == len(states)
 
 
-def ray_status() -> str:
-    """``ray status`` of the cluster this machine runs or joined, with token auth."""
+def ray_status() -> tuple[bool, str]:
+    """``ray status`` of the cluster this machine runs or joined, with token auth:
+    whether it answered, and what it said."""
     ray = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
     env = {**os.environ}
     if "RAY_AUTH_MODE" not in env and (Path.home() / ".ray" / "auth_token").exists():
@@ -76,24 +85,51 @@ def ray_status() -> str:
     proc = subprocess.run([ray, "status"], capture_output=True, text=True, env=env, timeout=60)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return f"ray status failed: {last}"
-    return proc.stdout.rstrip()
+        return False, f"ray status failed: {last}"
+    return True, proc.stdout.rstrip()
+
+
+def show(study: Location, with_ray: bool) -> tuple[int, bool]:
+    """Print one snapshot: (exit status, whether the study is done)."""
+    try:
+        text, done = snapshot(study)
+    except (OSError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2, True
+    print(text)
+    if with_ray:
+        ok, said = ray_status()
+        print(said, file=sys.stdout if ok else sys.stderr)
+        if not ok:
+            return 1, done
+    return 0, done
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m scaling.study.watch", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("study", help="a study's folder: runs/model_size-local or an s3:// URI")
-    p.add_argument("--ray", action="store_true", help="also print the Ray cluster's status")
+    p.add_argument("--ray", action="store_true",
+                   help="also print the Ray cluster's status (exit 1 when Ray cannot be reached)")
+    p.add_argument("--follow", nargs="?", type=float, const=5.0, metavar="SECONDS",
+                   help="refresh every SECONDS (default 5) until every stage run has "
+                        "finished; Ctrl-C stops watching, never the study")
     args = p.parse_args(argv)
+    study = storage.absolute(storage.parse(args.study))
+    # On a terminal each refresh replaces the last; into a file or pipe, they follow
+    # one another with a time stamp.
+    clear = "\x1b[H\x1b[J" if sys.stdout.isatty() else ""
     try:
-        print(progress(storage.absolute(storage.parse(args.study))))
-    except (OSError, ValueError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.ray:
-        print(ray_status())
-    return 0
+        while True:
+            if args.follow is not None:
+                print(clear or f"--- {time.strftime('%H:%M:%S')}", end="" if clear else "\n")
+            status, done = show(study, args.ray)
+            if args.follow is None or done or status == 2:
+                return status
+            sys.stdout.flush()
+            time.sleep(args.follow)
+    except KeyboardInterrupt:
+        return 0
 
 
 if __name__ == "__main__":

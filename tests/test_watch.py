@@ -1,0 +1,59 @@
+"""scaling.study.watch on a study folder: one snapshot, --follow until done, and
+an exit status that says when Ray could not be reached."""
+
+import hashlib
+import json
+import os
+import threading
+
+from scaling import storage
+from scaling.study import watch
+
+
+def _finish(stages, stage: str, key: str) -> None:
+    where = storage.stage_location(str(stages), stage, key)
+    model = os.path.join(where, "final", "model.pt")
+    os.makedirs(os.path.dirname(model), exist_ok=True)
+    with open(model, "wb") as f:
+        f.write(b"weights")
+    sha = hashlib.sha256(b"weights").hexdigest()
+    storage.write_text(where, "result.json", json.dumps({"model_sha256": sha, "top1": 0.5}))
+
+
+def _study(tmp_path):
+    study = tmp_path / "s" / "demo"
+    study.mkdir(parents=True)
+    runs = [["pretrain", "aaa"], ["finetune", "bbb"]]
+    (study / "study.json").write_text(json.dumps({"study": "demo", "runs": runs}))
+    _finish(tmp_path / "s" / "stages", "pretrain", "aaa")
+    return study
+
+
+def test_follow_refreshes_until_every_stage_run_has_finished(tmp_path, capsys):
+    study = _study(tmp_path)
+    assert watch.main([str(study)]) == 0  # one snapshot, even while unfinished
+    once = capsys.readouterr().out
+    assert "1/2 stage runs finished" in once and "finetune-bbb: waiting" in once
+
+    later = threading.Timer(0.5, _finish, (tmp_path / "s" / "stages", "finetune", "bbb"))
+    later.start()
+    assert watch.main([str(study), "--follow", "0.05"]) == 0  # returns by itself once done
+    later.join()
+    snapshots = capsys.readouterr().out.split("--- ")[1:]  # into a pipe: stamped, in turn
+    assert len(snapshots) >= 2 and "1/2 stage runs finished" in snapshots[0], snapshots
+    assert "2/2 stage runs finished" in snapshots[-1]
+
+
+def test_ray_unreachable_exits_1_and_a_folder_that_is_no_study_exits_2(tmp_path, capsys,
+                                                                       monkeypatch):
+    fake = tmp_path / "bin" / "ray"  # a `ray` CLI that finds no cluster, as Ray's does
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho 'ConnectionError: Could not find any running Ray "
+                    "instance.' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    assert watch.main([str(_study(tmp_path)), "--ray"]) == 1
+    err = capsys.readouterr().err
+    assert "ray status failed: ConnectionError: Could not find any running Ray" in err
+    assert watch.main([str(tmp_path), "--follow", "0.05"]) == 2
+    assert "holds no study.json" in capsys.readouterr().err
