@@ -207,6 +207,8 @@ def parser(defn: StudyDef) -> argparse.ArgumentParser:
     p.add_argument("--restart-errored", action="store_true",
                    help="when resuming, run the cells that failed last time again")
     p.add_argument("--no-report", action="store_true", help="skip the report at the end")
+    p.add_argument("--verbose", action="store_true",
+                   help="Ray's and Tune's own console output too (start-up, tracebacks)")
     p.add_argument("--gpu-memory", type=float, metavar="GB",
                    help="memory per GPU (10^9 bytes) to check the memory plan against; "
                         "default: the node types of --cluster (or of the running cluster)")
@@ -326,7 +328,7 @@ def main(defn: StudyDef, argv: list[str] | None = None) -> int:
 
         outcome = sweep.run_study(study, args.storage, address=args.address,
                                   restart_errored=args.restart_errored, resume=args.resume,
-                                  mlflow=args.mlflow)
+                                  mlflow=args.mlflow, verbose=args.verbose)
     except (ConfigError, DataError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -40,9 +40,11 @@ class StageRun:
     def __init__(
         self, name: str, out: Path, env: Env, runtime: RuntimeConfig,
         steps_per_epoch: int, epochs: int, objects: dict[str, Stateful],
-        generator: torch.Generator,
+        generator: torch.Generator, variant: str | None = None,
     ) -> None:
+        # variant: which run of a grid this is ("lr 0.02"), for the progress lines.
         self.name, self.out, self.env, self.runtime = name, out, env, runtime
+        self.variant = variant
         self.steps_per_epoch, self.epochs = steps_per_epoch, epochs
         self.total_steps = steps_per_epoch * epochs
         self.objects, self.generator = objects, generator
@@ -64,7 +66,8 @@ class StageRun:
             if env.is_main and env.progress_lines:  # else the sweep's driver says it
                 print(f"[{name}] resumed from step {self.step} ({out})", flush=True)
         self.progress = Progress(
-            name, self.total_steps, env.is_main and env.progress_lines,
+            f"{name} {variant}" if variant else name, self.total_steps,
+            env.is_main and env.progress_lines,
             prior.get("history"), prior.get("step_seconds", 0.0), prior.get("images", 0),
         )
         self._bad = torch.zeros((), dtype=torch.bool, device=env.device)
@@ -157,6 +160,8 @@ class StageRun:
                 "stage": self.name, "step": self.step, "points": points,
                 "resumed_from": self.resumed_from, "total_steps": self.total_steps,
                 "epochs": self.epochs, "eta_s": self.progress.eta_seconds(self.step)}
+            if self.variant:
+                progress["variant"] = self.variant
             if self.progress.history:  # the latest point's loss, lr, epoch and rate
                 last = self.progress.history[-1]
                 progress |= {"epoch": last["epoch"], "loss": last["loss"], "lr": last["lr"],

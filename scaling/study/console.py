@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -36,6 +37,19 @@ class Console(tune.Callback):
             "done" if not left else "ETA after the first stage run")
         return f"[sweep] {len(self.done)}/{len(self.flops)} stage runs, {eta}"
 
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any,
+                       **info: Any) -> None:
+        """One line: the cell, the error's last line, where its traceback is."""
+        cell = trial.config["cell"]["id"]
+        where: str | None = getattr(trial, "error_file", None)
+        try:
+            lines = [ln for ln in Path(str(where)).read_text().splitlines() if ln.strip()]
+            said = lines[-1].strip() if lines else "no message"
+        except OSError:
+            said = "no error file"
+        print(f"[{cell}] failed: {said}" + (f" (traceback: {where})" if where else ""),
+              flush=True)
+
     def on_trial_result(self, iteration: int, trials: list[Any], trial: Any,
                         result: dict[str, Any], **info: Any) -> None:
         cell = trial.config["cell"]["id"]
@@ -63,7 +77,8 @@ class Console(tune.Callback):
         spe = max(result["total_steps"] // result["epochs"], 1)
         epoch = min(math.ceil(result["step"] / spe), result["epochs"])
         loss = f" loss {result['loss']:.4f}" if "loss" in result else ""
-        print(f"[{cell}] {result['stage']} epoch {epoch}/{result['epochs']} "
+        stage = result["stage"] + (f" ({result['variant']})" if result.get("variant") else "")
+        print(f"[{cell}] {stage} epoch {epoch}/{result['epochs']} "
               f"step {result['step']}/{result['total_steps']}{loss} "
               f"ETA {fmt_duration(result['eta_s'])}", flush=True)
 

@@ -220,17 +220,20 @@ def _reused(ctx: dict[str, Any], cell: dict[str, Any], rows: dict[str, dict[str,
     tune.report(dict(stage_event(job, "reused", result)))
 
 
-def connect(address: str | None, cfg: ExperimentConfig) -> bool:
+def connect(address: str | None, cfg: ExperimentConfig, verbose: bool = True) -> bool:
     """Join ``address`` ('auto': the running cluster, as under ``ray submit``) or
-    start a local Ray with every core and a driver resource. True if it joined."""
+    start a local Ray with every core and a driver resource. True if it joined.
+    Not ``verbose``: Ray's start-up lines (token notice, "Started a local Ray
+    instance") stay out of the console; its errors still come through."""
     if ray.is_initialized():
         return False
+    level = logging.INFO if verbose else logging.ERROR
     if address:
-        ray.init(address=address)
+        ray.init(address=address, logging_level=level)
         return True
     if _ray_running_here():  # a cluster started here (ray start / ray up; ray submit)?
         try:
-            ray.init(address="auto")
+            ray.init(address="auto", logging_level=level)
             print("joined the running Ray cluster", flush=True)
             return True
         except ConnectionError:
@@ -238,7 +241,7 @@ def connect(address: str | None, cfg: ExperimentConfig) -> bool:
     cpus = check_local(cfg)
     # "local": a new instance even where a dead cluster left its address file.
     ray.init(address="local", num_cpus=cpus, resources={DRIVER_RESOURCE: 1000},
-             include_dashboard=False)
+             include_dashboard=False, logging_level=level)
     return False
 
 
@@ -283,10 +286,12 @@ class Outcome:
 
 def run_study(study: Study, root: Location, *, address: str | None = None,
               restart_errored: bool = False, resume: bool = False,
-              mlflow: str | None = None) -> Outcome:
+              mlflow: str | None = None, verbose: bool = False) -> Outcome:
     """Run (or resume) the study's grid on Ray Tune; returns the results table.
     ``resume``: there must be a sweep to resume in ``root`` (guards a mistyped URI).
-    ``mlflow``: a tracking URI to log the stages' curves to, besides TensorBoard."""
+    ``mlflow``: a tracking URI to log the stages' curves to, besides TensorBoard.
+    ``verbose``: Ray's and Tune's own console output too (banners, tracebacks);
+    without it the console is the study's lines and one line per failed cell."""
     started = time.perf_counter()
     grid = cells(study)
     root = storage.absolute(root)
@@ -305,7 +310,7 @@ def run_study(study: Study, root: Location, *, address: str | None = None,
     if address is None and not ray.is_initialized() and not _ray_running_here():
         check_local(study.base)  # before the storage is touched
     storage.check_writable(root, "--storage")
-    joined = connect(address, study.base)
+    joined = connect(address, study.base, verbose)
     limit = cluster.autoscaling_limit() if joined else None
     cap = capacity(study.base, cluster_resources(limit))
     warn_if_not_shared(root, joined, limit)
@@ -360,6 +365,13 @@ def run_study(study: Study, root: Location, *, address: str | None = None,
         )
     tune_log = logging.getLogger("ray.tune.tune")
     tune_log.addFilter(_quiet_interrupt)
+    controller_log = logging.getLogger("ray.tune.execution.tune_controller")
+    engine = os.environ.get(NEW_OUTPUT)
+    if not verbose:
+        controller_log.addFilter(_quiet_trial_failure)  # Console says it in one line
+        # Tune's default output engine prints an experiment box and result tables
+        # whatever RunConfig.verbose says; the older one is silent at verbose=0.
+        os.environ[NEW_OUTPUT] = "0"
     train_root = str(storage.join(study_dir, "_train"))
     served = [] if lane_rt is None else [
         ray.remote(serve).options(num_cpus=0, scheduling_strategy=here).remote(
@@ -369,6 +381,11 @@ def run_study(study: Study, root: Location, *, address: str | None = None,
         grid_results = tuner.fit()
     finally:
         tune_log.removeFilter(_quiet_interrupt)
+        controller_log.removeFilter(_quiet_trial_failure)
+        if engine is None:
+            os.environ.pop(NEW_OUTPUT, None)
+        else:
+            os.environ[NEW_OUTPUT] = engine
         # Idle lanes end at once when closed; after Ctrl-C a lane is mid-ticket and
         # is stopped (its stage resumes from its checkpoints on the next run).
         interrupted_mid_ticket = bool(ray.get(claims.in_flight.remote()))
@@ -407,6 +424,15 @@ def _quiet_interrupt(record: logging.LogRecord) -> bool:
     text = record.getMessage()
     return not any(t in text for t in ("Stop signal received", "has been interrupted",
                                        "Trials did not complete"))
+
+
+NEW_OUTPUT = "RAY_AIR_NEW_OUTPUT"
+
+
+def _quiet_trial_failure(record: logging.LogRecord) -> bool:
+    """Drop Tune's traceback of a failed trial (Console names the cell and the error,
+    and the error file holds the traceback)."""
+    return not record.getMessage().startswith("Trial task failed")
 
 
 def summary(outcome: Outcome, study: Study) -> str:
