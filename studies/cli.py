@@ -224,12 +224,14 @@ def parser(defn: StudyDef) -> argparse.ArgumentParser:
 def _report(study_dir: Any) -> bool:
     """The study's report (analysis/report.py); the results are safe either way."""
     from analysis.collect import load
-    from analysis.headline import headline
+    from analysis.headline import headline, results_table
     from analysis.report import write_report
 
     try:
         print(f"report: {write_report(study_dir)}")
-        print(headline(load(study_dir)))
+        df = load(study_dir)
+        print(results_table(df))
+        print(headline(df))
     except Exception as e:  # noqa: BLE001 - never lose the sweep's exit status to a figure
         print(f"error: the report failed ({type(e).__name__}: {e}); the results are in "
               f"{study_dir}; retry with: python -m analysis.report {study_dir}", file=sys.stderr)

@@ -416,6 +416,24 @@ def test_headline_gives_both_margins_at_fewest_and_most_labels_with_a_verdict():
     assert headline(df[df["stage"] == "pretrain"]) == ""
 
 
+def test_the_compact_results_table_holds_each_arms_mean_by_model_and_count():
+    from analysis.headline import results_table
+
+    df = _table(synthetic_rows(seeds=(0, 1, 2), fractions=[0.001, 0.1], head_depths=(1,)))
+    lines = results_table(df).splitlines()
+    assert lines[0].startswith("test top-1 %, mean over 3 replicates")
+    assert "0.1% (60)" in lines[1] and "10% (6,000)" in lines[1]
+    body = [ln for ln in lines[3:] if ln.strip()]
+    assert body[-1].split()[:2] == ["raw", "pixels"]  # the pixel arm once, last
+    small = [ln for ln in body if ln.startswith("R18 1/16x")][0]  # fine-tuned comes first
+    ft = df[(df["stage"] == "finetune") & (df["model"] == "R18 1/16x")]
+    want = [f"{100 * ft[ft['label_fraction'] == lf]['top1'].mean():.1f}" for lf in (0.001, 0.1)]
+    assert small.split()[-2:] == want and "fine-tuned" in small
+    # models in order of size, the smaller first
+    assert lines.index(small) < lines.index(next(ln for ln in body if ln.startswith("R34")))
+    assert results_table(df[df["stage"] == "pretrain"]) == ""
+
+
 def test_gains_count_replicates_that_share_a_run_once():
     """Seeds crossed with one labelled subset share the pixel run: the gain over
     pixels has one independent value, the gain over supervised one per seed."""

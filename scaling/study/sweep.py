@@ -436,16 +436,11 @@ def _quiet_trial_failure(record: logging.LogRecord) -> bool:
 
 
 def summary(outcome: Outcome, study: Study) -> str:
+    # The rows themselves are in results.csv; the run ends with a compact table
+    # (analysis.headline.results_table) and the headline.
     df = outcome.table
     lines = [f"this run: {outcome.executed} stage runs executed, {outcome.reused} reused, in "
              f"{outcome.seconds:.0f} s; the table has {len(df)} rows for {len(cells(study))} cells"]
-    if not df.empty:
-        cols = ["cell", "stage", "status", "top1", "supervised_top1", "linear_top1",
-                "knn_top1", "params", "train_seconds"]
-        show = df[cols].copy()
-        for c in ("top1", "supervised_top1", "linear_top1", "knn_top1"):
-            show[c] = (100 * show[c]).round(1)
-        lines.append(show.to_string(index=False))
     if outcome.errored:
         lines.append(f"{len(outcome.errored)} cells failed: {', '.join(outcome.errored)}; "
                      "re-run with --restart-errored")
