@@ -305,8 +305,8 @@ def dry_run(study: Study, args: argparse.Namespace) -> str:
         est = wall_clock(left)
         rates = ", ".join(f"{m} {r / 1e9:.1f}" for m, r in est.rates.items())
         lines.append(f"estimated time here ({est.device}): ~{fmt_duration(est.seconds)} of "
-                     f"training steps for the {len(left)} to run, at speeds measured just now "
-                     f"(GFLOP/s: {rates}); evaluation and start-up come on top")
+                     f"training steps for the {len(left)} to run (GFLOP/s: {rates}; "
+                     f"{est.provenance()}); evaluation and start-up come on top")
     if rt.gpus_per_worker > 0:
         lines.append(f"estimated training compute to run: {flops:.3g} FLOPs (~"
                      f"{gpu_hours(flops):.3g} H100-hours at an assumed 40% of bf16 peak)")

@@ -19,20 +19,32 @@ from scaling.study.plan import fmt_duration
 
 class Console(tune.Callback):
     """One line per progress report (cell, stage, epoch, ETA), and after every stage
-    run one line for the whole sweep: k/N distinct stage runs and an ETA from this
-    run's measured rate (training FLOPs finished per second). The table kept fresh."""
+    run one line for the whole sweep: k/N distinct stage runs and an ETA. The ETA
+    starts from ``estimate_s`` (the dry run's estimate of the training steps left)
+    and moves to this run's measured rate (training FLOPs finished per second) as
+    stage runs finish: the estimate counts as PRIOR_WEIGHT of the work left at the
+    start, so neither one early stage run nor a stage still running (measured time,
+    no finished FLOPs yet) throws it far off. The table kept fresh."""
+
+    PRIOR_WEIGHT = 0.25
 
     def __init__(self, study_dir: Location, cell_keys: list[str],
-                 flops: dict[tuple[str, str], float], done: set[tuple[str, str]]) -> None:
+                 flops: dict[tuple[str, str], float], done: set[tuple[str, str]],
+                 estimate_s: float | None = None) -> None:
         self.study_dir, self.cell_keys = study_dir, cell_keys
         self.flops, self.done = flops, set(done)
+        left = sum(f for k, f in flops.items() if k not in self.done)
+        w = self.PRIOR_WEIGHT
+        # (seconds, FLOPs) the estimate counts for: its rate, with a weight.
+        self.prior = (w * estimate_s, w * left) if estimate_s and left else (0.0, 0.0)
         self.started, self.executed_flops = time.monotonic(), 0.0
         self.last: dict[str, float] = {}  # trial id: when its last progress line was
         self.resumed: set[tuple[str, str, int | None]] = set()
 
     def sweep_line(self) -> str:
         left = sum(f for k, f in self.flops.items() if k not in self.done)
-        rate = self.executed_flops / max(time.monotonic() - self.started, 1e-9)
+        seconds = self.prior[0] + time.monotonic() - self.started
+        rate = (self.prior[1] + self.executed_flops) / max(seconds, 1e-9)
         eta = f"ETA {fmt_duration(left / rate)}" if rate > 0 and left else (
             "done" if not left else "ETA after the first stage run")
         return f"[sweep] {len(self.done)}/{len(self.flops)} stage runs, {eta}"

@@ -339,13 +339,17 @@ def run_study(study: Study, root: Location, *, address: str | None = None,
     # Tune's own TensorBoard logger joins every stage into one curve per trial under
     # /tmp/ray: ours (scaling.study.tracking) replaces it; its CSV/JSON loggers stay.
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    done = finished(study, root, runs)
+    console = Console(study_dir, record["keys"], flops, done,
+                      None if joined else _estimate(runs, done))
     callbacks: list[tune.Callback] = [
-        Console(study_dir, record["keys"], flops, finished(study, root, runs)),
+        console,
         TensorBoard(logdir, stages), CSVLoggerCallback(), JsonLoggerCallback()]
     if mlflow:
         callbacks.append(MLflow(mlflow, study.name, stages))
     print(f"{study.name}: {len(grid)} cells, up to {cap.concurrent} at once; "
           f"results in {study_dir}; curves: tensorboard --logdir {logdir}", flush=True)
+    print(console.sweep_line(), flush=True)
     if tune.Tuner.can_restore(path):
         print(f"resuming the sweep in {path}", flush=True)
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
@@ -407,6 +411,21 @@ def run_study(study: Study, root: Location, *, address: str | None = None,
                       and c.id not in errored for c in grid)
     return Outcome(df, executed, len(now) - executed, errored, time.perf_counter() - started,
                    interrupted)
+
+
+def _estimate(runs: dict[str, dict[str, ExperimentConfig]],
+              done: set[tuple[str, str]]) -> float | None:
+    """Seconds of training steps the runs left take here (scaling.study.estimate,
+    as the dry run prints it): the first ETA. None where this machine cannot
+    train them (a GPU study started from a CPU-only machine)."""
+    import torch
+
+    from scaling.study.estimate import wall_clock
+
+    left = [(s, c) for s, keyed in runs.items() for k, c in keyed.items() if (s, k) not in done]
+    if not left or (left[0][1].runtime.gpus_per_worker > 0 and not torch.cuda.is_available()):
+        return None
+    return wall_clock(left).seconds
 
 
 def _lane_runtime(grid: list[Any]) -> RuntimeConfig | None:
