@@ -222,17 +222,19 @@ PIXELS_ROW = "raw pixels (no network)"
 
 
 def table1(df: pd.DataFrame) -> pd.DataFrame:
-    """The paper's Table 1 for this study: a row per model; top-1 (%) after
-    fine-tuning and of the supervised baseline at every label fraction, after
+    """The paper's Table 1 for this study: a row per model (its name says depth, width
+    and SK; parameters in millions, without the head), smallest first; top-1 (%)
+    after fine-tuning and of the supervised baseline at every label fraction, after
     distillation (self) at every fraction, and the linear and kNN probes.
     'mean ± sd' over seeds where there are several."""
     models = df[df["stage"] == "pretrain"].drop_duplicates(MODEL_KEYS)[MODEL_KEYS]
     if models.empty:
         models = df[df["stage"] != "pixels"].drop_duplicates(MODEL_KEYS)[MODEL_KEYS]
     models = models.sort_values("params", ignore_index=True)
-    out = models.copy()
-    out.insert(0, "model", [model_name(d, w, k) for d, w, k in
-                            zip(out["depth"], out["width"], out["sk"], strict=True)])
+    out = pd.DataFrame({
+        "model": [model_name(d, w, k) for d, w, k in
+                  zip(models["depth"], models["width"], models["sk"], strict=True)],
+        "params (M)": [f"{p / 1e6:.2f}" for p in models["params"]]})
     fractions = sorted(df["label_fraction"].dropna().unique())
 
     def column(rows: pd.DataFrame, value: str) -> list[str]:
@@ -256,7 +258,7 @@ def table1(df: pd.DataFrame) -> pd.DataFrame:
         # Raw pixels: the pixel arm on each fraction's labels (in the supervised columns:
         # a baseline without pretraining) and the probes on every training label.
         ref: dict[str, Any] = {c: "-" for c in out.columns} | {"model": PIXELS_ROW}
-        ref |= {"depth": None, "width": None, "sk": None, "params": 0}
+        ref |= {"params (M)": "0"}
         for lf in fractions:
             if f"supervised {_pct(lf)}" in ref:
                 ref[f"supervised {_pct(lf)}"] = _cell(px[px["label_fraction"] == lf]["top1"])

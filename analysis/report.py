@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from analysis import collect, figures, replicates
+from analysis import collect, figures, replicates, summary
 from analysis.findings import findings
 from analysis.fit import (
     Bootstrap,
@@ -276,9 +276,10 @@ def splits_note(df: pd.DataFrame) -> str:
     sizes = sorted({json.loads(p).get("val_size") for p in df["protocol"].dropna()} - {None})
     val = (f"{', '.join(map(str, sizes))} training images held out, class-balanced"
            if sizes else "none recorded (results from before validation splits)")
-    return ("<h2>Splits</h2><p>Every accuracy below is top-1 on the <b>test</b> split, which "
-            "chose nothing. Presets, learning rates (the supervised baseline's included) "
-            f"and recipes were chosen on the <b>validation</b> split ({html.escape(val)}); "
+    return ("<h3>Splits</h3><p>Every accuracy in this report is top-1 on the <b>test</b> "
+            "split, which chose nothing. Presets, learning rates (the supervised "
+            "baseline's included) and recipes were chosen on the <b>validation</b> split "
+            f"({html.escape(val)}); "
             "its numbers are the <code>val_top1</code>, <code>linear_val_top1</code> and "
             "<code>knn_val_top1</code> columns of results_tidy.csv. Label subsets, "
             "pretraining and distillation images never include a validation image.</p>")
@@ -318,41 +319,77 @@ def write_report(study_dir: Location) -> Location:
                 shown.append((name, base64.b64encode(buf.getvalue()).decode(), caption))
         plt.close(fig)
     study = str(df["study"].iloc[0])
-    parts = [
-        f"<h1>{html.escape(study)}</h1>",
-        f"<p>{df['cell'].nunique()} cells, {len(df)} (cell, stage) rows. Written "
-        f"{time.strftime('%Y-%m-%d %H:%M:%S')}.</p>",
-        "<h2>Provenance</h2><ul>"
-        f"<li>command: <code>{html.escape(spec.get('command', 'unknown (no study.json)'))}"
-        "</code></li>"
-        f"<li>git commit: <code>{html.escape(', '.join(sorted(set(df['git_commit'].astype(str)))))}"
-        "</code></li></ul>",
-    ]
-    top = headline(df)
+    seeds = df["replicate"].nunique()
+    spread = f"mean ± standard deviation over {seeds} replicates" if seeds > 1 else "one replicate"
+    found = findings([df])
+    parts = [f"<h1>{html.escape(study)}</h1>",
+             _summary_box(df, spec, missing, headline(df), found)]
+    if "finetune" in set(df["stage"]):
+        distilled = ", self-distilled (the teacher's architecture)" if (
+            "distill" in set(df["stage"])) else ""
+        parts += ["<h2>Table 1: top-1 by model</h2>", _styled(figures.table1(df), (
+            f"Test top-1 (%), {spread}: fine-tuned and supervised (same labels) at every "
+            f"label fraction{distilled}, and the linear and kNN probes of the pretrained "
+            "encoder (fitted on every training label). Parameters: the encoder's, in "
+            "millions. The raw-pixels row has no network: in the supervised columns the "
+            "pixel arm (ridge or kNN on the same labelled pixels, chosen on validation); "
+            "under linear and kNN the same probes on the pixels."))]
+    parts.append("<h2>Figures</h2>")
+    parts += [f'<figure><img alt="{n}" src="data:image/png;base64,{b}">'
+              f"<figcaption><b>{n}.</b> {html.escape(c)} (<a href='{n}.pdf'>PDF</a>)"
+              "</figcaption></figure>" for n, b, c in shown]
+    parts += _appendix(df, spec, missing, a, found)
+    page = ("<!doctype html><html><head><meta charset='utf-8'>"
+            f"<title>{html.escape(study)} report</title><style>{CSS}</style></head><body>"
+            + "\n".join(parts) + "</body></html>")
+    storage.write_text(out, "report.html", page)
+    return storage.join(out, "report.html")
+
+
+def _summary_box(df: pd.DataFrame, spec: dict, missing: list[str], top: str,
+                 found: pd.DataFrame) -> str:
+    """The report's first screen: data and budgets, the headline, the findings, the
+    warnings, and where the numbers came from."""
+    items = "".join(f"<li>{html.escape(line)}</li>" for line in summary.data_and_budgets(df))
+    parts = [f"<div class='summary'><h2>Summary</h2><ul>{items}</ul>"]
     if top:
         parts.append(f"<pre>{html.escape(top)}</pre>")
-    parts.append(splits_note(df))
+    lines = summary.findings_lines(found)
+    if lines:
+        parts.append("<h3>The paper's findings at this scale (Holm-adjusted; details in the "
+                     "appendix)</h3><ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in lines)
+                     + "</ul>")
+    warned = summary.warnings(df, missing)
+    if warned:
+        parts.append("<h3>Warnings</h3><ul class='warn'>" + "".join(
+            f"<li>{html.escape(w)}</li>" for w in warned) + "</ul>")
+    commits = ", ".join(sorted(set(df["git_commit"].astype(str))))
+    parts.append(f"<p class='small'>{df['cell'].nunique()} cells, {len(df)} (cell, stage) rows; "
+                 f"command <code>{html.escape(spec.get('command', 'unknown (no study.json)'))}"
+                 f"</code>; commit <code>{html.escape(commits)}</code>; written "
+                 f"{time.strftime('%Y-%m-%d %H:%M:%S')}. Every accuracy is top-1 on the test "
+                 "split, which chose nothing.</p></div>")
+    return "".join(parts)
+
+
+def _appendix(df: pd.DataFrame, spec: dict, missing: list[str], a: Analysis,
+              found: pd.DataFrame) -> list[str]:
+    """Every table behind the summary and the figures, and the fits' parameters."""
+    parts = ["<h2>Appendix</h2>", splits_note(df)]
     if missing:
-        parts.append(f"<h2>Missing ({len(missing)} stages: a partial sweep)</h2><ul>"
+        parts.append(f"<h3>Missing ({len(missing)} stages: a partial sweep)</h3><ul>"
                      + "".join(f"<li>{html.escape(m)}</li>" for m in missing) + "</ul>")
     else:
         parts.append("<p>Every stage of the grid has a result.</p>" if spec else
                      "<p>(No study.json: the grid, and so what is missing, is unknown.)</p>")
-    seeds = df["replicate"].nunique()
-    spread = f"mean ± standard deviation over {seeds} replicates" if seeds > 1 else "one replicate"
+    if not found.empty:
+        parts += ["<h3>Findings</h3>", _table_html(found.drop(columns=["_lo", "_hi"]))]
     if "finetune" in set(df["stage"]):
-        parts += ["<h2>Table 1: top-1 by model</h2>", _styled(figures.table1(df), (
-            f"Test top-1 (%), {spread}: fine-tuned and supervised (same labels) at every "
-            "label fraction, self-distilled where the study distils, and the linear and kNN "
-            "probes of the pretrained encoder (fitted on every training label). The raw-pixels "
-            "row has no network: in the supervised columns the pixel arm (ridge or kNN on the "
-            "same labelled pixels, chosen on validation); under linear and kNN the same probes "
-            "on the pixels."))]
         gains = [figures.gain(df, b).assign(against=figures.BASELINES[b][0])
                  for b in figures.BASELINES if df[f"gain_over_{b}"].notna().any()]
         g = pd.concat(gains, ignore_index=True) if gains else pd.DataFrame()
         if not g.empty:
-            parts += ["<h2>What pretraining buys: fine-tuned minus each baseline</h2>",
+            parts += ["<h3>What pretraining buys: fine-tuned minus each baseline</h3>",
                       _styled(g.drop(columns=["_lo", "_hi"]), (
                           "Top-1 of the fine-tuned model minus a baseline without "
                           "pretraining on the same labels: the tuned supervised network, the "
@@ -361,13 +398,13 @@ def write_report(study_dir: Location) -> Location:
                           "of the mean over independent replicates (values sharing a stage "
                           "run count once)."))]
     if "distill" in set(df["stage"]):
-        parts += ["<h2>Distilled student minus teacher</h2>", _styled(figures.distill_gap(df), (
+        parts += ["<h3>Distilled student minus teacher</h3>", _styled(figures.distill_gap(df), (
             "Test top-1 of the distilled student minus its fine-tuned teacher, percentage "
             "points, per unlabelled set; 95% Student-t interval of the mean over seeds."))]
     if df["params"].nunique() > 1:
-        parts += ["<h2>Relative improvement over the smallest model</h2>",
+        parts += ["<h3>Relative improvement over the smallest model</h3>",
                   _table_html(improvement_table(df))]
-    parts.append("<h2>Label-efficiency curves</h2>")
+    parts.append("<h3>Label-efficiency curves</h3>")
     if a.fits:
         chosen = pd.DataFrame([{"model": k[0], "stage": k[1], "form": v}
                                for k, v in a.chosen.items()])
@@ -385,18 +422,10 @@ def write_report(study_dir: Location) -> Location:
                  f"{html.escape(a.joint)}</p>")
     if a.notes:
         parts.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in a.notes) + "</ul>")
-    parts.append("<h2>Figures</h2>")
-    parts += [f'<figure><img alt="{n}" src="data:image/png;base64,{b}">'
-              f"<figcaption><b>{n}.</b> {html.escape(c)} (<a href='{n}.pdf'>PDF</a>)"
-              "</figcaption></figure>" for n, b, c in shown]
-    parts += ["<h2>Protocol</h2>", _table_html(protocol_table(df))]
-    parts.append("<p>Every row: <a href='results_tidy.csv'>results_tidy.csv</a> "
-                 "(columns: docs/analysis.md).</p>")
-    page = ("<!doctype html><html><head><meta charset='utf-8'>"
-            f"<title>{html.escape(study)} report</title><style>{CSS}</style></head><body>"
-            + "\n".join(parts) + "</body></html>")
-    storage.write_text(out, "report.html", page)
-    return storage.join(out, "report.html")
+    parts += ["<h3>Protocol</h3>", _table_html(protocol_table(df)),
+              "<p>Every row: <a href='results_tidy.csv'>results_tidy.csv</a> "
+              "(columns: docs/analysis.md).</p>"]
+    return parts
 
 
 CSS = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}"
@@ -404,7 +433,9 @@ CSS = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}
        "table.t td,table.t th{border-bottom:1px solid #ddd;padding:3px 8px;text-align:right}"
        "img{max-width:100%}figure{margin:1.5em 0}pre{background:#f6f6f6;padding:.5em}"
        "caption{caption-side:bottom;text-align:left;font-size:12px;color:#555;padding:4px}"
-       "figcaption{font-size:13px;color:#444}")
+       "figcaption{font-size:13px;color:#444}td{white-space:nowrap}"
+       ".summary{background:#f3f6fa;border:1px solid #c9d6e3;padding:.2em 1em 1em}"
+       ".warn li{color:#8a4b00}.small{font-size:12px;color:#555}")
 
 
 def main(argv: list[str] | None = None) -> int:

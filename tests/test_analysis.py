@@ -229,7 +229,10 @@ def test_every_figure_renders_with_axes_labels_and_legends(tmp_path):
     dist = made["distillation"].axes[0]
     assert dist.texts and dist.get_ylim()[0] > 0
     t = figures.table1(df)
-    assert list(t.columns[:2]) == ["model", "depth"] and len(t) == len(MODELS) + 1
+    assert list(t.columns[:2]) == ["model", "params (M)"] and len(t) == len(MODELS) + 1
+    assert not {"depth", "width", "sk", "params"} & set(t.columns)  # the name says them
+    sizes = [float(p) for p in t["params (M)"].iloc[:-1]]
+    assert sizes == sorted(sizes) and all(p > 0 for p in sizes)
     assert t["model"].iloc[-1] == figures.PIXELS_ROW  # the pixel arm, last
     for lf in ("1%", "10%", "100%"):
         assert {f"fine-tune {lf}", f"supervised {lf}", f"distilled {lf}"} <= set(t.columns)
@@ -277,6 +280,14 @@ def test_report_on_a_partial_sweep_and_chromium_renders_it(tmp_path):
     assert "The <b>label-efficiency multiplier</b> is" in page
     assert (out / "results_tidy.csv").exists()
     assert f"{gone}: finetune" in page and "partial sweep" in page  # what is missing
+    # Top-down: the summary (data, budgets, headline, findings, warnings), Table 1, the
+    # figures, then the appendix with every table and the fits.
+    order = [page.index(x) for x in ("<h2>Summary</h2>", "what pretraining buys",
+                                     "The paper's findings at this scale", "Warnings",
+                                     "Table 1: top-1 by model", "<figure>", "<h2>Appendix</h2>",
+                                     "Label-efficiency curves", "<h3>Protocol</h3>")]
+    assert order == sorted(order), order
+    assert "a partial sweep: 5 stage results are missing" in page
     assert "python studies/model_size.py --repeats 3" in page and "abc" in page
     assert "95% interval" in page and "label-efficiency multiplier" in page
     assert "Joint fit" in page and "not fitted" not in page
@@ -432,6 +443,30 @@ def test_the_compact_results_table_holds_each_arms_mean_by_model_and_count():
     # models in order of size, the smaller first
     assert lines.index(small) < lines.index(next(ln for ln in body if ln.startswith("R34")))
     assert results_table(df[df["stage"] == "pretrain"]) == ""
+
+
+def test_the_summary_warns_when_a_baseline_without_pretraining_wins_everywhere():
+    from analysis import summary
+
+    rows = synthetic_rows(seeds=(0, 1), fractions=[0.01, 0.1], head_depths=(1,))
+    for r in rows:
+        if r["stage"] == "pixels" and r["finetune.label_fraction"] == 0.1:
+            r["top1"] = 0.999  # above every fine-tuned model at 10% only
+        if r["stage"] == "pretrain":
+            r["pixel_linear_top1"] = 0.999
+    df = _table(rows)
+    said = summary.warnings(df, [])
+    assert len(said) == 3, said
+    assert said[0].startswith("at 10% labels the pixel arm (99.9) beats every fine-tuned model")
+    assert said[1].startswith("the linear probe on raw pixels (99.9) beats every pretrained")
+    assert said[2].startswith("n = 2 replicates")
+    three = _table(synthetic_rows(seeds=(0, 1, 2), fractions=[0.01, 0.1], head_depths=(1,)))
+    assert summary.warnings(three, []) == []  # the synthetic pretraining wins everywhere
+    assert summary.warnings(three, ["c: finetune"]) == [
+        "a partial sweep: 1 stage results are missing (appendix)"]
+    lines = summary.data_and_budgets(three)
+    assert "labelled subsets: 1% (600 images), 10% (6,000 images)" in lines[0]
+    assert lines[-1] == "3 independent replicates per cell"
 
 
 def test_gains_count_replicates_that_share_a_run_once():
