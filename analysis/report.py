@@ -247,28 +247,41 @@ def figure_set(df: pd.DataFrame, a: Analysis, history: pd.DataFrame | None = Non
             "interval is wide (t = 12.7): an effect must be large and consistent to count."))
     if history is not None and not history.empty:
         out["training_curves"] = (lambda: figures.training_curves(history), (
-            "Training loss against each stage's own steps, from the stored history of every "
-            "distinct stage run (a line per run; pretraining: NT-Xent, fine-tuning and "
-            "supervised: cross-entropy, distillation: cross-entropy to the teacher)."))
+            "Training loss against each stage's own steps: a row per stage, a column per "
+            "model, a line per distinct stage run (its label fraction, and its LR where it "
+            "was one run of an LR grid chosen on validation). Pretraining: NT-Xent; "
+            "fine-tuning and supervised: cross-entropy; distillation: cross-entropy to the "
+            "teacher."))
     return out
 
 
 def histories(df: pd.DataFrame, study_dir: Location) -> pd.DataFrame:
     """Each distinct stage run's stored loss history (stages/<stage>-<key>/result.json
-    next to the study): columns stage, run, step, loss. Empty where none is stored."""
+    next to the study, and each LR of a grid from its lr-<value>/ run): columns stage,
+    model, run, replicate, step, loss. Empty where none is stored."""
     stages = storage.join(storage.parent(study_dir), "stages")
     rows = []
     for (stage, key), g in df.drop_duplicates(["stage", "stage_key"]).groupby(
             ["stage", "stage_key"], sort=False):
-        text = storage.read_text(storage.stage_location(stages, stage, key), "result.json")
+        where = storage.stage_location(stages, stage, key)
+        text = storage.read_text(where, "result.json")
         if text is None:
             continue
-        r = g.iloc[0]
-        run = str(r["model"]) + ("" if stage == "pretrain" else
-                                 f", {100 * float(r['label_fraction']):g}%")
-        rows += [{"stage": stage, "run": run, "step": p["step"], "loss": p["loss"]}
-                 for p in json.loads(text).get("history", []) if np.isfinite(p["loss"])]
-    return pd.DataFrame(rows, columns=["stage", "run", "step", "loss"])
+        r, result = g.iloc[0], json.loads(text)
+        run = "" if stage == "pretrain" else f"{100 * float(r['label_fraction']):g}%"
+        runs = {run: result}
+        grid = result.get("protocol", {}).get("lr_grid_val_top1") or {}
+        for lr in grid:  # every LR of the grid, not only the chosen one
+            other = storage.read_text(storage.join(where, f"lr-{lr}"), "result.json")
+            if other is not None:
+                runs[f"{run}, lr {lr}"] = json.loads(other)
+        if len(runs) > 1:
+            runs.pop(run)  # the chosen LR's curve is one of the grid's
+        for name, res in runs.items():
+            rows += [{"stage": stage, "model": str(r["model"]), "run": name or "pretraining",
+                      "replicate": int(r["replicate"]), "step": p["step"], "loss": p["loss"]}
+                     for p in res.get("history", []) if np.isfinite(p["loss"])]
+    return pd.DataFrame(rows, columns=["stage", "model", "run", "replicate", "step", "loss"])
 
 
 def splits_note(df: pd.DataFrame) -> str:
@@ -431,7 +444,8 @@ def _appendix(df: pd.DataFrame, spec: dict, missing: list[str], a: Analysis,
 CSS = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}"
        "table.t{border-collapse:collapse;margin:1em 0;font-size:13px}"
        "table.t td,table.t th{border-bottom:1px solid #ddd;padding:3px 8px;text-align:right}"
-       "img{max-width:100%}figure{margin:1.5em 0}pre{background:#f6f6f6;padding:.5em}"
+       "img{max-width:100%}figure{margin:1.5em 0}"
+       "pre{background:#f6f6f6;padding:.5em;white-space:pre-wrap;font-size:12px}"
        "caption{caption-side:bottom;text-align:left;font-size:12px;color:#555;padding:4px}"
        "figcaption{font-size:13px;color:#444}td{white-space:nowrap}"
        ".summary{background:#f3f6fa;border:1px solid #c9d6e3;padding:.2em 1em 1em}"

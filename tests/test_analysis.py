@@ -14,8 +14,10 @@ import matplotlib
 import numpy as np
 import pandas as pd
 import pytest
+from layout import legend_on_data, overlapping_texts
 
 from analysis import collect, figures, report
+from analysis.findings import findings
 from analysis.fit import FORMS, FitError, bootstrap, efficiency, fit, fit_joint, select
 
 matplotlib.use("Agg")
@@ -191,11 +193,16 @@ def test_tidy_adds_the_derived_columns():
 
 
 def _labels_and_legend(fig) -> None:
-    for ax in fig.axes:
-        if ax.axison:
-            assert ax.get_xlabel() and ax.get_ylabel(), ax
-            assert ax.get_legend() is not None and ax.get_legend().get_texts()
-            assert ax.lines or ax.containers or ax.collections
+    """Axis labels (small multiples: on the outer panels), data in every panel; a legend; no text
+    overlaps another and no legend covers data (tests/layout.py)."""
+    shown = [ax for ax in fig.axes if ax.axison and ax.get_visible()]
+    for ax in shown:
+        assert ax.lines or ax.containers or ax.collections
+    assert any(ax.get_xlabel() for ax in shown) and any(ax.get_ylabel() for ax in shown)
+    assert fig.legends or any(ax.get_legend() is not None and ax.get_legend().get_texts()
+                              for ax in shown)
+    assert overlapping_texts(fig) == [], overlapping_texts(fig)
+    assert legend_on_data(fig) == []
 
 
 def test_every_figure_renders_with_axes_labels_and_legends(tmp_path):
@@ -210,9 +217,17 @@ def test_every_figure_renders_with_axes_labels_and_legends(tmp_path):
         "distillation": figures.distillation(df),
         "label_efficiency": figures.label_efficiency(df, a.fits, bands),
         "gain": figures.gain_figure(df),
+        "findings": figures.findings_figure(findings([df])),
+        "training_curves": figures.training_curves(pd.DataFrame(
+            [{"stage": st, "model": m, "run": f"{lf}%, lr {lr}", "replicate": r,
+              "step": k, "loss": 2.0 / k + r * 0.01}
+             for st in ("pretrain", "finetune") for m in ("R18 1/16x", "R18 1/8x")
+             for lf in (1, 10) for lr in (0.1, 0.4) for r in (0, 1) for k in range(1, 30)])),
     }
     for name, fig in made.items():
         _labels_and_legend(fig)
+        if name in ("findings", "training_curves"):
+            continue
         if name != "gain":  # accuracies and errors in percent
             assert "%" in fig.axes[0].yaxis.get_major_formatter()(0.5, 0), name
         fig.savefig(tmp_path / f"{name}.png")

@@ -36,6 +36,9 @@ class NonFiniteLoss(RuntimeError):
     """The loss became NaN or inf; nothing after the last good checkpoint was saved."""
 
 
+POINTS = 20
+
+
 class StageRun:
     def __init__(
         self, name: str, out: Path, env: Env, runtime: RuntimeConfig,
@@ -47,6 +50,9 @@ class StageRun:
         self.variant = variant
         self.steps_per_epoch, self.epochs = steps_per_epoch, epochs
         self.total_steps = steps_per_epoch * epochs
+        # A short stage (100 fine-tuning steps) still draws a curve: at least about
+        # POINTS loss points, never further apart than runtime.log_every.
+        self.log_every = max(1, min(runtime.log_every, self.total_steps // POINTS))
         self.objects, self.generator = objects, generator
         self.started = time.perf_counter()
         if env.cuda:  # the stage's own peak, not the process's (a lane runs many stages)
@@ -102,7 +108,7 @@ class StageRun:
         self._bad |= ~torch.isfinite(loss.detach())
         self._loss_sum += loss.detach().float()
         self._loss_n += 1
-        log_due = (self.step + 1) % self.runtime.log_every == 0 or self.step + 1 == self.total_steps
+        log_due = (self.step + 1) % self.log_every == 0 or self.step + 1 == self.total_steps
         every = self.runtime.checkpoint_every or self.steps_per_epoch
         ckpt_due = (self.step + 1) % every == 0 or self.step + 1 == self.total_steps
         # Check every step in a single CPU process; otherwise only where a sync or a
