@@ -235,3 +235,20 @@ def test_the_sweep_eta_starts_at_the_estimate_and_moves_to_the_measured_rate(mon
     assert c.sweep_line() == "[sweep] 2/3 stage runs, ETA 7m30s"
     bare = console.Console("unused", [], flops, set())  # no estimate: as before
     assert bare.sweep_line() == "[sweep] 0/3 stage runs, ETA after the first stage run"
+
+
+def test_the_cost_table_in_docs_is_what_the_dry_run_computes():
+    from scaling.study import cluster
+    from scaling.study.cost import on_cluster
+    from studies.cli import cost_table
+
+    repo = Path(__file__).resolve().parents[1]
+    config = cluster.load(repo / "cluster" / "gpu.yaml")
+    table = cost_table([model_size.STUDY, head_depth.STUDY, distillation.STUDY], config)
+    assert table in (repo / "docs" / "cluster.md").read_text()  # one source of truth
+    # Closed form: 16 A100-hours of work (312 TFLOP/s at 40%), 2 lanes of 4 GPUs.
+    flops = 3600 * 0.4 * 312e12 * 16  # 16 A100-hours
+    c = on_cluster(flops, flops / 8, 4, 2, [("a", "p4de.24xlarge", 8)], 8, price=3.0)
+    assert c.gpu_hours == pytest.approx(16) and c.gpus_at_once == 8
+    assert c.hours == pytest.approx(max(16 / 8, 2 / 4)) and c.cost == pytest.approx(48)
+    assert on_cluster(flops, flops, 1, 1, [("x", "g5.xlarge", 1)], 1, None) is None  # unknown

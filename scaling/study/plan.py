@@ -327,11 +327,6 @@ def describe(study: Study, p: Plan) -> str:
     return "\n".join(lines)
 
 
-def gpu_hours(flops: float) -> float:
-    """A stated assumption, not a measurement: 40% of an H100's dense bf16 peak."""
-    return flops / (0.4 * 989e12) / 3600
-
-
 @dataclass(frozen=True)
 class Capacity:
     concurrent: int  # trials at once
