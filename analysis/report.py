@@ -71,7 +71,8 @@ def analyse(df: pd.DataFrame) -> Analysis:
     rows = df[df["stage"].isin(["finetune", "supervised"]) & df["labels"].notna()
               & df["error"].notna()]
     ceiling = float(1 - 1 / df["classes"].dropna().iloc[0]) if df["classes"].notna().any() else 1.0
-    for (model, stage), g in rows.groupby(["model", "stage"]):
+    # In the tidy table's order (by size): fit tables and legends list 1/16x before 1/4x.
+    for (model, stage), g in rows.groupby(["model", "stage"], sort=False):
         n, err, seeds = g["labels"].to_numpy(), g["error"].to_numpy(), g["replicate"].to_numpy()
         if np.unique(n).size < 3:
             form, how = "power", (f"power law: {np.unique(n).size} label counts are too few "
@@ -127,10 +128,15 @@ def analyse(df: pd.DataFrame) -> Analysis:
     return out
 
 
+def _count(x: float) -> str:
+    """A label count read off a curve; inf where the curve never reaches the target."""
+    return "not reached" if np.isinf(x) else f"{x:.4g}"
+
+
 def _interval(f: Fit | Bootstrap, name: str) -> str:
     if isinstance(f, Bootstrap) and name in f.intervals:
         lo, hi = f.intervals[name]
-        return f"[{lo:.4g}, {hi:.4g}]"
+        return f"[{_count(lo)}, {_count(hi)}]"
     return "n/a (one seed)"
 
 
@@ -156,7 +162,8 @@ def improvement_table(df: pd.DataFrame) -> pd.DataFrame:
                                                   sort=False):
         mean, lo, hi, n = replicates.effect(g["relative_improvement"].to_numpy(),
                                             list(g["runs"]))
-        rows.append({"model": model, "params": int(g["params"].iloc[0]), "stage": stage,
+        rows.append({"model": model, "params (M)": round(float(g["params"].iloc[0]) / 1e6, 2),
+                     "stage": stage,
                      "label fraction": lf, "relative improvement %": round(100 * mean, 2),
                      "95% interval": "n/a (one replicate)" if np.isnan(lo) else
                      f"[{100 * lo:.2f}, {100 * hi:.2f}]", "replicates": n})
@@ -298,17 +305,27 @@ def splits_note(df: pd.DataFrame) -> str:
             "pretraining and distillation images never include a validation image.</p>")
 
 
+def _readable(df: pd.DataFrame) -> pd.DataFrame:
+    """Label fractions as the text says them (0.1%, not 0.001)."""
+    out = df.copy()
+    for col in ("label fraction", "label_fraction"):
+        if col in out:
+            out[col] = [v if not isinstance(v, float) or np.isnan(v) else f"{100 * v:g}%"
+                        for v in out[col]]
+    return out
+
+
 def _styled(df: pd.DataFrame, caption: str) -> str:
     """A table as HTML (pandas Styler) with its caption."""
-    styler = df.style.hide(axis="index").set_caption(html.escape(caption)).format(
-        lambda v: f"{v:.4g}" if isinstance(v, float) else v, na_rep="-").set_table_attributes(
+    styler = _readable(df).style.hide(axis="index").set_caption(html.escape(caption)).format(
+        lambda v: _count(v) if isinstance(v, float) else v, na_rep="-").set_table_attributes(
         'class="t"')
     return str(styler.to_html())
 
 
 def _table_html(df: pd.DataFrame) -> str:
-    return df.to_html(index=False, border=0, classes="t", float_format=lambda x: f"{x:.4g}",
-                      na_rep="-")
+    return _readable(df).to_html(index=False, border=0, classes="t", float_format=_count,
+                                 na_rep="-")
 
 
 def write_report(study_dir: Location) -> Location:
