@@ -87,11 +87,15 @@ def results_table(df: pd.DataFrame) -> str:
     if rows.empty:
         return ""
     rows["arm"] = rows["stage"].map(ROWS)
+    distilled = rows["stage"] == "distill"  # one row per student: self, or a smaller model
+    rows.loc[distilled, "arm"] = ["distilled (self)" if s == "self" else f"distilled to {s}"
+                                  for s in rows.loc[distilled, "student"]]
     # Baselines once per model; the pixel arm (no model) once, last.
     models = rows[rows["model"] != PIXELS].groupby("model")["params"].max()
     order = [*models.sort_values(kind="stable").index, PIXELS]
     rows["model"] = pd.Categorical(rows["model"], order, ordered=True)
-    rows["arm"] = pd.Categorical(rows["arm"], list(ROWS.values()), ordered=True)
+    arms = ["fine-tuned", *sorted(set(rows.loc[distilled, "arm"])), "supervised", "pixels"]
+    rows["arm"] = pd.Categorical(rows["arm"], arms, ordered=True)
     top = rows.pivot_table(index=["model", "arm"], columns="label_fraction", values="top1",
                            aggfunc="mean", observed=True)
     n = rows.groupby(["model", "arm", "label_fraction"], observed=True)["replicate"].nunique()
