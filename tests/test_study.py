@@ -252,3 +252,9 @@ def test_the_cost_table_in_docs_is_what_the_dry_run_computes():
     assert c.gpu_hours == pytest.approx(16) and c.gpus_at_once == 8
     assert c.hours == pytest.approx(max(16 / 8, 2 / 4)) and c.cost == pytest.approx(48)
     assert on_cluster(flops, flops, 1, 1, [("x", "g5.xlarge", 1)], 1, None) is None  # unknown
+
+
+def test_a_stage_without_a_flop_formula_is_an_error_not_distillations(tiny):
+    with pytest.raises(ValueError, match="no FLOP formula for stage 'probe'"):
+        stage_flops(tiny, "probe")
+    assert stage_flops(tiny, "distill") > 0
