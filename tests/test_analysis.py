@@ -650,3 +650,24 @@ def test_f2_compares_a_smaller_student_with_the_small_model_fine_tuned():
     # The smallest teacher's student has its architecture: self-distillation, vs teacher.
     assert "R18 1/16x -> itself at 1% labels: student - teacher" in out
     assert f2(distilled) == [r for r in f2(distilled) if "itself" in r["comparison"]]
+
+
+def test_f2_matches_the_small_models_recipe_lists_included_and_skips_a_study_without_it():
+    """An LR grid is a list in the tidy table: the recipe match compares it whole (it
+    once raised 'Lengths must match' on the distillation study's own report)."""
+    from analysis.findings import f2
+
+    rows = synthetic_rows(seeds=(0, 1, 2), fractions=[0.01], students=True)
+    for r in rows:
+        r["finetune.lr_grid"] = [0.005, 0.02]
+    df = _table(rows)
+    alone = df[df["model"] != "R18 1/16x"]  # the small model not fine-tuned in this study
+    assert all("itself" in r["comparison"] or "fine-tuned" in r["comparison"]
+               for r in f2(alone, alone))
+    both = f2(df, df)
+    assert any("distilled R18 1/16x - fine-tuned R18 1/16x" in r["comparison"] for r in both)
+    other = df.copy()
+    other["finetune.lr_grid"] = [[0.1]] * len(other)  # another recipe: no match
+    small = other[other["model"] == "R18 1/16x"]
+    assert not any("fine-tuned R18 1/16x" in r["comparison"]
+                   for r in f2(df, pd.concat([df[df["model"] != "R18 1/16x"], small])))
