@@ -419,6 +419,8 @@ def _appendix(df: pd.DataFrame, spec: dict, missing: list[str], a: Analysis,
                  for b in figures.BASELINES if df[f"gain_over_{b}"].notna().any()]
         g = pd.concat(gains, ignore_index=True) if gains else pd.DataFrame()
         if not g.empty:
+            g = g.assign(params=(g["params"] / 1e6).round(2)).rename(
+                columns={"params": "params (M)"})
             parts += ["<h3>What pretraining buys: fine-tuned minus each baseline</h3>",
                       _styled(g.drop(columns=["_lo", "_hi"]), (
                           "Top-1 of the fine-tuned model minus a baseline without "
