@@ -19,7 +19,12 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.container import BarContainer  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import PercentFormatter  # noqa: E402
+from matplotlib.ticker import (  # noqa: E402
+    FixedLocator,
+    FuncFormatter,
+    NullLocator,
+    PercentFormatter,
+)
 
 from analysis import replicates  # noqa: E402
 from analysis.collect import model_name  # noqa: E402
@@ -51,46 +56,87 @@ def _label_models(ax: plt.Axes, m: pd.DataFrame, names: dict[float, str], y: str
 
 
 def _finish(fig: Figure, ax: plt.Axes, xlabel: str, ylabel: str, title: str,
-            legend: dict[str, Any], percent: float | None = 100) -> Figure:
+            legend: dict[str, Any] | None, percent: float | None = 100) -> Figure:
     """Log-scaled x (parameters or labels), a percent y axis (values in [0, percent]),
-    labels, title and legend."""
-    if percent is not None:
-        ax.yaxis.set_major_formatter(PercentFormatter(percent, decimals=None))
-    ax.set_xscale("log")
+    labels, title and a legend outside the data, on the right."""
+    if percent is not None:  # whole percents: 84%, not 84.00%
+        ax.yaxis.set_major_formatter(PercentFormatter(percent, decimals=0))
+    if ax.get_xscale() != "log":  # _millions set its own ticks with the scale
+        ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend(**legend)
+    ax.set_title(title, fontsize="medium")
+    if legend is not None:
+        ax.legend(**({"loc": "upper left", "bbox_to_anchor": (1.02, 1.0), "fontsize": "small",
+                      "borderaxespad": 0} | legend))
     fig.tight_layout()
     return fig
 
 
+def _millions(ax: plt.Axes, values: pd.Series | np.ndarray) -> None:
+    """A log x axis of parameters in millions with plain ticks (0.05, 0.1, 0.2, ...)
+    at 1-2-5 steps, as the paper's Figure 1; at most about 6 of them."""
+    lo, hi = float(np.min(values)), float(np.max(values))
+    ax.set_xscale("log")
+    ax.set_xlim(lo / 1.5, hi * 1.5)
+    ticks = [m * 10.0 ** e for e in range(-4, 4) for m in (1, 2, 5)
+             if lo / 1.5 <= m * 10.0 ** e <= hi * 1.5]
+    while len(ticks) > 6:
+        ticks = ticks[::2]
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xlabel("encoder parameters (millions, log scale)")
+
+
+def _size_trend(m: pd.DataFrame) -> str:
+    """'at k of n label fractions' where the largest model beats the smallest."""
+    wins = [float(g.sort_values("params")["mean"].iloc[-1]) >
+            float(g.sort_values("params")["mean"].iloc[0])
+            for _, g in m.groupby("label_fraction") if g["params"].nunique() > 1]
+    return f"{sum(wins)} of {len(wins)}"
+
+
 def top1_vs_params(df: pd.DataFrame, stage: str = "finetune") -> Figure:
-    """Paper Figure 1 (left): top-1 against parameters, a line per label fraction;
-    selective-kernel models marked with filled squares, others with circles."""
+    """Paper Figure 1 (left): top-1 against parameters (millions, log), a line per
+    label fraction; selective-kernel models as squares on dashed lines; the pixel
+    arm dotted. The title says at how many fractions the largest model is best."""
     sns.set_theme(**STYLE)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    rows = df[df["stage"] == stage]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    rows = df[df["stage"] == stage].assign(params=lambda d: d["params"] / 1e6)
     m = _mean_sd(rows, ["label_fraction", "sk", "params"], "top1")
     palette = sns.color_palette(n_colors=max(m["label_fraction"].nunique(), 1))
-    for color, (lf, part) in zip(palette, m.groupby("label_fraction"), strict=False):
+    colors = dict(zip(sorted(m["label_fraction"].unique()), palette, strict=False))
+    for lf, part in m.groupby("label_fraction"):
         for sk_key, sub in part.groupby("sk"):
-            lf, sk = float(lf), float(sk_key)  # type: ignore[arg-type]
-            label = f"{_pct(lf)} labels" + (" (SK)" if sk > 0 else "")
-            _errorbar(ax, sub["params"], sub, color=color, marker="s" if sk > 0 else "o",
-                      linestyle="--" if sk > 0 else "-", label=label)
-    if not m.empty:  # name the models once, on the line with the most labels
-        _label_models(ax, m[m["label_fraction"] == m["label_fraction"].max()], _names(rows))
+            sk = float(sk_key)  # type: ignore[arg-type]
+            _errorbar(ax, sub["params"], sub, color=colors[lf], marker="s" if sk > 0 else "o",
+                      linestyle="--" if sk > 0 else "-",
+                      label=None if sk > 0 else f"{_pct(float(lf))}")  # type: ignore[arg-type]
     # The pixel arm on the same labels, a dotted line per fraction in its colour:
     # what no network at all reaches.
     px = df[df["stage"] == "pixels"].drop_duplicates("stage_key")
-    colors = dict(zip(sorted(m["label_fraction"].unique()), palette, strict=False))
     for lf, part in px.groupby("label_fraction"):
         if lf in colors:
             ax.axhline(100 * part["top1"].mean(), color=colors[lf], linestyle=":",
-                       linewidth=1.2, label=f"{_pct(float(lf))}: pixels, no network")
-    return _finish(fig, ax, "encoder parameters", f"top-1 accuracy after {stage}",
-                   "Top-1 vs model size", {"title": "label fraction"})
+                       linewidth=1.2)
+    if not m.empty:
+        _millions(ax, m["params"])
+        # Each model named once, under its point on the x axis's inside edge.
+        names = rows.drop_duplicates("params").set_index("params")["model"]
+        for params, name in names.items():
+            ax.annotate(str(name), (float(params), 0), xycoords=("data", "axes fraction"),
+                        xytext=(0, 3), textcoords="offset points", ha="center", fontsize=7)
+    handles = [*ax.get_legend_handles_labels()[0],
+               plt.Line2D([], [], color="grey", linestyle=":", label="pixels, no network")]
+    if (m["sk"] > 0).any():
+        handles.append(plt.Line2D([], [], color="grey", marker="s", linestyle="--",
+                                  label="selective kernels"))
+    title = (f"Top-1 after {stage}: the largest model is best at "
+             f"{_size_trend(m)} label fractions" if not m.empty else f"Top-1 after {stage}")
+    return _finish(fig, ax, "encoder parameters (millions, log scale)",
+                   f"top-1 accuracy after {stage}", title,
+                   {"handles": handles, "title": "label fraction"})
 
 
 def _names(df: pd.DataFrame) -> dict[float, str]:
@@ -98,24 +144,48 @@ def _names(df: pd.DataFrame) -> dict[float, str]:
 
 
 def relative_improvement(df: pd.DataFrame) -> Figure:
-    """Paper Figure 1 (right): improvement over the smallest model, per label
-    fraction, fine-tuned (solid) and supervised (dashed)."""
+    """Paper Figure 1 (right) as small multiples: a panel per label fraction, the
+    relative improvement over the smallest model (percent) against parameters,
+    fine-tuned (solid) and supervised (dashed)."""
     sns.set_theme(**STYLE)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    palette = sns.color_palette(n_colors=max(df["label_fraction"].nunique(), 1))
-    for stage, style in (("finetune", "-"), ("supervised", "--")):
-        m = _mean_sd(df[df["stage"] == stage], ["label_fraction", "params"],
-                     "relative_improvement")
-        for color, (lf, sub) in zip(palette, m.groupby("label_fraction"), strict=False):
-            _errorbar(ax, sub["params"], sub, color=color, marker="o", linestyle=style,
-                      label=f"{stage}, {_pct(float(lf))} labels")  # type: ignore[arg-type]
-        if stage == "finetune" and not m.empty:
-            _label_models(ax, m[m["label_fraction"] == m["label_fraction"].min()],
-                          _names(df))
-    ax.axhline(0, color="grey", linewidth=0.8)
-    return _finish(fig, ax, "encoder parameters",
-                   "relative improvement over the smallest model",
-                   "Bigger models gain more with fewer labels?", {"fontsize": "small"})
+    rows = df[df["stage"].isin(["finetune", "supervised"])].assign(
+        params=lambda d: d["params"] / 1e6)
+    fractions = sorted(rows["label_fraction"].dropna().unique()) or [np.nan]
+    cols = min(len(fractions), 3)
+    nrows = -(-len(fractions) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.3 * cols + 1.6, 2.9 * nrows),
+                             squeeze=False, sharey=True)
+    gains = []
+    for ax, lf in zip(axes.flat, fractions, strict=False):
+        for stage, style, color in (("finetune", "-", "tab:blue"),
+                                    ("supervised", "--", "tab:orange")):
+            m = _mean_sd(rows[(rows["stage"] == stage) & (rows["label_fraction"] == lf)],
+                         ["params"], "relative_improvement")
+            if m.empty:
+                continue
+            _errorbar(ax, m["params"], m, color=color, marker="o", linestyle=style,
+                      label="fine-tuned" if stage == "finetune" else "supervised")
+            if stage == "finetune":
+                gains.append((lf, 100 * float(m.sort_values("params")["mean"].iloc[-1])))
+        ax.axhline(0, color="grey", linewidth=0.8)
+        if len(rows):
+            _millions(ax, rows["params"])
+        ax.set_title(f"{_pct(float(lf))} labels", fontsize="small")
+        ax.yaxis.set_major_formatter(PercentFormatter(100, decimals=None))
+        ax.set_xlabel("parameters (M, log)")
+    for ax in axes.flat[len(fractions):]:
+        ax.set_visible(False)
+    axes[0][0].set_ylabel("relative improvement\nover the smallest model")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.0, 0.95), fontsize="small")
+    title = "Relative improvement of the largest model over the smallest"
+    if len(gains) > 1:
+        (few, g_few), (many, g_many) = gains[0], gains[-1]
+        title += (f": {g_few:+.1f}% at {_pct(float(few))} labels, {g_many:+.1f}% at "
+                  f"{_pct(float(many))}")
+    fig.suptitle(title, fontsize="medium")
+    fig.tight_layout()
+    return fig
 
 
 def head_depth(df: pd.DataFrame) -> Figure:
@@ -150,7 +220,7 @@ def distillation(df: pd.DataFrame) -> Figure:
     if dist["unlabelled"].nunique() > 1:
         dist["kind"] = dist["kind"] + " on " + dist["unlabelled"].astype(str)
     both = pd.concat([ft, dist], ignore_index=True)
-    both["group"] = both["model"] + ", " + both["label_fraction"].map(_pct) + " labels"
+    both["group"] = both["model"] + "\n" + both["label_fraction"].map(_pct) + " labels"
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * both["group"].nunique() + 3), 4))
     pct = 100 * both["top1"]
     sns.barplot(both.assign(top1_pct=pct), x="group", y="top1_pct", hue="kind",
@@ -165,8 +235,8 @@ def distillation(df: pd.DataFrame) -> Figure:
     ax.set_xlabel("teacher model, label fraction")
     ax.set_ylabel("top-1 (axis not from 0)")
     ax.set_title("Distillation on unlabelled data")
-    ax.tick_params(axis="x", labelrotation=20)
-    ax.legend(title="model")
+    ax.tick_params(axis="x", labelsize=8)
+    ax.legend(title="model", loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small")
     fig.tight_layout()
     return fig
 
@@ -222,17 +292,19 @@ PIXELS_ROW = "raw pixels (no network)"
 
 
 def table1(df: pd.DataFrame) -> pd.DataFrame:
-    """The paper's Table 1 for this study: a row per model; top-1 (%) after
-    fine-tuning and of the supervised baseline at every label fraction, after
+    """The paper's Table 1 for this study: a row per model (its name says depth, width
+    and SK; parameters in millions, without the head), smallest first; top-1 (%)
+    after fine-tuning and of the supervised baseline at every label fraction, after
     distillation (self) at every fraction, and the linear and kNN probes.
     'mean ± sd' over seeds where there are several."""
     models = df[df["stage"] == "pretrain"].drop_duplicates(MODEL_KEYS)[MODEL_KEYS]
     if models.empty:
         models = df[df["stage"] != "pixels"].drop_duplicates(MODEL_KEYS)[MODEL_KEYS]
     models = models.sort_values("params", ignore_index=True)
-    out = models.copy()
-    out.insert(0, "model", [model_name(d, w, k) for d, w, k in
-                            zip(out["depth"], out["width"], out["sk"], strict=True)])
+    out = pd.DataFrame({
+        "model": [model_name(d, w, k) for d, w, k in
+                  zip(models["depth"], models["width"], models["sk"], strict=True)],
+        "params (M)": [f"{p / 1e6:.2f}" for p in models["params"]]})
     fractions = sorted(df["label_fraction"].dropna().unique())
 
     def column(rows: pd.DataFrame, value: str) -> list[str]:
@@ -256,7 +328,7 @@ def table1(df: pd.DataFrame) -> pd.DataFrame:
         # Raw pixels: the pixel arm on each fraction's labels (in the supervised columns:
         # a baseline without pretraining) and the probes on every training label.
         ref: dict[str, Any] = {c: "-" for c in out.columns} | {"model": PIXELS_ROW}
-        ref |= {"depth": None, "width": None, "sk": None, "params": 0}
+        ref |= {"params (M)": "0"}
         for lf in fractions:
             if f"supervised {_pct(lf)}" in ref:
                 ref[f"supervised {_pct(lf)}"] = _cell(px[px["label_fraction"] == lf]["top1"])
@@ -322,40 +394,60 @@ def distill_gap(df: pd.DataFrame) -> pd.DataFrame:
 
 def gain_figure(df: pd.DataFrame, against: str = "best") -> Figure:
     """Fine-tuned minus a baseline's top-1 against label fraction, a line per model
-    (default: the better baseline without pretraining on validation, pixels included)."""
+    (default: the better baseline without pretraining on validation, pixels included).
+    The title counts the (model, fraction) pairs whose interval is above 0."""
     sns.set_theme(**STYLE)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7.5, 4))
     t = gain(df, against)
-    for i, (model, g) in enumerate(t.groupby("model", sort=False)):
+    for model, g in t.groupby("model", sort=False):
         g = g.sort_values("label fraction")
         err = np.vstack([g["gain (pp)"] - g["_lo"], g["_hi"] - g["gain (pp)"]])
         ax.errorbar(g["label fraction"], g["gain (pp)"],
                     yerr=np.nan_to_num(err), capsize=3, marker="o", label=str(model))
-        last = g.iloc[-1]
-        ax.annotate(str(model), (last["label fraction"], last["gain (pp)"]),
-                    textcoords="offset points", xytext=(4, 4 - 9 * i), fontsize=7)
     ax.axhline(0, color="grey", linewidth=0.8)
-    _finish(fig, ax, "labelled fraction of the training set",
-            "fine-tuned minus baseline top-1 (points)",
-            f"What pretraining buys over {BASELINES[against][0]}", {"fontsize": "small"},
-            percent=None)
+    above = int((t["_lo"] > 0).sum()) if len(t) else 0
+    below = int((t["_hi"] < 0).sum()) if len(t) else 0
+    _finish(fig, ax, "labelled fraction of the training set (log scale)",
+            "fine-tuned minus baseline,\ntop-1 percentage points",
+            f"Pretraining beats {BASELINES[against][0].split(' (')[0]} at {above} of {len(t)} "
+            f"(model, fraction) pairs, loses at {below}", {"title": "model"}, percent=None)
     ax.title.set_fontsize("small")
     ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=None))  # after the log scale
     return fig
 
 
 def training_curves(history: pd.DataFrame) -> Figure:
-    """Each stage's loss against its own steps (history: stage, run, step, loss)."""
+    """Small multiples of the training loss against each stage's own steps: a row per
+    stage, a column per model, a colour per run in the panel (label fraction, and the
+    LR where the run was one of a grid), a line per replicate. history: stage, model,
+    run, step, loss, and optionally replicate."""
     sns.set_theme(**STYLE)
     stages = list(dict.fromkeys(history["stage"]))
-    fig, axes = plt.subplots(1, len(stages), figsize=(3.6 * len(stages), 3.4), squeeze=False)
-    for ax, stage in zip(axes[0], stages, strict=True):
-        for run, g in history[history["stage"] == stage].groupby("run", sort=False):
-            ax.plot(g["step"], g["loss"], label=str(run), linewidth=1)
-        ax.set_title(stage)
-        ax.set_xlabel("step")
-        ax.set_ylabel("training loss")
-        ax.legend(fontsize="x-small")
+    models = list(dict.fromkeys(history["model"])) if "model" in history else [""]
+    fig, axes = plt.subplots(len(stages), len(models), squeeze=False,
+                             figsize=(2.9 * len(models) + 1.5, 2.3 * len(stages)))
+    for i, stage in enumerate(stages):
+        for j, model in enumerate(models):
+            ax = axes[i][j]
+            part = history[(history["stage"] == stage)
+                           & ((history["model"] == model) if "model" in history else True)]
+            palette = sns.color_palette(n_colors=max(part["run"].nunique(), 1))
+            for color, (run, g) in zip(palette, part.groupby("run", sort=False), strict=False):
+                by = g.groupby("replicate", sort=False) if "replicate" in g else [(0, g)]
+                for k, (_, line) in enumerate(by):
+                    ax.plot(line["step"], line["loss"], color=color, linewidth=1,
+                            label=str(run) if k == 0 else None)
+            if i == 0:
+                ax.set_title(str(model), fontsize="small")
+            if j == 0:
+                ax.set_ylabel(f"{stage}\nloss", fontsize="small")
+            if i == len(stages) - 1:
+                ax.set_xlabel("step", fontsize="small")
+            ax.tick_params(labelsize=7)
+            if part["run"].nunique() > 1 and j == len(models) - 1:
+                ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                          borderaxespad=0)
+    fig.suptitle("Training loss of every distinct stage run", fontsize="medium")
     fig.tight_layout()
     return fig
 
@@ -387,12 +479,13 @@ def findings_figure(table: pd.DataFrame) -> Figure:
                                   + (f"  ({r['study']})" if several else "")
                                   for _, r in t.iterrows()], fontsize=7)
     ax.axvline(0, color="black", linewidth=0.8)
-    ax.set_xlabel("effect, top-1 percentage points (95% Student-t interval over replicates;"
-                  " verdicts Holm-adjusted)")
+    ax.set_ylabel("finding: comparison")
+    ax.set_xlabel("effect in percentage points: of top-1 (F1-F3), of relative improvement "
+                  "(F4)\n95% Student-t interval over replicates; verdicts Holm-adjusted")
     handles = [plt.Line2D([], [], color=c, marker="o", linestyle="", label=v)
                for v, c in VERDICT_COLORS.items()
                if (t["verdict"].astype(str).map(_verdict_kind) == v).any()]
-    ax.legend(handles=handles, fontsize="small", loc="best")
+    ax.legend(handles=handles, fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
     ax.set_title("The paper's findings at this scale (above 0: the paper's direction)")
     fig.tight_layout()
     return fig

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import sys
 
 import numpy as np
@@ -123,8 +124,21 @@ def f1(df: pd.DataFrame) -> list[dict]:
 REPLICATE = ["seed", "subset_seed"]  # a replicate: its seeds (the labels they draw)
 # What a fine-tuned small model must share with a distillation's teacher to stand beside
 # its student (F2): the recipe, not the architecture.
-SAME_RECIPE = ["data.name", "pretrain.epochs", "head.num_layers", "finetune.head_layer",
-               "finetune.epochs", "finetune.min_steps", "finetune.lr_grid"]
+SAME_RECIPE = ["data.name", "data.image_size", "pretrain.epochs", "head.num_layers",
+               "finetune.head_layer", "finetune.epochs", "finetune.min_steps",
+               "finetune.lr_grid"]
+
+
+def _same(column: pd.Series, value: object) -> pd.Series:
+    """Rows whose value equals ``value``, lists (an LR grid) and missing values
+    included: compared as JSON text, never element by element."""
+    def text(v: object) -> str:
+        if isinstance(v, np.generic):
+            v = v.item()
+        if isinstance(v, int | float) and not isinstance(v, bool):  # 3 and 3.0 alike
+            return "null" if np.isnan(v) else repr(float(v))
+        return json.dumps(v, default=str)
+    return column.map(text) == text(value)
 
 
 def f2(df: pd.DataFrame, finetuned: pd.DataFrame | None = None) -> list[dict]:
@@ -146,7 +160,7 @@ def f2(df: pd.DataFrame, finetuned: pd.DataFrame | None = None) -> list[dict]:
                   & (pool["label_fraction"] == lf)]
         for col in SAME_RECIPE:  # the small model trained as the teacher was
             if col in ft and col in g:
-                ft = ft[ft[col] == g[col].iloc[0]]
+                ft = ft[_same(ft[col], g[col].iloc[0])]
         ft = ft.drop_duplicates("stage_key")
         both = g.reset_index().merge(ft[[*REPLICATE, "top1", "runs"]], on=REPLICATE,
                                      suffixes=("", "_ft"))

@@ -2,7 +2,8 @@
 without it, per model, at the fewest and the most labels, with 95% intervals over
 independent replicates and a plain verdict against the better baseline.
 
-    print(headline(collect.load("runs/model_size-local")))
+    print(results_table(df := collect.load("runs/model_size-local")))
+    print(headline(df))
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import math
 
 import pandas as pd
 
+from analysis.collect import PIXELS
 from analysis.figures import gain
 
 
@@ -72,3 +74,35 @@ def headline(df: pd.DataFrame) -> str:
     lines.append(f"against the better baseline on validation, at {at(fewest)}: " + ", ".join(
         f"{v} for {n} of {len(small)} models" for v, n in counts.items()))
     return "\n".join(lines)
+
+
+ROWS = {"finetune": "fine-tuned", "distill": "distilled", "supervised": "supervised",
+        "pixels": "pixels"}
+
+
+def results_table(df: pd.DataFrame) -> str:
+    """Test top-1 (%) by model and arm (rows) and label fraction (columns), the mean
+    over replicates: the compact table a run ends with (results.csv has every row)."""
+    rows = df[df["stage"].isin(list(ROWS)) & df["top1"].notna()].copy()
+    if rows.empty:
+        return ""
+    rows["arm"] = rows["stage"].map(ROWS)
+    distilled = rows["stage"] == "distill"  # one row per student: self, or a smaller model
+    rows.loc[distilled, "arm"] = ["distilled (self)" if s == "self" else f"distilled to {s}"
+                                  for s in rows.loc[distilled, "student"]]
+    # Baselines once per model; the pixel arm (no model) once, last.
+    models = rows[rows["model"] != PIXELS].groupby("model")["params"].max()
+    order = [*models.sort_values(kind="stable").index, PIXELS]
+    rows["model"] = pd.Categorical(rows["model"], order, ordered=True)
+    arms = ["fine-tuned", *sorted(set(rows.loc[distilled, "arm"])), "supervised", "pixels"]
+    rows["arm"] = pd.Categorical(rows["arm"], arms, ordered=True)
+    top = rows.pivot_table(index=["model", "arm"], columns="label_fraction", values="top1",
+                           aggfunc="mean", observed=True)
+    n = rows.groupby(["model", "arm", "label_fraction"], observed=True)["replicate"].nunique()
+    labels = rows.groupby("label_fraction")["labels"].median()
+    top.columns = [f"{100 * lf:g}% ({int(labels[lf]):,})" for lf in top.columns]
+    text = (100 * top).round(1).to_string(na_rep="-")
+    reps = f"{n.min()} replicate" if n.min() == n.max() else f"{n.min()}-{n.max()} replicate"
+    return (f"test top-1 %, mean over {reps}{'s' if n.max() > 1 else ''} (columns: label "
+            "fraction, labelled images):"
+            f"\n{text}")

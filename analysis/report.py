@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from analysis import collect, figures, replicates
+from analysis import collect, figures, replicates, summary
 from analysis.findings import findings
 from analysis.fit import (
     Bootstrap,
@@ -71,7 +71,8 @@ def analyse(df: pd.DataFrame) -> Analysis:
     rows = df[df["stage"].isin(["finetune", "supervised"]) & df["labels"].notna()
               & df["error"].notna()]
     ceiling = float(1 - 1 / df["classes"].dropna().iloc[0]) if df["classes"].notna().any() else 1.0
-    for (model, stage), g in rows.groupby(["model", "stage"]):
+    # In the tidy table's order (by size): fit tables and legends list 1/16x before 1/4x.
+    for (model, stage), g in rows.groupby(["model", "stage"], sort=False):
         n, err, seeds = g["labels"].to_numpy(), g["error"].to_numpy(), g["replicate"].to_numpy()
         if np.unique(n).size < 3:
             form, how = "power", (f"power law: {np.unique(n).size} label counts are too few "
@@ -127,10 +128,15 @@ def analyse(df: pd.DataFrame) -> Analysis:
     return out
 
 
+def _count(x: float) -> str:
+    """A label count read off a curve; inf where the curve never reaches the target."""
+    return "not reached" if np.isinf(x) else f"{x:.4g}"
+
+
 def _interval(f: Fit | Bootstrap, name: str) -> str:
     if isinstance(f, Bootstrap) and name in f.intervals:
         lo, hi = f.intervals[name]
-        return f"[{lo:.4g}, {hi:.4g}]"
+        return f"[{_count(lo)}, {_count(hi)}]"
     return "n/a (one seed)"
 
 
@@ -156,7 +162,8 @@ def improvement_table(df: pd.DataFrame) -> pd.DataFrame:
                                                   sort=False):
         mean, lo, hi, n = replicates.effect(g["relative_improvement"].to_numpy(),
                                             list(g["runs"]))
-        rows.append({"model": model, "params": int(g["params"].iloc[0]), "stage": stage,
+        rows.append({"model": model, "params (M)": round(float(g["params"].iloc[0]) / 1e6, 2),
+                     "stage": stage,
                      "label fraction": lf, "relative improvement %": round(100 * mean, 2),
                      "95% interval": "n/a (one replicate)" if np.isnan(lo) else
                      f"[{100 * lo:.2f}, {100 * hi:.2f}]", "replicates": n})
@@ -247,28 +254,41 @@ def figure_set(df: pd.DataFrame, a: Analysis, history: pd.DataFrame | None = Non
             "interval is wide (t = 12.7): an effect must be large and consistent to count."))
     if history is not None and not history.empty:
         out["training_curves"] = (lambda: figures.training_curves(history), (
-            "Training loss against each stage's own steps, from the stored history of every "
-            "distinct stage run (a line per run; pretraining: NT-Xent, fine-tuning and "
-            "supervised: cross-entropy, distillation: cross-entropy to the teacher)."))
+            "Training loss against each stage's own steps: a row per stage, a column per "
+            "model, a line per distinct stage run (its label fraction, and its LR where it "
+            "was one run of an LR grid chosen on validation). Pretraining: NT-Xent; "
+            "fine-tuning and supervised: cross-entropy; distillation: cross-entropy to the "
+            "teacher."))
     return out
 
 
 def histories(df: pd.DataFrame, study_dir: Location) -> pd.DataFrame:
     """Each distinct stage run's stored loss history (stages/<stage>-<key>/result.json
-    next to the study): columns stage, run, step, loss. Empty where none is stored."""
+    next to the study, and each LR of a grid from its lr-<value>/ run): columns stage,
+    model, run, replicate, step, loss. Empty where none is stored."""
     stages = storage.join(storage.parent(study_dir), "stages")
     rows = []
     for (stage, key), g in df.drop_duplicates(["stage", "stage_key"]).groupby(
             ["stage", "stage_key"], sort=False):
-        text = storage.read_text(storage.stage_location(stages, stage, key), "result.json")
+        where = storage.stage_location(stages, stage, key)
+        text = storage.read_text(where, "result.json")
         if text is None:
             continue
-        r = g.iloc[0]
-        run = str(r["model"]) + ("" if stage == "pretrain" else
-                                 f", {100 * float(r['label_fraction']):g}%")
-        rows += [{"stage": stage, "run": run, "step": p["step"], "loss": p["loss"]}
-                 for p in json.loads(text).get("history", []) if np.isfinite(p["loss"])]
-    return pd.DataFrame(rows, columns=["stage", "run", "step", "loss"])
+        r, result = g.iloc[0], json.loads(text)
+        run = "" if stage == "pretrain" else f"{100 * float(r['label_fraction']):g}%"
+        runs = {run: result}
+        grid = result.get("protocol", {}).get("lr_grid_val_top1") or {}
+        for lr in grid:  # every LR of the grid, not only the chosen one
+            other = storage.read_text(storage.join(where, f"lr-{lr}"), "result.json")
+            if other is not None:
+                runs[f"{run}, lr {lr}"] = json.loads(other)
+        if len(runs) > 1:
+            runs.pop(run)  # the chosen LR's curve is one of the grid's
+        for name, res in runs.items():
+            rows += [{"stage": stage, "model": str(r["model"]), "run": name or "pretraining",
+                      "replicate": int(r["replicate"]), "step": p["step"], "loss": p["loss"]}
+                     for p in res.get("history", []) if np.isfinite(p["loss"])]
+    return pd.DataFrame(rows, columns=["stage", "model", "run", "replicate", "step", "loss"])
 
 
 def splits_note(df: pd.DataFrame) -> str:
@@ -276,25 +296,36 @@ def splits_note(df: pd.DataFrame) -> str:
     sizes = sorted({json.loads(p).get("val_size") for p in df["protocol"].dropna()} - {None})
     val = (f"{', '.join(map(str, sizes))} training images held out, class-balanced"
            if sizes else "none recorded (results from before validation splits)")
-    return ("<h2>Splits</h2><p>Every accuracy below is top-1 on the <b>test</b> split, which "
-            "chose nothing. Presets, learning rates (the supervised baseline's included) "
-            f"and recipes were chosen on the <b>validation</b> split ({html.escape(val)}); "
+    return ("<h3>Splits</h3><p>Every accuracy in this report is top-1 on the <b>test</b> "
+            "split, which chose nothing. Presets, learning rates (the supervised "
+            "baseline's included) and recipes were chosen on the <b>validation</b> split "
+            f"({html.escape(val)}); "
             "its numbers are the <code>val_top1</code>, <code>linear_val_top1</code> and "
             "<code>knn_val_top1</code> columns of results_tidy.csv. Label subsets, "
             "pretraining and distillation images never include a validation image.</p>")
 
 
+def _readable(df: pd.DataFrame) -> pd.DataFrame:
+    """Label fractions as the text says them (0.1%, not 0.001)."""
+    out = df.copy()
+    for col in ("label fraction", "label_fraction"):
+        if col in out:
+            out[col] = [v if not isinstance(v, float) or np.isnan(v) else f"{100 * v:g}%"
+                        for v in out[col]]
+    return out
+
+
 def _styled(df: pd.DataFrame, caption: str) -> str:
     """A table as HTML (pandas Styler) with its caption."""
-    styler = df.style.hide(axis="index").set_caption(html.escape(caption)).format(
-        lambda v: f"{v:.4g}" if isinstance(v, float) else v, na_rep="-").set_table_attributes(
+    styler = _readable(df).style.hide(axis="index").set_caption(html.escape(caption)).format(
+        lambda v: _count(v) if isinstance(v, float) else v, na_rep="-").set_table_attributes(
         'class="t"')
     return str(styler.to_html())
 
 
 def _table_html(df: pd.DataFrame) -> str:
-    return df.to_html(index=False, border=0, classes="t", float_format=lambda x: f"{x:.4g}",
-                      na_rep="-")
+    return _readable(df).to_html(index=False, border=0, classes="t", float_format=_count,
+                                 na_rep="-")
 
 
 def write_report(study_dir: Location) -> Location:
@@ -318,41 +349,79 @@ def write_report(study_dir: Location) -> Location:
                 shown.append((name, base64.b64encode(buf.getvalue()).decode(), caption))
         plt.close(fig)
     study = str(df["study"].iloc[0])
-    parts = [
-        f"<h1>{html.escape(study)}</h1>",
-        f"<p>{df['cell'].nunique()} cells, {len(df)} (cell, stage) rows. Written "
-        f"{time.strftime('%Y-%m-%d %H:%M:%S')}.</p>",
-        "<h2>Provenance</h2><ul>"
-        f"<li>command: <code>{html.escape(spec.get('command', 'unknown (no study.json)'))}"
-        "</code></li>"
-        f"<li>git commit: <code>{html.escape(', '.join(sorted(set(df['git_commit'].astype(str)))))}"
-        "</code></li></ul>",
-    ]
-    top = headline(df)
+    seeds = df["replicate"].nunique()
+    spread = f"mean ± standard deviation over {seeds} replicates" if seeds > 1 else "one replicate"
+    found = findings([df])
+    parts = [f"<h1>{html.escape(study)}</h1>",
+             _summary_box(df, spec, missing, headline(df), found)]
+    if "finetune" in set(df["stage"]):
+        distilled = ", self-distilled (the teacher's architecture)" if (
+            "distill" in set(df["stage"])) else ""
+        parts += ["<h2>Table 1: top-1 by model</h2>", _styled(figures.table1(df), (
+            f"Test top-1 (%), {spread}: fine-tuned and supervised (same labels) at every "
+            f"label fraction{distilled}, and the linear and kNN probes of the pretrained "
+            "encoder (fitted on every training label). Parameters: the encoder's, in "
+            "millions. The raw-pixels row has no network: in the supervised columns the "
+            "pixel arm (ridge or kNN on the same labelled pixels, chosen on validation); "
+            "under linear and kNN the same probes on the pixels."))]
+    parts.append("<h2>Figures</h2>")
+    parts += [f'<figure><img alt="{n}" src="data:image/png;base64,{b}">'
+              f"<figcaption><b>{n}.</b> {html.escape(c)} (<a href='{n}.pdf'>PDF</a>)"
+              "</figcaption></figure>" for n, b, c in shown]
+    parts += _appendix(df, spec, missing, a, found)
+    page = ("<!doctype html><html><head><meta charset='utf-8'>"
+            f"<title>{html.escape(study)} report</title><style>{CSS}</style></head><body>"
+            + "\n".join(parts) + "</body></html>")
+    storage.write_text(out, "report.html", page)
+    return storage.join(out, "report.html")
+
+
+def _summary_box(df: pd.DataFrame, spec: dict, missing: list[str], top: str,
+                 found: pd.DataFrame) -> str:
+    """The report's first screen: data and budgets, the headline, the findings, the
+    warnings, and where the numbers came from."""
+    items = "".join(f"<li>{html.escape(line)}</li>" for line in summary.data_and_budgets(df))
+    parts = [f"<div class='summary'><h2>Summary</h2><ul>{items}</ul>"]
     if top:
         parts.append(f"<pre>{html.escape(top)}</pre>")
-    parts.append(splits_note(df))
+    lines = summary.findings_lines(found)
+    if lines:
+        parts.append("<h3>The paper's findings at this scale (Holm-adjusted; details in the "
+                     "appendix)</h3><ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in lines)
+                     + "</ul>")
+    warned = summary.warnings(df, missing)
+    if warned:
+        parts.append("<h3>Warnings</h3><ul class='warn'>" + "".join(
+            f"<li>{html.escape(w)}</li>" for w in warned) + "</ul>")
+    commits = ", ".join(sorted(set(df["git_commit"].astype(str))))
+    parts.append(f"<p class='small'>{df['cell'].nunique()} cells, {len(df)} (cell, stage) rows; "
+                 f"command <code>{html.escape(spec.get('command', 'unknown (no study.json)'))}"
+                 f"</code>; commit <code>{html.escape(commits)}</code>; written "
+                 f"{time.strftime('%Y-%m-%d %H:%M:%S')}. Every accuracy is top-1 on the test "
+                 "split, which chose nothing.</p></div>")
+    return "".join(parts)
+
+
+def _appendix(df: pd.DataFrame, spec: dict, missing: list[str], a: Analysis,
+              found: pd.DataFrame) -> list[str]:
+    """Every table behind the summary and the figures, and the fits' parameters."""
+    parts = ["<h2>Appendix</h2>", splits_note(df)]
     if missing:
-        parts.append(f"<h2>Missing ({len(missing)} stages: a partial sweep)</h2><ul>"
+        parts.append(f"<h3>Missing ({len(missing)} stages: a partial sweep)</h3><ul>"
                      + "".join(f"<li>{html.escape(m)}</li>" for m in missing) + "</ul>")
     else:
         parts.append("<p>Every stage of the grid has a result.</p>" if spec else
                      "<p>(No study.json: the grid, and so what is missing, is unknown.)</p>")
-    seeds = df["replicate"].nunique()
-    spread = f"mean ± standard deviation over {seeds} replicates" if seeds > 1 else "one replicate"
+    if not found.empty:
+        parts += ["<h3>Findings</h3>", _table_html(found.drop(columns=["_lo", "_hi"]))]
     if "finetune" in set(df["stage"]):
-        parts += ["<h2>Table 1: top-1 by model</h2>", _styled(figures.table1(df), (
-            f"Test top-1 (%), {spread}: fine-tuned and supervised (same labels) at every "
-            "label fraction, self-distilled where the study distils, and the linear and kNN "
-            "probes of the pretrained encoder (fitted on every training label). The raw-pixels "
-            "row has no network: in the supervised columns the pixel arm (ridge or kNN on the "
-            "same labelled pixels, chosen on validation); under linear and kNN the same probes "
-            "on the pixels."))]
         gains = [figures.gain(df, b).assign(against=figures.BASELINES[b][0])
                  for b in figures.BASELINES if df[f"gain_over_{b}"].notna().any()]
         g = pd.concat(gains, ignore_index=True) if gains else pd.DataFrame()
         if not g.empty:
-            parts += ["<h2>What pretraining buys: fine-tuned minus each baseline</h2>",
+            g = g.assign(params=(g["params"] / 1e6).round(2)).rename(
+                columns={"params": "params (M)"})
+            parts += ["<h3>What pretraining buys: fine-tuned minus each baseline</h3>",
                       _styled(g.drop(columns=["_lo", "_hi"]), (
                           "Top-1 of the fine-tuned model minus a baseline without "
                           "pretraining on the same labels: the tuned supervised network, the "
@@ -361,13 +430,13 @@ def write_report(study_dir: Location) -> Location:
                           "of the mean over independent replicates (values sharing a stage "
                           "run count once)."))]
     if "distill" in set(df["stage"]):
-        parts += ["<h2>Distilled student minus teacher</h2>", _styled(figures.distill_gap(df), (
+        parts += ["<h3>Distilled student minus teacher</h3>", _styled(figures.distill_gap(df), (
             "Test top-1 of the distilled student minus its fine-tuned teacher, percentage "
             "points, per unlabelled set; 95% Student-t interval of the mean over seeds."))]
     if df["params"].nunique() > 1:
-        parts += ["<h2>Relative improvement over the smallest model</h2>",
+        parts += ["<h3>Relative improvement over the smallest model</h3>",
                   _table_html(improvement_table(df))]
-    parts.append("<h2>Label-efficiency curves</h2>")
+    parts.append("<h3>Label-efficiency curves</h3>")
     if a.fits:
         chosen = pd.DataFrame([{"model": k[0], "stage": k[1], "form": v}
                                for k, v in a.chosen.items()])
@@ -385,26 +454,21 @@ def write_report(study_dir: Location) -> Location:
                  f"{html.escape(a.joint)}</p>")
     if a.notes:
         parts.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in a.notes) + "</ul>")
-    parts.append("<h2>Figures</h2>")
-    parts += [f'<figure><img alt="{n}" src="data:image/png;base64,{b}">'
-              f"<figcaption><b>{n}.</b> {html.escape(c)} (<a href='{n}.pdf'>PDF</a>)"
-              "</figcaption></figure>" for n, b, c in shown]
-    parts += ["<h2>Protocol</h2>", _table_html(protocol_table(df))]
-    parts.append("<p>Every row: <a href='results_tidy.csv'>results_tidy.csv</a> "
-                 "(columns: docs/analysis.md).</p>")
-    page = ("<!doctype html><html><head><meta charset='utf-8'>"
-            f"<title>{html.escape(study)} report</title><style>{CSS}</style></head><body>"
-            + "\n".join(parts) + "</body></html>")
-    storage.write_text(out, "report.html", page)
-    return storage.join(out, "report.html")
+    parts += ["<h3>Protocol</h3>", _table_html(protocol_table(df)),
+              "<p>Every row: <a href='results_tidy.csv'>results_tidy.csv</a> "
+              "(columns: docs/analysis.md).</p>"]
+    return parts
 
 
 CSS = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}"
        "table.t{border-collapse:collapse;margin:1em 0;font-size:13px}"
        "table.t td,table.t th{border-bottom:1px solid #ddd;padding:3px 8px;text-align:right}"
-       "img{max-width:100%}figure{margin:1.5em 0}pre{background:#f6f6f6;padding:.5em}"
+       "img{max-width:100%}figure{margin:1.5em 0}"
+       "pre{background:#f6f6f6;padding:.5em;white-space:pre-wrap;font-size:12px}"
        "caption{caption-side:bottom;text-align:left;font-size:12px;color:#555;padding:4px}"
-       "figcaption{font-size:13px;color:#444}")
+       "figcaption{font-size:13px;color:#444}td{white-space:nowrap}"
+       ".summary{background:#f3f6fa;border:1px solid #c9d6e3;padding:.2em 1em 1em}"
+       ".warn li{color:#8a4b00}.small{font-size:12px;color:#555}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -398,7 +398,9 @@ class RuntimeConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when present
     compile: bool = False  # torch.compile on CUDA; its warm-up dominates short runs
     checkpoint_every: int = 0  # steps between checkpoints; 0: at the end of each epoch
-    log_every: int = 20  # steps between progress lines and loss-curve points
+    # Most steps between progress lines and loss-curve points (a stage logs at least
+    # about 20 points however short it is: scaling/stages/stage_run.py).
+    log_every: int = 20
     keep_checkpoints: int = 2  # the previous one is the fallback for a corrupt latest
     # Decode processes for imagefolder data (training and evaluation); None: one per
     # core this process may use, less one for the training loop, at most 8.

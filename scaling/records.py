@@ -72,6 +72,7 @@ class ProgressReport(TypedDict, total=False):
     the curve points since its previous report, and the latest point's values."""
 
     stage: str
+    variant: str  # which run of an LR grid ("lr 0.02"); absent outside a grid
     step: int
     total_steps: int
     epochs: int

@@ -27,6 +27,7 @@ from scaling.config import ConfigError, did_you_mean, load_config, parse_yaml, r
 from scaling.data.datasets import DataError, root_problem
 from scaling.pipeline import parse_overrides, resolve
 from scaling.stages.registry import STAGES
+from scaling.study.cost import MFU, ClusterCost, h100_hours, on_cluster
 from scaling.study.estimate import wall_clock
 from scaling.study.folder import check_owner, study_record
 from scaling.study.plan import (
@@ -37,7 +38,6 @@ from scaling.study.plan import (
     distinct_runs,
     finished,
     fmt_duration,
-    gpu_hours,
     make_study,
     plan,
     stage_flops,
@@ -207,12 +207,17 @@ def parser(defn: StudyDef) -> argparse.ArgumentParser:
     p.add_argument("--restart-errored", action="store_true",
                    help="when resuming, run the cells that failed last time again")
     p.add_argument("--no-report", action="store_true", help="skip the report at the end")
+    p.add_argument("--verbose", action="store_true",
+                   help="Ray's and Tune's own console output too (start-up, tracebacks)")
     p.add_argument("--gpu-memory", type=float, metavar="GB",
                    help="memory per GPU (10^9 bytes) to check the memory plan against; "
                         "default: the node types of --cluster (or of the running cluster)")
     p.add_argument("--cluster", metavar="YAML",
                    help="the cluster YAML whose GPUs the memory plan is checked against "
                         "(default for GPU presets: cluster/gpu.yaml of this checkout)")
+    p.add_argument("--gpu-price", type=float, metavar="USD",
+                   help="price of one GPU-hour on the cluster's GPU nodes: --dry-run then "
+                        "prices the study (an assumption you state, not a quote)")
     p.add_argument("--mlflow", metavar="URI",
                    help="also log each stage's curves and metrics to MLflow at this tracking "
                         "URI (file:///path/mlruns or http://server:5000); needs mlflow installed")
@@ -222,12 +227,14 @@ def parser(defn: StudyDef) -> argparse.ArgumentParser:
 def _report(study_dir: Any) -> bool:
     """The study's report (analysis/report.py); the results are safe either way."""
     from analysis.collect import load
-    from analysis.headline import headline
+    from analysis.headline import headline, results_table
     from analysis.report import write_report
 
     try:
         print(f"report: {write_report(study_dir)}")
-        print(headline(load(study_dir)))
+        df = load(study_dir)
+        print(results_table(df))
+        print(headline(df))
     except Exception as e:  # noqa: BLE001 - never lose the sweep's exit status to a figure
         print(f"error: the report failed ({type(e).__name__}: {e}); the results are in "
               f"{study_dir}; retry with: python -m analysis.report {study_dir}", file=sys.stderr)
@@ -301,12 +308,47 @@ def dry_run(study: Study, args: argparse.Namespace) -> str:
         est = wall_clock(left)
         rates = ", ".join(f"{m} {r / 1e9:.1f}" for m, r in est.rates.items())
         lines.append(f"estimated time here ({est.device}): ~{fmt_duration(est.seconds)} of "
-                     f"training steps for the {len(left)} to run, at speeds measured just now "
-                     f"(GFLOP/s: {rates}); evaluation and start-up come on top")
+                     f"training steps for the {len(left)} to run (GFLOP/s: {rates}; "
+                     f"{est.provenance()}); evaluation and start-up come on top")
     if rt.gpus_per_worker > 0:
         lines.append(f"estimated training compute to run: {flops:.3g} FLOPs (~"
-                     f"{gpu_hours(flops):.3g} H100-hours at an assumed 40% of bf16 peak)")
+                     f"{h100_hours(flops):.3g} H100-hours at an assumed {MFU:.0%} of bf16 peak)")
+        priced = _cluster_cost(study, args, flops)
+        if priced:
+            lines.append(priced)
     return "\n".join(lines)
+
+
+def _cluster_cost(study: Study, args: argparse.Namespace, flops: float) -> str | None:
+    """The estimate on the cluster YAML's GPUs: hours of wall clock, and a price."""
+    from scaling.study import cluster, memory
+
+    yaml_path = args.cluster or (None if cluster_running(args) else memory.default_cluster_yaml())
+    config = cluster.load(yaml_path) if yaml_path else cluster.bootstrap_config()
+    if config is None:
+        return None
+    priced = cluster_cost(study, config, flops, args.gpu_price)
+    return None if priced is None else f"estimated {priced.line()}"
+
+
+def cluster_cost(study: Study, config: dict, flops: float, price: float | None = None
+                 ) -> ClusterCost | None:
+    """``flops`` of ``study`` on the GPU node types of a cluster ``config``."""
+    from scaling.study import cluster
+    from scaling.study.plan import capacity, required_stages
+
+    rt = study.base.runtime
+    nodes = [(name, str(t.get("node_config", {}).get("InstanceType", "?")),
+              int(t.get("resources", {}).get("GPU", 0)))
+             for name, t in config["available_node_types"].items()
+             if t.get("resources", {}).get("GPU", 0)]
+    most = cluster.max_resources(config)
+    lane = max(rt.workers, 1) * rt.gpus_per_worker
+    concurrent = capacity(study.base, most).concurrent if most else 1
+    stages = required_stages(study)
+    chain = max(sum(stage_flops(c.config, s) for s in stages) for c in cells(study))
+    return on_cluster(flops, chain, lane, concurrent, nodes, most.get("GPU") if most else None,
+                      price)
 
 
 def main(defn: StudyDef, argv: list[str] | None = None) -> int:
@@ -326,7 +368,7 @@ def main(defn: StudyDef, argv: list[str] | None = None) -> int:
 
         outcome = sweep.run_study(study, args.storage, address=args.address,
                                   restart_errored=args.restart_errored, resume=args.resume,
-                                  mlflow=args.mlflow)
+                                  mlflow=args.mlflow, verbose=args.verbose)
     except (ConfigError, DataError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -339,3 +381,27 @@ def main(defn: StudyDef, argv: list[str] | None = None) -> int:
     print(f"results table: {storage.join(study_dir, 'results.csv')}")
     reported = args.no_report or outcome.table.empty or _report(study_dir)
     return 1 if outcome.errored or not reported else 0
+
+
+def _n(x: float) -> str:
+    return f"{round(x):,}" if x >= 100 else f"{x:.3g}"
+
+
+def cost_table(defs: list[StudyDef], config: dict) -> str:
+    """docs/cluster.md's cost table: every GPU preset's distinct stage runs (and the
+    naive grid's), its H100-hours, and its GPU-hours and least wall clock on the
+    node types of cluster ``config``: the dry run's own numbers."""
+    lines = ["| study, preset | stage runs (naive grid) | H100-hours | on gpu.yaml: node, "
+             "GPU-hours | wall clock, at least |", "|---|---|---|---|---|"]
+    for defn in defs:
+        for name in defn.presets:
+            if not name.endswith("-gpu"):
+                continue
+            study = build(defn, parser(defn).parse_args(["--preset", name]))
+            p = plan(study)
+            c = cluster_cost(study, config, p.flops)
+            where = f"{c.instance}, {_n(c.gpu_hours)}" if c else "-"
+            wall = f"{_n(c.hours)} h on {c.gpus_at_once} GPUs" if c else "-"
+            lines.append(f"| {defn.name} {name} | {p.stage_runs} ({p.naive_stage_runs}) | "
+                         f"{_n(h100_hours(p.flops))} | {where} | {wall} |")
+    return "\n".join(lines)

@@ -1,7 +1,14 @@
+import os
+import tempfile
+
 import pytest
 import torch
 
 from scaling.config import ExperimentConfig, load_config
+
+# The speed cache of scaling.study.estimate: never the user's, and fresh per run
+# (subprocesses inherit it).
+os.environ["SCALING_CACHE_DIR"] = tempfile.mkdtemp(prefix="scaling-cache-")
 
 
 @pytest.fixture(autouse=True)

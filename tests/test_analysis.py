@@ -14,8 +14,10 @@ import matplotlib
 import numpy as np
 import pandas as pd
 import pytest
+from layout import legend_on_data, overlapping_texts
 
 from analysis import collect, figures, report
+from analysis.findings import findings
 from analysis.fit import FORMS, FitError, bootstrap, efficiency, fit, fit_joint, select
 
 matplotlib.use("Agg")
@@ -191,11 +193,16 @@ def test_tidy_adds_the_derived_columns():
 
 
 def _labels_and_legend(fig) -> None:
-    for ax in fig.axes:
-        if ax.axison:
-            assert ax.get_xlabel() and ax.get_ylabel(), ax
-            assert ax.get_legend() is not None and ax.get_legend().get_texts()
-            assert ax.lines or ax.containers or ax.collections
+    """Axis labels (small multiples: on the outer panels), data in every panel; a legend; no text
+    overlaps another and no legend covers data (tests/layout.py)."""
+    shown = [ax for ax in fig.axes if ax.axison and ax.get_visible()]
+    for ax in shown:
+        assert ax.lines or ax.containers or ax.collections
+    assert any(ax.get_xlabel() for ax in shown) and any(ax.get_ylabel() for ax in shown)
+    assert fig.legends or any(ax.get_legend() is not None and ax.get_legend().get_texts()
+                              for ax in shown)
+    assert overlapping_texts(fig) == [], overlapping_texts(fig)
+    assert legend_on_data(fig) == []
 
 
 def test_every_figure_renders_with_axes_labels_and_legends(tmp_path):
@@ -210,9 +217,17 @@ def test_every_figure_renders_with_axes_labels_and_legends(tmp_path):
         "distillation": figures.distillation(df),
         "label_efficiency": figures.label_efficiency(df, a.fits, bands),
         "gain": figures.gain_figure(df),
+        "findings": figures.findings_figure(findings([df])),
+        "training_curves": figures.training_curves(pd.DataFrame(
+            [{"stage": st, "model": m, "run": f"{lf}%, lr {lr}", "replicate": r,
+              "step": k, "loss": 2.0 / k + r * 0.01}
+             for st in ("pretrain", "finetune") for m in ("R18 1/16x", "R18 1/8x")
+             for lf in (1, 10) for lr in (0.1, 0.4) for r in (0, 1) for k in range(1, 30)])),
     }
     for name, fig in made.items():
         _labels_and_legend(fig)
+        if name in ("findings", "training_curves"):
+            continue
         if name != "gain":  # accuracies and errors in percent
             assert "%" in fig.axes[0].yaxis.get_major_formatter()(0.5, 0), name
         fig.savefig(tmp_path / f"{name}.png")
@@ -229,7 +244,10 @@ def test_every_figure_renders_with_axes_labels_and_legends(tmp_path):
     dist = made["distillation"].axes[0]
     assert dist.texts and dist.get_ylim()[0] > 0
     t = figures.table1(df)
-    assert list(t.columns[:2]) == ["model", "depth"] and len(t) == len(MODELS) + 1
+    assert list(t.columns[:2]) == ["model", "params (M)"] and len(t) == len(MODELS) + 1
+    assert not {"depth", "width", "sk", "params"} & set(t.columns)  # the name says them
+    sizes = [float(p) for p in t["params (M)"].iloc[:-1]]
+    assert sizes == sorted(sizes) and all(p > 0 for p in sizes)
     assert t["model"].iloc[-1] == figures.PIXELS_ROW  # the pixel arm, last
     for lf in ("1%", "10%", "100%"):
         assert {f"fine-tune {lf}", f"supervised {lf}", f"distilled {lf}"} <= set(t.columns)
@@ -277,6 +295,14 @@ def test_report_on_a_partial_sweep_and_chromium_renders_it(tmp_path):
     assert "The <b>label-efficiency multiplier</b> is" in page
     assert (out / "results_tidy.csv").exists()
     assert f"{gone}: finetune" in page and "partial sweep" in page  # what is missing
+    # Top-down: the summary (data, budgets, headline, findings, warnings), Table 1, the
+    # figures, then the appendix with every table and the fits.
+    order = [page.index(x) for x in ("<h2>Summary</h2>", "what pretraining buys",
+                                     "The paper's findings at this scale", "Warnings",
+                                     "Table 1: top-1 by model", "<figure>", "<h2>Appendix</h2>",
+                                     "Label-efficiency curves", "<h3>Protocol</h3>")]
+    assert order == sorted(order), order
+    assert "a partial sweep: 5 stage results are missing" in page
     assert "python studies/model_size.py --repeats 3" in page and "abc" in page
     assert "95% interval" in page and "label-efficiency multiplier" in page
     assert "Joint fit" in page and "not fitted" not in page
@@ -414,6 +440,48 @@ def test_headline_gives_both_margins_at_fewest_and_most_labels_with_a_verdict():
         "no clear difference")
     assert verdict(float("nan"), float("nan")).startswith("one replicate")
     assert headline(df[df["stage"] == "pretrain"]) == ""
+
+
+def test_the_compact_results_table_holds_each_arms_mean_by_model_and_count():
+    from analysis.headline import results_table
+
+    df = _table(synthetic_rows(seeds=(0, 1, 2), fractions=[0.001, 0.1], head_depths=(1,)))
+    lines = results_table(df).splitlines()
+    assert lines[0].startswith("test top-1 %, mean over 3 replicates")
+    assert "0.1% (60)" in lines[1] and "10% (6,000)" in lines[1]
+    body = [ln for ln in lines[3:] if ln.strip()]
+    assert body[-1].split()[:2] == ["raw", "pixels"]  # the pixel arm once, last
+    small = [ln for ln in body if ln.startswith("R18 1/16x")][0]  # fine-tuned comes first
+    ft = df[(df["stage"] == "finetune") & (df["model"] == "R18 1/16x")]
+    want = [f"{100 * ft[ft['label_fraction'] == lf]['top1'].mean():.1f}" for lf in (0.001, 0.1)]
+    assert small.split()[-2:] == want and "fine-tuned" in small
+    # models in order of size, the smaller first
+    assert lines.index(small) < lines.index(next(ln for ln in body if ln.startswith("R34")))
+    assert results_table(df[df["stage"] == "pretrain"]) == ""
+
+
+def test_the_summary_warns_when_a_baseline_without_pretraining_wins_everywhere():
+    from analysis import summary
+
+    rows = synthetic_rows(seeds=(0, 1), fractions=[0.01, 0.1], head_depths=(1,))
+    for r in rows:
+        if r["stage"] == "pixels" and r["finetune.label_fraction"] == 0.1:
+            r["top1"] = 0.999  # above every fine-tuned model at 10% only
+        if r["stage"] == "pretrain":
+            r["pixel_linear_top1"] = 0.999
+    df = _table(rows)
+    said = summary.warnings(df, [])
+    assert len(said) == 3, said
+    assert said[0].startswith("at 10% labels the pixel arm (99.9) beats every fine-tuned model")
+    assert said[1].startswith("the linear probe on raw pixels (99.9) beats every pretrained")
+    assert said[2].startswith("n = 2 replicates")
+    three = _table(synthetic_rows(seeds=(0, 1, 2), fractions=[0.01, 0.1], head_depths=(1,)))
+    assert summary.warnings(three, []) == []  # the synthetic pretraining wins everywhere
+    assert summary.warnings(three, ["c: finetune"]) == [
+        "a partial sweep: 1 stage results are missing (appendix)"]
+    lines = summary.data_and_budgets(three)
+    assert "labelled subsets: 1% (600 images), 10% (6,000 images)" in lines[0]
+    assert lines[-1] == "3 independent replicates per cell"
 
 
 def test_gains_count_replicates_that_share_a_run_once():
@@ -582,3 +650,24 @@ def test_f2_compares_a_smaller_student_with_the_small_model_fine_tuned():
     # The smallest teacher's student has its architecture: self-distillation, vs teacher.
     assert "R18 1/16x -> itself at 1% labels: student - teacher" in out
     assert f2(distilled) == [r for r in f2(distilled) if "itself" in r["comparison"]]
+
+
+def test_f2_matches_the_small_models_recipe_lists_included_and_skips_a_study_without_it():
+    """An LR grid is a list in the tidy table: the recipe match compares it whole (it
+    once raised 'Lengths must match' on the distillation study's own report)."""
+    from analysis.findings import f2
+
+    rows = synthetic_rows(seeds=(0, 1, 2), fractions=[0.01], students=True)
+    for r in rows:
+        r["finetune.lr_grid"] = [0.005, 0.02]
+    df = _table(rows)
+    alone = df[df["model"] != "R18 1/16x"]  # the small model not fine-tuned in this study
+    assert all("itself" in r["comparison"] or "fine-tuned" in r["comparison"]
+               for r in f2(alone, alone))
+    both = f2(df, df)
+    assert any("distilled R18 1/16x - fine-tuned R18 1/16x" in r["comparison"] for r in both)
+    other = df.copy()
+    other["finetune.lr_grid"] = [[0.1]] * len(other)  # another recipe: no match
+    small = other[other["model"] == "R18 1/16x"]
+    assert not any("fine-tuned R18 1/16x" in r["comparison"]
+                   for r in f2(df, pd.concat([df[df["model"] != "R18 1/16x"], small])))

@@ -44,7 +44,14 @@ def test_a_variant_run_never_replaces_the_default_studys_results(tmp_path):
     --set on the same storage, then the default again."""
     storage = tmp_path / "S"
     default = study_command(tmp_path, storage, {"width": [0.0625], "label_fraction": [0.1, 0.5]})
-    ok(run(default))
+    first = run(default)
+    ok(first)
+    # A quiet console: the study's own lines, a compact table and the headline.
+    for noise in ("Started a local Ray instance", "Token authentication", "Configuration for "
+                  "experiment", "View detailed results", "train_seconds", "supervised_top1"):
+        assert noise not in first.stdout + first.stderr, noise
+    assert "test top-1 %, mean over 1 replicate (columns" in first.stdout
+    assert "what pretraining buys" in first.stdout
     table = storage / "model_size-quick" / "results.csv"
     before = pd.read_csv(table)
     assert len(before) == 10  # 2 cells x 5 stages (the pixel arm included)

@@ -26,7 +26,9 @@ from scaling.study.sweep import capacity
 from studies.cli import StudyDef
 
 REPO = Path(__file__).resolve().parent.parent
-CONFIGS = sorted((REPO / "cluster").glob("*.yaml"))
+# Ray cluster-launcher configs (cluster/kuberay.yaml is a Kubernetes manifest:
+# tests/test_kuberay.py).
+CONFIGS = sorted(p for p in (REPO / "cluster").glob("*.yaml") if p.name != "kuberay.yaml")
 VENV_BIN = Path(sys.executable).parent
 
 

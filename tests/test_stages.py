@@ -57,6 +57,19 @@ def test_pipeline_end_to_end_and_rerun_reuses(tiny, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("result.json")} == stamps
 
 
+def test_the_same_seed_on_the_same_machine_gives_the_same_models(tiny, tmp_path):
+    """Determinism on one machine and thread count: two runs from scratch write
+    byte-identical models. (Across CPUs or thread counts they need not:
+    bench/reproducibility.py measures how far a cell moves, docs/results.md.)"""
+    first = run_pipeline(tiny, tmp_path / "a")
+    second = run_pipeline(tiny, tmp_path / "b")
+    for a, b in zip(first, second, strict=True):
+        assert a["model_sha256"] == b["model_sha256"], a["stage"]
+        assert a["metrics"].get("top1") == b["metrics"].get("top1"), a["stage"]
+    other = run_pipeline(with_overrides(tiny, {"seed": 1}), tmp_path / "c")
+    assert other[0]["model_sha256"] != first[0]["model_sha256"]  # the seed matters
+
+
 def test_stage_keys_follow_dependencies(tiny):
     a = with_overrides(tiny, {"finetune.label_fraction": 0.1})
     b = with_overrides(tiny, {"finetune.label_fraction": 0.5})

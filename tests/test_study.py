@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from scaling.config import ConfigError, with_overrides
-from scaling.study.plan import cells, make_study, plan, schedule_order
+from scaling.study.plan import cells, make_study, plan, schedule_order, stage_flops
 from studies.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -188,3 +188,73 @@ def test_a_stage_lease_held_by_a_dead_trial_runs_out():
     assert not leases.claim("pretrain-a", "t3")
     leases.release("pretrain-a", "t2")
     assert leases.claim("pretrain-a", "t3")
+
+
+def test_idle_speeds_are_cached_and_busy_ones_are_used_once_and_said(tiny, monkeypatch, tmp_path):
+    from scaling.study import estimate
+
+    monkeypatch.setenv("SCALING_CACHE_DIR", str(tmp_path))
+    timed: list[str] = []
+
+    def rate(model, data, size, device, batch):
+        timed.append(f"{model.width}@{batch}")
+        return 1e9 * (1 + model.width)
+
+    monkeypatch.setattr(estimate, "training_rate", rate)
+    runs = [("pretrain", tiny), ("finetune", tiny), ("pixels", tiny),
+            ("pretrain", with_overrides(tiny, {"model.width": 0.5}))]
+    monkeypatch.setattr(estimate, "_load_per_core", lambda: 1.5)  # busy: used, not kept
+    busy = estimate.wall_clock(runs)
+    assert not estimate.cache_file().exists() and busy.cached == 0
+    assert "busy (load 1.50 a core)" in busy.provenance()
+    monkeypatch.setattr(estimate, "_load_per_core", lambda: 0.05)
+    idle = estimate.wall_clock(runs)
+    assert idle.seconds == pytest.approx(busy.seconds, rel=1e-12) and len(timed) == 6
+    assert "3 measured just now" in idle.provenance() and estimate.cache_file().exists()
+    again = estimate.wall_clock(runs)  # nothing timed: every speed from the cache
+    assert len(timed) == 6 and again.cached == 3 and again.seconds == idle.seconds
+    assert again.provenance().startswith("speeds: 3 cached from an idle machine")
+    # Closed form: each run's FLOPs over its model's rate, summed.
+    want = sum(stage_flops(c, s) / (1e9 * (1 + c.model.width)) for s, c in runs if s != "pixels")
+    assert again.seconds == pytest.approx(want, rel=1e-12)
+
+
+def test_the_sweep_eta_starts_at_the_estimate_and_moves_to_the_measured_rate(monkeypatch):
+    from scaling.study import console
+
+    now = [1000.0]
+    monkeypatch.setattr(console.time, "monotonic", lambda: now[0])
+    flops = {("pretrain", "a"): 100.0, ("finetune", "b"): 300.0, ("pretrain", "c"): 50.0}
+    c = console.Console("unused", [], flops, {("pretrain", "c")}, estimate_s=400.0)
+    assert c.sweep_line() == "[sweep] 1/3 stage runs, ETA 6m40s"  # the estimate itself
+    # 200 s later pretrain "a" (100 FLOPs) has finished: a weight-1/4 prior of
+    # (100 s, 100 FLOPs) plus (200 s, 100 FLOPs) measured: 300 FLOPs left at 2/3 a second.
+    now[0] += 200.0
+    c.executed_flops += 100.0
+    c.done.add(("pretrain", "a"))
+    assert c.sweep_line() == "[sweep] 2/3 stage runs, ETA 7m30s"
+    bare = console.Console("unused", [], flops, set())  # no estimate: as before
+    assert bare.sweep_line() == "[sweep] 0/3 stage runs, ETA after the first stage run"
+
+
+def test_the_cost_table_in_docs_is_what_the_dry_run_computes():
+    from scaling.study import cluster
+    from scaling.study.cost import on_cluster
+    from studies.cli import cost_table
+
+    repo = Path(__file__).resolve().parents[1]
+    config = cluster.load(repo / "cluster" / "gpu.yaml")
+    table = cost_table([model_size.STUDY, head_depth.STUDY, distillation.STUDY], config)
+    assert table in (repo / "docs" / "cluster.md").read_text()  # one source of truth
+    # Closed form: 16 A100-hours of work (312 TFLOP/s at 40%), 2 lanes of 4 GPUs.
+    flops = 3600 * 0.4 * 312e12 * 16  # 16 A100-hours
+    c = on_cluster(flops, flops / 8, 4, 2, [("a", "p4de.24xlarge", 8)], 8, price=3.0)
+    assert c.gpu_hours == pytest.approx(16) and c.gpus_at_once == 8
+    assert c.hours == pytest.approx(max(16 / 8, 2 / 4)) and c.cost == pytest.approx(48)
+    assert on_cluster(flops, flops, 1, 1, [("x", "g5.xlarge", 1)], 1, None) is None  # unknown
+
+
+def test_a_stage_without_a_flop_formula_is_an_error_not_distillations(tiny):
+    with pytest.raises(ValueError, match="no FLOP formula for stage 'probe'"):
+        stage_flops(tiny, "probe")
+    assert stage_flops(tiny, "distill") > 0

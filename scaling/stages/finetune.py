@@ -53,7 +53,7 @@ def finetune(
     def run(where: Path, lr: float) -> StageResult:
         optim = dataclasses.replace(ft.optim, base_lr=lr)
         return train_classifier(cfg, "finetune", where, env, build, ft.epochs, ft.min_steps,
-                                ft.batch_size, optim, extra)
+                                ft.batch_size, optim, extra, _variant(ft.lr_grid, lr))
 
     return best_on_validation(out, env, ft.lr_grid, ft.optim.base_lr, run)
 
@@ -80,9 +80,14 @@ def supervised(cfg: ExperimentConfig, out: Path, env: Env | None = None) -> Stag
     def run(where: Path, lr: float) -> StageResult:
         optim = dataclasses.replace(s.optim, base_lr=lr)
         return train_classifier(cfg, "supervised", where, env, build, s.epochs, s.min_steps,
-                                s.batch_size, optim, {"head_layer": 0})
+                                s.batch_size, optim, {"head_layer": 0}, _variant(s.lr_grid, lr))
 
     return best_on_validation(out, env, s.lr_grid, s.optim.base_lr, run)
+
+
+def _variant(grid: tuple[float, ...], lr: float) -> str | None:
+    """How a progress line tells one LR-grid run from the others."""
+    return f"lr {lr:g}" if grid else None
 
 
 def best_on_validation(
@@ -121,6 +126,7 @@ def best_on_validation(
 def train_classifier(
     cfg: ExperimentConfig, name: str, out: Path, env: Env | None, build: Build, epochs: int,
     min_steps: int, batch_size: int, optim: OptimConfig, extra_protocol: dict[str, Any],
+    variant: str | None = None,
 ) -> StageResult:
     done = read_local_result(out)
     if done is not None:
@@ -150,7 +156,7 @@ def train_classifier(
 
     gen = augment_generator(env, cfg.seed)
     run = StageRun(name, out, env, cfg.runtime, spe, epochs,
-                   {"model": net, "optimizer": optimizer}, gen)
+                   {"model": net, "optimizer": optimizer}, gen, variant)
     for x, y in run.batches(fetch, labelled, batch, cfg.seed, CROP_FLIP, 1):
         lr = set_lr(optimizer, schedule(run.step))
         (view,) = augment_views(x, CROP_FLIP, gen, 1, shard=(env.rank, env.world))

@@ -36,15 +36,23 @@ class NonFiniteLoss(RuntimeError):
     """The loss became NaN or inf; nothing after the last good checkpoint was saved."""
 
 
+POINTS = 20
+
+
 class StageRun:
     def __init__(
         self, name: str, out: Path, env: Env, runtime: RuntimeConfig,
         steps_per_epoch: int, epochs: int, objects: dict[str, Stateful],
-        generator: torch.Generator,
+        generator: torch.Generator, variant: str | None = None,
     ) -> None:
+        # variant: which run of a grid this is ("lr 0.02"), for the progress lines.
         self.name, self.out, self.env, self.runtime = name, out, env, runtime
+        self.variant = variant
         self.steps_per_epoch, self.epochs = steps_per_epoch, epochs
         self.total_steps = steps_per_epoch * epochs
+        # A short stage (100 fine-tuning steps) still draws a curve: at least about
+        # POINTS loss points, never further apart than runtime.log_every.
+        self.log_every = max(1, min(runtime.log_every, self.total_steps // POINTS))
         self.objects, self.generator = objects, generator
         self.started = time.perf_counter()
         if env.cuda:  # the stage's own peak, not the process's (a lane runs many stages)
@@ -64,7 +72,8 @@ class StageRun:
             if env.is_main and env.progress_lines:  # else the sweep's driver says it
                 print(f"[{name}] resumed from step {self.step} ({out})", flush=True)
         self.progress = Progress(
-            name, self.total_steps, env.is_main and env.progress_lines,
+            f"{name} {variant}" if variant else name, self.total_steps,
+            env.is_main and env.progress_lines,
             prior.get("history"), prior.get("step_seconds", 0.0), prior.get("images", 0),
         )
         self._bad = torch.zeros((), dtype=torch.bool, device=env.device)
@@ -99,7 +108,7 @@ class StageRun:
         self._bad |= ~torch.isfinite(loss.detach())
         self._loss_sum += loss.detach().float()
         self._loss_n += 1
-        log_due = (self.step + 1) % self.runtime.log_every == 0 or self.step + 1 == self.total_steps
+        log_due = (self.step + 1) % self.log_every == 0 or self.step + 1 == self.total_steps
         every = self.runtime.checkpoint_every or self.steps_per_epoch
         ckpt_due = (self.step + 1) % every == 0 or self.step + 1 == self.total_steps
         # Check every step in a single CPU process; otherwise only where a sync or a
@@ -157,6 +166,8 @@ class StageRun:
                 "stage": self.name, "step": self.step, "points": points,
                 "resumed_from": self.resumed_from, "total_steps": self.total_steps,
                 "epochs": self.epochs, "eta_s": self.progress.eta_seconds(self.step)}
+            if self.variant:
+                progress["variant"] = self.variant
             if self.progress.history:  # the latest point's loss, lr, epoch and rate
                 last = self.progress.history[-1]
                 progress |= {"epoch": last["epoch"], "loss": last["loss"], "lr": last["lr"],

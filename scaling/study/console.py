@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -18,23 +19,48 @@ from scaling.study.plan import fmt_duration
 
 class Console(tune.Callback):
     """One line per progress report (cell, stage, epoch, ETA), and after every stage
-    run one line for the whole sweep: k/N distinct stage runs and an ETA from this
-    run's measured rate (training FLOPs finished per second). The table kept fresh."""
+    run one line for the whole sweep: k/N distinct stage runs and an ETA. The ETA
+    starts from ``estimate_s`` (the dry run's estimate of the training steps left)
+    and moves to this run's measured rate (training FLOPs finished per second) as
+    stage runs finish: the estimate counts as PRIOR_WEIGHT of the work left at the
+    start, so neither one early stage run nor a stage still running (measured time,
+    no finished FLOPs yet) throws it far off. The table kept fresh."""
+
+    PRIOR_WEIGHT = 0.25
 
     def __init__(self, study_dir: Location, cell_keys: list[str],
-                 flops: dict[tuple[str, str], float], done: set[tuple[str, str]]) -> None:
+                 flops: dict[tuple[str, str], float], done: set[tuple[str, str]],
+                 estimate_s: float | None = None) -> None:
         self.study_dir, self.cell_keys = study_dir, cell_keys
         self.flops, self.done = flops, set(done)
+        left = sum(f for k, f in flops.items() if k not in self.done)
+        w = self.PRIOR_WEIGHT
+        # (seconds, FLOPs) the estimate counts for: its rate, with a weight.
+        self.prior = (w * estimate_s, w * left) if estimate_s and left else (0.0, 0.0)
         self.started, self.executed_flops = time.monotonic(), 0.0
         self.last: dict[str, float] = {}  # trial id: when its last progress line was
         self.resumed: set[tuple[str, str, int | None]] = set()
 
     def sweep_line(self) -> str:
         left = sum(f for k, f in self.flops.items() if k not in self.done)
-        rate = self.executed_flops / max(time.monotonic() - self.started, 1e-9)
+        seconds = self.prior[0] + time.monotonic() - self.started
+        rate = (self.prior[1] + self.executed_flops) / max(seconds, 1e-9)
         eta = f"ETA {fmt_duration(left / rate)}" if rate > 0 and left else (
             "done" if not left else "ETA after the first stage run")
         return f"[sweep] {len(self.done)}/{len(self.flops)} stage runs, {eta}"
+
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any,
+                       **info: Any) -> None:
+        """One line: the cell, the error's last line, where its traceback is."""
+        cell = trial.config["cell"]["id"]
+        where: str | None = getattr(trial, "error_file", None)
+        try:
+            lines = [ln for ln in Path(str(where)).read_text().splitlines() if ln.strip()]
+            said = lines[-1].strip() if lines else "no message"
+        except OSError:
+            said = "no error file"
+        print(f"[{cell}] failed: {said}" + (f" (traceback: {where})" if where else ""),
+              flush=True)
 
     def on_trial_result(self, iteration: int, trials: list[Any], trial: Any,
                         result: dict[str, Any], **info: Any) -> None:
@@ -63,7 +89,8 @@ class Console(tune.Callback):
         spe = max(result["total_steps"] // result["epochs"], 1)
         epoch = min(math.ceil(result["step"] / spe), result["epochs"])
         loss = f" loss {result['loss']:.4f}" if "loss" in result else ""
-        print(f"[{cell}] {result['stage']} epoch {epoch}/{result['epochs']} "
+        stage = result["stage"] + (f" ({result['variant']})" if result.get("variant") else "")
+        print(f"[{cell}] {stage} epoch {epoch}/{result['epochs']} "
               f"step {result['step']}/{result['total_steps']}{loss} "
               f"ETA {fmt_duration(result['eta_s'])}", flush=True)
 

@@ -279,6 +279,9 @@ def stage_flops(cfg: ExperimentConfig, stage: str) -> float:
         s = cfg.finetune if stage == "finetune" else cfg.supervised
         return max(1, len(s.lr_grid)) * 3 * fwd * max(fraction * n * s.epochs,
                                                       s.min_steps * s.batch_size)
+    if stage != "distill":  # a new stage needs its own formula, never distillation's
+        raise ValueError(f"stage_flops: no FLOP formula for stage {stage!r} (known: pretrain, "
+                         "finetune, supervised, distill, pixels)")
     student = cfg.distill.student or cfg.model
     unl = cfg.distill.unlabelled or cfg.data
     n_unl = DATA_SHAPES[unl.name][0] - (unl.resolved_val_size() if unl == cfg.data else 0)
@@ -325,11 +328,6 @@ def describe(study: Study, p: Plan) -> str:
     lines.append(f"stage runs: {p.stage_runs} distinct ({per}); "
                  f"a naive grid would run {p.naive_stage_runs}")
     return "\n".join(lines)
-
-
-def gpu_hours(flops: float) -> float:
-    """A stated assumption, not a measurement: 40% of an H100's dense bf16 peak."""
-    return flops / (0.4 * 989e12) / 3600
 
 
 @dataclass(frozen=True)

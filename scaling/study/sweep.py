@@ -220,17 +220,20 @@ def _reused(ctx: dict[str, Any], cell: dict[str, Any], rows: dict[str, dict[str,
     tune.report(dict(stage_event(job, "reused", result)))
 
 
-def connect(address: str | None, cfg: ExperimentConfig) -> bool:
+def connect(address: str | None, cfg: ExperimentConfig, verbose: bool = True) -> bool:
     """Join ``address`` ('auto': the running cluster, as under ``ray submit``) or
-    start a local Ray with every core and a driver resource. True if it joined."""
+    start a local Ray with every core and a driver resource. True if it joined.
+    Not ``verbose``: Ray's start-up lines (token notice, "Started a local Ray
+    instance") stay out of the console; its errors still come through."""
     if ray.is_initialized():
         return False
+    level = logging.INFO if verbose else logging.ERROR
     if address:
-        ray.init(address=address)
+        ray.init(address=address, logging_level=level)
         return True
     if _ray_running_here():  # a cluster started here (ray start / ray up; ray submit)?
         try:
-            ray.init(address="auto")
+            ray.init(address="auto", logging_level=level)
             print("joined the running Ray cluster", flush=True)
             return True
         except ConnectionError:
@@ -238,7 +241,7 @@ def connect(address: str | None, cfg: ExperimentConfig) -> bool:
     cpus = check_local(cfg)
     # "local": a new instance even where a dead cluster left its address file.
     ray.init(address="local", num_cpus=cpus, resources={DRIVER_RESOURCE: 1000},
-             include_dashboard=False)
+             include_dashboard=False, logging_level=level)
     return False
 
 
@@ -283,10 +286,12 @@ class Outcome:
 
 def run_study(study: Study, root: Location, *, address: str | None = None,
               restart_errored: bool = False, resume: bool = False,
-              mlflow: str | None = None) -> Outcome:
+              mlflow: str | None = None, verbose: bool = False) -> Outcome:
     """Run (or resume) the study's grid on Ray Tune; returns the results table.
     ``resume``: there must be a sweep to resume in ``root`` (guards a mistyped URI).
-    ``mlflow``: a tracking URI to log the stages' curves to, besides TensorBoard."""
+    ``mlflow``: a tracking URI to log the stages' curves to, besides TensorBoard.
+    ``verbose``: Ray's and Tune's own console output too (banners, tracebacks);
+    without it the console is the study's lines and one line per failed cell."""
     started = time.perf_counter()
     grid = cells(study)
     root = storage.absolute(root)
@@ -305,7 +310,7 @@ def run_study(study: Study, root: Location, *, address: str | None = None,
     if address is None and not ray.is_initialized() and not _ray_running_here():
         check_local(study.base)  # before the storage is touched
     storage.check_writable(root, "--storage")
-    joined = connect(address, study.base)
+    joined = connect(address, study.base, verbose)
     limit = cluster.autoscaling_limit() if joined else None
     cap = capacity(study.base, cluster_resources(limit))
     warn_if_not_shared(root, joined, limit)
@@ -334,13 +339,17 @@ def run_study(study: Study, root: Location, *, address: str | None = None,
     # Tune's own TensorBoard logger joins every stage into one curve per trial under
     # /tmp/ray: ours (scaling.study.tracking) replaces it; its CSV/JSON loggers stay.
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    done = finished(study, root, runs)
+    console = Console(study_dir, record["keys"], flops, done,
+                      None if joined else _estimate(runs, done))
     callbacks: list[tune.Callback] = [
-        Console(study_dir, record["keys"], flops, finished(study, root, runs)),
+        console,
         TensorBoard(logdir, stages), CSVLoggerCallback(), JsonLoggerCallback()]
     if mlflow:
         callbacks.append(MLflow(mlflow, study.name, stages))
     print(f"{study.name}: {len(grid)} cells, up to {cap.concurrent} at once; "
           f"results in {study_dir}; curves: tensorboard --logdir {logdir}", flush=True)
+    print(console.sweep_line(), flush=True)
     if tune.Tuner.can_restore(path):
         print(f"resuming the sweep in {path}", flush=True)
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
@@ -360,6 +369,13 @@ def run_study(study: Study, root: Location, *, address: str | None = None,
         )
     tune_log = logging.getLogger("ray.tune.tune")
     tune_log.addFilter(_quiet_interrupt)
+    controller_log = logging.getLogger("ray.tune.execution.tune_controller")
+    engine = os.environ.get(NEW_OUTPUT)
+    if not verbose:
+        controller_log.addFilter(_quiet_trial_failure)  # Console says it in one line
+        # Tune's default output engine prints an experiment box and result tables
+        # whatever RunConfig.verbose says; the older one is silent at verbose=0.
+        os.environ[NEW_OUTPUT] = "0"
     train_root = str(storage.join(study_dir, "_train"))
     served = [] if lane_rt is None else [
         ray.remote(serve).options(num_cpus=0, scheduling_strategy=here).remote(
@@ -369,6 +385,11 @@ def run_study(study: Study, root: Location, *, address: str | None = None,
         grid_results = tuner.fit()
     finally:
         tune_log.removeFilter(_quiet_interrupt)
+        controller_log.removeFilter(_quiet_trial_failure)
+        if engine is None:
+            os.environ.pop(NEW_OUTPUT, None)
+        else:
+            os.environ[NEW_OUTPUT] = engine
         # Idle lanes end at once when closed; after Ctrl-C a lane is mid-ticket and
         # is stopped (its stage resumes from its checkpoints on the next run).
         interrupted_mid_ticket = bool(ray.get(claims.in_flight.remote()))
@@ -392,6 +413,21 @@ def run_study(study: Study, root: Location, *, address: str | None = None,
                    interrupted)
 
 
+def _estimate(runs: dict[str, dict[str, ExperimentConfig]],
+              done: set[tuple[str, str]]) -> float | None:
+    """Seconds of training steps the runs left take here (scaling.study.estimate,
+    as the dry run prints it): the first ETA. None where this machine cannot
+    train them (a GPU study started from a CPU-only machine)."""
+    import torch
+
+    from scaling.study.estimate import wall_clock
+
+    left = [(s, c) for s, keyed in runs.items() for k, c in keyed.items() if (s, k) not in done]
+    if not left or (left[0][1].runtime.gpus_per_worker > 0 and not torch.cuda.is_available()):
+        return None
+    return wall_clock(left).seconds
+
+
 def _lane_runtime(grid: list[Any]) -> RuntimeConfig | None:
     """The runtime section lanes run with: stages on workers, and every cell asking
     for the same worker group (otherwise each cell's trial starts its own)."""
@@ -409,17 +445,21 @@ def _quiet_interrupt(record: logging.LogRecord) -> bool:
                                        "Trials did not complete"))
 
 
+NEW_OUTPUT = "RAY_AIR_NEW_OUTPUT"
+
+
+def _quiet_trial_failure(record: logging.LogRecord) -> bool:
+    """Drop Tune's traceback of a failed trial (Console names the cell and the error,
+    and the error file holds the traceback)."""
+    return not record.getMessage().startswith("Trial task failed")
+
+
 def summary(outcome: Outcome, study: Study) -> str:
+    # The rows themselves are in results.csv; the run ends with a compact table
+    # (analysis.headline.results_table) and the headline.
     df = outcome.table
     lines = [f"this run: {outcome.executed} stage runs executed, {outcome.reused} reused, in "
              f"{outcome.seconds:.0f} s; the table has {len(df)} rows for {len(cells(study))} cells"]
-    if not df.empty:
-        cols = ["cell", "stage", "status", "top1", "supervised_top1", "linear_top1",
-                "knn_top1", "params", "train_seconds"]
-        show = df[cols].copy()
-        for c in ("top1", "supervised_top1", "linear_top1", "knn_top1"):
-            show[c] = (100 * show[c]).round(1)
-        lines.append(show.to_string(index=False))
     if outcome.errored:
         lines.append(f"{len(outcome.errored)} cells failed: {', '.join(outcome.errored)}; "
                      "re-run with --restart-errored")

@@ -1,0 +1,103 @@
+"""What a report opens with: the data and budgets, the headline, every finding the
+study can speak to with its verdict, and warnings about the results themselves
+(a pixel baseline that beats every encoder, too few replicates, missing stages).
+Pure functions of the tidy table (analysis/collect.py).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+
+NAMES = {"fashion-mnist": "Fashion-MNIST", "cifar10": "CIFAR-10", "imagefolder": "ImageNet "
+         "(image folder)", "synthetic": "synthetic images", "mnist": "MNIST"}
+
+
+def _pct(lf: float) -> str:
+    return f"{100 * lf:g}%"
+
+
+def data_and_budgets(df: pd.DataFrame) -> list[str]:
+    """Lines: the dataset and its sizes; each stage's budget as it ran."""
+    name = str(df["data.name"].iloc[0])
+    pre = df[df["stage"] == "pretrain"]
+    protocol = json.loads(pre["protocol"].dropna().iloc[0]) if pre["protocol"].notna().any() \
+        else {}
+    size = df.get("data.image_size", pd.Series(dtype=float)).dropna()
+    sizes = [f"{NAMES.get(name, name)}"]
+    if protocol.get("images"):
+        sizes.append(f"{int(protocol['images']):,} training images")
+    if protocol.get("val_size"):
+        sizes.append(f"{int(protocol['val_size']):,} held out for validation")
+    if len(size):
+        sizes.append(f"inputs at {int(size.iloc[0])} px")
+    line = ", ".join(sizes)
+    if "finetune" in set(df["stage"]):
+        labels = df[df["stage"] == "finetune"].groupby("label_fraction")["labels"].median()
+        line += "; labelled subsets: " + ", ".join(
+            f"{_pct(float(lf))} ({int(n):,} images)" for lf, n in labels.items())
+    lines = [line]
+    budget = []
+    for stage, what in (("pretrain", "pretraining"), ("finetune", "fine-tuning"),
+                        ("supervised", "supervised baseline"), ("distill", "distillation")):
+        rows = df[(df["stage"] == stage) & df.get("step", pd.Series(np.nan, df.index)).notna()]
+        if rows.empty:
+            continue
+        epochs = rows.get(f"{stage}.epochs", pd.Series(dtype=float)).dropna().unique()
+        steps = rows.groupby(rows["label_fraction"].fillna(-1))["step"].median()
+        per = ", ".join(f"{int(s):,} steps" + (f" at {_pct(lf)}" if lf >= 0 else "")
+                        for lf, s in steps.items())
+        ep = f"{int(epochs[0])} epochs, " if len(epochs) == 1 else ""
+        budget.append(f"{what} {ep}{per}")
+    if budget:
+        lines.append("budgets: " + "; ".join(budget))
+    reps = int(df["replicate"].nunique())
+    lines.append(f"{reps} independent replicate{'s' if reps > 1 else ''} per cell")
+    return lines
+
+
+def warnings(df: pd.DataFrame, missing: list[str]) -> list[str]:
+    """What a reader must know before trusting the numbers."""
+    out = []
+    ft = df[(df["stage"] == "finetune") & df["top1"].notna()]
+    px = df[(df["stage"] == "pixels") & df["top1"].notna()].drop_duplicates("stage_key")
+    for lf in sorted(set(ft["label_fraction"]) & set(px["label_fraction"])):
+        best = ft[ft["label_fraction"] == lf].groupby("model")["top1"].mean()
+        pixels = px[px["label_fraction"] == lf]["top1"].mean()
+        if pixels > best.max():
+            out.append(f"at {_pct(lf)} labels the pixel arm ({100 * pixels:.1f}) beats every "
+                       f"fine-tuned model (best {best.idxmax()}: {100 * best.max():.1f}): at "
+                       "these budgets the encoders add nothing over the raw pixels")
+    pre = df[(df["stage"] == "pretrain") & df["linear_top1"].notna()]
+    if len(pre) and "pixel_linear_top1" in pre and pre["pixel_linear_top1"].notna().any():
+        probe = pre.groupby("model")["linear_top1"].mean()
+        pixel = float(pre["pixel_linear_top1"].dropna().iloc[0])
+        if pixel > probe.max():
+            out.append(f"the linear probe on raw pixels ({100 * pixel:.1f}) beats every "
+                       f"pretrained encoder's (best {probe.idxmax()}: {100 * probe.max():.1f}): "
+                       "the encoders are under-trained")
+    reps = int(df["replicate"].nunique())
+    if reps == 1:
+        out.append("one replicate: no intervals and no verdicts (run with --replicates 3)")
+    elif reps == 2:
+        out.append("n = 2 replicates: a 95% interval is +-12.7 standard errors, so only "
+                   "large, consistent effects resolve")
+    if missing:
+        out.append(f"a partial sweep: {len(missing)} stage results are missing (appendix)")
+    return out
+
+
+def findings_lines(found: pd.DataFrame) -> list[str]:
+    """One line per finding row: what it compares, the effect and the verdict."""
+    if found.empty:
+        return []
+    out = []
+    for _, r in found.iterrows():
+        effect = float(r["effect (pp)"])
+        shown = "n/a" if not np.isfinite(effect) else f"{effect:+.2f}"
+        out.append(f"{r['finding']}: {r['comparison']}: {shown} {r['95% interval (pp)']} "
+                   f"(n = {r['replicates']}): {r['verdict']}")
+    return out
+
