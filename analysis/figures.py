@@ -466,7 +466,7 @@ def findings_figure(table: pd.DataFrame) -> Figure:
     effect in points with its 95% interval, coloured by verdict, a row each."""
     sns.set_theme(**STYLE)
     t = table.iloc[::-1].reset_index(drop=True)  # the first finding on top
-    fig, ax = plt.subplots(figsize=(8, 0.32 * len(t) + 1.2))
+    fig, ax = plt.subplots(figsize=(12, 0.32 * len(t) + 1.6))
     for i, r in t.iterrows():
         lo, hi = r["_lo"], r["_hi"]
         mean = r["effect (pp)"]  # rounded: may sit a hair outside a near-zero-width interval
@@ -474,10 +474,11 @@ def findings_figure(table: pd.DataFrame) -> Figure:
         ax.errorbar(mean, i, xerr=err, fmt="o", capsize=3,
                     color=VERDICT_COLORS.get(_verdict_kind(str(r["verdict"])), "black"))
     # The study names a row only where several studies share a comparison's wording.
-    several = "study" in t and t["study"].nunique() > 1
+    shared = (t.duplicated(["finding", "comparison"], keep=False) if "study" in t
+              else pd.Series(False, index=t.index))
     ax.set_yticks(range(len(t)), [f"{r['finding']}  {r['comparison']}"
-                                  + (f"  ({r['study']})" if several else "")
-                                  for _, r in t.iterrows()], fontsize=7)
+                                  + (f"  ({r['study']})" if shared[i] else "")
+                                  for i, r in t.iterrows()], fontsize=7)
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_ylabel("finding: comparison")
     ax.set_xlabel("effect in percentage points: of top-1 (F1-F3), of relative improvement "
