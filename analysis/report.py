@@ -460,7 +460,7 @@ def _appendix(df: pd.DataFrame, spec: dict, missing: list[str], a: Analysis,
     return parts
 
 
-CSS = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}"
+CSS = ("body{font-family:sans-serif;max-width:960px;margin:2em auto;padding:0 1em;color:#222}"
        "table.t{border-collapse:collapse;margin:1em 0;font-size:13px}"
        "table.t td,table.t th{border-bottom:1px solid #ddd;padding:3px 8px;text-align:right}"
        "img{max-width:100%}figure{margin:1.5em 0}"
