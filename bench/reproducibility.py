@@ -48,7 +48,7 @@ for job in pipeline_jobs(cfg, sys.argv[4]):
     m = r["metrics"]
     out.append({"stage": r["stage"], "sha256": r["model_sha256"][:12],
                 "val_top1": m.get("val_top1", m.get("linear_val_top1")),
-                "top1": m.get("top1", m.get("linear_top1"))})
+                "top1": m.get("test_top1", m.get("linear_top1"))})
 print("RESULT " + json.dumps(out))
 """
 

@@ -206,7 +206,8 @@ def parser(defn: StudyDef) -> argparse.ArgumentParser:
                         "(a plain run resumes too, but starts afresh when there is none)")
     p.add_argument("--restart-errored", action="store_true",
                    help="when resuming, run the cells that failed last time again")
-    p.add_argument("--no-report", action="store_true", help="skip the report at the end")
+    p.add_argument("--no-report", action="store_true",
+                   help="skip writing the report at the end (the summary table still prints)")
     p.add_argument("--verbose", action="store_true",
                    help="Ray's and Tune's own console output too (start-up, tracebacks)")
     p.add_argument("--gpu-memory", type=float, metavar="GB",
@@ -224,22 +225,32 @@ def parser(defn: StudyDef) -> argparse.ArgumentParser:
     return p
 
 
-def _report(study_dir: Any) -> bool:
-    """The study's report (analysis/report.py); the results are safe either way."""
+def _report(study_dir: Any, write: bool) -> bool:
+    """The study's report (analysis/report.py, unless not ``write``), then the compact
+    table and the headline, each on its own: one failing never hides the other, and
+    the results are safe either way."""
     from analysis.collect import load
     from analysis.headline import headline, results_table
     from analysis.report import write_report
 
+    ok = True
+    if write:
+        try:
+            print(f"report: {write_report(study_dir)}")
+        except Exception as e:  # noqa: BLE001 - never lose the sweep's exit status to a figure
+            print(f"error: the report failed ({type(e).__name__}: {e}); the results are in "
+                  f"{study_dir}; retry with: python -m analysis.report {study_dir}",
+                  file=sys.stderr)
+            ok = False
     try:
-        print(f"report: {write_report(study_dir)}")
         df = load(study_dir)
         print(results_table(df))
         print(headline(df))
-    except Exception as e:  # noqa: BLE001 - never lose the sweep's exit status to a figure
-        print(f"error: the report failed ({type(e).__name__}: {e}); the results are in "
-              f"{study_dir}; retry with: python -m analysis.report {study_dir}", file=sys.stderr)
-        return False
-    return True
+    except Exception as e:  # noqa: BLE001
+        print(f"error: the summary table failed ({type(e).__name__}: {e}); the results are "
+              f"in {study_dir}", file=sys.stderr)
+        ok = False
+    return ok
 
 
 def interrupted(study: Study | None, root: str) -> int:
@@ -379,7 +390,7 @@ def main(defn: StudyDef, argv: list[str] | None = None) -> int:
     print(sweep.summary(outcome, study))
     study_dir = storage.join(storage.absolute(storage.parse(args.storage)), study.name)
     print(f"results table: {storage.join(study_dir, 'results.csv')}")
-    reported = args.no_report or outcome.table.empty or _report(study_dir)
+    reported = outcome.table.empty or _report(study_dir, write=not args.no_report)
     return 1 if outcome.errored or not reported else 0
 
 
