@@ -47,14 +47,6 @@ def _errorbar(ax: plt.Axes, x: pd.Series, m: pd.DataFrame, scale: float = 100, *
     ax.errorbar(x, scale * m["mean"], yerr=scale * m["sd"].fillna(0), capsize=3, **kw)
 
 
-def _label_models(ax: plt.Axes, m: pd.DataFrame, names: dict[float, str], y: str = "mean",
-                  scale: float = 100) -> None:
-    """Name each model beside its point (``m``: one row per model, x in 'params')."""
-    for params, value in zip(m["params"], m[y], strict=True):
-        ax.annotate(names.get(float(params), ""), (params, scale * value),
-                    textcoords="offset points", xytext=(4, 6), fontsize=7)
-
-
 def _finish(fig: Figure, ax: plt.Axes, xlabel: str, ylabel: str, title: str,
             legend: dict[str, Any] | None, percent: float | None = 100) -> Figure:
     """Log-scaled x (parameters or labels), a percent y axis (values in [0, percent]),
@@ -137,10 +129,6 @@ def top1_vs_params(df: pd.DataFrame, stage: str = "finetune") -> Figure:
     return _finish(fig, ax, "encoder parameters (millions, log scale)",
                    f"top-1 accuracy after {stage}", title,
                    {"handles": handles, "title": "label fraction"})
-
-
-def _names(df: pd.DataFrame) -> dict[float, str]:
-    return {float(p): str(m) for p, m in zip(df["params"], df["model"], strict=True)}
 
 
 def relative_improvement(df: pd.DataFrame) -> Figure:

@@ -20,15 +20,13 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from scaling import storage
 from scaling.config import ConfigError, did_you_mean, load_config, parse_yaml, read_yaml
 from scaling.data.datasets import DataError, root_problem
 from scaling.pipeline import parse_overrides, resolve
 from scaling.stages.registry import STAGES
 from scaling.study.cost import MFU, ClusterCost, h100_hours, on_cluster
-from scaling.study.estimate import wall_clock
+from scaling.study.estimate import times_here, wall_clock
 from scaling.study.folder import check_owner, study_record
 from scaling.study.plan import (
     Study,
@@ -40,6 +38,7 @@ from scaling.study.plan import (
     fmt_duration,
     make_study,
     plan,
+    runs_left,
     stage_flops,
 )
 
@@ -307,7 +306,7 @@ def dry_run(study: Study, args: argparse.Namespace) -> str:
     check_owner(storage.join(root, study.name), study_record(study))
     runs = distinct_runs(study)
     done = finished(study, root, runs)
-    left = [(s, c) for s, keyed in runs.items() for k, c in keyed.items() if (s, k) not in done]
+    left = runs_left(runs, done)
     per = ", ".join(f"{s} {sum((s, k) in done for k in keyed)}/{len(keyed)}"
                     for s, keyed in runs.items())
     lines = [f"in {root}: {len(done)} of {sum(map(len, runs.values()))} stage runs finished "
@@ -315,7 +314,7 @@ def dry_run(study: Study, args: argparse.Namespace) -> str:
     if not left:
         return "\n".join(lines)
     flops = sum(stage_flops(c, s) for s, c in left)
-    if rt.gpus_per_worker == 0 or torch.cuda.is_available():
+    if times_here(study.base):
         est = wall_clock(left)
         rates = ", ".join(f"{m} {r / 1e9:.1f}" for m, r in est.rates.items())
         lines.append(f"estimated time here ({est.device}): ~{fmt_duration(est.seconds)} of "
@@ -349,10 +348,7 @@ def cluster_cost(study: Study, config: dict, flops: float, price: float | None =
     from scaling.study.plan import capacity, required_stages
 
     rt = study.base.runtime
-    nodes = [(name, str(t.get("node_config", {}).get("InstanceType", "?")),
-              int(t.get("resources", {}).get("GPU", 0)))
-             for name, t in config["available_node_types"].items()
-             if t.get("resources", {}).get("GPU", 0)]
+    nodes = cluster.gpu_instances(config)
     most = cluster.max_resources(config)
     lane = max(rt.workers, 1) * rt.gpus_per_worker
     concurrent = capacity(study.base, most).concurrent if most else 1

@@ -184,17 +184,28 @@ GPU_MEMORY_GB = {"g5": 24, "g6": 24, "g6e": 48, "p3": 16, "p3dn": 32, "p4d": 40,
                  "p5": 80, "p5e": 141, "p5en": 141}
 
 
+def gpu_instances(config: dict) -> list[tuple[str, str, int]]:
+    """(node type, instance type or '', GPUs) of every worker type with GPUs."""
+    return [(name, str(t.get("node_config", {}).get("InstanceType", "")),
+             int(t.get("resources", {}).get("GPU", 0)))
+            for name, t in config["available_node_types"].items()
+            if int(t.get("resources", {}).get("GPU", 0))]
+
+
 def gpu_nodes(config: dict) -> list[tuple[str, int, int | None]]:
     """(node type, GPUs, bytes per GPU or None where the instance type is unknown)
     of every worker type with GPUs."""
     out = []
-    for name, t in config["available_node_types"].items():
-        gpus = int(t.get("resources", {}).get("GPU", 0))
-        if gpus:
-            family = str(t.get("node_config", {}).get("InstanceType", "")).split(".")[0]
-            gb = GPU_MEMORY_GB.get(family)
-            out.append((name, gpus, None if gb is None else gb * 10**9))
+    for name, instance, gpus in gpu_instances(config):
+        gb = GPU_MEMORY_GB.get(instance.split(".")[0])
+        out.append((name, gpus, None if gb is None else gb * 10**9))
     return out
+
+
+def holds_lane(node_gpus: int, every_node_gpus: list[int], lane: int) -> bool:
+    """Whether a lane of ``lane`` GPUs can land on this node type: it packs onto one
+    node where one node holds it, else it spreads over nodes of the largest type."""
+    return node_gpus >= min(lane, max(every_node_gpus, default=0))
 
 
 def bootstrap_config() -> dict | None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from scaling.study.cluster import holds_lane
+
 MFU = 0.4  # assumed share of the dense bf16 peak a training step reaches
 H100_BF16 = 989e12  # FLOP/s, dense
 # Dense bf16 peak per GPU of the AWS families cluster YAMLs name (vendor data sheets).
@@ -52,8 +54,8 @@ def on_cluster(flops: float, chain_flops: float, lane_gpus: int, concurrent: int
     largest). None where that type's GPU peak is unknown."""
     if not nodes:
         return None
-    biggest = max(g for _, _, g in nodes)
-    fit = [n for n in nodes if n[2] >= min(lane_gpus, biggest)]
+    counts = [g for _, _, g in nodes]
+    fit = [n for n in nodes if holds_lane(n[2], counts, lane_gpus)]
     name, instance, _ = min(fit, key=lambda n: n[2])
     peak = PEAK_BF16.get(instance.split(".")[0])
     if peak is None:

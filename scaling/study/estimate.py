@@ -131,6 +131,12 @@ def _step_batch(cfg: ExperimentConfig, stage: str) -> int:
     return min(batch, MAX_BATCH)
 
 
+def times_here(cfg: ExperimentConfig) -> bool:
+    """Whether this machine can time the study's steps: a CPU study, or a GPU one
+    where a GPU is."""
+    return cfg.runtime.gpus_per_worker == 0 or torch.cuda.is_available()
+
+
 def wall_clock(runs: list[tuple[str, ExperimentConfig]]) -> Estimate:
     """Seconds of training for ``runs`` (stage, configuration) here, one after another."""
     device = str(pick_device(runs[0][1].runtime.device)) if runs else "cpu"

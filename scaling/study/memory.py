@@ -84,9 +84,9 @@ def gpu_limit(cfg: ExperimentConfig, gpu_memory_gb: float | None, cluster_yaml: 
         return None
     lane = max(cfg.runtime.workers, 1) * cfg.runtime.gpus_per_worker
     nodes = cluster.gpu_nodes(config)
-    # A lane packs onto one node where one node holds it, else spreads over the largest.
-    biggest = max((g for _, g, _ in nodes), default=0)
-    fit = [(name, b) for name, g, b in nodes if g >= min(lane, biggest) and b is not None]
+    counts = [g for _, g, _ in nodes]
+    fit = [(name, b) for name, g, b in nodes
+           if cluster.holds_lane(g, counts, lane) and b is not None]
     if not fit:
         return None
     name, limit = min(fit, key=lambda nb: nb[1])

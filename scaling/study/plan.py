@@ -309,6 +309,12 @@ def plan(study: Study) -> Plan:
     return Plan(n, n * len(seen), {s: len(v) for s, v in seen.items()}, flops)
 
 
+def runs_left(runs: dict[str, dict[str, ExperimentConfig]], done: set[tuple[str, str]]
+              ) -> list[tuple[str, ExperimentConfig]]:
+    """(stage, configuration) of each distinct run not yet ``done``."""
+    return [(s, c) for s, keyed in runs.items() for k, c in keyed.items() if (s, k) not in done]
+
+
 def finished(study: Study, root: Location,
              runs: dict[str, dict[str, ExperimentConfig]] | None = None) -> set[tuple[str, str]]:
     """The study's distinct (stage, key) runs already finished in the storage ``root``

@@ -60,6 +60,7 @@ from scaling.study.plan import (
     finished,
     grid_hash,
     required_stages,
+    runs_left,
     schedule_order,
     stage_flops,
 )
@@ -418,12 +419,10 @@ def _estimate(runs: dict[str, dict[str, ExperimentConfig]],
     """Seconds of training steps the runs left take here (scaling.study.estimate,
     as the dry run prints it): the first ETA. None where this machine cannot
     train them (a GPU study started from a CPU-only machine)."""
-    import torch
+    from scaling.study.estimate import times_here, wall_clock
 
-    from scaling.study.estimate import wall_clock
-
-    left = [(s, c) for s, keyed in runs.items() for k, c in keyed.items() if (s, k) not in done]
-    if not left or (left[0][1].runtime.gpus_per_worker > 0 and not torch.cuda.is_available()):
+    left = runs_left(runs, done)
+    if not left or not times_here(left[0][1]):
         return None
     return wall_clock(left).seconds
 
