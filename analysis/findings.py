@@ -129,7 +129,7 @@ SAME_RECIPE = ["data.name", "data.image_size", "pretrain.epochs", "head.num_laye
                "finetune.lr_grid"]
 
 
-def _same(column: pd.Series, value: object) -> pd.Series:
+def same_fraction(column: pd.Series, value: object) -> pd.Series:
     """Rows whose value equals ``value``, lists (an LR grid) and missing values
     included: compared as JSON text, never element by element."""
     def text(v: object) -> str:
@@ -160,7 +160,7 @@ def f2(df: pd.DataFrame, finetuned: pd.DataFrame | None = None) -> list[dict]:
                   & (pool["label_fraction"] == lf)]
         for col in SAME_RECIPE:  # the small model trained as the teacher was
             if col in ft and col in g:
-                ft = ft[_same(ft[col], g[col].iloc[0])]
+                ft = ft[same_fraction(ft[col], g[col].iloc[0])]
         ft = ft.drop_duplicates("stage_key")
         both = g.reset_index().merge(ft[[*REPLICATE, "top1", "runs"]], on=REPLICATE,
                                      suffixes=("", "_ft"))

@@ -43,9 +43,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import gpu  # noqa: E402  (bench/gpu.py)
 
-from scaling.config import ExperimentConfig, load_config  # noqa: E402
+from scaling.config import ExperimentConfig  # noqa: E402
+from scaling.configure import (
+    PRESETS,  # noqa: E402
+    load_config,
+)
 from scaling.data.datasets import ImageData  # noqa: E402
-from scaling.pipeline import PRESETS  # noqa: E402
 from scaling.stages.distill import distill  # noqa: E402
 from scaling.stages.finetune import finetune, supervised  # noqa: E402
 from scaling.stages.pixels import pixels  # noqa: E402

@@ -29,11 +29,10 @@ import numpy as np
 import torch
 from torchvision.transforms import v2
 
-from scaling.config import ViewSpec, load_config
-from scaling.data.augment import augment
+from scaling.configure import load_config, resolve
+from scaling.data.augment import ViewSpec, augment, view_spec
 from scaling.data.datasets import ImageData, load_dataset
 from scaling.model.network import build_contrastive
-from scaling.pipeline import resolve
 from scaling.train.losses import nt_xent
 from scaling.train.optimizer import build_optimizer
 
@@ -134,7 +133,7 @@ def step_share(steps: int, device: torch.device) -> dict[str, float]:
     net = build_contrastive(cfg.model, cfg.head, 1, 28).to(device)
     opt = build_optimizer(p.optim, net)
     gen = torch.Generator(device).manual_seed(0)
-    spec = p.augment.view()
+    spec = view_spec(p.augment)
     order = np.random.default_rng(0).permutation(len(images))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     aug_s, step_s = [], []

@@ -27,8 +27,11 @@ sys.path.insert(0, str(REPO))
 
 import ray  # noqa: E402
 
-from scaling.config import load_config  # noqa: E402
-from scaling.pipeline import parse_overrides, resolve  # noqa: E402
+from scaling.configure import (  # noqa: E402
+    load_config,  # noqa: E402
+    parse_overrides,
+    resolve,
+)
 from scaling.runtime.local import pipeline_jobs, run_pipeline  # noqa: E402
 from scaling.runtime.ray_train import run_stage, run_stages  # noqa: E402
 

@@ -35,8 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scaling.config import ViewSpec
-from scaling.data.augment import augment, augment_views
+from scaling.data.augment import ViewSpec, augment, augment_views
 from scaling.data.datasets import FolderImages
 
 SPEC = ViewSpec(color_strength=1.0, blur_p=0.5)  # the ImageNet recipe

@@ -38,14 +38,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scaling.config import (  # noqa: E402
-    HeadConfig,
-    ModelConfig,
-    OptimConfig,
-    ViewSpec,  # noqa: E402
-)
+from scaling.config import HeadConfig, ModelConfig, OptimConfig
 from scaling.data import jpeg  # noqa: E402
-from scaling.data.augment import augment  # noqa: E402
+from scaling.data.augment import (
+    ViewSpec,
+    augment,  # noqa: E402
+)
 from scaling.model.network import build_contrastive  # noqa: E402
 from scaling.train.losses import nt_xent  # noqa: E402
 from scaling.train.optimizer import build_optimizer  # noqa: E402

@@ -36,7 +36,7 @@ study = build(STUDY, parser(STUDY).parse_args(["--preset", "local"]))
 cell = next(c for c in cells(study) if dict(c.values) == {
     "model.depth": 18, "model.width": float(sys.argv[2]),
     "finetune.label_fraction": float(sys.argv[3]), "replicate": 0})
-from scaling.config import with_overrides
+from scaling.configure import with_overrides
 from scaling.runtime.local import pipeline_jobs, run_local
 cfg = with_overrides(cell.config, {"runtime.workers": 0})
 out = []

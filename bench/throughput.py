@@ -33,11 +33,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from scaling.config import ExperimentConfig, OptimConfig, from_dict, load_config, to_dict
-from scaling.data.augment import CROP_FLIP, augment
+from scaling.config import ExperimentConfig, OptimConfig
+from scaling.configure import from_dict, load_config, resolve, to_dict
+from scaling.data.augment import CROP_FLIP, augment, view_spec
 from scaling.data.datasets import ImageData, load_dataset
 from scaling.model.network import build_classifier, build_contrastive
-from scaling.pipeline import resolve
 from scaling.stages.checkpoint import load_final_models
 from scaling.stages.finetune import pretrained_classifier
 from scaling.train.env import Env
@@ -103,7 +103,7 @@ def bare_pretrain(cfg: ExperimentConfig, device: torch.device) -> dict[str, Any]
     net = env.prepare(build_contrastive(cfg.model, cfg.head, images.shape[1], images.shape[2]))
     opt = build_optimizer(p.optim, net)
     gen = torch.Generator(device).manual_seed(cfg.seed)
-    view = p.augment.view()
+    view = view_spec(p.augment)
 
     def step(idx: np.ndarray) -> None:
         x = images[torch.from_numpy(idx).to(device)]

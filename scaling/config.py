@@ -1,27 +1,17 @@
-"""Frozen configuration dataclasses, one per concept and one per stage, plus YAML loading.
+"""The configuration schema: frozen dataclasses, one per concept and one per stage.
 
 Defaults follow the paper's CIFAR/ImageNet settings scaled to the small default
-dataset; the comment beside each says why. ``load_config`` validates while it
-builds: an unknown key, a wrong type or an out-of-range value raises
-``ConfigError`` naming the full key path, the value and what is allowed.
+dataset; the comment beside each says why. Each dataclass checks its own values
+and raises ``ConfigError`` naming the key, the value and what is allowed; reading
+YAML, presets, overrides and hashing live in ``scaling.configure``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
-import hashlib
-import json
-import os
-import re
-import types
-import typing
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal, TypeVar
-
-import yaml
+from typing import Any, Literal
 
 
 class ConfigError(ValueError):
@@ -41,31 +31,6 @@ class ConfigFileError(ConfigError):
     def __init__(self, key: str, message: str) -> None:
         self.key, self.value, self.allowed = key, None, message
         ValueError.__init__(self, message)
-
-
-class _Loader(yaml.SafeLoader):
-    """YAML as researchers write it: ``1e-3`` is a float (YAML 1.1 wants ``1.0e-3``)."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."))
-
-
-def parse_yaml(text: str, source: str) -> Any:
-    """``text`` parsed; a syntax error names ``source`` (a file, a flag) and the line."""
-    try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigFileError(source, f"{source}{where}: not valid YAML ({problem})") from None
-
-
-def read_yaml(path: str | os.PathLike[str]) -> Any:
-    return parse_yaml(Path(path).read_text(), str(path))
 
 
 def did_you_mean(word: Any, choices: Iterable[str]) -> str:
@@ -161,20 +126,6 @@ VAL_SIZES = {"fashion-mnist": 6000, "cifar10": 5000, "cifar100": 5000, "stl10": 
 
 
 @dataclass(frozen=True)
-class ViewSpec:
-    """What one augmented view does (scaling.data.augment); ``AugmentConfig`` maps onto it."""
-
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    flip: bool = True
-    color_strength: float = 1.0  # 0.5 for CIFAR in the paper; 0 turns jitter off
-    color_p: float = 0.8
-    grayscale_p: float = 0.2
-    blur_p: float = 0.0  # 0.5 on ImageNet only
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-
-
-@dataclass(frozen=True)
 class AugmentConfig:
     crop_min_scale: float = 0.08  # reference area range [0.08, 1]
     color_strength: float = 0.5  # the paper's CIFAR strength; ImageNet uses 1.0
@@ -189,11 +140,6 @@ class AugmentConfig:
             v = getattr(self, key)
             check(0 <= v <= 1, key, v, "a probability in [0, 1]")
 
-    def view(self) -> ViewSpec:
-        return ViewSpec(
-            crop_scale=(self.crop_min_scale, 1.0), color_strength=self.color_strength,
-            color_p=self.color_p, grayscale_p=self.grayscale_p, blur_p=self.blur_p,
-        )
 
 
 @dataclass(frozen=True)
@@ -470,8 +416,9 @@ class ExperimentConfig:
               self.finetune.head_layer, f"0..head.num_layers ({self.head.num_layers})")
         for f, s in self.finetune.per_fraction.items():
             if self.label_fractions:
-                check(any(_same(f, g) for g in self.label_fractions), f"finetune.per_fraction[{f}]",
-                      f, f"one of label_fractions {list(self.label_fractions)}")
+                check(any(same_fraction(f, g) for g in self.label_fractions),
+                      f"finetune.per_fraction[{f}]", f,
+                      f"one of label_fractions {list(self.label_fractions)}")
             if s.head_layer is not None:
                 check(s.head_layer <= self.head.num_layers,
                       f"finetune.per_fraction[{f}].head_layer", s.head_layer,
@@ -500,170 +447,5 @@ class ExperimentConfig:
         return self.distill.optim or self.pretrain.optim
 
 
-def _same(a: float, b: float) -> bool:
+def same_fraction(a: float, b: float) -> bool:
     return abs(a - b) <= 1e-9 * max(abs(a), abs(b))
-
-
-# FractionSettings field -> the finetune key it replaces.
-PER_FRACTION_KEYS = {"head_layer": "finetune.head_layer", "epochs": "finetune.epochs",
-                     "base_lr": "finetune.optim.base_lr", "min_steps": "finetune.min_steps",
-                     "subset_file": "finetune.subset_file"}
-
-
-def check_per_fraction_overrides(cfg: ExperimentConfig, overrides: dict[str, Any]) -> None:
-    """An override of a key that ``finetune.per_fraction`` sets for some fraction would
-    be silently replaced there: stop instead, naming both."""
-    for name, key in PER_FRACTION_KEYS.items():
-        if key not in overrides:
-            continue
-        covered = [f for f, s in cfg.finetune.per_fraction.items()
-                   if getattr(s, name) is not None]
-        if covered:
-            raise ConfigError(
-                key, overrides[key],
-                f"not with finetune.per_fraction setting {name} for fractions "
-                f"{', '.join(f'{f:g}' for f in covered)}: set it there (e.g. "
-                f"finetune.per_fraction='{{{covered[0]:g}: {{{name}: ...}}}}'), or clear it "
-                "with finetune.per_fraction={}")
-
-
-def resolve_fraction(cfg: ExperimentConfig, keep: tuple[str, ...] = ()) -> ExperimentConfig:
-    """``cfg`` with ``finetune.per_fraction``'s entry for ``finetune.label_fraction``
-    written into the fine-tuning fields, and ``per_fraction`` emptied: so a stage's
-    key and recorded config hold the settings it ran, and one fraction's settings
-    never change another's key. Dotted keys in ``keep`` (a study's axes) win."""
-    ft = cfg.finetune
-    if not ft.per_fraction:
-        return cfg
-    overrides: dict[str, Any] = {"finetune.per_fraction": {}}
-    if ft.label_fraction is not None:
-        match = [s for f, s in ft.per_fraction.items() if _same(f, ft.label_fraction)]
-        for name, key in PER_FRACTION_KEYS.items():
-            value = getattr(match[0], name) if match else None
-            if value is not None and key not in keep:
-                overrides[key] = value
-    return with_overrides(cfg, overrides)
-
-
-def fraction_configs(cfg: ExperimentConfig) -> list[ExperimentConfig]:
-    """One configuration per label fraction, its ``finetune.per_fraction`` settings resolved."""
-    if not cfg.label_fractions:
-        return [resolve_fraction(cfg)]
-    return [resolve_fraction(with_overrides(cfg, {"finetune.label_fraction": f,
-                                                  "finetune.labels_per_class": None}))
-            for f in cfg.label_fractions]
-
-
-T = TypeVar("T")
-
-
-def _convert(tp: Any, value: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _convert(inner[0], value, key)
-    if origin is Literal:
-        check(value in args, key, value, "one of " + ", ".join(repr(a) for a in args)
-              + did_you_mean(value, [str(a) for a in args]))
-        return value
-    if origin is tuple:
-        check(isinstance(value, list | tuple), key, value, "a list")
-        item = args[0]
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_convert(item, v, f"{key}[{i}]") for i, v in enumerate(value))
-        check(len(value) == len(args), key, value, f"a list of {len(args)} values")
-        pairs = enumerate(zip(args, value, strict=True))
-        return tuple(_convert(a, v, f"{key}[{i}]") for i, (a, v) in pairs)
-    if origin is dict:
-        check(isinstance(value, dict), key, value, "a mapping")
-        key_type, item = args
-        out = {}
-        for k, v in value.items():
-            if key_type is float and isinstance(k, str):
-                try:  # YAML reads `1.0e-2:` as a string key in places; JSON keys are strings
-                    k = float(k)
-                except ValueError:
-                    raise ConfigError(f"{key}[{k!r}]", k, "a number as the key") from None
-            k = _convert(key_type, k, f"{key}[{k!r}]")
-            out[k] = _convert(item, v, f"{key}[{k!r}]")
-        return out
-    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-        check(isinstance(value, dict), key, value, f"a mapping of {tp.__name__} fields")
-        return from_dict(tp, value, key)
-    if tp is bool:
-        check(isinstance(value, bool), key, value, "true or false")
-    elif tp is int:
-        check(isinstance(value, int) and not isinstance(value, bool), key, value, "an integer")
-    elif tp is float:
-        check(isinstance(value, int | float) and not isinstance(value, bool), key, value,
-              "a number")
-        return float(value)
-    elif tp is str:
-        check(isinstance(value, str), key, value, "a string")
-    return value
-
-
-def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
-    """Build dataclass ``cls`` from a plain mapping, validating every key."""
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
-    for key in data:
-        if key not in names:
-            path = f"{prefix}.{key}" if prefix else str(key)
-            raise ConfigError(path, data[key], f"known keys here: {', '.join(names)}"
-                              + did_you_mean(key, names))
-    kwargs = {
-        k: _convert(hints[k], v, f"{prefix}.{k}" if prefix else k) for k, v in data.items()
-    }
-    try:
-        return cls(**kwargs)
-    except ConfigError as e:
-        raise e.under(prefix) from None
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
-
-
-def config_hash(cfg: Any) -> str:
-    """A short, stable content hash: equal configs name equal runs."""
-    def plain(obj: Any) -> Any:
-        if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-            return dataclasses.asdict(obj)
-        raise TypeError(f"cannot hash {type(obj).__name__}")
-
-    blob = json.dumps(cfg, default=plain, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
-def with_overrides(cfg: T, overrides: dict[str, Any]) -> T:
-    """Return ``cfg`` with dotted keys replaced, e.g. {"pretrain.epochs": 5}; re-validated."""
-    data = to_dict(cfg)
-    for dotted, value in overrides.items():
-        node = data
-        parts = dotted.split(".")
-        for p in parts[:-1]:
-            if not isinstance(node.get(p), dict):
-                node[p] = {} if node.get(p) is None else node[p]
-            check(isinstance(node[p], dict), dotted, value, "a key inside a section")
-            node = node[p]
-        node[parts[-1]] = value
-    return from_dict(type(cfg), data)
-
-
-def load_config(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> (
-    ExperimentConfig
-):
-    """Read a YAML experiment config; missing keys take the dataclass defaults."""
-    data = read_yaml(path) or {}
-    if not isinstance(data, dict):
-        raise ConfigError("<root>", data, f"a mapping at the top of {path}")
-    cfg = from_dict(ExperimentConfig, data)
-    if not overrides:
-        return cfg
-    cfg = with_overrides(cfg, overrides)
-    check_per_fraction_overrides(cfg, overrides)
-    return cfg

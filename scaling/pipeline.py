@@ -14,26 +14,16 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
-from typing import Any
 
 from scaling import storage
-from scaling.config import (
-    ConfigError,
-    ExperimentConfig,
-    config_hash,
-    did_you_mean,
-    load_config,
-    parse_yaml,
-)
+from scaling.config import ConfigError, ExperimentConfig
+from scaling.configure import config_hash, load_config, parse_overrides, resolve
 from scaling.data.datasets import DataError
 from scaling.records import StageResult
 from scaling.runtime.local import pipeline_jobs, run_pipeline
 from scaling.stages.checkpoint import CheckpointError
 from scaling.stages.registry import stage_runs
 from scaling.stages.stage_run import NonFiniteLoss
-
-PRESETS = Path(__file__).resolve().parent.parent / "configs"
 
 
 def _pct(x: float | None) -> str:
@@ -56,28 +46,6 @@ def summary(results: list[StageResult]) -> str:
                     f"{_pct(m.get('test_top1')):>8}{knn:>14}{linear:>17}"
                     f"{m['train_seconds']:>9.0f}{m['images_per_s']:>8.0f}")
     return "\n".join(rows)
-
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError("--set", item, "KEY=VALUE, e.g. pretrain.epochs=5")
-        key, value = item.split("=", 1)
-        out[key] = parse_yaml(value, f"--set {key}")
-    return out
-
-
-def resolve(config: str) -> Path:
-    path = Path(config)
-    if path.exists():
-        return path
-    preset = PRESETS / f"{config}.yaml"
-    if preset.exists():
-        return preset
-    names = sorted(p.stem for p in PRESETS.glob("*.yaml"))
-    raise ConfigError("config", config, f"a YAML file or a preset: {', '.join(names)}"
-                      + did_you_mean(config, names))
 
 
 def main(argv: list[str] | None = None) -> int:

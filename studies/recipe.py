@@ -24,8 +24,7 @@ from typing import Any
 import pandas as pd
 
 from scaling.atomic import atomic_write_text
-from scaling.config import load_config, with_overrides
-from scaling.pipeline import resolve
+from scaling.configure import load_config, resolve, with_overrides
 from scaling.stages.pretrain import pixel_probe, pretrain
 from scaling.stages.registry import stage_dir
 

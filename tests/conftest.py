@@ -4,7 +4,8 @@ import tempfile
 import pytest
 import torch
 
-from scaling.config import ExperimentConfig, load_config
+from scaling.config import ExperimentConfig
+from scaling.configure import load_config
 
 # The speed cache of scaling.study.estimate: never the user's, and fresh per run
 # (subprocesses inherit it).
@@ -20,6 +21,6 @@ def _threads():
 @pytest.fixture
 def tiny() -> ExperimentConfig:
     """The tiny preset on synthetic data, on the CPU, for stage tests."""
-    from scaling.pipeline import PRESETS
+    from scaling.configure import PRESETS
 
     return load_config(PRESETS / "tiny.yaml", {"runtime.device": "cpu"})

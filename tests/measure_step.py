@@ -10,9 +10,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from scaling.config import load_config
+from scaling.configure import PRESETS, load_config
 from scaling.model.network import build_classifier, build_contrastive
-from scaling.pipeline import PRESETS
 from scaling.train.env import Env
 from scaling.train.losses import nt_xent
 from scaling.train.optimizer import build_optimizer

@@ -5,9 +5,9 @@ import pytest
 import torch
 from tolerance import assert_close_at_scale
 
-from scaling.config import ViewSpec
 from scaling.data.augment import (
     CROP_FLIP,
+    ViewSpec,
     augment,
     color_jitter,
     gaussian_blur,

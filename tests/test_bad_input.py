@@ -118,8 +118,7 @@ def test_malformed_yaml_names_the_file_and_line(tmp_path):
 
 
 def test_a_float_is_written_as_researchers_write_it(tmp_path):
-    from scaling.config import load_config
-    from scaling.pipeline import parse_overrides
+    from scaling.configure import load_config, parse_overrides
 
     cfg = tiny_config(tmp_path)
     loaded = load_config(cfg, parse_overrides(["pretrain.optim.base_lr=1e-3"]))
@@ -197,7 +196,7 @@ def test_a_near_miss_gets_a_did_you_mean(argv, guess):
 
 def test_a_far_miss_gets_no_guess():
     from scaling.config import ConfigError
-    from scaling.pipeline import resolve
+    from scaling.configure import resolve
 
     near = pytest.raises(ConfigError, resolve, "fmnist-cp").value
     far = pytest.raises(ConfigError, resolve, "zzzzzz").value

@@ -12,7 +12,7 @@ from types import ModuleType
 import pytest
 import torch
 
-from scaling.config import ViewSpec
+from scaling.data.augment import ViewSpec
 from scaling.model.network import build_contrastive
 from scaling.train.losses import nt_xent
 from scaling.train.measure import forward_flops_per_image

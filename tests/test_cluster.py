@@ -20,7 +20,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from scaling.config import ConfigError, load_config
+from scaling.config import ConfigError
+from scaling.configure import load_config
 from scaling.study import cluster
 from scaling.study.sweep import capacity
 from studies.cli import StudyDef
@@ -56,7 +57,7 @@ def test_gpu_yaml_can_grow_to_every_gpu_preset():
         defn: StudyDef = __import__(f"studies.{script}", fromlist=["STUDY"]).STUDY
         for name, preset in defn.presets.items():
             if name.endswith("-gpu"):
-                from scaling.pipeline import resolve
+                from scaling.configure import resolve
 
                 cfg = load_config(resolve(preset.base), preset.set)
                 assert capacity(cfg, most).concurrent >= 1

@@ -2,15 +2,8 @@ import dataclasses
 
 import pytest
 
-from scaling.config import (
-    ConfigError,
-    ExperimentConfig,
-    FinetuneConfig,
-    ModelConfig,
-    config_hash,
-    load_config,
-    with_overrides,
-)
+from scaling.config import ConfigError, ExperimentConfig, FinetuneConfig, ModelConfig
+from scaling.configure import config_hash, load_config, with_overrides
 
 
 def write(tmp_path, text):

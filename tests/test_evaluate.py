@@ -107,10 +107,9 @@ def _probe_worker(rank, world, init_file, out):
 
     import torch.distributed as dist
 
-    from scaling.config import load_config
+    from scaling.configure import PRESETS, load_config
     from scaling.data.batches import Fetcher
     from scaling.data.splits import load_splits
-    from scaling.pipeline import PRESETS
     from scaling.stages.evaluate import apply
     from scaling.stages.pretrain import probe
     from scaling.train.env import Env
@@ -137,10 +136,9 @@ def test_the_probe_is_encoded_in_shares_and_fitted_once():
 
     import torch.multiprocessing as mp
 
-    from scaling.config import load_config
+    from scaling.configure import PRESETS, load_config
     from scaling.data.batches import Fetcher
     from scaling.data.splits import load_splits
-    from scaling.pipeline import PRESETS
     from scaling.stages.evaluate import apply
     from scaling.stages.pretrain import probe
     from scaling.train.env import Env

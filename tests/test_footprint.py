@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from scaling.config import RuntimeConfig, load_config
+from scaling.config import RuntimeConfig
+from scaling.configure import PRESETS, load_config
 from scaling.model.network import build_contrastive
-from scaling.pipeline import PRESETS
 from scaling.runtime.ray_train import placement
 from scaling.train.env import check_device
 from scaling.train.footprint import step_footprint

@@ -13,9 +13,9 @@ import pytest
 import torch
 from rehearsal import run_rehearsal, tensors_of
 
-from scaling.config import ExperimentConfig, load_config
+from scaling.config import ExperimentConfig
+from scaling.configure import PRESETS, load_config
 from scaling.model.network import build_classifier, build_contrastive
-from scaling.pipeline import PRESETS
 from scaling.stages.distill import distill
 from scaling.stages.finetune import finetune, supervised
 from scaling.stages.pretrain import pretrain
@@ -186,7 +186,7 @@ def test_each_stage_starts_with_a_fresh_dynamo_cache(tiny, tmp_path, monkeypatch
     would otherwise turn compilation off silently after about 8."""
     import torch._dynamo
 
-    from scaling.config import with_overrides
+    from scaling.configure import with_overrides
     from scaling.runtime.local import run_local
 
     resets = []

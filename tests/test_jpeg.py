@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from scaling.config import with_overrides
+from scaling.configure import with_overrides
 from scaling.data import jpeg
 from scaling.data.batches import Crops, Fetcher
 from scaling.data.datasets import DataError, FolderImages

@@ -15,7 +15,8 @@ PACKAGES = ("scaling", "analysis", "studies")
 # Bottom to top. A module may import its own layer's modules (without a cycle) and
 # any layer below; never one above.
 LAYERS = [
-    ("base", ("scaling.atomic", "scaling.config", "scaling.storage", "scaling.records")),
+    ("base", ("scaling.atomic", "scaling.config", "scaling.configure", "scaling.storage",
+              "scaling.records")),
     ("model", ("scaling.model",)),
     ("data", ("scaling.data",)),
     ("train", ("scaling.train",)),

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scaling.config import with_overrides
+from scaling.configure import with_overrides
 from scaling.stages.pixels import knn_votes, pixel_features, pixels, ridge_fits
 from scaling.stages.registry import stage_key
 from tests.tolerance import assert_close_at_scale

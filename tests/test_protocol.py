@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from analysis.collect import _student
-from scaling.config import ConfigError, fraction_configs, load_config, with_overrides
+from scaling.config import ConfigError
+from scaling.configure import PRESETS, fraction_configs, load_config, with_overrides
 from scaling.data import datasets as data_mod
 from scaling.data.batches import Crops, Fetcher
 from scaling.data.datasets import PROJECT, DataError, FolderImages, ImageData, subset_from_file
@@ -21,7 +22,7 @@ from scaling.data.splits import (
     unlabelled_pool,
     validation_split,
 )
-from scaling.pipeline import PRESETS, main
+from scaling.pipeline import main
 from scaling.stages.distill import distill
 from scaling.stages.finetune import finetune, supervised
 from scaling.stages.pretrain import pretrain

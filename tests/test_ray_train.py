@@ -5,7 +5,7 @@ import torch
 from tolerance import assert_close_at_scale
 
 from scaling import storage
-from scaling.config import with_overrides
+from scaling.configure import with_overrides
 from scaling.model.network import build_contrastive
 from scaling.stages.checkpoint import load_final_models
 from scaling.stages.pretrain import pretrain

@@ -2,7 +2,7 @@
 
 import pytest
 
-from scaling.config import with_overrides
+from scaling.configure import with_overrides
 from scaling.stages.registry import ORDER, STAGES, stage_key, with_inputs
 from scaling.study.plan import make_study, required_stages
 

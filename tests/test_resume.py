@@ -90,7 +90,7 @@ def test_killed_stage_resumes_and_matches_uninterrupted_run(tmp_path):
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_previous(tiny, tmp_path, capsys):
-    from scaling.config import with_overrides
+    from scaling.configure import with_overrides
     from scaling.stages.pretrain import pretrain
 
     cfg = with_overrides(tiny, {"pretrain.epochs": 1, "runtime.checkpoint_every": 2,

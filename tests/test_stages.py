@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from scaling.config import with_overrides
+from scaling.configure import with_overrides
 from scaling.data.batches import epoch_batches
 from scaling.model.network import build_contrastive
 from scaling.pipeline import summary

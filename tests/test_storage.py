@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from scaling import storage
-from scaling.config import with_overrides
+from scaling.configure import with_overrides
 from scaling.stages.checkpoint import load_final_models
 
 moto_server = pytest.importorskip("moto.server")
@@ -65,7 +65,7 @@ def test_pipeline_on_ray_with_s3_storage_and_a_fresh_node_resume(s3, tiny):
     """The whole chain on Ray Train with results on S3; then a 'fresh node' (no
     scratch mirror, pretraining's result gone from S3) restores pretraining from
     the checkpoint Ray Train keeps in S3 instead of recomputing it."""
-    from scaling.config import fraction_configs
+    from scaling.configure import fraction_configs
     from scaling.runtime.local import run_pipeline
     from scaling.runtime.ray_train import run_stage
     from scaling.stages.registry import stage_dir

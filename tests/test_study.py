@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from scaling.config import ConfigError, with_overrides
+from scaling.config import ConfigError
+from scaling.configure import with_overrides
 from scaling.study.plan import cells, make_study, plan, schedule_order, stage_flops
 from studies.cli import main
 

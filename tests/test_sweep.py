@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from scaling.config import with_overrides
+from scaling.configure import with_overrides
 from scaling.study.plan import make_study
 
 ray = pytest.importorskip("ray")

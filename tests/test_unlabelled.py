@@ -6,10 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from scaling.config import ConfigError, load_config, with_overrides
+from scaling.config import ConfigError
+from scaling.configure import PRESETS, load_config, with_overrides
 from scaling.data.datasets import DataError, FolderImages, load_dataset
 from scaling.data.unlabelled import dead_leaves, disc_radii, export_mnist_5k
-from scaling.pipeline import PRESETS
 from scaling.stages.distill import distill
 from scaling.stages.finetune import finetune
 from scaling.stages.pretrain import pretrain
@@ -43,7 +43,8 @@ def test_dead_leaves_radii_follow_the_inverse_cubic_density():
 def test_other_sets_are_unlabelled_only():
     with pytest.raises(DataError, match="only as distill.unlabelled"):
         load_dataset("dead-leaves", "train")
-    from scaling.config import ExperimentConfig, from_dict
+    from scaling.config import ExperimentConfig
+    from scaling.configure import from_dict
 
     with pytest.raises(ConfigError, match="data.name"):
         from_dict(ExperimentConfig, {"data": {"name": "mnist-5k"}})

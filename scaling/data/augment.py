@@ -23,9 +23,30 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from scaling.config import ViewSpec
+from scaling.config import AugmentConfig
 
 GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)  # tf.image.rgb_to_grayscale
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """What one augmented view does; ``view_spec`` maps a config's ``AugmentConfig`` onto it."""
+
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: bool = True
+    color_strength: float = 1.0  # 0.5 for CIFAR in the paper; 0 turns jitter off
+    color_p: float = 0.8
+    grayscale_p: float = 0.2
+    blur_p: float = 0.0  # 0.5 on ImageNet only
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+
+
+def view_spec(cfg: AugmentConfig) -> ViewSpec:
+    return ViewSpec(
+        crop_scale=(cfg.crop_min_scale, 1.0), color_strength=cfg.color_strength,
+        color_p=cfg.color_p, grayscale_p=cfg.grayscale_p, blur_p=cfg.blur_p,
+    )
 
 
 CROP_FLIP = ViewSpec(color_strength=0.0, grayscale_p=0.0, blur_p=0.0)

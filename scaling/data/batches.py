@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from scaling.config import ConfigError, RuntimeConfig, ViewSpec
+from scaling.config import ConfigError, RuntimeConfig
 from scaling.data import jpeg
+from scaling.data.augment import ViewSpec
 from scaling.data.datasets import Dataset, FolderImages, ImageData
 
 

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from scaling import storage
-from scaling.config import ExperimentConfig, from_dict, to_dict
+from scaling.config import ExperimentConfig
+from scaling.configure import from_dict, to_dict
 from scaling.records import StageResult
 from scaling.stages import registry
 from scaling.stages.registry import STAGES, stage_dir, stage_key, stage_runs

@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from scaling.config import ExperimentConfig, to_dict
+from scaling.config import ExperimentConfig
+from scaling.configure import to_dict
 from scaling.data.augment import CROP_FLIP, augment, augment_views
 from scaling.data.batches import Fetcher, steps_per_epoch
 from scaling.data.datasets import Dataset

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from scaling.config import ExperimentConfig, OptimConfig, to_dict
+from scaling.config import ExperimentConfig, OptimConfig
+from scaling.configure import to_dict
 from scaling.data.augment import CROP_FLIP, augment_views
 from scaling.data.batches import Fetcher, steps_per_epoch
 from scaling.data.splits import labelled_subset, load_splits, schedule_epochs

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from scaling.config import ExperimentConfig, to_dict
+from scaling.config import ExperimentConfig
+from scaling.configure import to_dict
 from scaling.data.batches import Fetcher
 from scaling.data.splits import labelled_subset, load_splits
 from scaling.data.subsets import save_indices

@@ -13,8 +13,9 @@ import numpy as np
 import torch
 
 from scaling.atomic import atomic_write_text
-from scaling.config import ExperimentConfig, config_hash, to_dict
-from scaling.data.augment import augment_views
+from scaling.config import ExperimentConfig
+from scaling.configure import config_hash, to_dict
+from scaling.data.augment import augment_views, view_spec
 from scaling.data.batches import Fetcher, steps_per_epoch
 from scaling.data.datasets import Dataset, ImageData
 from scaling.data.splits import Splits, load_splits, unlabelled_pool
@@ -71,7 +72,7 @@ def pretrain(cfg: ExperimentConfig, out: Path, env: Env | None = None) -> StageR
 
     gen = augment_generator(env, cfg.seed)
     run = StageRun("pretrain", out, env, cfg.runtime, spe, p.epochs, objects, gen)
-    view = p.augment.view()
+    view = view_spec(p.augment)
     for x, _ in run.batches(fetch, indices, p.batch_size, cfg.seed, view, 2):
         lr = set_lr(optimizer, schedule(run.step))
         views = torch.cat(augment_views(x, view, gen, 2, shard=(env.rank, env.world)))

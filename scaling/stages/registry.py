@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from scaling import storage
-from scaling.config import ExperimentConfig, config_hash, fraction_configs
+from scaling.config import ExperimentConfig
+from scaling.configure import config_hash, fraction_configs
 from scaling.records import StageResult
 from scaling.storage import Location
 

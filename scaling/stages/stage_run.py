@@ -18,7 +18,8 @@ import numpy as np
 import torch
 import torch.distributed
 
-from scaling.config import ExperimentConfig, OptimConfig, RuntimeConfig, ViewSpec
+from scaling.config import ExperimentConfig, OptimConfig, RuntimeConfig
+from scaling.data.augment import ViewSpec
 from scaling.data.batches import Fetcher, crops_for, epoch_batches
 from scaling.records import ProgressReport, StageResult
 from scaling.stages.checkpoint import latest_checkpoint, save_checkpoint, write_result

@@ -27,7 +27,8 @@ from typing import Any
 
 import yaml
 
-from scaling.config import ConfigError, ConfigFileError, parse_yaml
+from scaling.config import ConfigError, ConfigFileError
+from scaling.configure import parse_yaml
 
 DRIVER_RESOURCE = "TRAIN_DRIVER"  # the custom resource trial drivers are scheduled on
 # Written on the head node by `ray up`: the config as the launcher prepared it.

@@ -16,7 +16,8 @@ import sys
 from typing import Any
 
 from scaling import storage
-from scaling.config import ConfigFileError, to_dict
+from scaling.config import ConfigFileError
+from scaling.configure import to_dict
 from scaling.storage import Location
 from scaling.study import results
 from scaling.study.plan import (

@@ -26,15 +26,8 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from scaling import storage
-from scaling.config import (
-    ConfigError,
-    ExperimentConfig,
-    ModelConfig,
-    config_hash,
-    did_you_mean,
-    resolve_fraction,
-    with_overrides,
-)
+from scaling.config import ConfigError, ExperimentConfig, ModelConfig, did_you_mean
+from scaling.configure import config_hash, resolve_fraction, with_overrides
 from scaling.stages.registry import STAGES, stage_key, with_inputs
 from scaling.storage import Location
 from scaling.study.cluster import DRIVER_RESOURCE

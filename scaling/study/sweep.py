@@ -40,7 +40,8 @@ from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from scaling import storage
-from scaling.config import ConfigError, ExperimentConfig, RuntimeConfig, from_dict, to_dict
+from scaling.config import ConfigError, ExperimentConfig, RuntimeConfig
+from scaling.configure import from_dict, to_dict
 from scaling.records import ProgressReport, StageEvent, StageResult
 from scaling.runtime.lanes import Dispatcher, run_on_lane, serve
 from scaling.runtime.ray_train import StageJob, run_stages, stage_event
