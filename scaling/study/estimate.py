@@ -23,9 +23,10 @@ from pathlib import Path
 
 import torch
 
+from scaling.catalog import CATALOG
 from scaling.config import ExperimentConfig, ModelConfig
 from scaling.stages.registry import STAGES
-from scaling.study.plan import DATA_SHAPES, _forward_flops, model_label, stage_flops
+from scaling.study.plan import _forward_flops, model_label, stage_flops
 from scaling.train.env import pick_device
 
 MAX_BATCH = 512  # images per timed step at most (a step's rate depends on its batch)
@@ -101,8 +102,8 @@ def training_rate(model: ModelConfig, data_name: str, image_size: int | None,
     ``batch`` images a step."""
     from scaling.model.network import build_encoder
 
-    _, channels, side, _, _ = DATA_SHAPES[data_name]
-    side = image_size or side
+    shape = CATALOG[data_name]
+    channels, side = shape.channels, image_size or shape.side
     dev = torch.device(device)
     net = build_encoder(model, channels, side).to(dev).train()
     x = torch.randn(batch, channels, side, side, device=dev)

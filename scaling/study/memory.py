@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from scaling.catalog import CATALOG
 from scaling.config import ExperimentConfig
 from scaling.stages.registry import STAGES
 from scaling.study import cluster
-from scaling.study.plan import DATA_SHAPES, Study, cells, model_label, required_stages
+from scaling.study.plan import Study, cells, model_label, required_stages
 from scaling.train.footprint import Footprint, GiB, step_footprint
 
 
@@ -60,7 +61,7 @@ def memory_plan(study: Study) -> list[RunMemory]:
     out = []
     for key, (cfg, where) in found.items():
         stage = key[0]
-        shape = DATA_SHAPES[cfg.data.name]
+        shape = CATALOG[cfg.data.name]
         side = cfg.data.image_size or shape.side
         fp = step_footprint(cfg, stage, per_gpu_batch(cfg, stage), shape.channels, side,
                             shape.classes, shape.images if shape.in_memory else 0)

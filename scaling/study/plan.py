@@ -23,9 +23,10 @@ import json
 import os
 import typing
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 from scaling import storage
+from scaling.catalog import CATALOG
 from scaling.config import ConfigError, ExperimentConfig, ModelConfig, did_you_mean
 from scaling.configure import config_hash, resolve_fraction, with_overrides
 from scaling.stages.registry import STAGES, stage_key, with_inputs
@@ -213,26 +214,6 @@ class Plan:
         return sum(self.distinct.values())
 
 
-# Training-set size, channels and side per dataset, for the estimate only
-# (imagefolder is assumed to be ImageNet-sized).
-class DataShape(NamedTuple):
-    images: int  # in the training split (STL-10: with its unlabelled images)
-    channels: int
-    side: int
-    classes: int
-    in_memory: bool  # copied to the device whole (folder data is decoded per batch)
-
-
-DATA_SHAPES = {"fashion-mnist": DataShape(60000, 1, 28, 10, True),
-               "cifar10": DataShape(50000, 3, 32, 10, True),
-               "cifar100": DataShape(50000, 3, 32, 100, True),
-               "stl10": DataShape(105000, 3, 96, 10, True),
-               "imagefolder": DataShape(1281167, 3, 224, 1000, False),
-               "synthetic": DataShape(256, 1, 16, 4, True),
-               "mnist-5k": DataShape(5000, 1, 28, 0, True),
-               "dead-leaves": DataShape(54000, 1, 28, 0, True)}
-
-
 def model_label(model: ModelConfig) -> str:
     sk = " +SK" if model.sk_ratio else ""
     return f"R{model.depth} {model.width:g}x{sk}"
@@ -245,7 +226,7 @@ def _forward_flops(model: ModelConfig, data_name: str, image_size: int | None) -
 
     from scaling.model.network import build_encoder
 
-    shape = DATA_SHAPES[data_name]
+    shape = CATALOG[data_name]
     channels, side = shape.channels, image_size or shape.side
     with torch.device("meta"):
         net = build_encoder(model, channels, side).eval()
@@ -258,11 +239,11 @@ def _forward_flops(model: ModelConfig, data_name: str, image_size: int | None) -
 def stage_flops(cfg: ExperimentConfig, stage: str) -> float:
     """Training FLOPs of one stage run: 3x forward per image per pass (fwd + bwd),
     plus the teacher's forward in distillation. The head is ignored (small)."""
-    n = DATA_SHAPES[cfg.data.name][0] - cfg.data.resolved_val_size()  # validation: no training
+    n = CATALOG[cfg.data.name].images - cfg.data.resolved_val_size()  # validation: no training
     fwd = _forward_flops(cfg.model, cfg.data.name, cfg.data.image_size)
     fraction = cfg.finetune.label_fraction or 1.0
     if stage == "pixels":  # no network: the ridge's Gram matrix and kNN's distances
-        shape = DATA_SHAPES[cfg.data.name]
+        shape = CATALOG[cfg.data.name]
         side = min(cfg.data.image_size or shape.side, cfg.pixels.max_side)
         d, labelled = shape.channels * side * side, fraction * n
         return 2 * labelled * d * d + 2 * labelled * d * 2 * cfg.data.resolved_val_size()
@@ -277,7 +258,7 @@ def stage_flops(cfg: ExperimentConfig, stage: str) -> float:
                          "finetune, supervised, distill, pixels)")
     student = cfg.distill.student or cfg.model
     unl = cfg.distill.unlabelled or cfg.data
-    n_unl = DATA_SHAPES[unl.name][0] - (unl.resolved_val_size() if unl == cfg.data else 0)
+    n_unl = CATALOG[unl.name].images - (unl.resolved_val_size() if unl == cfg.data else 0)
     # Other sets are cropped to the teacher's input (scaling.stages.distill).
     s_fwd = _forward_flops(student, cfg.data.name, cfg.data.image_size)
     t_fwd = _forward_flops(cfg.model, cfg.data.name, cfg.data.image_size)
