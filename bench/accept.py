@@ -49,10 +49,7 @@ from scaling.configure import (
     load_config,
 )
 from scaling.data.datasets import ImageData  # noqa: E402
-from scaling.stages.distill import distill  # noqa: E402
-from scaling.stages.finetune import finetune, supervised  # noqa: E402
-from scaling.stages.pixels import pixels  # noqa: E402
-from scaling.stages.pretrain import pretrain  # noqa: E402
+from scaling.stages.registry import run as run_stage  # noqa: E402
 from scaling.stages.stage_run import StageRun  # noqa: E402
 from scaling.train.env import Env  # noqa: E402
 from scaling.train.footprint import GiB, step_footprint  # noqa: E402
@@ -138,10 +135,10 @@ def run_stages(preset: str, device: torch.device, smoke: bool, out: Path,
     env = Env(device, checkpointing=cfg.runtime.activation_checkpointing)
     cuda = device.type == "cuda"
     runs: list[tuple[str, Callable[[], Any]]] = [
-        ("pretrain", lambda: pretrain(cfg, out / "pretrain", env)),
-        ("finetune", lambda: finetune(cfg, out / "finetune", out / "pretrain", env)),
-        ("supervised", lambda: supervised(cfg, out / "supervised", env)),
-        ("distill", lambda: distill(cfg, out / "distill", out / "finetune", env)),
+        ("pretrain", lambda: run_stage("pretrain", cfg, out / "pretrain", env)),
+        ("finetune", lambda: run_stage("finetune", cfg, out / "finetune", out / "pretrain", env)),
+        ("supervised", lambda: run_stage("supervised", cfg, out / "supervised", env)),
+        ("distill", lambda: run_stage("distill", cfg, out / "distill", out / "finetune", env)),
     ]
     outcomes = []
     with mock.patch("scaling.data.splits.load_dataset", lambda *a, **k: data):
@@ -180,7 +177,7 @@ def run_stages(preset: str, device: torch.device, smoke: bool, out: Path,
         # The pixel arm: no training step, features on the device, fits in float64.
         started = time.perf_counter()
         try:
-            m = pixels(cfg, out / "pixels", env)["metrics"]
+            m = run_stage("pixels", cfg, out / "pixels", env)["metrics"]
             outcomes.append(Outcome(f"{preset} pixels", 0 <= m["test_top1"] <= 1,
                                     f"test top-1 {m['test_top1']:.3f} from "
                                     f"{m['labelled_examples']} labels, "

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,15 +39,14 @@ from scaling.configure import from_dict, load_config, resolve, to_dict
 from scaling.data.augment import CROP_FLIP, augment, view_spec
 from scaling.data.datasets import ImageData, load_dataset
 from scaling.model.network import build_classifier, build_contrastive
+from scaling.stages import registry
 from scaling.stages.checkpoint import load_final_models
 from scaling.stages.finetune import pretrained_classifier
 from scaling.train.env import Env
 from scaling.train.optimizer import build_optimizer
 from scaling.train.schedule import LRSchedule
 
-STAGES = ("pretrain", "finetune", "distill")
 VARIANTS = ("bare", "stage", "ray")
-INPUT = {"finetune": "pretrain", "distill": "finetune"}  # the stage whose result it reads
 
 
 # --- (a) the bare loops -------------------------------------------------------
@@ -95,7 +95,8 @@ def _images(cfg: ExperimentConfig, device: torch.device
     return train.images.to(device), train.labels.to(device), train.num_classes
 
 
-def bare_pretrain(cfg: ExperimentConfig, device: torch.device) -> dict[str, Any]:
+def bare_pretrain(cfg: ExperimentConfig, no_input: Path | None, device: torch.device
+                  ) -> dict[str, Any]:
     p = cfg.pretrain
     env = Env(device)
     images, _, _ = _images(cfg, device)
@@ -176,6 +177,14 @@ def bare_distill(cfg: ExperimentConfig, teacher_dir: Path, device: torch.device
     return _timed_loop(cfg, len(images), dc.batch_size, dc.epochs, optim, opt, step, device)
 
 
+# The bare loops there are, by stage; the stages measured are the registry's that
+# have one (the supervised baseline is fine-tuning's loop from scratch), in its order.
+Bare = Callable[[ExperimentConfig, Any, torch.device], dict[str, Any]]
+BARE: dict[str, Bare] = {"pretrain": bare_pretrain, "finetune": bare_finetune,
+                        "distill": bare_distill}
+STAGES = tuple(s for s in registry.STAGES if s in BARE)
+
+
 # --- (b), (c): the project's stage, alone or on Ray Train ---------------------
 
 def stage_run(variant: str, stage: str, cfg: ExperimentConfig, out: Path,
@@ -215,11 +224,7 @@ def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
     device = torch.device(spec["device"])
     input_dir = Path(spec["input"]) if spec["input"] else None
     if spec["variant"] == "bare":
-        if spec["stage"] == "pretrain":
-            return bare_pretrain(cfg, device)
-        assert input_dir is not None
-        bare = bare_finetune if spec["stage"] == "finetune" else bare_distill
-        return bare(cfg, input_dir, device)
+        return BARE[spec["stage"]](cfg, input_dir, device)
     return stage_run(spec["variant"], spec["stage"], cfg, Path(spec["out"]), input_dir)
 
 
@@ -282,13 +287,13 @@ def main() -> None:
         def ensure(stage: str) -> Path:
             """A finished result of ``stage`` (and of its inputs), made once, untimed."""
             if stage not in made:
-                prior = ensure(INPUT[stage]) if stage in INPUT else None
+                prior = ensure(dep) if (dep := registry.STAGES[stage].input) else None
                 made[stage] = Path(tmp) / f"{stage}-input"
                 run_child(_spec("stage", stage, cfg, made[stage], prior, threads, args.device))
             return made[stage]
 
         for stage in stages:
-            input_dir = ensure(INPUT[stage]) if stage in INPUT else None
+            input_dir = ensure(dep) if (dep := registry.STAGES[stage].input) else None
             for r in range(args.repeats):
                 for variant in variants:
                     out = Path(tmp) / f"{stage}-{variant}-{r}"

@@ -25,7 +25,8 @@ import pandas as pd
 
 from scaling.atomic import atomic_write_text
 from scaling.configure import load_config, resolve, with_overrides
-from scaling.stages.pretrain import pixel_probe, pretrain
+from scaling.stages.pretrain import pixel_probe
+from scaling.stages.registry import run as run_stage
 from scaling.stages.registry import stage_dir
 
 EPOCHS = 8  # the ImageNet-stem ResNet-18 at width 1/8: about 3.5 minutes on 2 cores
@@ -70,7 +71,7 @@ COLUMNS = ["knn_val_top1", "linear_val_top1", "knn_top1", "linear_top1", "train_
 def run(name: str, overrides: dict[str, Any], seed: int, root: Path) -> dict[str, Any]:
     base = load_config(resolve("fmnist-cpu"))
     cfg = with_overrides(base, {"pretrain.epochs": EPOCHS, "seed": seed} | overrides)
-    result = pretrain(cfg, Path(str(stage_dir(root, cfg, "pretrain"))))
+    result = run_stage("pretrain", cfg, Path(str(stage_dir(root, cfg, "pretrain"))))
     row = {"recipe": name, "seed": seed, "epochs": cfg.pretrain.epochs}
     return row | {k: result["metrics"].get(k) for k in COLUMNS}
 

@@ -38,6 +38,7 @@ from scaling.stages import checkpoint as checkpoint_module
 from scaling.stages import distill as distill_module
 from scaling.stages import finetune as finetune_module
 from scaling.stages import pretrain as pretrain_module
+from scaling.stages.registry import run as run_stage
 from scaling.stages.stage_run import StageRun
 from scaling.train import fake_cuda
 from scaling.train.env import Env
@@ -206,18 +207,18 @@ def rehearse(data: tuple[int, int, int, int], steps: int, record: Record,
         yield Env(fake_cuda.CUDA, compile=False)
 
 
-def run_rehearsal(fn: Any, cfg: ExperimentConfig, out: Path, data: tuple[int, int, int, int],
+def run_rehearsal(stage: str, cfg: ExperimentConfig, out: Path, data: tuple[int, int, int, int],
                   steps: int = 3, checkpointing: bool = False,
                   weights: dict[str, Any] | None = None, *args: Any, save: bool = True
                   ) -> Record:
-    """``fn(cfg, out, *args, env=...)`` until ``steps`` steps are done, then a
-    checkpoint (``save``); ``weights``: the input stage's final models (fine-tuning's
+    """Stage ``stage`` (through scaling.stages.registry.run) until ``steps`` steps are
+    done, then a checkpoint (``save``); ``weights``: the input stage's final models (fine-tuning's
     pretrained net, the teacher)."""
     record = Record()
     with rehearse(data, steps, record, weights, save) as env:
         env = dataclasses.replace(env, checkpointing=checkpointing)
         with contextlib.suppress(Rehearsed):
-            fn(cfg, out, *args, env=env)
+            run_stage(stage, cfg, out, *args, env=env)
     return record
 
 

@@ -16,9 +16,6 @@ from rehearsal import run_rehearsal, tensors_of
 from scaling.config import ExperimentConfig
 from scaling.configure import PRESETS, load_config
 from scaling.model.network import build_classifier, build_contrastive
-from scaling.stages.distill import distill
-from scaling.stages.finetune import finetune, supervised
-from scaling.stages.pretrain import pretrain
 from scaling.train import fake_cuda
 from scaling.train.env import Env
 from scaling.train.measure import FlopCounterMode, forward_flops_per_image
@@ -72,11 +69,11 @@ def check_on_device(record, steps: int, saved: bool = True) -> None:
 def test_pretraining_runs_on_the_gpu_as_planned_and_resumes_there(name, tmp_path):
     cfg = preset(name, **{"pretrain.epochs": 100})
     out = tmp_path / "pretrain"
-    first = run_rehearsal(pretrain, cfg, out, data_for(name, cfg), steps=3)
+    first = run_rehearsal("pretrain", cfg, out, data_for(name, cfg), steps=3)
     check_on_device(first, 3)
     assert ("queue" in first.objects) == (cfg.pretrain.memory.queue_size > 0)
     # The same stage again resumes from the checkpoint, onto the device.
-    again = run_rehearsal(pretrain, cfg, out, data_for(name, cfg), steps=2)
+    again = run_rehearsal("pretrain", cfg, out, data_for(name, cfg), steps=2)
     assert again.resumed_from == 3
     check_on_device(again, 2)
 
@@ -89,7 +86,7 @@ BIG = [("cifar10-gpu", {"depth": 50, "width": 1.0, "sk_ratio": 0.0625}),
 @pytest.mark.parametrize(("name", "model"), BIG, ids=lambda v: str(v))
 def test_the_largest_cells_pretrain_on_the_gpu(name, model, tmp_path):
     cfg = preset(name, model, **{"pretrain.epochs": 100})
-    record = run_rehearsal(pretrain, cfg, tmp_path / "p", data_for(name, cfg), 2, save=False)
+    record = run_rehearsal("pretrain", cfg, tmp_path / "p", data_for(name, cfg), 2, save=False)
     check_on_device(record, 2, saved=False)
 
 
@@ -98,11 +95,11 @@ def test_supervised_and_fine_tuning_run_on_the_gpu(name, tmp_path):
     cfg = preset(name, **{"supervised.epochs": 100, "supervised.min_steps": 0,
                           "finetune.epochs": 100, "finetune.min_steps": 0})
     side, channels, _, _ = PRESETS_GPU[name]
-    record = run_rehearsal(supervised, cfg, tmp_path / "supervised", data_for(name, cfg), 3)
+    record = run_rehearsal("supervised", cfg, tmp_path / "supervised", data_for(name, cfg), 3)
     check_on_device(record, 3)
     net = build_contrastive(cfg.model, cfg.head, channels, side)  # as pretraining saves it
     weights = {"encoder": net.encoder.state_dict(), "head": net.head.state_dict()}
-    record = run_rehearsal(finetune, cfg, tmp_path / "finetune", data_for(name, cfg), 3, False,
+    record = run_rehearsal("finetune", cfg, tmp_path / "finetune", data_for(name, cfg), 3, False,
                            weights, tmp_path / "pretrain")
     check_on_device(record, 3)
 
@@ -114,14 +111,14 @@ def test_distillation_runs_on_the_gpu_with_its_teacher_there(name, tmp_path):
     # The teacher's weights as a checkpoint holds them (real CPU tensors).
     teacher = build_classifier(cfg.model, cfg.head, cfg.finetune.head_layer, channels, side,
                                classes)
-    record = run_rehearsal(distill, cfg, tmp_path / "distill", data_for(name, cfg), 3, False,
+    record = run_rehearsal("distill", cfg, tmp_path / "distill", data_for(name, cfg), 3, False,
                            {"classifier": teacher.state_dict()}, tmp_path / "teacher")
     check_on_device(record, 3)
 
 
 def test_activation_checkpointing_rehearses_too(tmp_path):
     cfg = preset("imagenet-gpu", **{"pretrain.epochs": 100})
-    record = run_rehearsal(pretrain, cfg, tmp_path / "p", data_for("imagenet-gpu", cfg), 2, True,
+    record = run_rehearsal("pretrain", cfg, tmp_path / "p", data_for("imagenet-gpu", cfg), 2, True,
                            save=False)
     check_on_device(record, 2, saved=False)
 
@@ -156,7 +153,7 @@ def test_the_old_flop_order_fails_the_rehearsal(tmp_path, monkeypatch):
     monkeypatch.setattr(stage, "forward_flops_per_image", old_count)
     cfg = preset("cifar10-gpu", **{"pretrain.epochs": 100})
     with pytest.raises(RuntimeError, match="same device|device"):
-        run_rehearsal(pretrain, cfg, tmp_path / "p", data_for("cifar10-gpu", cfg), 1)
+        run_rehearsal("pretrain", cfg, tmp_path / "p", data_for("cifar10-gpu", cfg), 1)
 
 
 def test_compile_only_on_one_gpu_worker():

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from scaling.configure import with_overrides
-from scaling.stages.pixels import knn_votes, pixel_features, pixels, ridge_fits
+from scaling.stages.pixels import knn_votes, pixel_features, ridge_fits
+from scaling.stages.registry import run as run_stage
 from scaling.stages.registry import stage_key
 from tests.tolerance import assert_close_at_scale
 
@@ -73,7 +74,7 @@ def test_pixel_features_area_average_large_images():
 
 def test_the_stage_chooses_on_validation_and_its_key_ignores_model_and_seed(tiny, tmp_path):
     cfg = with_overrides(tiny, {"finetune.label_fraction": 0.5, "label_fractions": []})
-    r = pixels(cfg, tmp_path / "px")
+    r = run_stage("pixels", cfg, tmp_path / "px")
     m, p = r["metrics"], r["protocol"]
     assert p["chosen_on"] == "validation top-1"
     chosen_val = {"ridge": p["ridge_val_top1"][f"{p['ridge_strength']:g}"],
@@ -92,13 +93,13 @@ def test_the_stage_chooses_on_validation_and_its_key_ignores_model_and_seed(tiny
     assert stage_key(same, "supervised") != stage_key(cfg, "supervised")
     other = with_overrides(cfg, {"finetune.subset_seed": 1})
     assert stage_key(other, "pixels") != stage_key(cfg, "pixels")
-    assert pixels(cfg, tmp_path / "px") == r  # finished: read back, not recomputed
+    assert run_stage("pixels", cfg, tmp_path / "px") == r  # finished: read back, not recomputed
 
 
 def test_without_validation_nothing_is_chosen(tiny, tmp_path):
     cfg = with_overrides(tiny, {"finetune.label_fraction": 0.5, "label_fractions": [],
                                 "data.val_size": 0, "supervised.lr_grid": []})
-    r = pixels(cfg, tmp_path / "px")
+    r = run_stage("pixels", cfg, tmp_path / "px")
     m, p = r["metrics"], r["protocol"]
     assert p["chosen_on"].startswith("nothing") and m["val_top1"] is None
     assert (p["arm"], p["knn_k"]) == ("ridge", cfg.pixels.knn_k[0])
@@ -108,5 +109,5 @@ def test_without_validation_nothing_is_chosen(tiny, tmp_path):
 def test_raw_pixels_are_native_whatever_size_the_networks_see(tiny, tmp_path):
     cfg = with_overrides(tiny, {"finetune.label_fraction": 0.5, "label_fractions": [],
                                 "data.image_size": 24})
-    r = pixels(cfg, tmp_path / "px")
+    r = run_stage("pixels", cfg, tmp_path / "px")
     assert r["protocol"]["native_size"] and r["protocol"]["features"] == 16 * 16  # not 24 x 24

@@ -23,9 +23,7 @@ from scaling.data.splits import (
     validation_split,
 )
 from scaling.pipeline import main
-from scaling.stages.distill import distill
-from scaling.stages.finetune import finetune, supervised
-from scaling.stages.pretrain import pretrain
+from scaling.stages.registry import run as run_stage
 from scaling.stages.registry import stage_key
 from scaling.study.plan import cells, make_study
 from scaling.train.env import Env
@@ -86,7 +84,7 @@ def test_too_large_a_validation_split_stops_the_command(tmp_path, capsys):
 
 def test_no_validation_split_reports_none(tiny, tmp_path):
     cfg = with_overrides(tiny, {"data.val_size": 0, "supervised.epochs": 1})
-    r = supervised(cfg, tmp_path / "sup")
+    r = run_stage("supervised", cfg, tmp_path / "sup")
     assert r["metrics"]["val_top1"] is None and r["protocol"]["val_size"] == 0
 
 
@@ -142,7 +140,7 @@ def test_min_steps_grow_the_schedule_in_whole_epochs(tiny, tmp_path):
     # 24 labels at batch 16: one step an epoch, so 9 steps take 9 epochs.
     cfg = with_overrides(tiny, {"finetune.label_fraction": 0.1, "supervised.epochs": 1,
                                 "supervised.min_steps": 9, "supervised.batch_size": 16})
-    r = supervised(cfg, tmp_path / "sup")
+    r = run_stage("supervised", cfg, tmp_path / "sup")
     assert r["step"] == 9 and r["protocol"]["epochs"] == 9 and r["protocol"]["steps"] == 9
 
 
@@ -172,10 +170,10 @@ def test_every_stage_uses_global_bn_and_the_student_has_no_head(tiny, tmp_path, 
                                 "distill.epochs": 1, "supervised.epochs": 1,
                                 "distill.student": dataclasses.asdict(tiny.model)})
     pre, ft = tmp_path / "pre", tmp_path / "ft"
-    pretrain(cfg, pre)
-    finetune(cfg, ft, pre)
-    r = distill(cfg, tmp_path / "ds", ft)
-    supervised(cfg, tmp_path / "sup")
+    run_stage("pretrain", cfg, pre)
+    run_stage("finetune", cfg, ft, pre)
+    r = run_stage("distill", cfg, tmp_path / "ds", ft)
+    run_stage("supervised", cfg, tmp_path / "sup")
     assert asked == [True] * 4
     p = r["protocol"]
     assert p["self_distillation"] is True and p["temperature"] == 0.1
@@ -235,7 +233,7 @@ def test_pretraining_on_a_folder_dataset_end_to_end(tiny, tmp_path):
         "data": {"name": "imagefolder", "root": str(tmp_path), "image_size": 16, "val_size": 4},
         "pretrain.epochs": 1, "pretrain.batch_size": 8, "runtime.loader_workers": 0})
     (tmp_path / "val").symlink_to(tmp_path / "train")  # a test split for the probes
-    r = pretrain(cfg, tmp_path / "pre")
+    r = run_stage("pretrain", cfg, tmp_path / "pre")
     assert r["step"] == 2 and r["protocol"]["images"] == 16  # 20 images, 4 for validation
     assert 0 <= r["metrics"]["linear_val_top1"] <= 1
 
@@ -299,10 +297,11 @@ def test_a_stage_with_an_lr_grid_takes_the_lr_with_the_best_validation_top1(
     cfg = with_overrides(tiny, {"finetune.label_fraction": 1.0, f"{stage}.epochs": 8,
                                 f"{stage}.batch_size": 32, f"{stage}.lr_grid": [1e-6, 2.0]})
     if stage == "finetune":
-        pretrain(with_overrides(tiny, {"pretrain.epochs": 1}), tmp_path / "pre")
+        run_stage("pretrain", with_overrides(tiny, {"pretrain.epochs": 1}), tmp_path / "pre")
 
     def train(c, out):
-        return supervised(c, out) if stage == "supervised" else finetune(c, out, tmp_path / "pre")
+        pre = None if stage == "supervised" else tmp_path / "pre"
+        return run_stage(stage, c, out, pre)
 
     r = train(cfg, tmp_path / stage)
     val = r["protocol"]["lr_grid_val_top1"]

@@ -8,7 +8,6 @@ from scaling import storage
 from scaling.configure import with_overrides
 from scaling.model.network import build_contrastive
 from scaling.stages.checkpoint import load_final_models
-from scaling.stages.pretrain import pretrain
 
 ray = pytest.importorskip("ray")
 
@@ -34,7 +33,7 @@ def test_one_ray_worker_reproduces_the_single_process_run(ray_local, tiny, tmp_p
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        local = pretrain(cfg, tmp_path / "local")
+        local = run_stage("pretrain", cfg, tmp_path / "local")
     finally:
         torch.set_num_threads(threads)
     assert on_ray["world_size"] == 1 and on_ray["step"] == local["step"] == 8

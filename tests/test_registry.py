@@ -27,3 +27,13 @@ def test_a_key_follows_its_input_stage_and_nothing_else(tiny):
 def test_a_study_plans_the_stages_it_needs(tiny):
     study = make_study("s", tiny, {"width": [0.0625]}, ("distill",))
     assert required_stages(study) == ("pretrain", "finetune", "distill")
+
+
+def test_unknown_stage_runs_nothing_and_says_what_there_is(tiny, tmp_path):
+    from scaling.stages.registry import run
+
+    with pytest.raises(ValueError, match="stage='probe'; allowed: pretrain, finetune, distill"):
+        run("probe", tiny, tmp_path / "p")
+    with pytest.raises(ValueError, match="needs its input stage directory \\(pretrain\\)"):
+        run("finetune", tiny, tmp_path / "f")
+    assert not (tmp_path / "p").exists() and not (tmp_path / "f").exists()

@@ -11,6 +11,7 @@ import torch
 import yaml
 
 from scaling.stages.checkpoint import latest_checkpoint, load_final_models
+from scaling.stages.registry import run as run_stage
 from scaling.storage import read_local_result
 
 REPO = Path(__file__).resolve().parent.parent
@@ -91,12 +92,11 @@ def test_killed_stage_resumes_and_matches_uninterrupted_run(tmp_path):
 
 def test_corrupt_latest_checkpoint_falls_back_to_previous(tiny, tmp_path, capsys):
     from scaling.configure import with_overrides
-    from scaling.stages.pretrain import pretrain
 
     cfg = with_overrides(tiny, {"pretrain.epochs": 1, "runtime.checkpoint_every": 2,
                                 "runtime.keep_checkpoints": 3, "data.val_size": 0})
     out = tmp_path / "pre"
-    pretrain(cfg, out)
+    run_stage("pretrain", cfg, out)
     steps = sorted((out / "checkpoints").glob("step-*"))
     assert [p.name for p in steps] == ["step-000000004", "step-000000006", "step-000000008"]
     state_file = steps[-1] / "state.pt"

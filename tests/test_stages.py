@@ -12,10 +12,8 @@ from scaling.model.network import build_contrastive
 from scaling.pipeline import summary
 from scaling.runtime.local import run_pipeline
 from scaling.stages.checkpoint import latest_checkpoint, load_final_models
-from scaling.stages.distill import distill
-from scaling.stages.finetune import finetune, supervised
-from scaling.stages.pretrain import pretrain
-from scaling.stages.registry import stage_dir, stage_key
+from scaling.stages.registry import STAGES, stage_dir, stage_key
+from scaling.stages.registry import run as run_stage
 from scaling.stages.stage_run import NonFiniteLoss
 from scaling.storage import read_local_result
 
@@ -24,6 +22,8 @@ def test_pipeline_end_to_end_and_rerun_reuses(tiny, tmp_path):
     results = run_pipeline(tiny, tmp_path)
     assert [r["stage"] for r in results] == ["pretrain"] + ["finetune", "distill",
                                                             "supervised", "pixels"] * 2
+    for r in results:  # the registry lists what each stage reports: results.csv's columns
+        assert set(r["metrics"]) == set(STAGES[r["stage"]].metrics), r["stage"]
     pre = results[0]
     for key in ("knn_top1", "linear_top1", "images_per_s", "wall_seconds", "params",
                 "forward_flops_per_image", "peak_memory_bytes"):
@@ -87,11 +87,11 @@ def test_stage_keys_follow_dependencies(tiny):
 def test_finetune_starts_from_pretrained_head_layer(tiny, tmp_path):
     cfg = with_overrides(tiny, {"finetune.epochs": 1, "finetune.head_layer": 2})
     pre = tmp_path / "pre"
-    pretrain(cfg, pre)
+    run_stage("pretrain", cfg, pre)
     weights = load_final_models(pre)
     # Zero learning rate: the fine-tuned network must still be the pretrained one.
     frozen = with_overrides(cfg, {"finetune.optim.base_lr": 1e-30})
-    result = finetune(frozen, tmp_path / "ft", pre)
+    result = run_stage("finetune", frozen, tmp_path / "ft", pre)
     clf = load_final_models(tmp_path / "ft")["classifier"]
     for k, v in weights["encoder"].items():
         if "running" in k or "num_batches" in k:
@@ -111,9 +111,9 @@ def test_distill_to_smaller_student_on_other_unlabelled_data(tiny, tmp_path):
         "distill.alpha": 0.5,
     })
     pre, ft = tmp_path / "pre", tmp_path / "ft"
-    pretrain(cfg, pre)
-    finetune(cfg, ft, pre)
-    r = distill(cfg, tmp_path / "ds", ft)
+    run_stage("pretrain", cfg, pre)
+    run_stage("finetune", cfg, ft, pre)
+    r = run_stage("distill", cfg, tmp_path / "ds", ft)
     assert r["protocol"]["self_distillation"] is False
     assert r["protocol"]["student"]["width"] == 0.03125
     teacher_params = read_local_result(ft)["metrics"]["params"]
@@ -124,14 +124,14 @@ def test_distill_to_smaller_student_on_other_unlabelled_data(tiny, tmp_path):
 def test_supervised_learns_synthetic_classes(tiny, tmp_path):
     cfg = with_overrides(tiny, {"finetune.label_fraction": 1.0, "supervised.epochs": 8,
                                 "supervised.batch_size": 32, "supervised.optim.base_lr": 2.0})
-    r = supervised(cfg, tmp_path / "sup")
+    r = run_stage("supervised", cfg, tmp_path / "sup")
     assert r["metrics"]["test_top1"] > 0.5  # 4 classes: chance is 0.25
     assert r["protocol"]["head_layer"] == 0
 
 
 def test_memory_queue_pretraining_checkpoints_the_queue(tiny, tmp_path):
     cfg = with_overrides(tiny, {"pretrain.memory.queue_size": 48, "pretrain.epochs": 1})
-    r = pretrain(cfg, tmp_path / "pre")
+    r = run_stage("pretrain", cfg, tmp_path / "pre")
     state, meta = latest_checkpoint(tmp_path / "pre")
     assert int(state["queue"]["filled"]) == 48  # 8 steps x 64 keys, capped at 48
     assert "momentum" in state and r["protocol"]["queue_size"] == 48
@@ -143,7 +143,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny, tmp_path):
         "runtime.checkpoint_every": 1,
     })
     with pytest.raises(NonFiniteLoss, match="Last good checkpoint: .*step-0000000"):
-        pretrain(cfg, tmp_path / "pre")
+        run_stage("pretrain", cfg, tmp_path / "pre")
     assert read_local_result(tmp_path / "pre") is None
     state, meta = latest_checkpoint(tmp_path / "pre")
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
@@ -177,7 +177,7 @@ def test_labelled_batches_are_one_global_batch_shared_by_the_workers(tiny):
 
 
 def test_result_format_is_json_with_config(tiny, tmp_path):
-    pretrain(with_overrides(tiny, {"pretrain.epochs": 1}), tmp_path / "pre")
+    run_stage("pretrain", with_overrides(tiny, {"pretrain.epochs": 1}), tmp_path / "pre")
     data = json.loads((tmp_path / "pre" / "result.json").read_text())
     assert data["config"]["model"]["depth"] == 18
     assert len(data["model_sha256"]) == 64

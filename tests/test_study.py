@@ -255,7 +255,7 @@ def test_the_cost_table_in_docs_is_what_the_dry_run_computes():
     assert on_cluster(flops, flops, 1, 1, [("x", "g5.xlarge", 1)], 1, None) is None  # unknown
 
 
-def test_a_stage_without_a_flop_formula_is_an_error_not_distillations(tiny):
-    with pytest.raises(ValueError, match="no FLOP formula for stage 'probe'"):
+def test_an_unknown_stage_is_an_error_not_another_stages_formula(tiny):
+    with pytest.raises(ValueError, match="stage='probe'; allowed: pretrain, finetune"):
         stage_flops(tiny, "probe")
     assert stage_flops(tiny, "distill") > 0

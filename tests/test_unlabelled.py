@@ -10,9 +10,7 @@ from scaling.config import ConfigError
 from scaling.configure import PRESETS, load_config, with_overrides
 from scaling.data.datasets import DataError, FolderImages, load_dataset
 from scaling.data.unlabelled import dead_leaves, disc_radii, export_mnist_5k
-from scaling.stages.distill import distill
-from scaling.stages.finetune import finetune
-from scaling.stages.pretrain import pretrain
+from scaling.stages.registry import run as run_stage
 
 
 def test_dead_leaves_are_seeded_occluding_discs():
@@ -71,8 +69,8 @@ def teacher(tmp_path_factory):
     """One fine-tuned teacher (configs/tiny.yaml) for every unlabelled set."""
     cfg = load_config(PRESETS / "tiny.yaml", {"runtime.device": "cpu"})
     root = tmp_path_factory.mktemp("teacher")
-    pretrain(cfg, root / "pre")
-    finetune(cfg, root / "ft", root / "pre")
+    run_stage("pretrain", cfg, root / "pre")
+    run_stage("finetune", cfg, root / "ft", root / "pre")
     return cfg, root / "ft"
 
 
@@ -84,7 +82,7 @@ def test_distil_on_another_unlabelled_set_with_the_same_step_budget(
     cfg = with_overrides(tiny, {
         "distill.unlabelled": {"name": name, "root": str(tmp_path / "m5k")},
         "distill.epochs": 1, "distill.min_steps": 30, "distill.batch_size": 256})
-    r = distill(cfg, tmp_path / "ds", ft)
+    r = run_stage("distill", cfg, tmp_path / "ds", ft)
     images = {"mnist-5k": 5000, "dead-leaves": 2000}[name]
     steps_per_epoch = images // 256
     # Epochs grow to whole epochs until the budget is met: 2 x 19 or 5 x 7 steps.

@@ -23,19 +23,19 @@ from scaling.configure import to_dict
 from scaling.data.augment import CROP_FLIP, augment, augment_views
 from scaling.data.batches import Fetcher, steps_per_epoch
 from scaling.data.datasets import Dataset
-from scaling.data.splits import distill_pool, labelled_subset, load_splits, schedule_epochs
+from scaling.data.splits import distill_pool, labelled_subset, schedule_epochs
 from scaling.model.network import Classifier, build_classifier
 from scaling.records import StageResult
 from scaling.stages.checkpoint import load_final_models
 from scaling.stages.evaluate import split_top1
 from scaling.stages.stage_run import (
+    StageInputs,
     StageRun,
     augment_generator,
     labels_protocol,
     optim_protocol,
     set_lr,
 )
-from scaling.storage import read_local_result
 from scaling.train.env import Env
 from scaling.train.losses import distillation_loss
 from scaling.train.measure import forward_flops_per_image, size_metrics
@@ -50,17 +50,13 @@ def match_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
     return x.expand(-1, channels, -1, -1) if x.shape[1] == 1 else x.mean(1, keepdim=True)
 
 
-def distill(
-    cfg: ExperimentConfig, out: Path, teacher_dir: Path, env: Env | None = None
-) -> StageResult:
-    done = read_local_result(out)
-    if done is not None:
-        return done
-    env = env or Env.local(cfg.runtime)
+def distill(job: StageInputs) -> StageResult:
+    """Distil the fine-tuned teacher in ``job.input`` into the student."""
+    cfg, out, teacher_dir, env = job.cfg, job.out, job.input, job.env
     dc = cfg.distill
 
     # Data: unlabelled images; the labelled subset only when alpha mixes in labels.
-    splits = load_splits(cfg.data)
+    splits = job.splits
     train = splits.train
     unlabelled, pool, unlabelled_name = distill_pool(cfg, splits)
     fetch = Fetcher.of(unlabelled, env.device, cfg.runtime, env.cpus)

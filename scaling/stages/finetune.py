@@ -19,13 +19,14 @@ from scaling.config import ExperimentConfig, OptimConfig
 from scaling.configure import to_dict
 from scaling.data.augment import CROP_FLIP, augment_views
 from scaling.data.batches import Fetcher, steps_per_epoch
-from scaling.data.splits import labelled_subset, load_splits, schedule_epochs
+from scaling.data.splits import labelled_subset, schedule_epochs
 from scaling.data.subsets import save_indices
 from scaling.model.network import Classifier, build_classifier, build_contrastive, classifier_from
 from scaling.records import StageResult
 from scaling.stages.checkpoint import load_final_models, write_result
 from scaling.stages.evaluate import split_top1
 from scaling.stages.stage_run import (
+    StageInputs,
     StageRun,
     augment_generator,
     labels_protocol,
@@ -33,7 +34,6 @@ from scaling.stages.stage_run import (
     set_lr,
 )
 from scaling.storage import read_local_result
-from scaling.train.env import Env
 from scaling.train.measure import forward_flops_per_image, size_metrics
 from scaling.train.optimizer import build_optimizer
 from scaling.train.schedule import LRSchedule
@@ -41,10 +41,11 @@ from scaling.train.schedule import LRSchedule
 Build = Callable[[int, int, int], Classifier]  # (channels, image size, classes) -> model
 
 
-def finetune(
-    cfg: ExperimentConfig, out: Path, pretrained: Path, env: Env | None = None
-) -> StageResult:
-    """Fine-tune the whole network from head layer ``cfg.finetune.head_layer``."""
+def finetune(job: StageInputs) -> StageResult:
+    """Fine-tune the whole network from head layer ``cfg.finetune.head_layer`` of the
+    pretrained network in ``job.input``."""
+    cfg, pretrained = job.cfg, job.input
+
     def build(channels: int, size: int, classes: int) -> Classifier:
         return pretrained_classifier(cfg, pretrained, channels, size, classes)
 
@@ -53,10 +54,10 @@ def finetune(
 
     def run(where: Path, lr: float) -> StageResult:
         optim = dataclasses.replace(ft.optim, base_lr=lr)
-        return train_classifier(cfg, "finetune", where, env, build, ft.epochs, ft.min_steps,
+        return train_classifier(job, "finetune", where, build, ft.epochs, ft.min_steps,
                                 ft.batch_size, optim, extra, _variant(ft.lr_grid, lr))
 
-    return best_on_validation(out, env, ft.lr_grid, ft.optim.base_lr, run)
+    return best_on_validation(job, ft.lr_grid, ft.optim.base_lr, run)
 
 
 def pretrained_classifier(
@@ -70,9 +71,11 @@ def pretrained_classifier(
     return classifier_from(net, cfg.finetune.head_layer, classes)
 
 
-def supervised(cfg: ExperimentConfig, out: Path, env: Env | None = None) -> StageResult:
+def supervised(job: StageInputs) -> StageResult:
     """The same architecture from scratch (encoder + linear) on the same labels,
     its LR chosen on validation from ``supervised.lr_grid``."""
+    cfg = job.cfg
+
     def build(channels: int, size: int, classes: int) -> Classifier:
         return build_classifier(cfg.model, cfg.head, 0, channels, size, classes)
 
@@ -80,10 +83,10 @@ def supervised(cfg: ExperimentConfig, out: Path, env: Env | None = None) -> Stag
 
     def run(where: Path, lr: float) -> StageResult:
         optim = dataclasses.replace(s.optim, base_lr=lr)
-        return train_classifier(cfg, "supervised", where, env, build, s.epochs, s.min_steps,
+        return train_classifier(job, "supervised", where, build, s.epochs, s.min_steps,
                                 s.batch_size, optim, {"head_layer": 0}, _variant(s.lr_grid, lr))
 
-    return best_on_validation(out, env, s.lr_grid, s.optim.base_lr, run)
+    return best_on_validation(job, s.lr_grid, s.optim.base_lr, run)
 
 
 def _variant(grid: tuple[float, ...], lr: float) -> str | None:
@@ -92,7 +95,7 @@ def _variant(grid: tuple[float, ...], lr: float) -> str | None:
 
 
 def best_on_validation(
-    out: Path, env: Env | None, grid: tuple[float, ...], base_lr: float,
+    job: StageInputs, grid: tuple[float, ...], base_lr: float,
     run: Callable[[Path, float], StageResult],
 ) -> StageResult:
     """``run(out, base_lr)``, or with a ``grid`` one resumable run per base LR in
@@ -100,13 +103,11 @@ def best_on_validation(
     weights and metrics, every LR's validation top-1 in the protocol and the grid's
     summed ``train_seconds`` and ``wall_seconds``. Fine-tuning and its baseline are both
     tuned this way, so neither gets a better-chosen LR than the other."""
+    out = job.out
     if not grid:
         return run(out, base_lr)
-    done = read_local_result(out)
-    if done is not None:
-        return done
     runs = {lr: run(out / f"lr-{lr:g}", lr) for lr in grid}
-    if env is not None and not env.is_main:
+    if not job.env.is_main:
         return runs[grid[0]]  # only the main worker has validation numbers and writes
     val: dict[float, float] = {}
     for lr, r in runs.items():
@@ -125,17 +126,19 @@ def best_on_validation(
 
 
 def train_classifier(
-    cfg: ExperimentConfig, name: str, out: Path, env: Env | None, build: Build, epochs: int,
-    min_steps: int, batch_size: int, optim: OptimConfig, extra_protocol: dict[str, Any],
+    job: StageInputs, name: str, out: Path, build: Build, epochs: int, min_steps: int,
+    batch_size: int, optim: OptimConfig, extra_protocol: dict[str, Any],
     variant: str | None = None,
 ) -> StageResult:
+    """One classifier run into ``out`` (the stage's directory, or one LR's of a grid:
+    a finished one there is returned as it is, so a grid resumes run by run)."""
     done = read_local_result(out)
     if done is not None:
         return done
-    env = env or Env.local(cfg.runtime)
+    cfg, env = job.cfg, job.env
 
     # Data: the labelled subset of the training split outside validation; crop+flip.
-    splits = load_splits(cfg.data)
+    splits = job.splits
     train = splits.train
     labelled = labelled_subset(cfg, splits)
     if env.is_main:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,7 +20,6 @@ import torch
 import torch.nn.functional as F
 
 from scaling.catalog import CATALOG
-from scaling.config import ExperimentConfig
 from scaling.configure import to_dict
 from scaling.data.batches import Fetcher
 from scaling.data.splits import labelled_subset, load_splits
@@ -29,9 +27,7 @@ from scaling.data.subsets import save_indices
 from scaling.records import StageResult
 from scaling.stages.checkpoint import write_result
 from scaling.stages.evaluate import apply
-from scaling.stages.stage_run import labels_protocol
-from scaling.storage import read_local_result
-from scaling.train.env import Env
+from scaling.stages.stage_run import StageInputs, labels_protocol
 from scaling.train.measure import peak_memory_bytes
 
 
@@ -94,19 +90,16 @@ def pixel_features(x: torch.Tensor, max_side: int) -> torch.Tensor:
     return x.flatten(1)
 
 
-def pixels(cfg: ExperimentConfig, out: Path, env: Env | None = None) -> StageResult:
+def pixels(job: StageInputs) -> StageResult:
     """Ridge and kNN on the cell's labelled pixels; the arm with the better validation
     top-1 is the stage's classifier (``val_top1``, ``test_top1``)."""
-    done = read_local_result(out)
-    if done is not None:
-        return done
-    env = env or Env.local(cfg.runtime)
+    cfg, out, env = job.cfg, job.out, job.env
     started = time.perf_counter()
     px = cfg.pixels
     # Raw pixels: an in-memory set at its native size, whatever data.image_size upscales
     # the networks' input to (the labelled indices are the same either way).
     native = CATALOG[cfg.data.name].in_memory
-    splits = load_splits(dataclasses.replace(cfg.data, image_size=None) if native else cfg.data)
+    splits = load_splits(dataclasses.replace(cfg.data, image_size=None)) if native else job.splits
     labelled = labelled_subset(cfg, splits)
     if env.is_main:
         save_indices(out / "labels.txt", labelled)

@@ -23,8 +23,7 @@ from scaling.data.subsets import label_subset
 from scaling.model.network import build_contrastive
 from scaling.records import StageResult
 from scaling.stages.evaluate import apply, fit_linear_probe, knn_accuracy, top1
-from scaling.stages.stage_run import StageRun, augment_generator, set_lr
-from scaling.storage import read_local_result
+from scaling.stages.stage_run import StageInputs, StageRun, augment_generator, set_lr
 from scaling.train.env import Env
 from scaling.train.losses import nt_xent
 from scaling.train.measure import forward_flops_per_image, size_metrics
@@ -39,16 +38,13 @@ PIXEL_PROBE_MAX_DIMS = 3072
 PROBE_MAX_TRAIN = 100_000
 
 
-def pretrain(cfg: ExperimentConfig, out: Path, env: Env | None = None) -> StageResult:
-    """Pretrain and write ``out``/result.json; a finished ``out`` is returned as is."""
-    done = read_local_result(out)
-    if done is not None:
-        return done
-    env = env or Env.local(cfg.runtime)
+def pretrain(job: StageInputs) -> StageResult:
+    """Pretrain and write ``job.out``/result.json."""
+    cfg, out, env = job.cfg, job.out, job.env
     p = cfg.pretrain
 
     # Data: the training split without validation (STL-10: + unlabelled), labels unused.
-    splits = load_splits(cfg.data)
+    splits = job.splits
     train = splits.train
     pool, indices = unlabelled_pool(cfg.data, splits)
     fetch = Fetcher.of(pool, env.device, cfg.runtime, env.cpus)

@@ -7,10 +7,12 @@ and calls ``after_step`` once per step. That is all the shared machinery there i
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -21,11 +23,34 @@ import torch.distributed
 from scaling.config import ExperimentConfig, OptimConfig, RuntimeConfig
 from scaling.data.augment import ViewSpec
 from scaling.data.batches import Fetcher, crops_for, epoch_batches
+from scaling.data.splits import Splits, load_splits
 from scaling.records import ProgressReport, StageResult
 from scaling.stages.checkpoint import latest_checkpoint, save_checkpoint, write_result
 from scaling.train.env import Env
 from scaling.train.measure import Progress, peak_memory_bytes
 from scaling.train.schedule import LRSchedule
+
+
+@dataclass(frozen=True)
+class StageInputs:
+    """What the registry's runner (scaling.stages.registry.run) hands a stage function:
+    its configuration, its output directory, its input stage's directory, where it
+    runs, and the data's splits, loaded once when first asked for."""
+
+    cfg: ExperimentConfig
+    out: Path
+    input_dir: Path | None
+    env: Env
+
+    @functools.cached_property
+    def splits(self) -> Splits:
+        return load_splits(self.cfg.data)
+
+    @property
+    def input(self) -> Path:
+        """The input stage's directory (the runner checks it is there)."""
+        assert self.input_dir is not None
+        return self.input_dir
 
 
 class Stateful(Protocol):

@@ -125,13 +125,6 @@ def training_rate(model: ModelConfig, data_name: str, image_size: int | None,
     return 3 * _forward_flops(model, data_name, image_size) * batch / seconds
 
 
-def _step_batch(cfg: ExperimentConfig, stage: str) -> int:
-    """Images one training step of ``stage`` passes through the network."""
-    batch = {"pretrain": 2 * cfg.pretrain.batch_size, "finetune": cfg.finetune.batch_size,
-             "distill": cfg.distill.batch_size, "supervised": cfg.supervised.batch_size}[stage]
-    return min(batch, MAX_BATCH)
-
-
 def times_here(cfg: ExperimentConfig) -> bool:
     """Whether this machine can time the study's steps: a CPU study, or a GPU one
     where a GPU is."""
@@ -149,9 +142,10 @@ def wall_clock(runs: list[tuple[str, ExperimentConfig]]) -> Estimate:
     # Stages without a training step (the pixel arm's closed forms) take seconds.
     trained = [(s, c) for s, c in runs if STAGES[s].trains]
     for stage, cfg in sorted(trained, key=lambda r: -stage_flops(r[1], r[0])):
-        model = (cfg.distill.student or cfg.model) if stage == "distill" else cfg.model
-        data = (cfg.distill.unlabelled or cfg.data) if stage == "distill" else cfg.data
-        batch = _step_batch(cfg, stage)
+        entry = STAGES[stage]
+        model, data = entry.network(cfg), entry.trains_on(cfg)
+        assert entry.step_images is not None
+        batch = min(entry.step_images(cfg), MAX_BATCH)
         label = f"{model_label(model)} @{batch}"
         key = f"{machine}|{data.name}@{data.image_size}|{label}"
         if label not in rates:

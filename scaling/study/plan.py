@@ -30,6 +30,7 @@ from scaling.catalog import CATALOG
 from scaling.config import ConfigError, ExperimentConfig, ModelConfig, did_you_mean
 from scaling.configure import config_hash, resolve_fraction, with_overrides
 from scaling.stages.registry import STAGES, stage_key, with_inputs
+from scaling.stages.registry import stage as stage_entry
 from scaling.storage import Location
 from scaling.study.cluster import DRIVER_RESOURCE
 
@@ -237,33 +238,12 @@ def _forward_flops(model: ModelConfig, data_name: str, image_size: int | None) -
 
 
 def stage_flops(cfg: ExperimentConfig, stage: str) -> float:
-    """Training FLOPs of one stage run: 3x forward per image per pass (fwd + bwd),
-    plus the teacher's forward in distillation. The head is ignored (small)."""
-    n = CATALOG[cfg.data.name].images - cfg.data.resolved_val_size()  # validation: no training
-    fwd = _forward_flops(cfg.model, cfg.data.name, cfg.data.image_size)
-    fraction = cfg.finetune.label_fraction or 1.0
-    if stage == "pixels":  # no network: the ridge's Gram matrix and kNN's distances
-        shape = CATALOG[cfg.data.name]
-        side = min(cfg.data.image_size or shape.side, cfg.pixels.max_side)
-        d, labelled = shape.channels * side * side, fraction * n
-        return 2 * labelled * d * d + 2 * labelled * d * 2 * cfg.data.resolved_val_size()
-    if stage == "pretrain":
-        return 3 * fwd * 2 * n * cfg.pretrain.epochs
-    if stage in ("finetune", "supervised"):  # one run per LR of the stage's grid
-        s = cfg.finetune if stage == "finetune" else cfg.supervised
-        return max(1, len(s.lr_grid)) * 3 * fwd * max(fraction * n * s.epochs,
-                                                      s.min_steps * s.batch_size)
-    if stage != "distill":  # a new stage needs its own formula, never distillation's
-        raise ValueError(f"stage_flops: no FLOP formula for stage {stage!r} (known: pretrain, "
-                         "finetune, supervised, distill, pixels)")
-    student = cfg.distill.student or cfg.model
-    unl = cfg.distill.unlabelled or cfg.data
-    n_unl = CATALOG[unl.name].images - (unl.resolved_val_size() if unl == cfg.data else 0)
-    # Other sets are cropped to the teacher's input (scaling.stages.distill).
-    s_fwd = _forward_flops(student, cfg.data.name, cfg.data.image_size)
-    t_fwd = _forward_flops(cfg.model, cfg.data.name, cfg.data.image_size)
-    dc = cfg.distill
-    return (3 * s_fwd + t_fwd) * max(n_unl * dc.epochs, dc.min_steps * dc.batch_size)
+    """Training FLOPs of one run of ``stage``: its registry entry's formula, with the
+    forward FLOPs of each model on the run's data counted on the meta device."""
+    def fwd(model: ModelConfig) -> float:
+        return _forward_flops(model, cfg.data.name, cfg.data.image_size)
+
+    return stage_entry(stage).flops(cfg, fwd)
 
 
 def distinct_runs(study: Study) -> dict[str, dict[str, ExperimentConfig]]:

@@ -16,26 +16,17 @@ import pandas as pd
 
 from scaling import storage
 from scaling.records import StageResult
-from scaling.stages.registry import ORDER
+from scaling.stages.registry import ORDER, STAGES
 from scaling.storage import Location
 
 TABLE = "results.csv"
 CELLS = "cells"
-METRICS = {  # table column: result.json metrics key (top1 columns: the test split)
-    "top1": "test_top1", "val_top1": "val_top1", "linear_top1": "linear_top1",
-    "linear_val_top1": "linear_val_top1", "knn_top1": "knn_top1",
-    "knn_val_top1": "knn_val_top1", "teacher_top1": "teacher_test_top1",
-    "teacher_val_top1": "teacher_val_top1", "params": "params",
-    "params_with_head": "params_with_head", "forward_flops": "forward_flops_per_image",
-    "labelled_examples": "labelled_examples", "images_per_s": "images_per_s",
-    "train_seconds": "train_seconds", "wall_seconds": "wall_seconds",
-    "peak_memory_bytes": "peak_memory_bytes", "final_loss": "final_loss",
-    # The same probes on raw pixels (pretraining rows): the line a representation must beat.
-    "pixel_linear_top1": "pixel_linear_top1", "pixel_linear_val_top1": "pixel_linear_val_top1",
-    "pixel_knn_top1": "pixel_knn_top1", "pixel_knn_val_top1": "pixel_knn_val_top1",
-    # The pixel arm's rows (stage "pixels"): its ridge classifier on the cell's labels.
-    "pixel_ridge_top1": "pixel_ridge_top1", "pixel_ridge_val_top1": "pixel_ridge_val_top1",
-}
+# Table columns whose names are not their result.json metrics keys (top1 columns are
+# the test split's).
+RENAMED = {"test_top1": "top1", "teacher_test_top1": "teacher_top1",
+           "forward_flops_per_image": "forward_flops"}
+# Table column -> result.json metrics key: every metric a stage in the registry reports.
+METRICS = {RENAMED.get(k, k): k for stage in STAGES.values() for k in stage.metrics}
 # The baselines without pretraining, beside every row of their cell (results.table).
 BASELINES = ("supervised", "pixels")
 
