@@ -43,6 +43,7 @@ from analysis.fit import (
 from analysis.headline import headline
 from scaling import storage
 from scaling.storage import Location
+from scaling.study import curves
 
 GRID = 200  # label counts the fitted curves are drawn at
 REACH = "labels to reach the supervised baseline's best accuracy"
@@ -263,32 +264,29 @@ def figure_set(df: pd.DataFrame, a: Analysis, history: pd.DataFrame | None = Non
 
 
 def histories(df: pd.DataFrame, study_dir: Location) -> pd.DataFrame:
-    """Each distinct stage run's stored loss history (stages/<stage>-<key>/result.json
-    next to the study, and each LR of a grid from its lr-<value>/ run): columns stage,
-    model, run, replicate, step, loss. Empty where none is stored."""
-    stages = storage.join(storage.parent(study_dir), "stages")
+    """Each distinct stage run's loss curve, from the study's curves.csv (written by the
+    sweep; every LR of a grid, not only the chosen one): columns stage, model, run,
+    replicate, step, loss. Empty where the study has none."""
+    c = curves.read(study_dir)
+    c = c[c["metric"] == "loss"]
+    columns = ["stage", "model", "run", "replicate", "step", "loss"]
+    if c.empty or df.empty:
+        return pd.DataFrame(columns=columns)
+    # Where a grid's runs are there, the chosen LR's curve is one of them.
+    grids = set(c.loc[c["lr"] != "", "stage_key"])
+    c = c[(c["lr"] != "") | ~c["stage_key"].isin(grids)]
+    meta = df.drop_duplicates(["stage", "stage_key"]).set_index(["stage", "stage_key"])
     rows = []
-    for (stage, key), g in df.drop_duplicates(["stage", "stage_key"]).groupby(
-            ["stage", "stage_key"], sort=False):
-        where = storage.stage_location(stages, stage, key)
-        text = storage.read_text(where, "result.json")
-        if text is None:
-            continue
-        r, result = g.iloc[0], json.loads(text)
+    for (stage, key, lr), g in c.groupby(["stage", "stage_key", "lr"], sort=False):
+        if (stage, key) not in meta.index:
+            continue  # a stage run of another invocation's grid
+        r = meta.loc[(stage, key)]
         run = "" if stage == "pretrain" else f"{100 * float(r['label_fraction']):g}%"
-        runs = {run: result}
-        grid = result.get("protocol", {}).get("lr_grid_val_top1") or {}
-        for lr in grid:  # every LR of the grid, not only the chosen one
-            other = storage.read_text(storage.join(where, f"lr-{lr}"), "result.json")
-            if other is not None:
-                runs[f"{run}, lr {lr}"] = json.loads(other)
-        if len(runs) > 1:
-            runs.pop(run)  # the chosen LR's curve is one of the grid's
-        for name, res in runs.items():
-            rows += [{"stage": stage, "model": str(r["model"]), "run": name or "pretraining",
-                      "replicate": int(r["replicate"]), "step": p["step"], "loss": p["loss"]}
-                     for p in res.get("history", []) if np.isfinite(p["loss"])]
-    return pd.DataFrame(rows, columns=["stage", "model", "run", "replicate", "step", "loss"])
+        name = f"{run}, lr {lr}" if lr else (run or "pretraining")
+        rows += [{"stage": stage, "model": str(r["model"]), "run": name,
+                  "replicate": int(r["replicate"]), "step": int(step), "loss": float(loss)}
+                 for step, loss in zip(g["step"], g["value"], strict=True)]
+    return pd.DataFrame(rows, columns=columns)
 
 
 def splits_note(df: pd.DataFrame) -> str:

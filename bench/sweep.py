@@ -33,6 +33,7 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from scaling.stage_result import RESULT  # noqa: E402
 from scaling.study.plan import cells, plan, required_stages, stage_flops  # noqa: E402
 from studies.cli import build, parser  # noqa: E402
 from studies.model_size import STUDY  # noqa: E402
@@ -71,7 +72,7 @@ def main() -> None:
         ran = df[df["status"] == "executed"]
         # Each executed stage's interval: its result is written last, so the file's
         # time is its end, and the stage's own wall clock gives its start.
-        ends = [(storage / "stages" / f"{r.stage}-{r.stage_key}" / "result.json").stat().st_mtime
+        ends = [(storage / "stages" / f"{r.stage}-{r.stage_key}" / RESULT).stat().st_mtime
                 - t0 for r in ran.itertuples()]
         spans = sorted(zip([e - w for e, w in zip(ends, ran["wall_seconds"], strict=True)],
                            ends, strict=True))

@@ -39,8 +39,8 @@ from scaling.configure import from_dict, load_config, resolve, to_dict
 from scaling.data.augment import CROP_FLIP, augment, view_spec
 from scaling.data.datasets import ImageData, load_dataset
 from scaling.model.network import build_classifier, build_contrastive
+from scaling.stage_result import load_final_models
 from scaling.stages import registry
-from scaling.stages.checkpoint import load_final_models
 from scaling.stages.finetune import pretrained_classifier
 from scaling.train.env import Env
 from scaling.train.optimizer import build_optimizer

@@ -15,13 +15,13 @@ import argparse
 import sys
 import time
 
-from scaling import storage
+from scaling import stage_result, storage
 from scaling.config import ConfigError, ExperimentConfig
 from scaling.configure import config_hash, load_config, parse_overrides, resolve
 from scaling.data.datasets import DataError
 from scaling.records import StageResult
 from scaling.runtime.local import pipeline_jobs, run_pipeline
-from scaling.stages.checkpoint import CheckpointError
+from scaling.stage_result import CheckpointError
 from scaling.stages.registry import stage_runs
 from scaling.stages.stage_run import NonFiniteLoss
 
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             print("interrupted before anything ran", file=sys.stderr)
             return 130
         runs = stage_runs(cfg, storage.join(storage.absolute(storage.parse(args.out)), cfg.name))
-        done = sum(storage.read_result(d) is not None for _, _, d in runs)
+        done = sum(stage_result.read_result(d) is not None for _, _, d in runs)
         print(f"interrupted after {done}/{len(runs)} stage runs; run the same command to "
               "resume", file=sys.stderr)
         return 130

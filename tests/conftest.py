@@ -1,5 +1,6 @@
 import os
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,3 +25,30 @@ def tiny() -> ExperimentConfig:
     from scaling.configure import PRESETS
 
     return load_config(PRESETS / "tiny.yaml", {"runtime.device": "cpu"})
+
+
+@pytest.fixture(scope="session")
+def _tiny_chain(tmp_path_factory) -> tuple[ExperimentConfig, Path]:
+    """The tiny preset's whole chain (pretraining, then per fraction fine-tuning,
+    distillation, the supervised baseline with a 2-LR grid, the pixel arm), run once
+    per session."""
+    from scaling.configure import PRESETS
+    from scaling.runtime.local import run_pipeline
+
+    cfg = load_config(PRESETS / "tiny.yaml", {"runtime.device": "cpu",
+                                              "supervised.lr_grid": [0.05, 0.2]})
+    root = tmp_path_factory.mktemp("tiny-chain")
+    torch.set_num_threads(2)
+    run_pipeline(cfg, root)
+    return cfg, root
+
+
+@pytest.fixture
+def tiny_chain(_tiny_chain, tmp_path) -> tuple[ExperimentConfig, Path]:
+    """A finished tiny chain of your own (a copy of the session's): its
+    configuration and the stage directories' root."""
+    import shutil
+
+    cfg, root = _tiny_chain
+    shutil.copytree(root, tmp_path / "chain")
+    return cfg, tmp_path / "chain"

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from scaling.stages.checkpoint import load_final_models
+from scaling.stage_result import load_final_models
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -16,7 +16,7 @@ PACKAGES = ("scaling", "analysis", "studies")
 # any layer below; never one above.
 LAYERS = [
     ("base", ("scaling.atomic", "scaling.catalog", "scaling.config", "scaling.configure",
-              "scaling.storage", "scaling.records")),
+              "scaling.storage", "scaling.records", "scaling.stage_result")),
     ("model", ("scaling.model",)),
     ("data", ("scaling.data",)),
     ("train", ("scaling.train",)),

@@ -178,7 +178,7 @@ def test_every_stage_uses_global_bn_and_the_student_has_no_head(tiny, tmp_path, 
     p = r["protocol"]
     assert p["self_distillation"] is True and p["temperature"] == 0.1
     assert p["optimizer"] == "lars" and p["base_lr"] == tiny.pretrain.optim.base_lr
-    from scaling.stages.checkpoint import load_final_models
+    from scaling.stage_result import load_final_models
 
     student = load_final_models(tmp_path / "ds")["classifier"]
     assert not [k for k in student if k.startswith("head.")]
@@ -292,7 +292,7 @@ def test_the_report_says_which_split_chose_what():
 @pytest.mark.parametrize("stage", ["supervised", "finetune"])
 def test_a_stage_with_an_lr_grid_takes_the_lr_with_the_best_validation_top1(
         stage, tiny, tmp_path):
-    from scaling.stages.checkpoint import load_final_models
+    from scaling.stage_result import load_final_models
 
     cfg = with_overrides(tiny, {"finetune.label_fraction": 1.0, f"{stage}.epochs": 8,
                                 f"{stage}.batch_size": 32, f"{stage}.lr_grid": [1e-6, 2.0]})

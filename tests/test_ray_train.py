@@ -4,10 +4,10 @@ import pytest
 import torch
 from tolerance import assert_close_at_scale
 
-from scaling import storage
+from scaling import stage_result
 from scaling.configure import with_overrides
 from scaling.model.network import build_contrastive
-from scaling.stages.checkpoint import load_final_models
+from scaling.stage_result import load_final_models
 
 ray = pytest.importorskip("ray")
 
@@ -128,7 +128,7 @@ def test_a_chain_runs_on_one_worker_group_and_each_stage_keeps_its_own_state(
     shutil.rmtree(grid_run)
     (sup.out / "result.json").unlink()
     again = run_stages(jobs, "chain")
-    resumed = storage.read_local_result(grid_run)
+    resumed = stage_result.read_local_result(grid_run)
     assert resumed is not None and resumed["resumed_from"] == resumed["step"]
     assert again[:3] == results[:3]
     assert again[3]["model_sha256"] == results[3]["model_sha256"]

@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from scaling.stages.checkpoint import latest_checkpoint, load_final_models
+from scaling.stage_result import load_final_models, read_local_result
+from scaling.stages.checkpoint import latest_checkpoint
 from scaling.stages.registry import run as run_stage
-from scaling.storage import read_local_result
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -108,9 +108,9 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tiny, tmp_path, capsys
     (out / "final" / "model.pt").write_bytes(b"garbage")
     import pytest
 
-    from scaling.stages.checkpoint import CheckpointError
-    with pytest.raises(CheckpointError, match="no result.json"):
-        load_final_models(out)  # its result.json was set aside: the stage is unfinished
+    from scaling.stage_result import CheckpointError
+    with pytest.raises(CheckpointError, match="sha256: the stage is unfinished"):
+        load_final_models(out)  # its result.json is set aside: the stage runs again
     assert "model.pt does not match its result.json's sha256" in capsys.readouterr().err
     assert (out / "result.json.corrupt").exists() and read_local_result(out) is None
 

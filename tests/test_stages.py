@@ -11,11 +11,11 @@ from scaling.data.batches import epoch_batches
 from scaling.model.network import build_contrastive
 from scaling.pipeline import summary
 from scaling.runtime.local import run_pipeline
-from scaling.stages.checkpoint import latest_checkpoint, load_final_models
+from scaling.stage_result import load_final_models, read_local_result
+from scaling.stages.checkpoint import latest_checkpoint
 from scaling.stages.registry import STAGES, stage_dir, stage_key
 from scaling.stages.registry import run as run_stage
 from scaling.stages.stage_run import NonFiniteLoss
-from scaling.storage import read_local_result
 
 
 def test_pipeline_end_to_end_and_rerun_reuses(tiny, tmp_path):

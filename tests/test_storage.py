@@ -7,9 +7,9 @@ import shutil
 import pytest
 import torch
 
-from scaling import storage
+from scaling import stage_result, storage
 from scaling.configure import with_overrides
-from scaling.stages.checkpoint import load_final_models
+from scaling.stage_result import load_final_models
 
 moto_server = pytest.importorskip("moto.server")
 ray = pytest.importorskip("ray")
@@ -51,12 +51,12 @@ def test_publish_then_fetch_round_trips_a_finished_stage(s3, tiny, tmp_path):
 
     cfg = with_overrides(tiny, {"pretrain.epochs": 1})
     where = f"{s3}/roundtrip/pretrain"
-    assert storage.read_result(where) is None
+    assert stage_result.read_result(where) is None
     result = run_local("pretrain", cfg, where, None)
-    assert storage.read_result(where) == result  # published
+    assert stage_result.read_result(where) == result  # published
     shutil.rmtree(storage.local_dir(where))  # another node: nothing local
-    local = storage.fetch(where)
-    assert local == storage.local_dir(where) and storage.read_result(local) == result
+    local = stage_result.fetch(where)
+    assert local == storage.local_dir(where) and stage_result.read_result(local) == result
     models = load_final_models(local)  # sha256 of the fetched model matches result.json
     assert "encoder" in models
 
@@ -83,15 +83,15 @@ def test_pipeline_on_ray_with_s3_storage_and_a_fresh_node_resume(s3, tiny):
         half = fraction_configs(cfg)[0]
         for r, stage in zip(results, ["pretrain", "finetune", "distill", "supervised",
                                       "pixels"], strict=True):
-            assert storage.read_result(stage_dir(root, half, stage)) == r
+            assert stage_result.read_result(stage_dir(root, half, stage)) == r
         pre = stage_dir(root, cfg, "pretrain")
-        before = load_final_models(storage.fetch(pre))
+        before = load_final_models(stage_result.fetch(pre))
         shutil.rmtree(storage.scratch_root())
         storage.delete(pre, "result.json")
         again = run_stage("pretrain", cfg, pre)
         print("fresh node resumed pretraining at step", again["resumed_from"], "of", again["step"])
         assert again["resumed_from"] == again["step"] == results[0]["step"]
-        after = load_final_models(storage.fetch(pre))
+        after = load_final_models(stage_result.fetch(pre))
         for k, v in before["encoder"].items():
             assert torch.equal(v, after["encoder"][k]), k
         # The rest of the chain is found on S3 and returned, not recomputed.

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from scaling import storage
+from scaling import stage_result, storage
 from scaling.config import ExperimentConfig
 from scaling.configure import from_dict, to_dict
 from scaling.records import StageResult
@@ -32,9 +32,9 @@ def run_local(
     fetched first and its outputs are published at the end, and a result already
     published there is returned as it is (a fresh node has no local copy to find).
     """
-    if storage.is_uri(out) and (done := storage.read_result(out)) is not None:
+    if storage.is_uri(out) and (done := stage_result.read_result(out)) is not None:
         return done
-    local_in = storage.fetch(input_dir) if input_dir is not None else None
+    local_in = stage_result.fetch(input_dir) if input_dir is not None else None
     local = storage.local_dir(out)
     if cfg.runtime.compile:
         # One process runs many stages (a lane, a chain): Dynamo's cache of earlier
@@ -44,7 +44,7 @@ def run_local(
         torch._dynamo.reset()
     result = registry.run(stage, cfg, local, local_in, env)
     if env is None or env.is_main:
-        storage.publish(local, out)
+        stage_result.publish(local, out)
     return result
 
 

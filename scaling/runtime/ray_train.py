@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from scaling import storage
+from scaling import stage_result, storage
 from scaling.config import ExperimentConfig, RuntimeConfig
 from scaling.records import ProgressReport, StageEvent, StageResult
 from scaling.runtime.local import StageJob, run_local
@@ -103,7 +103,7 @@ def restore_from_runs(jobs: Sequence[StageJob], ray_storage: Location) -> None:
     for job in jobs:
         local = storage.local_dir(job.out)
         if (not storage.is_uri(job.out) or any(local.rglob("state.pt"))
-                or storage.read_result(job.out) is not None):  # finished: run_local returns it
+                or stage_result.read_result(job.out) is not None):  # finished: run_local returns it
             continue
         prefix = storage.name(job.out) + SEP
         latest: dict[tuple[str, ...], tuple[str, Location]] = {}
@@ -205,7 +205,7 @@ def run_stages(
     jobs = [dataclasses.replace(j, out=storage.absolute(j.out),
                                 input=None if j.input is None else storage.absolute(j.input))
             for j in jobs]
-    found = {j.out: storage.read_result(j.out) for j in jobs}
+    found = {j.out: stage_result.read_result(j.out) for j in jobs}
     todo = [j for j in jobs if found[j.out] is None]
     if not todo:
         return [r for r in found.values() if r is not None]
@@ -226,7 +226,7 @@ def collect(jobs: Sequence[StageJob],
     error that stopped them: NonFiniteLoss from a stage's ERROR_FILE."""
     done = []
     for job in jobs:
-        result = (found or {}).get(job.out) or storage.read_result(job.out)
+        result = (found or {}).get(job.out) or stage_result.read_result(job.out)
         error = storage.read_text(job.out, ERROR_FILE) if result is None else None
         if result is None and error is not None:
             raise NonFiniteLoss(json.loads(error)["error"])

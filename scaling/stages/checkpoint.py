@@ -20,19 +20,13 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from scaling.atomic import atomic_write, atomic_write_text
-from scaling.records import StageResult
-from scaling.storage import read_local_result, sha256
-
-
-class CheckpointError(RuntimeError):
-    pass
+from scaling.stage_result import CheckpointError, sha256
 
 
 def _to_bytes(obj: Any) -> bytes:
@@ -96,26 +90,3 @@ def latest_checkpoint(stage_dir: Path) -> tuple[dict[str, Any], dict[str, Any]] 
         except CheckpointError as e:
             print(f"warning: {e}; falling back to the previous checkpoint", file=sys.stderr)
     return None
-
-
-def write_result(stage_dir: Path, models: dict[str, Any], result: Mapping[str, Any]
-                 ) -> StageResult:
-    """Save the final unwrapped state dicts, then result.json (the 'finished' mark)."""
-    data = _to_bytes(models)
-    atomic_write(stage_dir / "final" / "model.pt", lambda f: f.write(data))
-    text = json.dumps({**result, "model_sha256": sha256(data)}, indent=1, sort_keys=True)
-    atomic_write_text(stage_dir / "result.json", text)
-    written: StageResult = json.loads(text)  # callers see exactly what a re-run reads
-    return written
-
-
-def load_final_models(stage_dir: Path) -> dict[str, Any]:
-    """The finished stage's state dicts (checksum-verified, weights only)."""
-    result = read_local_result(stage_dir)
-    if result is None:
-        raise CheckpointError(f"{stage_dir} has no result.json: the stage has not finished")
-    data = (stage_dir / "final" / "model.pt").read_bytes()
-    if sha256(data) != result["model_sha256"]:
-        raise CheckpointError(f"{stage_dir}/final/model.pt does not match result.json's sha256")
-    models: dict[str, Any] = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
-    return models

@@ -26,7 +26,7 @@ from scaling.data.datasets import Dataset
 from scaling.data.splits import distill_pool, labelled_subset, schedule_epochs
 from scaling.model.network import Classifier, build_classifier
 from scaling.records import StageResult
-from scaling.stages.checkpoint import load_final_models
+from scaling.stage_result import load_final_models
 from scaling.stages.evaluate import split_top1
 from scaling.stages.stage_run import (
     StageInputs,

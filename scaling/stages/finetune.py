@@ -23,7 +23,7 @@ from scaling.data.splits import labelled_subset, schedule_epochs
 from scaling.data.subsets import save_indices
 from scaling.model.network import Classifier, build_classifier, build_contrastive, classifier_from
 from scaling.records import StageResult
-from scaling.stages.checkpoint import load_final_models, write_result
+from scaling.stage_result import load_final_models, read_local_result, write_result
 from scaling.stages.evaluate import split_top1
 from scaling.stages.stage_run import (
     StageInputs,
@@ -33,7 +33,6 @@ from scaling.stages.stage_run import (
     optim_protocol,
     set_lr,
 )
-from scaling.storage import read_local_result
 from scaling.train.measure import forward_flops_per_image, size_metrics
 from scaling.train.optimizer import build_optimizer
 from scaling.train.schedule import LRSchedule

@@ -25,7 +25,7 @@ from scaling.data.batches import Fetcher
 from scaling.data.splits import labelled_subset, load_splits
 from scaling.data.subsets import save_indices
 from scaling.records import StageResult
-from scaling.stages.checkpoint import write_result
+from scaling.stage_result import write_result
 from scaling.stages.evaluate import apply
 from scaling.stages.stage_run import StageInputs, labels_protocol
 from scaling.train.measure import peak_memory_bytes

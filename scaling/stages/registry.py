@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from scaling import storage
+from scaling import stage_result, storage
 from scaling.catalog import CATALOG
 from scaling.config import DataConfig, ExperimentConfig, ModelConfig
 from scaling.configure import config_hash, fraction_configs
@@ -237,7 +237,7 @@ def run(name: str, cfg: ExperimentConfig, out: Path, input_dir: Path | None = No
     spec = stage(name)
     if spec.input is not None and input_dir is None:
         raise ValueError(f"stage {name!r} needs its input stage directory ({spec.input})")
-    done = storage.read_local_result(out)
+    done = stage_result.read_local_result(out)
     if done is not None:
         return done
     from scaling.stages.stage_run import StageInputs

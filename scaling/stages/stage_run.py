@@ -25,7 +25,8 @@ from scaling.data.augment import ViewSpec
 from scaling.data.batches import Fetcher, crops_for, epoch_batches
 from scaling.data.splits import Splits, load_splits
 from scaling.records import ProgressReport, StageResult
-from scaling.stages.checkpoint import latest_checkpoint, save_checkpoint, write_result
+from scaling.stage_result import write_result
+from scaling.stages.checkpoint import latest_checkpoint, save_checkpoint
 from scaling.train.env import Env
 from scaling.train.measure import Progress, peak_memory_bytes
 from scaling.train.schedule import LRSchedule

@@ -14,6 +14,7 @@ from ray import tune
 
 from scaling.storage import Location
 from scaling.study import results
+from scaling.study.curves import Curves
 from scaling.study.plan import fmt_duration
 
 
@@ -30,8 +31,8 @@ class Console(tune.Callback):
 
     def __init__(self, study_dir: Location, cell_keys: list[str],
                  flops: dict[tuple[str, str], float], done: set[tuple[str, str]],
-                 estimate_s: float | None = None) -> None:
-        self.study_dir, self.cell_keys = study_dir, cell_keys
+                 estimate_s: float | None = None, curves: Curves | None = None) -> None:
+        self.study_dir, self.cell_keys, self.curves = study_dir, cell_keys, curves
         self.flops, self.done = flops, set(done)
         left = sum(f for k, f in flops.items() if k not in self.done)
         w = self.PRIOR_WEIGHT
@@ -74,7 +75,7 @@ class Console(tune.Callback):
                 if run not in self.done:
                     self.done.add(run)
                     print(self.sweep_line(), flush=True)
-                update_table(self.study_dir, self.cell_keys)
+                update_table(self.study_dir, self.cell_keys, self.curves)
             return
         if "total_steps" not in result:
             return
@@ -95,9 +96,14 @@ class Console(tune.Callback):
               f"ETA {fmt_duration(result['eta_s'])}", flush=True)
 
 
-def update_table(study_dir: Location, cell_keys: list[str]) -> pd.DataFrame:
+def update_table(study_dir: Location, cell_keys: list[str], curves: Curves | None = None
+                 ) -> pd.DataFrame:
+    """Rebuild results.csv from the cells' rows, and add the new stage runs' rows to
+    curves.csv (``curves``)."""
     rows = results.read_cells(study_dir, cell_keys)
     df = results.table(rows)
     if not df.empty:
         results.write_table(study_dir, df)
+        if curves is not None:
+            curves.update(zip(df["stage"], df["stage_key"], strict=True))
     return df

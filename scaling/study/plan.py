@@ -25,7 +25,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-from scaling import storage
+from scaling import stage_result, storage
 from scaling.catalog import CATALOG
 from scaling.config import ConfigError, ExperimentConfig, ModelConfig, did_you_mean
 from scaling.configure import config_hash, resolve_fraction, with_overrides
@@ -276,7 +276,7 @@ def finished(study: Study, root: Location,
     stages = storage.join(root, "stages")
     return {(stage, key) for stage, keyed in (runs or distinct_runs(study)).items()
             for key in keyed
-            if storage.read_result(storage.stage_location(stages, stage, key)) is not None}
+            if stage_result.read_result(storage.stage_location(stages, stage, key)) is not None}
 
 
 def describe(study: Study, p: Plan) -> str:

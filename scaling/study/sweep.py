@@ -12,6 +12,7 @@ Storage layout (a directory or a URI):
 
     <storage>/stages/<stage>-<key>/        stage results, shared by every study there
     <storage>/<study>/results.csv          the tidy table (scaling/study/results.py)
+    <storage>/<study>/curves.csv           training curves, tidy (scaling/study/curves.py)
     <storage>/<study>/cells/<hash>.json    each cell's rows, written as stages finish
     <storage>/<study>/_tune/<study>-<grid hash>/   Tune's experiment state (resume)
     <storage>/<study>/_train/cell-<cell key>/      Ray Train's checkpoint copies, per cell
@@ -39,7 +40,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from scaling import storage
+from scaling import stage_result, storage
 from scaling.config import ConfigError, ExperimentConfig, RuntimeConfig
 from scaling.configure import from_dict, to_dict
 from scaling.records import ProgressReport, StageEvent, StageResult
@@ -49,6 +50,7 @@ from scaling.stages.registry import STAGES, stage_dir
 from scaling.storage import Location
 from scaling.study import cluster, results
 from scaling.study.console import Console, update_table
+from scaling.study.curves import Curves
 from scaling.study.folder import check_owner, study_record
 from scaling.study.plan import (
     SHORT,
@@ -183,7 +185,7 @@ def run_cell(config: dict[str, Any], ctx: dict[str, Any]) -> None:
                 continue  # its input is not finished, and another trial computes it
             job = StageJob(stage, cfg, stage_dir(root, cfg, stage),
                            stage_dir(root, cfg, dep) if dep else None)
-            result = storage.read_result(job.out)
+            result = stage_result.read_result(job.out)
             if result is None and ray.get(claims.claim.remote(job.key, trial)):
                 claimed.append(job)
             elif result is not None:
@@ -196,7 +198,7 @@ def run_cell(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         with _renewing(claims, [j.key for j in claimed], trial):
             # Finished by the previous holder between our look and our claim?
             for job in list(claimed):
-                if (result := storage.read_result(job.out)) is not None:
+                if (result := stage_result.read_result(job.out)) is not None:
                     _reused(ctx, cell, rows, job, result)
                     claimed.remove(job)
                     pending.remove(job.stage)
@@ -342,13 +344,15 @@ def run_study(study: Study, root: Location, *, address: str | None = None,
     # /tmp/ray: ours (scaling.study.tracking) replaces it; its CSV/JSON loggers stay.
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     done = finished(study, root, runs)
+    curves = Curves(study_dir, stages)
+    # The Console first: it adds a finished stage's curves before the loggers read them.
     console = Console(study_dir, record["keys"], flops, done,
-                      None if joined else _estimate(runs, done))
+                      None if joined else _estimate(runs, done), curves)
     callbacks: list[tune.Callback] = [
         console,
-        TensorBoard(logdir, stages), CSVLoggerCallback(), JsonLoggerCallback()]
+        TensorBoard(logdir, curves), CSVLoggerCallback(), JsonLoggerCallback()]
     if mlflow:
-        callbacks.append(MLflow(mlflow, study.name, stages))
+        callbacks.append(MLflow(mlflow, study.name, curves))
     print(f"{study.name}: {len(grid)} cells, up to {cap.concurrent} at once; "
           f"results in {study_dir}; curves: tensorboard --logdir {logdir}", flush=True)
     print(console.sweep_line(), flush=True)
@@ -403,7 +407,7 @@ def run_study(study: Study, root: Location, *, address: str | None = None,
         ray.kill(claims)
     errored = [(grid_results[i].config or {})["cell"]["id"] for i in range(len(grid_results))
                if grid_results[i].error is not None]
-    df = update_table(study_dir, record["keys"])
+    df = update_table(study_dir, record["keys"], curves)
     now = df[df["invocation"] == ctx["invocation"]] if not df.empty else df
     executed = int((now["status"] == "executed").sum()) if not now.empty else 0
     # Tune ends a run it was asked to stop (SIGINT) like a finished one; a cell that

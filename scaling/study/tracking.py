@@ -4,8 +4,9 @@ folder, and optionally MLflow (through Ray's own MLflow logger callback).
 Each stage has its own tags on its own step axis (``pretrain/loss``,
 ``pretrain/lr``, ``finetune/loss``, ..., ``pretrain/knn_val_top1``), one run per
 cell. Live points arrive with the trials' progress reports (at checkpoints); when
-a stage finishes, its whole stored history (every ``runtime.log_every`` steps) and
-its final metrics are written, so a curve is complete however often it reported.
+a stage finishes, its whole history (every ``runtime.log_every`` steps) and its
+final metrics are written from the study's curves.csv (scaling.study.curves), so a
+curve is complete however often it reported.
 
     tensorboard --logdir runs/model_size-local/tensorboard
 """
@@ -20,13 +21,11 @@ from typing import Any
 from ray import tune
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 
-from scaling import storage
-from scaling.storage import Location
+from scaling.stage_result import CURVES
+from scaling.study.curves import Curves
 
-CURVES = ("loss", "lr", "images_per_s")  # per history point
 FINAL = ("val_top1", "test_top1", "knn_val_top1", "knn_top1", "linear_val_top1",
-         "linear_top1", "teacher_val_top1", "teacher_test_top1", "images_per_s",
-         "train_seconds")
+         "linear_top1", "teacher_val_top1", "teacher_test_top1", "train_seconds")
 Points = list[tuple[int, dict[str, float]]]
 
 
@@ -35,9 +34,10 @@ def _curve(stage: str, points: Iterable[Mapping[str, Any]]) -> Points:
             for p in points]
 
 
-def stage_points(result: dict[str, Any], stages: Location) -> Points:
+def stage_points(result: dict[str, Any], curves: Curves) -> Points:
     """(step, {tag: value}) for one trial report: a live progress point, or, when a
-    stage has finished (event executed/reused), its stored history and metrics."""
+    stage has finished (event executed/reused), its history and final metrics from
+    the study's curves (scaling.study.curves)."""
     stage = result.get("stage")
     if not stage:
         return []
@@ -45,13 +45,11 @@ def stage_points(result: dict[str, Any], stages: Location) -> Points:
         return _curve(stage, result.get("points", []))
     if result.get("event") not in ("executed", "reused"):
         return []
-    done = storage.read_result(storage.stage_location(stages, stage, result["key"]))
-    if done is None:
-        return []
-    points = _curve(stage, done["history"])
-    final = {f"{stage}/{k}": float(v) for k, v in done["metrics"].items()
-             if k in FINAL and isinstance(v, int | float)}
-    return [*points, (int(done["step"]), final)]
+    steps: dict[int, dict[str, float]] = {}
+    for row in curves.of(stage, result["key"]):
+        if row["lr"] == "" and (row["metric"] in CURVES or row["metric"] in FINAL):
+            steps.setdefault(int(row["step"]), {})[f"{stage}/{row['metric']}"] = row["value"]
+    return sorted(steps.items())
 
 
 class Unseen:
@@ -79,8 +77,8 @@ def run_name(cell: str) -> str:
 class TensorBoard(tune.Callback):
     """Event files under ``logdir/<cell>/``, written by the sweep's driver."""
 
-    def __init__(self, logdir: Path, stages: Location) -> None:
-        self.logdir, self.stages = logdir, stages
+    def __init__(self, logdir: Path, curves: Curves) -> None:
+        self.logdir, self.curves = logdir, curves
         self.writers: dict[str, Any] = {}
         self.unseen = Unseen()
 
@@ -94,7 +92,7 @@ class TensorBoard(tune.Callback):
             # runs again reports every stage's whole history, reused ones included.
             self.writers[cell] = SummaryWriter(str(self.logdir / run_name(cell)), purge_step=0)
         writer = self.writers[cell]
-        for step, values in self.unseen(cell, stage_points(result, self.stages)):
+        for step, values in self.unseen(cell, stage_points(result, self.curves)):
             for tag, value in values.items():
                 writer.add_scalar(tag, value, step)
         writer.flush()
@@ -109,10 +107,10 @@ class MLflow(MLflowLoggerCallback):
     steps instead of Tune's one joined curve; params: the cell's axis values (its
     whole configuration is in results.csv)."""
 
-    def __init__(self, tracking_uri: str, experiment: str, stages: Location) -> None:
+    def __init__(self, tracking_uri: str, experiment: str, curves: Curves) -> None:
         super().__init__(tracking_uri=tracking_uri, experiment_name=experiment,
                          save_artifact=False)
-        self.stages = stages
+        self.curves = curves
         self.unseen = Unseen()
 
     def log_trial_start(self, trial: Any) -> None:
@@ -124,7 +122,7 @@ class MLflow(MLflowLoggerCallback):
                                         params_to_log={"cell": cell["id"], **cell["axes"]})
 
     def log_trial_result(self, iteration: int, trial: Any, result: dict[str, Any]) -> None:
-        points = stage_points(result, self.stages)
+        points = stage_points(result, self.curves)
         for step, values in self.unseen(trial.config["cell"]["id"], points):
             self.mlflow_util.log_metrics(run_id=self._trial_runs[trial], metrics_to_log=values,
                                          step=step)

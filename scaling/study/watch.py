@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from scaling import storage
+from scaling import stage_result, storage
 from scaling.storage import Location
 
 COLUMNS = ["cell", "stage", "status", "val_top1", "top1", "supervised_top1", "train_seconds"]
@@ -35,7 +35,7 @@ COLUMNS = ["cell", "stage", "status", "val_top1", "top1", "supervised_top1", "tr
 def stage_state(stages: Location, stage: str, key: str) -> str:
     """'finished', 'running at step N' (a checkpoint exists) or 'waiting'."""
     where = storage.stage_location(stages, stage, key)
-    if storage.read_result(where) is not None:
+    if stage_result.read_result(where) is not None:
         return "finished"
     if not storage.is_uri(where):
         steps = sorted(Path(where, "checkpoints").glob("step-*"))
