@@ -1,12 +1,13 @@
 """The report's figures: one function per figure, each taking the tidy table
-(analysis/collect.py) and returning a matplotlib Figure. Points are means over
+(analysis/collect.py) and returning a matplotlib Figure; ``figure_set`` says which
+of them a study's data can show, each with its caption. Points are means over
 seeds; error bars their standard deviation where there are several seeds (the
 gain figure: 95% Student-t intervals). Accuracies and errors are drawn in percent.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import matplotlib
@@ -26,15 +27,10 @@ from matplotlib.ticker import (  # noqa: E402
     PercentFormatter,
 )
 
-from analysis import replicates  # noqa: E402
-from analysis.collect import model_name  # noqa: E402
-from analysis.fit import Bootstrap, Fit, curve  # noqa: E402
+from analysis.curves import GRID, Analysis, Bootstrap, Fit, curve  # noqa: E402
+from analysis.tables import BASELINES, gain, pct  # noqa: E402
 
 STYLE = {"style": "whitegrid", "context": "paper", "font_scale": 1.1}
-
-
-def _pct(x: float) -> str:
-    return f"{100 * x:g}%"
 
 
 def _mean_sd(df: pd.DataFrame, by: list[str], value: str) -> pd.DataFrame:
@@ -104,7 +100,7 @@ def top1_vs_params(df: pd.DataFrame, stage: str = "finetune") -> Figure:
             sk = float(sk_key)  # type: ignore[arg-type]
             _errorbar(ax, sub["params"], sub, color=colors[lf], marker="s" if sk > 0 else "o",
                       linestyle="--" if sk > 0 else "-",
-                      label=None if sk > 0 else f"{_pct(float(lf))}")  # type: ignore[arg-type]
+                      label=None if sk > 0 else f"{pct(float(lf))}")  # type: ignore[arg-type]
     # The pixel arm on the same labels, a dotted line per fraction in its colour:
     # what no network at all reaches.
     px = df[df["stage"] == "pixels"].drop_duplicates("stage_key")
@@ -158,7 +154,7 @@ def relative_improvement(df: pd.DataFrame) -> Figure:
         ax.axhline(0, color="grey", linewidth=0.8)
         if len(rows):
             _millions(ax, rows["params"])
-        ax.set_title(f"{_pct(float(lf))} labels", fontsize="small")
+        ax.set_title(f"{pct(float(lf))} labels", fontsize="small")
         ax.yaxis.set_major_formatter(PercentFormatter(100, decimals=None))
         ax.set_xlabel("parameters (M, log)")
     for ax in axes.flat[len(fractions):]:
@@ -169,8 +165,8 @@ def relative_improvement(df: pd.DataFrame) -> Figure:
     title = "Relative improvement of the largest model over the smallest"
     if len(gains) > 1:
         (few, g_few), (many, g_many) = gains[0], gains[-1]
-        title += (f": {g_few:+.1f}% at {_pct(float(few))} labels, {g_many:+.1f}% at "
-                  f"{_pct(float(many))}")
+        title += (f": {g_few:+.1f}% at {pct(float(few))} labels, {g_many:+.1f}% at "
+                  f"{pct(float(many))}")
     fig.suptitle(title, fontsize="medium")
     fig.tight_layout()
     return fig
@@ -191,7 +187,7 @@ def head_depth(df: pd.DataFrame) -> Figure:
         ax.set_xlabel("fine-tuned from head layer")
         ax.set_ylabel("top-1")
         ax.yaxis.set_major_formatter(PercentFormatter(100, decimals=None))
-        ax.set_title(f"{_pct(lf)} labels")
+        ax.set_title(f"{pct(lf)} labels")
         ax.legend(fontsize="small")
     fig.suptitle("Projection-head depth and the layer fine-tuning starts from")
     fig.tight_layout()
@@ -208,17 +204,17 @@ def distillation(df: pd.DataFrame) -> Figure:
     if dist["unlabelled"].nunique() > 1:
         dist["kind"] = dist["kind"] + " on " + dist["unlabelled"].astype(str)
     both = pd.concat([ft, dist], ignore_index=True)
-    both["group"] = both["model"] + "\n" + both["label_fraction"].map(_pct) + " labels"
+    both["group"] = both["model"] + "\n" + both["label_fraction"].map(pct) + " labels"
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * both["group"].nunique() + 3), 4))
-    pct = 100 * both["top1"]
-    sns.barplot(both.assign(top1_pct=pct), x="group", y="top1_pct", hue="kind",
+    top1 = 100 * both["top1"]
+    sns.barplot(both.assign(top1_pct=top1), x="group", y="top1_pct", hue="kind",
                 errorbar="sd", ax=ax)
     for bars in ax.containers:
         if isinstance(bars, BarContainer):
             ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
     # Not from 0: the differences between teacher and student are a few points.
-    if len(pct.dropna()):
-        ax.set_ylim(max(0.0, pct.min() - 8), min(100.0, pct.max() + 4))
+    if len(top1.dropna()):
+        ax.set_ylim(max(0.0, top1.min() - 8), min(100.0, top1.max() + 4))
     ax.yaxis.set_major_formatter(PercentFormatter(100, decimals=None))
     ax.set_xlabel("teacher model, label fraction")
     ax.set_ylabel("top-1 (axis not from 0)")
@@ -265,119 +261,6 @@ def label_efficiency(df: pd.DataFrame, fits: Mapping[tuple[str, str], Fit | Boot
     ax.yaxis.set_minor_formatter(PercentFormatter(1.0, decimals=None))
     return _finish(fig, ax, "labelled examples", "test error",
                    "Label efficiency (dotted: extrapolated)", {"fontsize": "small"}, 1.0)
-
-
-def _cell(values: pd.Series) -> str:
-    """'mean' (one seed) or 'mean ± sd' over seeds, in percent."""
-    v = 100 * values.dropna()
-    if v.empty:
-        return "-"
-    return f"{v.mean():.1f}" if len(v) == 1 else f"{v.mean():.1f} ± {v.std():.1f}"
-
-
-MODEL_KEYS = ["depth", "width", "sk", "params"]
-PIXELS_ROW = "raw pixels (no network)"
-
-
-def table1(df: pd.DataFrame) -> pd.DataFrame:
-    """The paper's Table 1 for this study: a row per model (its name says depth, width
-    and SK; parameters in millions, without the head), smallest first; top-1 (%)
-    after fine-tuning and of the supervised baseline at every label fraction, after
-    distillation (self) at every fraction, and the linear and kNN probes.
-    'mean ± sd' over seeds where there are several."""
-    models = df[df["stage"] == "pretrain"].drop_duplicates(MODEL_KEYS)[MODEL_KEYS]
-    if models.empty:
-        models = df[df["stage"] != "pixels"].drop_duplicates(MODEL_KEYS)[MODEL_KEYS]
-    models = models.sort_values("params", ignore_index=True)
-    out = pd.DataFrame({
-        "model": [model_name(d, w, k) for d, w, k in
-                  zip(models["depth"], models["width"], models["sk"], strict=True)],
-        "params (M)": [f"{p / 1e6:.2f}" for p in models["params"]]})
-    fractions = sorted(df["label_fraction"].dropna().unique())
-
-    def column(rows: pd.DataFrame, value: str) -> list[str]:
-        return [_cell(rows[np.logical_and.reduce([rows[k] == v for k, v in
-                                                  zip(MODEL_KEYS, m, strict=True)])][value])
-                for m in models[MODEL_KEYS].itertuples(index=False)]
-
-    for stage, name in (("finetune", "fine-tune"), ("supervised", "supervised"),
-                        ("distill", "distilled")):
-        rows = df[df["stage"] == stage]
-        if stage == "distill":
-            rows = rows[rows["student"] == "self"]
-        for lf in fractions if not rows.empty else []:
-            out[f"{name} {_pct(lf)}"] = column(rows[rows["label_fraction"] == lf], "top1")
-    pre = df[df["stage"] == "pretrain"].drop_duplicates("stage_key")
-    out["linear"] = column(pre, "linear_top1")
-    out["kNN"] = column(pre, "knn_top1")
-    px = df[df["stage"] == "pixels"].drop_duplicates("stage_key")  # shared by every model
-    has_probe = pre.get("pixel_linear_top1", pd.Series(dtype=float)).notna().any()
-    if has_probe or not px.empty:
-        # Raw pixels: the pixel arm on each fraction's labels (in the supervised columns:
-        # a baseline without pretraining) and the probes on every training label.
-        ref: dict[str, Any] = {c: "-" for c in out.columns} | {"model": PIXELS_ROW}
-        ref |= {"params (M)": "0"}
-        for lf in fractions:
-            if f"supervised {_pct(lf)}" in ref:
-                ref[f"supervised {_pct(lf)}"] = _cell(px[px["label_fraction"] == lf]["top1"])
-        if has_probe:
-            ref |= {"linear": _cell(pre["pixel_linear_top1"].iloc[:1]),
-                    "kNN": _cell(pre["pixel_knn_top1"].iloc[:1])}
-        out = pd.concat([out, pd.DataFrame([ref])], ignore_index=True)
-    return out
-
-
-# What a gain is measured against: the baseline's name, the stages it compares.
-BASELINES = {"supervised": ("the tuned supervised baseline", ("finetune", "supervised")),
-             "pixels": ("the pixel arm", ("finetune", "pixels")),
-             "best": ("the best baseline without pretraining (chosen on validation)",
-                      ("finetune", "supervised", "pixels"))}
-
-
-def _interval_text(lo: float, hi: float) -> str:
-    return "n/a (one replicate)" if np.isnan(lo) else f"[{100 * lo:.2f}, {100 * hi:.2f}]"
-
-
-def gain(df: pd.DataFrame, against: str = "supervised") -> pd.DataFrame:
-    """The study's key number: fine-tuned minus a baseline's top-1 (percentage points)
-    per model and label fraction, paired within a cell (same labels and seed): mean
-    and 95% Student-t interval over independent replicates (values that share a stage
-    run count once, analysis.replicates). ``against``: a key of BASELINES. Where the
-    head or the fine-tuning layer varies, each is its own line ('R18 1/16x, head 3
-    from layer 1')."""
-    rows = []
-    column = f"gain_over_{against}"
-    ft = df[(df["stage"] == "finetune") & df[column].notna()]
-    shared = replicates.links(df, ft, BASELINES[against][1])
-    heads = ft["head_depth"].nunique() > 1 or ft["ft_layer"].nunique() > 1
-    keys = ["model", "params", "head_depth", "ft_layer", "label_fraction"]
-    for (model, params, hd, layer, lf), g in ft.groupby(keys, sort=False):
-        mean, lo, hi, n = replicates.effect(g[column].to_numpy(), list(shared[g.index]))
-        name = f"{model}, head {hd} from layer {layer}" if heads else model
-        rows.append({"model": name, "params": int(params), "label fraction": lf,
-                     "gain (pp)": round(100 * mean, 2),
-                     "95% interval (pp)": _interval_text(lo, hi), "replicates": n,
-                     "_lo": 100 * lo, "_hi": 100 * hi})
-    if not rows:
-        return pd.DataFrame(rows)
-    return pd.DataFrame(rows).sort_values(["params", "model", "label fraction"],
-                                          ignore_index=True)
-
-
-def distill_gap(df: pd.DataFrame) -> pd.DataFrame:
-    """Distilled student minus its teacher, test top-1 (points), per teacher model,
-    label fraction, student and unlabelled set: mean and 95% Student-t interval over
-    independent replicates (the paper: a student matches or beats its teacher)."""
-    rows = []
-    dist = df[(df["stage"] == "distill") & df["top1"].notna() & df["teacher_top1"].notna()]
-    keys = ["model", "label_fraction", "student", "unlabelled"]
-    for (model, lf, student, unl), g in dist.groupby(keys, sort=False):
-        mean, lo, hi, n = replicates.effect((g["top1"] - g["teacher_top1"]).to_numpy(),
-                                            list(g["runs"]))
-        rows.append({"teacher": model, "label fraction": lf, "student": student,
-                     "unlabelled": unl, "student minus teacher (pp)": round(100 * mean, 2),
-                     "95% interval (pp)": _interval_text(lo, hi), "replicates": n})
-    return pd.DataFrame(rows)
 
 
 def gain_figure(df: pd.DataFrame, against: str = "best") -> Figure:
@@ -478,3 +361,80 @@ def findings_figure(table: pd.DataFrame) -> Figure:
     ax.set_title("The paper's findings at this scale (above 0: the paper's direction)")
     fig.tight_layout()
     return fig
+
+
+Drawn = tuple[Callable[[], Figure], str]  # the figure, and its caption
+
+
+def _over(df: pd.DataFrame) -> str:
+    seeds = df["replicate"].nunique()
+    return (f"over {seeds} replicates (error bars: one standard deviation)" if seeds > 1 else
+            "one replicate: no error bars (run with --replicates 3 or more for intervals)")
+
+
+def figure_set(df: pd.DataFrame, a: Analysis, history: pd.DataFrame | None = None,
+               found: pd.DataFrame | None = None) -> dict[str, Drawn]:
+    """The figures this study's data can show, each with its caption."""
+    stages = set(df["stage"])
+    over = _over(df)
+    out: dict[str, Drawn] = {}
+    if "finetune" in stages:
+        out["top1_vs_params"] = (lambda: top1_vs_params(df), (
+            "Test top-1 after fine-tuning against encoder parameters (log scale). A line per "
+            "label fraction; points are each model's mean " + over + "; squares and dashed "
+            "lines: selective-kernel models; dotted lines: the pixel arm (ridge or kNN on "
+            "the same labelled pixels, no network) at each fraction."))
+        if df["gain_over_supervised"].notna().any():
+            out["gain"] = (lambda: gain_figure(df), (
+                "The study's key number: test top-1 of the fine-tuned model minus that of the "
+                "better baseline without pretraining on validation (the tuned supervised "
+                "network or the pixel arm) on the same labels, in percentage points, against "
+                "the labelled fraction. A line per model; error bars: 95% Student-t "
+                "intervals of the mean over independent replicates (none with one). Above "
+                "0: pretraining helped at that label budget."))
+        if df["params"].nunique() > 1:
+            out["relative_improvement"] = (lambda: relative_improvement(df), (
+                "Top-1 relative to the smallest model at the same stage, label fraction and "
+                "seed, minus 1, against parameters: fine-tuned (solid) and supervised "
+                "(dashed), a line per label fraction; means " + over + "."))
+        if df["head_depth"].nunique() > 1 or df["ft_layer"].nunique() > 1:
+            out["head_depth"] = (lambda: head_depth(df), (
+                "Test top-1 after fine-tuning from each projection-head layer (0: the "
+                "encoder's output), a line per head depth, a panel per label fraction; "
+                "means " + over + "."))
+    if "distill" in stages:
+        out["distillation"] = (lambda: distillation(df), (
+            "Test top-1 of each fine-tuned teacher and of its students distilled on "
+            "unlabelled images, per teacher model and label fraction; bars are means "
+            + over.replace("error bars", "black lines") + ". The axis does not start at 0; "
+            "each bar is labelled with its value."))
+    if df["labels"].notna().any() and stages & {"finetune", "supervised"}:
+        lab = df["labels"].dropna()
+        grid = np.geomspace(lab.min() / 2, lab.max() * 2, GRID)
+        bands = {k: f.band(grid) for k, f in a.fits.items() if isinstance(f, Bootstrap)}
+        fitted = ("Curves: the fitted form (table above), solid (supervised: dashed) over "
+                  "the measured label counts and dotted where extrapolated; bands: 95% "
+                  "bootstrap over seeds." if a.fits else
+                  "No curves: a form is fitted only to more label counts than it has "
+                  "parameters (>= 3 here).")
+        out["label_efficiency"] = (lambda: label_efficiency(df, a.fits, bands), (
+            "Test error against labelled examples (log-log): fine-tuned (filled circles) "
+            "and supervised (open squares), a colour per model, means " + over + ". "
+            + fitted))
+    if found is not None and not found.empty:
+        out["findings"] = (lambda: findings_figure(found), (
+            "The paper's findings this study measures (analysis.findings): each "
+            "comparison's paired effect in top-1 percentage points, the mean over "
+            "replicates with its 95% Student-t interval. Verdicts from a t-test of each "
+            "effect against 0, Holm-adjusted across the table: green reproduced (the "
+            "paper's side of 0), red reversed, grey not resolved (the table gives the "
+            "smallest effect these replicates could detect). With 2 replicates the "
+            "interval is wide (t = 12.7): an effect must be large and consistent to count."))
+    if history is not None and not history.empty:
+        out["training_curves"] = (lambda: training_curves(history), (
+            "Training loss against each stage's own steps: a row per stage, a column per "
+            "model, a line per distinct stage run (its label fraction, and its LR where it "
+            "was one run of an LR grid chosen on validation). Pretraining: NT-Xent; "
+            "fine-tuning and supervised: cross-entropy; distillation: cross-entropy to the "
+            "teacher."))
+    return out

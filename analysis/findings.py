@@ -12,7 +12,7 @@ from the tidy tables of the three studies:
 - F4 bigger models gain more (relative to the smallest) with fewer labels.
 
 Every effect is a mean over independent replicates of a difference paired within a
-replicate, with its 95% Student-t interval (analysis.fit.mean_interval); values that
+replicate, with its 95% Student-t interval (analysis.curves.mean_interval); values that
 share a stage run (a crossed design's pretraining, a pooled row's) count once
 (analysis.replicates).
 Verdicts are Holm-adjusted across the table (one t-test of each effect against 0,
@@ -34,7 +34,8 @@ import pandas as pd
 from scipy import stats
 
 from analysis import collect, replicates
-from analysis.figures import findings_figure, gain
+from analysis.figures import findings_figure
+from analysis.tables import gain
 from scaling import storage
 
 COLUMNS = ["finding", "comparison", "effect (pp)", "95% interval (pp)", "replicates",
@@ -46,7 +47,7 @@ ALPHA, POWER = 0.05, 0.8
 
 def _test(mean: float, lo: float, hi: float, n: int) -> tuple[float, float]:
     """(two-sided p of the effect against 0, its standard error) from its Student-t
-    interval (analysis.fit.mean_interval) over ``n`` replicates."""
+    interval (analysis.curves.mean_interval) over ``n`` replicates."""
     if n < 2 or np.isnan(lo):
         return float("nan"), float("nan")
     se = (hi - lo) / (2 * stats.t.ppf(1 - ALPHA / 2, n - 1))

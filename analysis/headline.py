@@ -13,7 +13,7 @@ import math
 import pandas as pd
 
 from analysis.collect import PIXELS
-from analysis.figures import gain
+from analysis.tables import gain
 
 
 def verdict(lo: float, hi: float) -> str:

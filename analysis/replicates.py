@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 from numpy.typing import ArrayLike
 
-from analysis.fit import mean_interval
+from analysis.curves import mean_interval
 from scaling.stages.registry import with_inputs
 
 

@@ -11,11 +11,8 @@ import json
 import numpy as np
 import pandas as pd
 
+from analysis.tables import pct
 from scaling.catalog import CATALOG
-
-
-def _pct(lf: float) -> str:
-    return f"{100 * lf:g}%"
 
 
 def data_and_budgets(df: pd.DataFrame) -> list[str]:
@@ -36,7 +33,7 @@ def data_and_budgets(df: pd.DataFrame) -> list[str]:
     if "finetune" in set(df["stage"]):
         labels = df[df["stage"] == "finetune"].groupby("label_fraction")["labels"].median()
         line += "; labelled subsets: " + ", ".join(
-            f"{_pct(float(lf))} ({int(n):,} images)" for lf, n in labels.items())
+            f"{pct(float(lf))} ({int(n):,} images)" for lf, n in labels.items())
     lines = [line]
     budget = []
     for stage, what in (("pretrain", "pretraining"), ("finetune", "fine-tuning"),
@@ -46,7 +43,7 @@ def data_and_budgets(df: pd.DataFrame) -> list[str]:
             continue
         epochs = rows.get(f"{stage}.epochs", pd.Series(dtype=float)).dropna().unique()
         steps = rows.groupby(rows["label_fraction"].fillna(-1))["step"].median()
-        per = ", ".join(f"{int(s):,} steps" + (f" at {_pct(lf)}" if lf >= 0 else "")
+        per = ", ".join(f"{int(s):,} steps" + (f" at {pct(lf)}" if lf >= 0 else "")
                         for lf, s in steps.items())
         ep = f"{int(epochs[0])} epochs, " if len(epochs) == 1 else ""
         budget.append(f"{what} {ep}{per}")
@@ -66,7 +63,7 @@ def warnings(df: pd.DataFrame, missing: list[str]) -> list[str]:
         best = ft[ft["label_fraction"] == lf].groupby("model")["top1"].mean()
         pixels = px[px["label_fraction"] == lf]["top1"].mean()
         if pixels > best.max():
-            out.append(f"at {_pct(lf)} labels the pixel arm ({100 * pixels:.1f}) beats every "
+            out.append(f"at {pct(lf)} labels the pixel arm ({100 * pixels:.1f}) beats every "
                        f"fine-tuned model (best {best.idxmax()}: {100 * best.max():.1f}): at "
                        "these budgets the encoders add nothing over the raw pixels")
     pre = df[(df["stage"] == "pretrain") & df["linear_top1"].notna()]

@@ -16,9 +16,9 @@ import pandas as pd
 import pytest
 from layout import legend_on_data, overlapping_texts
 
-from analysis import collect, figures, report
+from analysis import collect, curves, figures, report, tables
+from analysis.curves import FORMS, FitError, bootstrap, efficiency, fit, fit_joint, select
 from analysis.findings import findings
-from analysis.fit import FORMS, FitError, bootstrap, efficiency, fit, fit_joint, select
 
 matplotlib.use("Agg")
 CEILING = 0.9  # 10 classes
@@ -207,8 +207,8 @@ def _labels_and_legend(fig) -> None:
 
 def test_every_figure_renders_with_axes_labels_and_legends(tmp_path):
     df = _table(synthetic_rows(head_depths=(2, 3), students=True))
-    a = report.analyse(df)
-    grid = np.geomspace(df["labels"].min() / 2, df["labels"].max() * 2, report.GRID)
+    a = curves.analyse(df)
+    grid = np.geomspace(df["labels"].min() / 2, df["labels"].max() * 2, curves.GRID)
     bands = {k: f.band(grid) for k, f in a.fits.items() if hasattr(f, "band")}
     made = {
         "top1_vs_params": figures.top1_vs_params(df),
@@ -243,12 +243,12 @@ def test_every_figure_renders_with_axes_labels_and_legends(tmp_path):
     # Distillation bars: values written on them, the axis not from 0.
     dist = made["distillation"].axes[0]
     assert dist.texts and dist.get_ylim()[0] > 0
-    t = figures.table1(df)
+    t = tables.table1(df)
     assert list(t.columns[:2]) == ["model", "params (M)"] and len(t) == len(MODELS) + 1
     assert not {"depth", "width", "sk", "params"} & set(t.columns)  # the name says them
     sizes = [float(p) for p in t["params (M)"].iloc[:-1]]
     assert sizes == sorted(sizes) and all(p > 0 for p in sizes)
-    assert t["model"].iloc[-1] == figures.PIXELS_ROW  # the pixel arm, last
+    assert t["model"].iloc[-1] == tables.PIXELS_ROW  # the pixel arm, last
     for lf in ("1%", "10%", "100%"):
         assert {f"fine-tune {lf}", f"supervised {lf}", f"distilled {lf}"} <= set(t.columns)
     assert "linear" in t and "kNN" in t
@@ -307,7 +307,7 @@ def test_report_on_a_partial_sweep_and_chromium_renders_it(tmp_path):
     assert "95% interval" in page and "label-efficiency multiplier" in page
     assert "Joint fit" in page and "not fitted" not in page
     assert "Relative improvement over the smallest model" in page
-    protocols = report.protocol_table(collect.load(study))
+    protocols = tables.protocol_table(collect.load(study))
     assert list(protocols["stage"]) == ["pretrain", "finetune", "distill", "supervised",
                                         "pixels"]
     assert json.loads(protocols["protocol"].iloc[0]) == {"probe": "test top-1"}
@@ -340,7 +340,7 @@ def test_report_cli_exits_2_without_results(tmp_path):
 
 def test_improvement_table_is_the_mean_over_seeds_with_an_interval():
     df = _table(synthetic_rows(seeds=(0, 1, 2), fractions=[0.01, 0.1]))
-    t = report.improvement_table(df)
+    t = tables.improvement_table(df)
     big = df[(df["stage"] == "finetune") & (df["model"] == "R34 1/8x +SK")
              & (df["label_fraction"] == 0.01)]
     row = t[(t["model"] == "R34 1/8x +SK") & (t["stage"] == "finetune")
@@ -358,7 +358,7 @@ def test_improvement_table_is_the_mean_over_seeds_with_an_interval():
 
 def test_label_efficiency_is_measured_against_the_mean_supervised_baseline():
     df = _table(synthetic_rows(seeds=(0, 1, 2), fractions=[0.01, 0.1, 0.5]))
-    a = report.analyse(df)
+    a = curves.analyse(df)
     row = next(d for d in a.derived if d["model"] == "R18 1/16x")
     sup = df[(df["model"] == "R18 1/16x") & (df["stage"] == "supervised")
              & (df["label_fraction"] == 0.5)]
@@ -373,7 +373,7 @@ def test_label_efficiency_is_measured_against_the_mean_supervised_baseline():
 def test_mean_intervals_are_student_t_and_honest_about_one_seed():
     from scipy import stats
 
-    from analysis.fit import mean_interval
+    from analysis.curves import mean_interval
 
     values = np.array([0.61, 0.64, 0.58, 0.66, 0.63, 0.60])
     mean, lo, hi = mean_interval(values)
@@ -392,7 +392,7 @@ def test_the_interval_covers_the_true_mean_95_percent_of_the_time(n, effect):
     """4,000 simulated studies of n independent replicates each: the share of
     intervals holding the true mean is within [0.92, 0.98]. Skewed: gamma(4), skewness
     1 (seen: 0.93-0.94; gamma(2), skewness 1.4, falls to 0.91 at n >= 3)."""
-    from analysis.fit import mean_interval
+    from analysis.curves import mean_interval
 
     rng = np.random.default_rng(n)
     draws = (rng.normal(1.0, 2.0, (4000, n)) if effect == "normal"
@@ -406,11 +406,11 @@ def test_two_label_counts_get_points_but_no_fitted_curve():
     """The local study's shape: 2 fractions. No form is drawn through (or extrapolated
     from) as many points as it has parameters."""
     df = _table(synthetic_rows(seeds=(0, 1), fractions=[0.01, 0.1]))
-    a = report.analyse(df)
+    a = curves.analyse(df)
     assert a.fits == {} and a.derived == []
     assert a.joint.startswith("not fitted")
     assert any("more points than parameters" in n for n in a.notes)
-    drawn = report.figure_set(df, a)
+    drawn = figures.figure_set(df, a, None, findings([df]))
     assert "No curves" in drawn["label_efficiency"][1]
     assert "over 2 replicates" in drawn["top1_vs_params"][1]
 
@@ -427,7 +427,7 @@ def test_headline_gives_both_margins_at_fewest_and_most_labels_with_a_verdict():
                                                       "10% labels (6,000 images)"))
     assert few < many
     for against in ("supervised", "pixels"):
-        g = figures.gain(df, against).set_index(["model", "label fraction"])
+        g = tables.gain(df, against).set_index(["model", "label fraction"])
         for model in ("R18 1/16x", "R34 1/8x +SK"):
             line = next(x for x in lines[few:many] if x.strip().startswith(model))
             r = g.loc[(model, 0.001)]
@@ -491,8 +491,8 @@ def test_gains_count_replicates_that_share_a_run_once():
              "stage_key": "x-shared" if r["stage"] == "pixels" else r["stage_key"]}
             for r in synthetic_rows(seeds=(0, 1, 2), fractions=[0.01], head_depths=(1,))]
     df = _table(rows)
-    assert (figures.gain(df, "supervised")["replicates"] == 3).all()
-    px = figures.gain(df, "pixels")
+    assert (tables.gain(df, "supervised")["replicates"] == 3).all()
+    px = tables.gain(df, "pixels")
     assert (px["replicates"] == 1).all() and px["95% interval (pp)"].str.startswith("n/a").all()
 
 
@@ -511,7 +511,7 @@ def test_label_subsets_are_replicates_and_distillation_gaps_are_per_unlabelled_s
                 rows.append(r)
     df = _table(rows)
     assert df["replicate"].nunique() == 2
-    gaps = figures.distill_gap(df).set_index(["teacher", "unlabelled"])
+    gaps = tables.distill_gap(df).set_index(["teacher", "unlabelled"])
     one = gaps.loc[("R18 1/16x", "fashion-mnist")]
     assert one["replicates"] == 2 and one["student minus teacher (pp)"] == pytest.approx(-0.3)
     assert one["95% interval (pp)"] == "[-1.57, 0.97]"  # t(0.975, 1) x 0.1: two replicates
@@ -520,7 +520,7 @@ def test_label_subsets_are_replicates_and_distillation_gaps_are_per_unlabelled_s
     assert dead["95% interval (pp)"] == "[-1.00, -1.00]"  # equal values: zero width
     # The same subsets on one pretraining run: its two values are one replicate.
     shared = df.assign(runs=[frozenset({"one-pretraining"}) | r for r in df["runs"]])
-    one = figures.distill_gap(shared).set_index(["teacher", "unlabelled"]).loc[
+    one = tables.distill_gap(shared).set_index(["teacher", "unlabelled"]).loc[
         ("R18 1/16x", "fashion-mnist")]
     assert one["replicates"] == 1 and one["95% interval (pp)"].startswith("n/a")
 
@@ -529,8 +529,8 @@ def test_table1_shows_the_pixel_arm_and_the_raw_pixel_probes_in_one_row():
     rows = [{**r, "pixel_linear_top1": 0.84, "pixel_knn_top1": 0.79}
             for r in synthetic_rows(seeds=(0, 1), fractions=[0.1], head_depths=(1,))]
     df = _table(rows)
-    t = figures.table1(df).set_index("model")
-    row = t.loc[figures.PIXELS_ROW]
+    t = tables.table1(df).set_index("model")
+    row = t.loc[tables.PIXELS_ROW]
     assert row[["linear", "kNN"]].tolist() == ["84.0", "79.0"]
     assert row["fine-tune 10%"] == "-"
     # The pixel arm's runs count once each, however many models share them.
@@ -568,7 +568,8 @@ def test_findings_recover_effects_built_into_synthetic_studies():
     assert len(bars) == len(t)
     lo, hi = bars[-1].get_segments()[0][:, 0]  # the top row: the table's first
     assert (lo, hi) == pytest.approx((t["_lo"].iloc[0], t["_hi"].iloc[0]))
-    assert "findings" in report.figure_set(_table(rows), report.analyse(_table(rows)))
+    assert "findings" in figures.figure_set(_table(rows), curves.analyse(_table(rows)), None,
+                                           findings([_table(rows)]))
 
 
 def test_findings_cli_writes_the_table_and_figure(tmp_path, capsys):
@@ -588,7 +589,7 @@ def test_findings_cli_writes_the_table_and_figure(tmp_path, capsys):
 
 
 def test_bootstrap_percentiles_of_unreachable_errors_stay_infinite():
-    from analysis.fit import _percentile
+    from analysis.curves import _percentile
 
     assert _percentile([1.0, 2.0, 3.0, 4.0, 5.0], 50) == 3.0
     assert _percentile([1.0, 2.0, np.inf, np.inf], 97.5) == np.inf  # not nan

@@ -14,8 +14,8 @@ from ray import tune
 
 from scaling.storage import Location
 from scaling.study import results
-from scaling.study.curves import Curves
 from scaling.study.plan import fmt_duration
+from scaling.study.training_curves import Curves
 
 
 class Console(tune.Callback):

@@ -12,7 +12,7 @@ Storage layout (a directory or a URI):
 
     <storage>/stages/<stage>-<key>/        stage results, shared by every study there
     <storage>/<study>/results.csv          the tidy table (scaling/study/results.py)
-    <storage>/<study>/curves.csv           training curves, tidy (scaling/study/curves.py)
+    <storage>/<study>/curves.csv           training curves, tidy (scaling/study/training_curves.py)
     <storage>/<study>/cells/<hash>.json    each cell's rows, written as stages finish
     <storage>/<study>/_tune/<study>-<grid hash>/   Tune's experiment state (resume)
     <storage>/<study>/_train/cell-<cell key>/      Ray Train's checkpoint copies, per cell
@@ -50,7 +50,6 @@ from scaling.stages.registry import STAGES, stage_dir
 from scaling.storage import Location
 from scaling.study import cluster, results
 from scaling.study.console import Console, update_table
-from scaling.study.curves import Curves
 from scaling.study.folder import check_owner, study_record
 from scaling.study.plan import (
     SHORT,
@@ -68,6 +67,7 @@ from scaling.study.plan import (
     stage_flops,
 )
 from scaling.study.tracking import MLflow, TensorBoard, check_mlflow
+from scaling.study.training_curves import Curves
 
 POLL_SECONDS = 2.0
 TRIAL_RETRIES = 1  # Tune re-runs a trial whose process or node died

@@ -5,7 +5,7 @@ Each stage has its own tags on its own step axis (``pretrain/loss``,
 ``pretrain/lr``, ``finetune/loss``, ..., ``pretrain/knn_val_top1``), one run per
 cell. Live points arrive with the trials' progress reports (at checkpoints); when
 a stage finishes, its whole history (every ``runtime.log_every`` steps) and its
-final metrics are written from the study's curves.csv (scaling.study.curves), so a
+final metrics are written from the study's curves.csv (scaling.study.training_curves), so a
 curve is complete however often it reported.
 
     tensorboard --logdir runs/model_size-local/tensorboard
@@ -22,7 +22,7 @@ from ray import tune
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 
 from scaling.stage_result import CURVES
-from scaling.study.curves import Curves
+from scaling.study.training_curves import Curves
 
 FINAL = ("val_top1", "test_top1", "knn_val_top1", "knn_top1", "linear_val_top1",
          "linear_top1", "teacher_val_top1", "teacher_test_top1", "train_seconds")
@@ -37,7 +37,7 @@ def _curve(stage: str, points: Iterable[Mapping[str, Any]]) -> Points:
 def stage_points(result: dict[str, Any], curves: Curves) -> Points:
     """(step, {tag: value}) for one trial report: a live progress point, or, when a
     stage has finished (event executed/reused), its history and final metrics from
-    the study's curves (scaling.study.curves)."""
+    the study's curves (scaling.study.training_curves)."""
     stage = result.get("stage")
     if not stage:
         return []

@@ -1,4 +1,6 @@
-"""Label-efficiency curves: test error as a function of the number of labels.
+"""Label-efficiency curves: test error as a function of the number of labels, and
+``analyse``, which fits a study's (a form chosen per model and stage, bootstrap
+intervals over replicates, the labels each needs to reach the supervised baseline).
 
 Pure functions on arrays; results are small frozen dataclasses. Every form is fitted
 by nonlinear least squares on log(error) (errors span decades; relative misfit is
@@ -19,6 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 from scipy.optimize import brentq, least_squares
 
 Curve = Callable[[np.ndarray, np.ndarray, float], np.ndarray]
@@ -324,3 +327,101 @@ def mean_interval(values: ArrayLike) -> tuple[float, float, float]:
     mean = float(v.mean())
     half = float(t.ppf(0.975, v.size - 1) * v.std(ddof=1) / np.sqrt(v.size))
     return mean, mean - half, mean + half
+
+
+GRID = 200  # label counts the fitted curves are drawn at
+
+
+REACH = "labels to reach the supervised baseline's best accuracy"
+
+
+@dataclass
+class Analysis:
+    """Curves per (model, stage), derived answers, and why anything was skipped."""
+    fits: dict[tuple[str, str], Fit | Bootstrap] = field(default_factory=dict)
+    chosen: dict[tuple[str, str], str] = field(default_factory=dict)  # form and how
+    derived: list[dict[str, object]] = field(default_factory=list)
+    joint: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+def _baseline(df: pd.DataFrame, model: str) -> float | None:
+    """The supervised baseline's top-1 with the most labels (mean over seeds)."""
+    sup = df[(df["model"] == model) & (df["stage"] == "supervised") & df["top1"].notna()]
+    if sup.empty:
+        return None
+    return float(sup.loc[sup["labels"] == sup["labels"].max(), "top1"].mean())
+
+
+def analyse(df: pd.DataFrame) -> Analysis:
+    out = Analysis()
+    rows = df[df["stage"].isin(["finetune", "supervised"]) & df["labels"].notna()
+              & df["error"].notna()]
+    ceiling = float(1 - 1 / df["classes"].dropna().iloc[0]) if df["classes"].notna().any() else 1.0
+    # In the tidy table's order (by size): fit tables and legends list 1/16x before 1/4x.
+    for (model, stage), g in rows.groupby(["model", "stage"], sort=False):
+        n, err, seeds = g["labels"].to_numpy(), g["error"].to_numpy(), g["replicate"].to_numpy()
+        if np.unique(n).size < 3:
+            form, how = "power", (f"power law: {np.unique(n).size} label counts are too few "
+                                  "to choose a form by extrapolation (needs >= 3)")
+        else:
+            try:
+                sel = select(n, err, ceiling)
+                form, how = sel.best, (f"best at predicting {sel.held_out:g} labels from "
+                                       "fewer (|log error| there): "
+                                       + ", ".join(f"{k} {v:.3f}" for k, v in sel.scores.items()))
+            except FitError as e:
+                form, how = "power", f"power law (no selection: {e})"
+        try:
+            point = fit(n, err, form, ceiling)
+        except FitError as e:
+            out.notes.append(f"{model} {stage}: no curve: {e}")
+            continue
+        out.chosen[(model, stage)] = f"{form}; {how}"
+        acc = _baseline(df, str(model))
+        derived: dict[str, Callable[[Fit], float]] = {}
+        if acc is not None:
+            derived[REACH] = lambda f, t=1 - acc: f.labels_for(t)  # type: ignore[misc]
+        try:
+            out.fits[(model, stage)] = bootstrap(n, err, seeds, form, ceiling, derived)
+        except FitError as e:
+            out.fits[(model, stage)] = point
+            out.notes.append(f"{model} {stage}: no intervals: {e}")
+    for model in rows["model"].unique():
+        ft, sup = out.fits.get((model, "finetune")), out.fits.get((model, "supervised"))
+        acc = _baseline(df, str(model))
+        if ft is None or sup is None or acc is None:
+            continue
+        ft_fit, sup_fit = curve(ft), curve(sup)
+        need = (ft_fit.labels_for(1 - acc), sup_fit.labels_for(1 - acc))
+        measured = rows.loc[rows["model"] == model, "labels"]
+        lo, hi = float(measured.min()), float(measured.max())
+        inside = all(lo <= x <= hi for x in need)
+        out.derived.append({
+            "model": model, "target top-1 (supervised, most labels)": round(100 * acc, 2),
+            "labels, fine-tuned": need[0], "labels, supervised": need[1],
+            "label-efficiency multiplier": efficiency(ft_fit, sup_fit, 1 - acc),
+            "95% interval, fine-tuned labels": _interval(ft, REACH),
+            "within measured labels": "yes" if inside else
+            f"no: extrapolated beyond {lo:g}..{hi:g}"})
+    ft_rows = rows[rows["stage"] == "finetune"]
+    try:
+        j = fit_joint(ft_rows["labels"], ft_rows["params"], ft_rows["error"], ceiling)
+        out.joint = ("error(n, P) = {a:.3g} n^-{b:.3f} + {d:.3g} P^-{e:.3f} + {c:.4f}"
+                     .format(**j.params) + f" (rmse of log error {j.rmse_log:.3f}, "
+                     f"{j.points} points)")
+    except FitError as e:
+        out.joint = f"not fitted: {e}"
+    return out
+
+
+def _count(x: float) -> str:
+    """A label count read off a curve; inf where the curve never reaches the target."""
+    return "not reached" if np.isinf(x) else f"{x:.4g}"
+
+
+def _interval(f: Fit | Bootstrap, name: str) -> str:
+    if isinstance(f, Bootstrap) and name in f.intervals:
+        lo, hi = f.intervals[name]
+        return f"[{_count(lo)}, {_count(hi)}]"
+    return "n/a (one seed)"

@@ -7,8 +7,8 @@ import pytest
 
 from scaling import stage_result
 from scaling.stages.registry import stage_runs
-from scaling.study import curves
-from scaling.study.curves import Curves
+from scaling.study import training_curves
+from scaling.study.training_curves import Curves
 
 
 def test_curves_hold_every_run_and_every_lr_of_a_grid_read_once(tiny_chain, tmp_path,
@@ -18,7 +18,7 @@ def test_curves_hold_every_run_and_every_lr_of_a_grid_read_once(tiny_chain, tmp_
     study = tmp_path / "study"
     table = Curves(study, root)
     assert sorted(table.update(sorted(runs))) == sorted(runs)
-    df = curves.read(study)
+    df = training_curves.read(study)
     assert set(zip(df["stage"], df["stage_key"], strict=True)) == runs
     for stage, key in runs:
         result = json.loads((root / f"{stage}-{key}" / "result.json").read_text())
