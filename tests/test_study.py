@@ -173,7 +173,7 @@ def test_bad_input_exits_2_before_any_ray_work(tmp_path, args, text):
 def test_a_stage_lease_held_by_a_dead_trial_runs_out():
     """A trial that dies holding a stage stops renewing; after the lease time a
     waiting trial takes the stage over. A live holder keeps it by renewing."""
-    from scaling.study.sweep import Leases
+    from scaling.study.coordinator import Leases
 
     now = [0.0]
     leases = Leases(seconds=60, clock=lambda: now[0])

@@ -45,17 +45,33 @@ from scaling.runtime.ray_train import (
 )
 from scaling.storage import Location
 
-CLOSED = "closed"  # take()'s answer once the sweep has no more work
 POLL_SECONDS = 0.5
 
 
-@dataclass
+@dataclass(frozen=True)
 class Ticket:
-    jobs: list[dict[str, Any]]  # StageJob.encode() each
-    keys: list[str]
+    """What a cell's trial submitted: its stage jobs, in dependency order."""
+
+    number: int
+    jobs: tuple[dict[str, Any], ...]  # StageJob.encode() each
+    keys: tuple[str, ...]
+
+
+@dataclass
+class Progress:
+    """Where a ticket is: its state, rank 0's events so far, the first error."""
+
     state: str = "queued"  # queued, running, done, failed
     events: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
+
+
+@dataclass(frozen=True)
+class Closed:
+    """take()'s answer once the sweep has no more work: the lane's run ends."""
+
+
+Take = Ticket | Closed | None  # None: nothing queued yet, ask again
 
 
 class Dispatcher:
@@ -64,6 +80,7 @@ class Dispatcher:
 
     def __init__(self, lanes: int) -> None:
         self.tickets: dict[int, Ticket] = {}
+        self.progress: dict[int, Progress] = {}
         self.queue: deque[int] = deque()
         self.current: dict[int, int | None] = dict.fromkeys(range(lanes))
         self.took: dict[int, int] = dict.fromkeys(range(lanes), 0)  # in the lane's run
@@ -72,7 +89,8 @@ class Dispatcher:
 
     def submit(self, jobs: list[dict[str, Any]], keys: list[str]) -> int:
         ticket = len(self.tickets)
-        self.tickets[ticket] = Ticket(jobs, keys)
+        self.tickets[ticket] = Ticket(ticket, tuple(jobs), tuple(keys))
+        self.progress[ticket] = Progress()
         if len(self.ended) == len(self.current):
             self._fail(ticket, self._why_ended())
         else:
@@ -82,35 +100,35 @@ class Dispatcher:
     def in_flight(self) -> set[str]:
         """Stage keys of tickets queued or running: nobody else may claim them, not
         even a retry of the trial that submitted them (its ticket still runs)."""
-        return {k for t in self.tickets.values() if t.state in ("queued", "running")
-                for k in t.keys}
+        return {k for n, p in self.progress.items() if p.state in ("queued", "running")
+                for k in self.tickets[n].keys}
 
-    def take(self, lane: int) -> tuple[int, list[dict[str, Any]]] | str | None:
+    def take(self, lane: int) -> Take:
         """Rank 0 of ``lane`` asks what to run: its current ticket again (the group
-        restarted mid-ticket), the next queued one, None (wait) or CLOSED."""
+        restarted mid-ticket), the next queued one, None (wait) or Closed()."""
         if (ticket := self.current[lane]) is None and self.queue:
             ticket = self.current[lane] = self.queue.popleft()
-            self.tickets[ticket].state = "running"
+            self.progress[ticket].state = "running"
             self.took[lane] += 1
         if ticket is not None:
-            return ticket, self.tickets[ticket].jobs
-        return CLOSED if self.closed else None
+            return self.tickets[ticket]
+        return Closed() if self.closed else None
 
     def report(self, ticket: int, item: dict[str, Any]) -> None:
-        self.tickets[ticket].events.append(item)
+        self.progress[ticket].events.append(item)
 
     def error(self, ticket: int, message: str) -> None:
         """A worker's exception on ``ticket``: the first is kept (it is the cause)."""
-        self.tickets[ticket].error = self.tickets[ticket].error or message
+        self.progress[ticket].error = self.progress[ticket].error or message
 
     def finish(self, lane: int, ticket: int) -> None:
-        self.tickets[ticket].state = "done"
+        self.progress[ticket].state = "done"
         self.current[lane] = None
 
     def poll(self, ticket: int, seen: int) -> tuple[list[dict[str, Any]], str, str | None]:
         """Events after the first ``seen``, the state, and the error if it failed."""
-        t = self.tickets[ticket]
-        return t.events[seen:], t.state, t.error if t.state == "failed" else None
+        p = self.progress[ticket]
+        return p.events[seen:], p.state, p.error if p.state == "failed" else None
 
     def run_started(self, lane: int) -> None:
         self.took[lane] = 0
@@ -120,7 +138,7 @@ class Dispatcher:
         a new run; False: the run never got to a ticket, so the lane ends."""
         if (ticket := self.current[lane]) is not None:
             self.current[lane] = None
-            self._fail(ticket, self.tickets[ticket].error or message)
+            self._fail(ticket, self.progress[ticket].error or message)
             return True
         if self.took[lane]:
             return True
@@ -134,8 +152,8 @@ class Dispatcher:
         self.closed = True
 
     def _fail(self, ticket: int, message: str) -> None:
-        self.tickets[ticket].state = "failed"
-        self.tickets[ticket].error = message
+        self.progress[ticket].state = "failed"
+        self.progress[ticket].error = message
 
     def _why_ended(self) -> str:
         return "no lane could start its worker group: " + next(iter(self.ended.values()))
@@ -177,10 +195,10 @@ def _lane_worker(config: dict[str, Any]) -> None:
         if msg[0] is None:
             time.sleep(POLL_SECONDS)
             continue
-        if msg[0] == CLOSED:
+        if isinstance(msg[0], Closed):
             return
-        ticket, encoded = msg[0]
-        jobs = [StageJob.decode(j) for j in encoded]
+        ticket = msg[0].number
+        jobs = [StageJob.decode(j) for j in msg[0].jobs]
         base = worker_env(jobs[0].cfg.runtime, progress_lines=False)
         restore(jobs)  # this run's latest checkpoint (the group restarted mid-ticket)
         restore_from_runs(jobs, config["ray_storage"])  # an earlier invocation's

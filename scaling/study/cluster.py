@@ -21,14 +21,16 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from scaling import storage
 from scaling.config import ConfigError, ConfigFileError
 from scaling.configure import parse_yaml
+from scaling.storage import Location
 
 DRIVER_RESOURCE = "TRAIN_DRIVER"  # the custom resource trial drivers are scheduled on
 # Written on the head node by `ray up`: the config as the launcher prepared it.
@@ -272,6 +274,71 @@ def main(argv: list[str] | None = None) -> int:
                  if most else "detected on each machine")
         print(f"{path}: ok ({config['provider']['type']}; at most: {grows})")
     return 2 if failed else 0
+
+
+# --- Connecting a sweep to Ray (imported when it connects: planning needs no Ray) ---
+
+
+def connect(address: str | None, local_cpus: Callable[[], int], verbose: bool = True) -> bool:
+    """Join ``address`` ('auto': the running cluster, as under ``ray submit``) or
+    start a local Ray with ``local_cpus()`` cores and a driver resource. True if it
+    joined.
+    Not ``verbose``: Ray's start-up lines (token notice, "Started a local Ray
+    instance") stay out of the console; its errors still come through."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    level = logging.INFO if verbose else logging.ERROR
+    if address:
+        ray.init(address=address, logging_level=level)
+        return True
+    if ray_running_here():  # a cluster started here (ray start / ray up; ray submit)?
+        try:
+            ray.init(address="auto", logging_level=level)
+            print("joined the running Ray cluster", flush=True)
+            return True
+        except ConnectionError:
+            pass
+    cpus = local_cpus()
+    # "local": a new instance even where a dead cluster left its address file.
+    ray.init(address="local", num_cpus=cpus, resources={DRIVER_RESOURCE: 1000},
+             include_dashboard=False, logging_level=level)
+    return False
+
+
+def ray_running_here() -> bool:
+    """RAY_ADDRESS set, or a GCS process on this machine. Not just Ray's address file:
+    a killed cluster leaves it behind, and joining that address hangs."""
+    if os.environ.get("RAY_ADDRESS"):
+        return True
+    try:
+        from ray._private.services import find_gcs_addresses
+    except ImportError:  # moved in a later Ray: let ray.init decide
+        return True
+    return bool(find_gcs_addresses())
+
+
+def cluster_resources(limit: dict[str, float] | None) -> dict[str, float]:
+    """What the cluster has now or, on a head node started by ``ray up``, what the
+    autoscaler can grow it to (``limit``): GPU nodes start only once trials ask."""
+    import ray
+
+    now = dict(ray.cluster_resources())
+    for key, value in (limit or {}).items():
+        now[key] = max(now.get(key, 0.0), float(value))
+    return now
+
+
+def warn_if_not_shared(root: Location, joined: bool, limit: dict[str, float] | None) -> None:
+    """A local path must be shared (NFS) by every node of a multi-node cluster."""
+    import ray
+
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    if joined and not storage.is_uri(root) and (nodes > 1 or limit):
+        print(f"warning: --storage {root} is a local path on a multi-node cluster: every "
+              "node must see it at that path (NFS); otherwise use s3://bucket/studies",
+              file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import itertools
 import json
 import os
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from scaling import stage_result, storage
@@ -63,6 +63,8 @@ class Study:
     base: ExperimentConfig
     axes: tuple[tuple[str, tuple[Any, ...]], ...]  # dotted keys, in grid order
     stages: tuple[str, ...] = tuple(STAGES)
+    # The cells, expanded and validated once by make_study (``cells`` returns them).
+    grid: tuple[Cell, ...] = field(default=(), compare=False, repr=False)
 
 
 def canonical(key: str) -> str:
@@ -117,8 +119,8 @@ def make_study(name: str, base: ExperimentConfig, axes: dict[str, list[Any]],
     for stage in study.stages:
         if stage not in STAGES:
             raise ConfigError("stages", stage, ", ".join(STAGES))
-    cells(study)  # every cell must be a valid configuration
-    return study
+    # Every cell must be a valid configuration; expanded once, kept with the study.
+    return dataclasses.replace(study, grid=tuple(_expand(study)))
 
 
 def _cell_config(base: ExperimentConfig, values: tuple[tuple[str, Any], ...]) -> ExperimentConfig:
@@ -147,8 +149,13 @@ def _fmt(v: Any) -> str:
 
 
 def cells(study: Study) -> list[Cell]:
-    """The grid in order (the last axis varies fastest). Raises ConfigError naming
-    the axis value that makes an impossible configuration."""
+    """The grid in order (the last axis varies fastest), as make_study expanded it."""
+    return list(study.grid) if study.grid else _expand(study)
+
+
+def _expand(study: Study) -> list[Cell]:
+    """The grid's cells. Raises ConfigError naming the axis value that makes an
+    impossible configuration."""
     keys = [k for k, _ in study.axes]
     out = []
     for combo in itertools.product(*(v for _, v in study.axes)):
@@ -199,8 +206,9 @@ def cell_key(study: Study, cell: Cell) -> str:
 
 
 def grid_hash(study: Study) -> str:
-    return config_hash({"name": study.name, "cells": [c.id for c in cells(study)],
-                        "keys": [cell_stages(study, c) for c in cells(study)]})
+    grid = cells(study)
+    return config_hash({"name": study.name, "cells": [c.id for c in grid],
+                        "keys": [cell_stages(study, c) for c in grid]})
 
 
 @dataclass(frozen=True)

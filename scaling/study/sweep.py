@@ -5,8 +5,9 @@ Ray Train worker group (``scaling.runtime.ray_train.run_stages``), Train-inside-
 Each distinct stage runs once per study storage. Stage directories are named
 by content hash (``scaling.stages.registry.stage_key``), so a finished stage is found
 and reused by every cell that needs it. Stages that several running trials need
-at the same moment are claimed through one small actor: the claimant runs it,
-the others do other ready work (their supervised baseline) or wait, then reuse it.
+at the same moment are claimed through one small actor (scaling.study.coordinator):
+the claimant runs it, the others do other ready work (their supervised baseline)
+or wait, then reuse it.
 
 Storage layout (a directory or a URI):
 
@@ -21,14 +22,14 @@ Storage layout (a directory or a URI):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
 import os
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,12 +45,13 @@ from scaling import stage_result, storage
 from scaling.config import ConfigError, ExperimentConfig, RuntimeConfig
 from scaling.configure import from_dict, to_dict
 from scaling.records import ProgressReport, StageEvent, StageResult
-from scaling.runtime.lanes import Dispatcher, run_on_lane, serve
+from scaling.runtime.lanes import run_on_lane, serve
 from scaling.runtime.ray_train import StageJob, run_stages, stage_event
 from scaling.stages.registry import STAGES, stage_dir
 from scaling.storage import Location
 from scaling.study import cluster, results
 from scaling.study.console import Console, update_table
+from scaling.study.coordinator import StageClaims, renewing
 from scaling.study.folder import check_owner, study_record
 from scaling.study.plan import (
     SHORT,
@@ -74,65 +76,36 @@ TRIAL_RETRIES = 1  # Tune re-runs a trial whose process or node died
 DRIVER_RESOURCE = cluster.DRIVER_RESOURCE  # trial drivers are scheduled on it
 
 
-class Leases:
-    """Which trial is computing which stage key. A claim is a lease its holder
-    renews while it works; if the holder's process dies, the lease runs out and a
-    waiting trial takes the stage over (its checkpoints included). Held in memory:
-    after a crash of the sweep the leases are gone, and the storage is the truth."""
+@dataclass(frozen=True)
+class SweepContext:
+    """What every trial of one sweep invocation shares (Tune passes it pickled)."""
 
-    def __init__(self, seconds: float = 60.0, clock: Callable[[], float] = time.monotonic):
-        self.seconds, self.clock = seconds, clock
-        self.held: dict[str, tuple[str, float]] = {}
-
-    def claim(self, key: str, trial: str) -> bool:
-        holder, renewed = self.held.get(key, (trial, 0.0))
-        if holder != trial and self.clock() - renewed <= self.seconds:
-            return False
-        self.held[key] = (trial, self.clock())
-        return True
-
-    def renew(self, key: str, trial: str) -> None:
-        if self.held.get(key, ("", 0.0))[0] == trial:
-            self.held[key] = (trial, self.clock())
-
-    def release(self, key: str, trial: str) -> None:
-        if self.held.get(key, ("", 0.0))[0] == trial:
-            del self.held[key]
+    study: str
+    stages: str  # the storage's stages/ location, as text
+    study_dir: str
+    claims: str  # the Coordinator actor's name
+    commit: str
+    stages_needed: tuple[str, ...]  # in dependency order
+    lanes: bool  # stages run on the lanes' worker groups
+    invocation: str  # names this run's rows in the table
 
 
-class Coordinator(Leases, Dispatcher):
-    """The sweep's one actor: the stage leases and, when stages run on workers, the
-    lanes' queue. A stage in a queued or running ticket cannot be claimed."""
+@dataclass(frozen=True)
+class CellRun:
+    """One trial's cell. Tune's param_space holds it as a plain mapping (``encode``:
+    params.json stays readable and a sweep state resumes across versions)."""
 
-    def __init__(self, lanes: int) -> None:
-        Leases.__init__(self)
-        Dispatcher.__init__(self, lanes)
+    id: str
+    key: str  # scaling.study.plan.cell_key
+    axes: dict[str, Any]  # short axis name -> value
+    config: dict[str, Any]  # the cell's ExperimentConfig, to_dict
 
-    def claim(self, key: str, trial: str) -> bool:
-        return key not in self.in_flight() and Leases.claim(self, key, trial)
+    def encode(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
-
-StageClaims: Any = ray.remote(num_cpus=0)(Coordinator)
-
-
-@contextlib.contextmanager
-def _renewing(claims: Any, keys: list[str], trial: str) -> Iterator[None]:
-    """Renew the leases on ``keys`` every 10 s while the body runs; release them after."""
-    stop = threading.Event()
-
-    def renew() -> None:
-        while not stop.wait(10.0):
-            for key in keys:
-                claims.renew.remote(key, trial)
-
-    thread = threading.Thread(target=renew, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
-        ray.get([claims.release.remote(key, trial) for key in keys])
+    @classmethod
+    def decode(cls, d: dict[str, Any]) -> CellRun:
+        return cls(d["id"], d["key"], d["axes"], d["config"])
 
 
 def quiet_shutdown(unraisable: Any) -> None:
@@ -149,18 +122,17 @@ def _tune_report(progress: ProgressReport | StageEvent, path: Path | None) -> No
     tune.report(dict(progress))
 
 
-def _record(ctx: dict[str, Any], cell: dict[str, Any], rows: dict[str, dict[str, Any]],
+def _record(ctx: SweepContext, cell: CellRun, rows: dict[str, dict[str, Any]],
             job: StageJob, result: StageResult, status: str = "executed") -> None:
     """Add a stage's row to the cell's rows and rewrite its file (results.write_cell).
     Also rank 0's hook (``run_stages(after=...)``), with its own copy of ``rows``."""
     rows[job.stage] = results.stage_row(
-        ctx["study"], cell["id"], cell["axes"], cell["config"], job.stage,
-        job.key, result, status, ctx["commit"], ctx["invocation"])
-    results.write_cell(storage.parse(ctx["study_dir"]), cell["id"], cell["key"],
-                       list(rows.values()))
+        ctx.study, cell.id, cell.axes, cell.config, job.stage,
+        job.key, result, status, ctx.commit, ctx.invocation)
+    results.write_cell(storage.parse(ctx.study_dir), cell.id, cell.key, list(rows.values()))
 
 
-def run_cell(config: dict[str, Any], ctx: dict[str, Any]) -> None:
+def run_cell(config: dict[str, Any], ctx: SweepContext) -> None:
     """The Tune trainable: run or reuse every stage of one cell.
 
     Each round reuses what is finished and claims every stage it can run now (its
@@ -170,13 +142,13 @@ def run_cell(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     reused); meanwhile the stages that do not need it run.
     """
     sys.unraisablehook = quiet_shutdown
-    cell = config["cell"]
-    cfg = from_dict(ExperimentConfig, cell["config"])
-    root = storage.parse(ctx["stages"])
-    claims = ray.get_actor(ctx["claims"])
+    cell = CellRun.decode(config["cell"])
+    cfg = from_dict(ExperimentConfig, cell.config)
+    root = storage.parse(ctx.stages)
+    claims = ray.get_actor(ctx.claims)
     trial = tune.get_context().get_trial_id()
     rows: dict[str, dict[str, Any]] = {}
-    pending = list(ctx["stages_needed"])  # in dependency order
+    pending = list(ctx.stages_needed)  # in dependency order
     while pending:
         claimed: list[StageJob] = []
         for stage in list(pending):
@@ -195,7 +167,7 @@ def run_cell(config: dict[str, Any], ctx: dict[str, Any]) -> None:
             if pending:
                 time.sleep(POLL_SECONDS)
             continue
-        with _renewing(claims, [j.key for j in claimed], trial):
+        with renewing(claims, [j.key for j in claimed], trial):
             # Finished by the previous holder between our look and our claim?
             for job in list(claimed):
                 if (result := stage_result.read_result(job.out)) is not None:
@@ -204,12 +176,12 @@ def run_cell(config: dict[str, Any], ctx: dict[str, Any]) -> None:
                     pending.remove(job.stage)
             # Rank 0's progress becomes this trial's metrics, and the StageEvents
             # around each stage its Console lines; the driver prints them once.
-            if ctx["lanes"]:  # a lane's worker group runs them; each row is written here
+            if ctx.lanes:  # a lane's worker group runs them; each row is written here
                 run_on_lane(claims, claimed, _tune_report,
                             functools.partial(_record, ctx, cell, rows))
             else:  # rank 0 writes each row with its copy of the rows; then this trial
-                ran = run_stages(claimed, f"cell-{cell['key']}", report=_tune_report,
-                                 ray_storage=str(storage.join(ctx["study_dir"], "_train")),
+                ran = run_stages(claimed, f"cell-{cell.key}", report=_tune_report,
+                                 ray_storage=str(storage.join(ctx.study_dir, "_train")),
                                  callbacks=(TuneReportCallback(),),
                                  after=functools.partial(_record, ctx, cell, dict(rows)))
                 for job, result in zip(claimed, ran, strict=True):
@@ -218,64 +190,10 @@ def run_cell(config: dict[str, Any], ctx: dict[str, Any]) -> None:
             pending.remove(job.stage)
 
 
-def _reused(ctx: dict[str, Any], cell: dict[str, Any], rows: dict[str, dict[str, Any]],
+def _reused(ctx: SweepContext, cell: CellRun, rows: dict[str, dict[str, Any]],
             job: StageJob, result: StageResult) -> None:
     _record(ctx, cell, rows, job, result, "reused")
     tune.report(dict(stage_event(job, "reused", result)))
-
-
-def connect(address: str | None, cfg: ExperimentConfig, verbose: bool = True) -> bool:
-    """Join ``address`` ('auto': the running cluster, as under ``ray submit``) or
-    start a local Ray with every core and a driver resource. True if it joined.
-    Not ``verbose``: Ray's start-up lines (token notice, "Started a local Ray
-    instance") stay out of the console; its errors still come through."""
-    if ray.is_initialized():
-        return False
-    level = logging.INFO if verbose else logging.ERROR
-    if address:
-        ray.init(address=address, logging_level=level)
-        return True
-    if _ray_running_here():  # a cluster started here (ray start / ray up; ray submit)?
-        try:
-            ray.init(address="auto", logging_level=level)
-            print("joined the running Ray cluster", flush=True)
-            return True
-        except ConnectionError:
-            pass
-    cpus = check_local(cfg)
-    # "local": a new instance even where a dead cluster left its address file.
-    ray.init(address="local", num_cpus=cpus, resources={DRIVER_RESOURCE: 1000},
-             include_dashboard=False, logging_level=level)
-    return False
-
-
-def _ray_running_here() -> bool:
-    """RAY_ADDRESS set, or a GCS process on this machine. Not just Ray's address file:
-    a killed cluster leaves it behind, and joining that address hangs."""
-    if os.environ.get("RAY_ADDRESS"):
-        return True
-    try:
-        from ray._private.services import find_gcs_addresses
-    except ImportError:  # moved in a later Ray: let ray.init decide
-        return True
-    return bool(find_gcs_addresses())
-
-
-def cluster_resources(limit: dict[str, float] | None) -> dict[str, float]:
-    """What the cluster has now or, on a head node started by ``ray up``, what the
-    autoscaler can grow it to (``limit``): GPU nodes start only once trials ask."""
-    now = dict(ray.cluster_resources())
-    for key, value in (limit or {}).items():
-        now[key] = max(now.get(key, 0.0), float(value))
-    return now
-
-
-def warn_if_not_shared(root: Location, joined: bool, limit: dict[str, float] | None) -> None:
-    """A local path must be shared (NFS) by every node of a multi-node cluster."""
-    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
-    if joined and not storage.is_uri(root) and (nodes > 1 or limit):
-        eprint(f"warning: --storage {root} is a local path on a multi-node cluster: every "
-               "node must see it at that path (NFS); otherwise use s3://bucket/studies")
 
 
 @dataclass(frozen=True)
@@ -311,13 +229,13 @@ def run_study(study: Study, root: Location, *, address: str | None = None,
     check_owner(study_dir, record)
     if mlflow:
         check_mlflow(mlflow)
-    if address is None and not ray.is_initialized() and not _ray_running_here():
+    if address is None and not ray.is_initialized() and not cluster.ray_running_here():
         check_local(study.base)  # before the storage is touched
     storage.check_writable(root, "--storage")
-    joined = connect(address, study.base, verbose)
+    joined = cluster.connect(address, lambda: check_local(study.base), verbose)
     limit = cluster.autoscaling_limit() if joined else None
-    cap = capacity(study.base, cluster_resources(limit))
-    warn_if_not_shared(root, joined, limit)
+    cap = capacity(study.base, cluster.cluster_resources(limit))
+    cluster.warn_if_not_shared(root, joined, limit)
     claims_name = f"scaling-claims-{study.name}-{os.getpid()}"
     # The handle keeps the actor alive for the sweep; trials look it up by name.
     # On this (the head) node: a trial's node may die; the claims must not.
@@ -326,14 +244,12 @@ def run_study(study: Study, root: Location, *, address: str | None = None,
     # A lane holds its worker group for the whole sweep: no more lanes than cells.
     lanes = min(cap.concurrent, len(grid)) if lane_rt else 0
     claims = StageClaims.options(name=claims_name, scheduling_strategy=here).remote(lanes)
-    ctx = {"study": study.name, "stages": str(storage.join(root, "stages")),
-           "study_dir": str(study_dir), "claims": claims_name, "commit": record["git_commit"],
-           "stages_needed": list(required_stages(study)), "lanes": lanes > 0,
-           "invocation": time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"}
+    ctx = SweepContext(study.name, str(storage.join(root, "stages")), str(study_dir),
+                       claims_name, record["git_commit"], required_stages(study), lanes > 0,
+                       time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}")
     storage.write_text(study_dir, "study.json", json.dumps(record, indent=1))
-    payload = [{"id": c.id, "key": cell_key(study, c),
-                "axes": {SHORT.get(k, k): v for k, v in c.values},
-                "config": to_dict(c.config)} for c in schedule_order(study, grid)]
+    payload = [CellRun(c.id, cell_key(study, c), {SHORT.get(k, k): v for k, v in c.values},
+                       to_dict(c.config)).encode() for c in schedule_order(study, grid)]
     trainable = tune.with_resources(tune.with_parameters(run_cell, ctx=ctx), cap.resources)
     runs = distinct_runs(study)
     flops = {(s, k): stage_flops(c, s) for s, keyed in runs.items() for k, c in keyed.items()}
@@ -373,22 +289,42 @@ def run_study(study: Study, root: Location, *, address: str | None = None,
                                       failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES),
                                       verbose=0),
         )
+    train_root = str(storage.join(study_dir, "_train"))
+    try:
+        with quiet_tune(verbose), running_lanes(claims, lanes, lane_rt, claims_name,
+                                                train_root, ctx.invocation, here):
+            grid_results = tuner.fit()
+    finally:
+        ray.kill(claims)
+    errored = [(grid_results[i].config or {})["cell"]["id"] for i in range(len(grid_results))
+               if grid_results[i].error is not None]
+    df = update_table(study_dir, record["keys"], curves)
+    now = df[df["invocation"] == ctx.invocation] if not df.empty else df
+    executed = int((now["status"] == "executed").sum()) if not now.empty else 0
+    # Tune ends a run it was asked to stop (SIGINT) like a finished one; a cell that
+    # neither failed nor has all its rows tells them apart.
+    stages_per_cell = {} if df.empty else df.groupby("cell")["stage"].nunique().to_dict()
+    interrupted = any(stages_per_cell.get(c.id, 0) < len(ctx.stages_needed)
+                      and c.id not in errored for c in grid)
+    return Outcome(df, executed, len(now) - executed, errored, time.perf_counter() - started,
+                   interrupted)
+
+
+@contextlib.contextmanager
+def quiet_tune(verbose: bool) -> Iterator[None]:
+    """Tune's console while the body runs: its interrupt hint always dropped (wrong for
+    this CLI), and unless ``verbose`` its trial tracebacks (Console says a failure in
+    one line) and its default output engine, which prints an experiment box and result
+    tables whatever RunConfig.verbose says (the older engine is silent at verbose=0)."""
     tune_log = logging.getLogger("ray.tune.tune")
-    tune_log.addFilter(_quiet_interrupt)
     controller_log = logging.getLogger("ray.tune.execution.tune_controller")
     engine = os.environ.get(NEW_OUTPUT)
+    tune_log.addFilter(_quiet_interrupt)
     if not verbose:
-        controller_log.addFilter(_quiet_trial_failure)  # Console says it in one line
-        # Tune's default output engine prints an experiment box and result tables
-        # whatever RunConfig.verbose says; the older one is silent at verbose=0.
+        controller_log.addFilter(_quiet_trial_failure)
         os.environ[NEW_OUTPUT] = "0"
-    train_root = str(storage.join(study_dir, "_train"))
-    served = [] if lane_rt is None else [
-        ray.remote(serve).options(num_cpus=0, scheduling_strategy=here).remote(
-            i, claims_name, lane_rt, train_root, f"lane-{i}-{ctx['invocation']}")
-        for i in range(lanes)]
     try:
-        grid_results = tuner.fit()
+        yield
     finally:
         tune_log.removeFilter(_quiet_interrupt)
         controller_log.removeFilter(_quiet_trial_failure)
@@ -396,27 +332,28 @@ def run_study(study: Study, root: Location, *, address: str | None = None,
             os.environ.pop(NEW_OUTPUT, None)
         else:
             os.environ[NEW_OUTPUT] = engine
-        # Idle lanes end at once when closed; after Ctrl-C a lane is mid-ticket and
-        # is stopped (its stage resumes from its checkpoints on the next run).
+
+
+@contextlib.contextmanager
+def running_lanes(claims: Any, lanes: int, rt: RuntimeConfig | None, claims_name: str,
+                  train_root: str, invocation: str, here: Any) -> Iterator[None]:
+    """The lanes (scaling.runtime.lanes.serve), one Ray task each, for the body's
+    sweep. On the way out the queue closes: idle lanes end at once; after Ctrl-C a
+    lane is mid-ticket and is stopped (its stage resumes from its checkpoints on the
+    next run)."""
+    served = [] if rt is None else [
+        ray.remote(serve).options(num_cpus=0, scheduling_strategy=here).remote(
+            i, claims_name, rt, train_root, f"lane-{i}-{invocation}")
+        for i in range(lanes)]
+    try:
+        yield
+    finally:
         interrupted_mid_ticket = bool(ray.get(claims.in_flight.remote()))
         ray.get(claims.close.remote())
         _, stuck = ray.wait(served, num_returns=len(served),
                             timeout=0 if interrupted_mid_ticket else 30)
         for task in stuck:
             ray.cancel(task, force=True)
-        ray.kill(claims)
-    errored = [(grid_results[i].config or {})["cell"]["id"] for i in range(len(grid_results))
-               if grid_results[i].error is not None]
-    df = update_table(study_dir, record["keys"], curves)
-    now = df[df["invocation"] == ctx["invocation"]] if not df.empty else df
-    executed = int((now["status"] == "executed").sum()) if not now.empty else 0
-    # Tune ends a run it was asked to stop (SIGINT) like a finished one; a cell that
-    # neither failed nor has all its rows tells them apart.
-    stages_per_cell = {} if df.empty else df.groupby("cell")["stage"].nunique().to_dict()
-    interrupted = any(stages_per_cell.get(c.id, 0) < len(ctx["stages_needed"])
-                      and c.id not in errored for c in grid)
-    return Outcome(df, executed, len(now) - executed, errored, time.perf_counter() - started,
-                   interrupted)
 
 
 def _estimate(runs: dict[str, dict[str, ExperimentConfig]],
