@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data test-tools run pipeline test lint
+.PHONY: setup data test-tools run pipeline test test-fast lint
 
 setup: $(VENV)/.installed data
 
@@ -39,5 +39,10 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy scaling analysis
 
+# Everything (CI runs this). test-fast: the edit loop, in about 5 minutes on 2 cores:
+# every test but those marked slow (Ray, studies, clusters, killed processes).
 test: lint test-tools
 	$(PY) -m pytest -q
+
+test-fast: lint test-tools
+	$(PY) -m pytest -q -m "not slow"

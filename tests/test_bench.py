@@ -55,6 +55,7 @@ def test_the_torchvision_pipeline_makes_views_like_ours(case):
     assert ("RandomApply" in names[4:]) == (spec.blur_p > 0)
 
 
+@pytest.mark.slow
 def test_gpu_script_runs_its_smoke_case_and_counts_training_flops():
     done = subprocess.run([sys.executable, "bench/gpu.py", "--smoke"], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
@@ -97,6 +98,7 @@ def test_the_lars_bench_times_both_updates_of_one_network():
     assert "reference / foreach:" in done.stdout
 
 
+@pytest.mark.slow
 def test_the_gpu_acceptance_script_runs_every_item_on_the_cpu():
     """bench/accept.py --smoke: the same items a GPU machine runs, at tiny shapes."""
     done = subprocess.run([sys.executable, "bench/accept.py", "--smoke"], cwd=REPO,

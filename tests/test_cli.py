@@ -39,6 +39,7 @@ def ok(proc: subprocess.CompletedProcess) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_a_variant_run_never_replaces_the_default_studys_results(tmp_path):
     """The sequence a user hit: the default study, a variant with other axes and a
     --set on the same storage, then the default again."""
@@ -105,6 +106,7 @@ def _interrupt_when(command: list[str], ready, timeout: float = 300,
     return proc
 
 
+@pytest.mark.slow
 def test_ctrl_c_on_a_study_exits_130_and_the_same_command_resumes(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     storage = tmp_path / "S"
@@ -171,6 +173,7 @@ def check_curves(study: Path, mlruns: Path) -> None:
     assert "finetune/val_top1" in run.data.metrics
 
 
+@pytest.mark.slow
 def test_ctrl_c_on_the_pipeline_exits_130_and_the_same_command_resumes(tmp_path):
     cfg = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
     cfg.update(label_fractions=[0.5], runtime={"device": "cpu", "checkpoint_every": 2})

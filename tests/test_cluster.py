@@ -196,6 +196,7 @@ def _two_node_study(tmp: Path, name: str, seeds: list[int], epochs: int = 8) -> 
     return [sys.executable, "studies/model_size.py", "--file", str(spec), "--no-report"]
 
 
+@pytest.mark.slow
 def test_two_node_cluster_runs_trials_on_both_and_survives_losing_a_node(tmp_path):
     """Head and worker node (1 CPU each, so two trials can only run one per node):
     the sweep loses the worker node while both trials pretrain, and still finishes
@@ -375,6 +376,7 @@ def _token(tmp: Path) -> Path:
     return token
 
 
+@pytest.mark.slow
 def test_ray_up_submit_down_on_loopback(ssh_login, tmp_path):
     """The user's path, end to end: `ray up cluster/local.yaml`, `ray submit` a study
     to it, the table in the study storage, `ray down`."""

@@ -22,6 +22,7 @@ from scaling.train.footprint import step_footprint
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("stage", "checkpointing"), [("pretrain", False), ("pretrain", True)])
 def test_the_estimate_is_within_15_percent_of_a_measured_cpu_peak(stage, checkpointing):
     """One real step of R18 0.5x at 256 images a view on the CPU (fp32), its peak RSS
@@ -65,6 +66,7 @@ def _study(*args: str) -> subprocess.CompletedProcess[str]:
                           env={**os.environ, "RAY_ADDRESS": ""})
 
 
+@pytest.mark.slow
 def test_the_imagenet_plan_fits_its_cluster_and_a_huge_batch_exits_2(tmp_path):
     (tmp_path / "train").mkdir()
     (tmp_path / "val").mkdir()
@@ -82,6 +84,7 @@ def test_the_imagenet_plan_fits_its_cluster_and_a_huge_batch_exits_2(tmp_path):
     assert "the memory plan does not fit; fix it with more GPUs a lane" in done.stderr
 
 
+@pytest.mark.slow
 def test_a_dry_run_reports_a_missing_data_root_and_still_plans(tmp_path):
     done = _study("--preset", "cifar10-gpu", "--axis", "depth=18", "--axis", "width=0.5",
                   "--set", "data.root=/nonexistent/cifar", "--storage", str(tmp_path),

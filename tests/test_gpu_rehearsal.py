@@ -65,6 +65,7 @@ def check_on_device(record, steps: int, saved: bool = True) -> None:
     assert bool(record.saved) == saved, "a checkpoint was (not) written"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", PRESETS_GPU)
 def test_pretraining_runs_on_the_gpu_as_planned_and_resumes_there(name, tmp_path):
     cfg = preset(name, **{"pretrain.epochs": 100})
@@ -83,6 +84,7 @@ BIG = [("cifar10-gpu", {"depth": 50, "width": 1.0, "sk_ratio": 0.0625}),
        ("imagenet-gpu", {"depth": 152, "width": 2.0, "sk_ratio": 0.0625})]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "model"), BIG, ids=lambda v: str(v))
 def test_the_largest_cells_pretrain_on_the_gpu(name, model, tmp_path):
     cfg = preset(name, model, **{"pretrain.epochs": 100})
@@ -90,6 +92,7 @@ def test_the_largest_cells_pretrain_on_the_gpu(name, model, tmp_path):
     check_on_device(record, 2, saved=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", PRESETS_GPU)
 def test_supervised_and_fine_tuning_run_on_the_gpu(name, tmp_path):
     cfg = preset(name, **{"supervised.epochs": 100, "supervised.min_steps": 0,
@@ -104,6 +107,7 @@ def test_supervised_and_fine_tuning_run_on_the_gpu(name, tmp_path):
     check_on_device(record, 3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", PRESETS_GPU)
 def test_distillation_runs_on_the_gpu_with_its_teacher_there(name, tmp_path):
     cfg = preset(name, **{"distill.epochs": 100, "distill.alpha": 0.5})

@@ -23,6 +23,7 @@ def losses(result):
     return [p["loss"] for p in result["history"]]
 
 
+@pytest.mark.slow
 def test_one_ray_worker_reproduces_the_single_process_run(ray_local, tiny, tmp_path):
     from scaling.runtime.ray_train import run_stage
 
@@ -46,6 +47,7 @@ def test_one_ray_worker_reproduces_the_single_process_run(ray_local, tiny, tmp_p
     assert run_stage("pretrain", cfg, tmp_path / "ray") == on_ray
 
 
+@pytest.mark.slow
 def test_two_workers_compute_what_one_worker_computes(ray_local, tiny, tmp_path):
     """2 workers x B/2 == 1 worker x B: gathered negatives, global BN, sharded views.
 
@@ -84,6 +86,7 @@ def test_two_workers_compute_what_one_worker_computes(ray_local, tiny, tmp_path)
     assert moved > 20  # most tensors really moved: the comparison is not vacuous
 
 
+@pytest.mark.slow
 def test_a_chain_runs_on_one_worker_group_and_each_stage_keeps_its_own_state(
         ray_local, tiny, tmp_path):
     """pretrain -> finetune -> distill -> supervised (an LR grid) on one 2-worker
@@ -134,6 +137,7 @@ def test_a_chain_runs_on_one_worker_group_and_each_stage_keeps_its_own_state(
     assert again[3]["model_sha256"] == results[3]["model_sha256"]
 
 
+@pytest.mark.slow
 def test_killed_driver_resumes_when_the_command_is_run_again(tmp_path):
     """SIGKILL the CLI driver (`--ray`) mid-pretraining; the same command resumes."""
     import signal
@@ -179,6 +183,7 @@ def test_killed_driver_resumes_when_the_command_is_run_again(tmp_path):
     assert "stage results" in second.stdout
 
 
+@pytest.mark.slow
 def test_nan_on_two_workers_stops_both_without_retries(ray_local, tiny, tmp_path):
     from scaling.runtime.ray_train import run_stage
     from scaling.stages.stage_run import NonFiniteLoss

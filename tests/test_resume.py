@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -48,6 +49,7 @@ def wait_for_checkpoint(pre_glob, min_step: int, proc: subprocess.Popen, timeout
     raise AssertionError("no checkpoint appeared in time")
 
 
+@pytest.mark.slow
 def test_killed_stage_resumes_and_matches_uninterrupted_run(tmp_path):
     cfg = write_config(tmp_path)
     killed_root = tmp_path / "killed"

@@ -6,6 +6,8 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 FAKES = {
@@ -58,6 +60,7 @@ def test_head_then_workers_then_the_study_on_that_cluster(tmp_path):
     assert calls.index(head) < calls.index(study)
 
 
+@pytest.mark.slow
 def test_a_cluster_that_does_not_fill_up_stops_before_the_study(tmp_path):
     proc, calls = _run(tmp_path, joins=2)  # one worker never joins
     assert proc.returncode == 1

@@ -46,6 +46,7 @@ def test_locations_join_and_name_the_same_way_for_paths_and_uris(tmp_path):
         "s3://other/runs/tiny")
 
 
+@pytest.mark.slow
 def test_publish_then_fetch_round_trips_a_finished_stage(s3, tiny, tmp_path):
     from scaling.runtime.local import run_local
 
@@ -61,6 +62,7 @@ def test_publish_then_fetch_round_trips_a_finished_stage(s3, tiny, tmp_path):
     assert "encoder" in models
 
 
+@pytest.mark.slow
 def test_pipeline_on_ray_with_s3_storage_and_a_fresh_node_resume(s3, tiny):
     """The whole chain on Ray Train with results on S3; then a 'fresh node' (no
     scratch mirror, pretraining's result gone from S3) restores pretraining from
@@ -100,6 +102,7 @@ def test_pipeline_on_ray_with_s3_storage_and_a_fresh_node_resume(s3, tiny):
         ray.shutdown()
 
 
+@pytest.mark.slow
 def test_study_resumes_from_s3_after_the_head_node_is_replaced(s3, tmp_path):
     """The sweep's driver dies with its node (SIGKILL; its scratch mirror deleted);
     `--resume` on a new 'head' with the same --storage URI finds the Tune state and
@@ -160,6 +163,7 @@ def test_study_resumes_from_s3_after_the_head_node_is_replaced(s3, tmp_path):
     assert df.set_index("stage").loc["pretrain", "status"] == "reused"  # not recomputed
 
 
+@pytest.mark.slow
 def test_a_stages_checkpoints_come_back_from_an_earlier_invocations_lane_run(s3, tiny):
     """With S3 storage a stage killed with its sweep's driver has its checkpoints only
     in Ray's copy, under the killed invocation's lane run: a fresh node's empty stage
@@ -191,3 +195,17 @@ def test_a_stages_checkpoints_come_back_from_an_earlier_invocations_lane_run(s3,
     (got / "checkpoints/step-000000008").rename(got / "checkpoints/step-000000009")
     restore_from_runs([pre], f"{s3}/{train}")
     assert sorted(p.name for p in (got / "checkpoints").iterdir()) == ["step-000000009"]
+
+    # Each run is listed once per process, but a run started since is seen, and a
+    # run of the live invocation is listed afresh (it may have grown).
+    def put(run: str, name: str) -> None:
+        bucket.put_object(Key=f"{train}/{run}/{name}/state.pt", Body=b"s")
+
+    late = StageJob("pretrain", tiny, f"{s3}/lanes-study/stages/pretrain-k3")
+    put("lane-0-b-1", "pretrain-k3@checkpoints@step-000000004")
+    restore_from_runs([late], f"{s3}/{train}", live="-b-")
+    put("lane-0-b-1", "pretrain-k3@checkpoints@step-000000006")
+    shutil.rmtree(storage.local_dir(late.out))
+    restore_from_runs([late], f"{s3}/{train}", live="-b-")
+    assert [p.name for p in (storage.local_dir(late.out) / "checkpoints").iterdir()] == [
+        "step-000000006"]

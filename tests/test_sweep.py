@@ -18,6 +18,7 @@ ray = pytest.importorskip("ray")
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_each_distinct_stage_runs_once_across_concurrent_trials(tiny, tmp_path):
     """2 cells (label fractions) share one pretraining; they start together, one
     trial pretrains while the other trains its supervised baseline, then reuses it."""
@@ -55,6 +56,7 @@ def test_each_distinct_stage_runs_once_across_concurrent_trials(tiny, tmp_path):
         ray.shutdown()
 
 
+@pytest.mark.slow
 def test_cells_run_in_turn_on_one_lane_and_failures_stay_in_their_cell(tiny, tmp_path):
     """Stages on Ray Train workers (1 worker of 2 CPUs: one lane on this machine):
     both cells run on that lane's one worker group, which Ray Train keeps as one
@@ -151,6 +153,7 @@ def _metrics(storage: Path) -> pd.DataFrame:
     return df[cols].sort_values(["cell", "stage"], ignore_index=True)
 
 
+@pytest.mark.slow
 def test_a_sigkilled_sweep_resumes_to_the_uninterrupted_result(tmp_path):
     storage = tmp_path / "killed"
     command = _study_command(tmp_path, storage)
@@ -190,6 +193,7 @@ def test_a_sigkilled_sweep_resumes_to_the_uninterrupted_result(tmp_path):
     print("fine-tuning resumed from", [r["resumed_from"] for r in ft])
 
 
+@pytest.mark.slow
 def test_failed_cells_stay_failed_until_restart_errored(tmp_path):
     """A cell whose loss becomes NaN fails alone; re-running resumes without it
     (exit 1, its stage not started), and --restart-errored runs it again."""

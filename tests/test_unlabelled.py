@@ -74,6 +74,7 @@ def teacher(tmp_path_factory):
     return cfg, root / "ft"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mnist-5k", "dead-leaves"])
 def test_distil_on_another_unlabelled_set_with_the_same_step_budget(
         teacher, tmp_path, monkeypatch, name):

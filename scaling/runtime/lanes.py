@@ -81,6 +81,9 @@ class Dispatcher:
     def __init__(self, lanes: int) -> None:
         self.tickets: dict[int, Ticket] = {}
         self.progress: dict[int, Progress] = {}
+        # Stage keys of queued and running tickets, kept as they change: a claim asks
+        # for every key, and a sweep holds thousands of finished tickets.
+        self.busy: dict[str, int] = {}  # key -> queued or running tickets holding it
         self.queue: deque[int] = deque()
         self.current: dict[int, int | None] = dict.fromkeys(range(lanes))
         self.took: dict[int, int] = dict.fromkeys(range(lanes), 0)  # in the lane's run
@@ -91,6 +94,8 @@ class Dispatcher:
         ticket = len(self.tickets)
         self.tickets[ticket] = Ticket(ticket, tuple(jobs), tuple(keys))
         self.progress[ticket] = Progress()
+        for key in keys:
+            self.busy[key] = self.busy.get(key, 0) + 1
         if len(self.ended) == len(self.current):
             self._fail(ticket, self._why_ended())
         else:
@@ -100,8 +105,11 @@ class Dispatcher:
     def in_flight(self) -> set[str]:
         """Stage keys of tickets queued or running: nobody else may claim them, not
         even a retry of the trial that submitted them (its ticket still runs)."""
-        return {k for n, p in self.progress.items() if p.state in ("queued", "running")
-                for k in self.tickets[n].keys}
+        return set(self.busy)
+
+    def holds(self, key: str) -> bool:
+        """Whether a queued or running ticket holds ``key`` (in_flight, for one key)."""
+        return key in self.busy
 
     def take(self, lane: int) -> Take:
         """Rank 0 of ``lane`` asks what to run: its current ticket again (the group
@@ -122,7 +130,7 @@ class Dispatcher:
         self.progress[ticket].error = self.progress[ticket].error or message
 
     def finish(self, lane: int, ticket: int) -> None:
-        self.progress[ticket].state = "done"
+        self._end(ticket, "done")
         self.current[lane] = None
 
     def poll(self, ticket: int, seen: int) -> tuple[list[dict[str, Any]], str, str | None]:
@@ -152,8 +160,16 @@ class Dispatcher:
         self.closed = True
 
     def _fail(self, ticket: int, message: str) -> None:
-        self.progress[ticket].state = "failed"
+        self._end(ticket, "failed")
         self.progress[ticket].error = message
+
+    def _end(self, ticket: int, state: str) -> None:
+        if self.progress[ticket].state in ("queued", "running"):
+            for key in self.tickets[ticket].keys:
+                self.busy[key] -= 1
+                if not self.busy[key]:
+                    del self.busy[key]
+        self.progress[ticket].state = state
 
     def _why_ended(self) -> str:
         return "no lane could start its worker group: " + next(iter(self.ended.values()))
@@ -164,7 +180,9 @@ def serve(lane: int, dispatcher: str, rt: RuntimeConfig, ray_storage: str, name:
     import ray
 
     handle = ray.get_actor(dispatcher)
-    config = {"dispatcher": dispatcher, "lane": lane, "ray_storage": ray_storage}
+    # ``name`` is lane-<i>-<invocation>: runs of this invocation hold "-<invocation>-".
+    config = {"dispatcher": dispatcher, "lane": lane, "ray_storage": ray_storage,
+              "invocation": "-" + name.split("-", 2)[-1] + "-"}
     for run in itertools.count(1):
         ray.get(handle.run_started.remote(lane))
         try:
@@ -201,7 +219,7 @@ def _lane_worker(config: dict[str, Any]) -> None:
         jobs = [StageJob.decode(j) for j in msg[0].jobs]
         base = worker_env(jobs[0].cfg.runtime, progress_lines=False)
         restore(jobs)  # this run's latest checkpoint (the group restarted mid-ticket)
-        restore_from_runs(jobs, config["ray_storage"])  # an earlier invocation's
+        restore_from_runs(jobs, config["ray_storage"], config["invocation"])  # an earlier one's
 
         def event(e: Any, ticket: int = ticket) -> None:
             if rank == 0:

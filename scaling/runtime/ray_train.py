@@ -95,11 +95,30 @@ def restore(jobs: Sequence[StageJob]) -> None:
             print(f"restored {target} from Ray Train's storage", flush=True)
 
 
-def restore_from_runs(jobs: Sequence[StageJob], ray_storage: Location) -> None:
+# What each earlier run under a Ray storage holds, listed once per process: a run of
+# an earlier invocation no longer changes, so a lane looks at each once, not once per
+# ticket (with 500 earlier runs, 501 LIST calls a ticket before; bench/scale.py).
+_run_listings: dict[str, list[str]] = {}
+
+
+def _listing(ray_storage: Location, run: str, live: str | None) -> list[str]:
+    """The checkpoint names in ``run``; a run of the ``live`` invocation (still being
+    written) is listed afresh every time."""
+    where = str(storage.join(ray_storage, run))
+    if live and live in run:
+        return storage.list_dirs(where)
+    if where not in _run_listings:
+        _run_listings[where] = storage.list_dirs(where)
+    return _run_listings[where]
+
+
+def restore_from_runs(jobs: Sequence[StageJob], ray_storage: Location,
+                      live: str | None = None) -> None:
     """Ray's latest copies of each stage's checkpoints, from any run under
     ``ray_storage``, into a stage directory that has none: with URI storage a stage
     killed with its sweep's driver has its checkpoints only there, under the run of
-    the invocation that was killed (lane runs are named per invocation)."""
+    the invocation that was killed (lane runs are named per invocation). ``live``:
+    what names this invocation's runs, whose listings may still grow."""
     for job in jobs:
         local = storage.local_dir(job.out)
         if (not storage.is_uri(job.out) or any(local.rglob("state.pt"))
@@ -107,8 +126,8 @@ def restore_from_runs(jobs: Sequence[StageJob], ray_storage: Location) -> None:
             continue
         prefix = storage.name(job.out) + SEP
         latest: dict[tuple[str, ...], tuple[str, Location]] = {}
-        for run in storage.list_dirs(ray_storage):
-            for name in storage.list_dirs(storage.join(ray_storage, run)):
+        for run in storage.list_dirs(ray_storage):  # one LIST: runs started since
+            for name in _listing(ray_storage, run, live):
                 if name.startswith(prefix):
                     *where, step = name[len(prefix):].split(SEP)  # step-<zero-padded>
                     if step > latest.get(tuple(where), ("", ""))[0]:

@@ -50,7 +50,7 @@ class Coordinator:
 
     # The trials' side: claim a stage, renew and release the claim.
     def claim(self, key: str, trial: str) -> bool:
-        return key not in self.dispatcher.in_flight() and self.leases.claim(key, trial)
+        return not self.dispatcher.holds(key) and self.leases.claim(key, trial)
 
     def renew(self, key: str, trial: str) -> None:
         self.leases.renew(key, trial)
