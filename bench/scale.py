@@ -5,9 +5,9 @@ machine with no training (the stage work is a stub that returns at once):
 
 - plan: what a study does before Ray starts (``--dry-run`` and ``run_study``):
   expand and validate the grid, count the distinct stage runs and their FLOPs,
-  look each up in the storage, key every cell, order the cells. Seconds and peak
-  Python memory (tracemalloc) for grids of 100 to 10,000 cells (the model-size
-  study's local preset, replicates added).
+  look each up in the storage, key every cell, order the cells. Seconds and the
+  growth of peak RSS, a fresh process per grid, for grids of 100 to 10,000 cells
+  (the model-size study's local preset, replicates added).
 - coordinator: the sweep's one actor (Leases beside the lanes' Dispatcher) under
   2,000 tickets: 64 lanes (coroutines of one async Ray actor) take tickets, run
   nothing and finish them; 128 trials (coroutines of another) claim each stage
@@ -29,7 +29,6 @@ import statistics
 import sys
 import tempfile
 import time
-import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -39,37 +38,56 @@ sys.path.insert(0, str(REPO))
 
 # --- plan --------------------------------------------------------------------------
 
-def plan_part(sizes: list[int]) -> None:
-    from scaling.configure import load_config, resolve
+def _config(preset: str) -> Any:
+    try:
+        from scaling.configure import load_config, resolve
+    except ImportError:  # before 2026-12-07 (the "before" column of docs/performance.md)
+        from scaling.config import load_config  # type: ignore[attr-defined,no-redef]
+        from scaling.pipeline import resolve  # type: ignore[attr-defined,no-redef]
+    return load_config(resolve(preset))
+
+
+def plan_once(n: int) -> None:
+    """One grid of ``n`` cells, in this (fresh) process: prints the line."""
+    import resource
+
     from scaling.study import plan
     from scaling.study.folder import study_record
 
-    base = load_config(resolve("fmnist-cpu"))
-    print("cells   expand+validate  plan   lookup  keys+record  order   total s  peak MiB")
-    for n in sizes:
-        axes = {"depth": [18], "width": [0.0625, 0.125, 0.25],
-                "label_fraction": [0.001, 0.01, 0.1], "replicate": list(range(n // 9))}
-        with tempfile.TemporaryDirectory() as tmp:
-            tracemalloc.start()
-            t = [time.perf_counter()]
-            study = plan.make_study("scale", base, axes,
-                                    ("pretrain", "finetune", "supervised", "pixels"))
-            t.append(time.perf_counter())
-            runs = plan.distinct_runs(study)
-            p = plan.plan(study)
-            t.append(time.perf_counter())
-            plan.finished(study, Path(tmp), runs)
-            t.append(time.perf_counter())
-            study_record(study)
-            plan.grid_hash(study)
-            t.append(time.perf_counter())
-            plan.schedule_order(study, plan.cells(study))
-            t.append(time.perf_counter())
-            peak = tracemalloc.get_traced_memory()[1] / 2**20
-            tracemalloc.stop()
-        steps = [b - a for a, b in zip(t, t[1:], strict=False)]
-        print(f"{p.cells:>6} " + " ".join(f"{s:>10.2f}" for s in steps)
-              + f" {t[-1] - t[0]:>9.2f} {peak:>9.0f}", flush=True)
+    base = _config("fmnist-cpu")
+    axes = {"depth": [18], "width": [0.0625, 0.125, 0.25],
+            "label_fraction": [0.001, 0.01, 0.1], "replicate": list(range(n // 9))}
+    # The FLOP counts per model are cached: count them before the clock starts.
+    plan.plan(plan.make_study("warm", base, dict(axes, replicate=[0])))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with tempfile.TemporaryDirectory() as tmp:
+        t = [time.perf_counter()]
+        study = plan.make_study("scale", base, axes, ("pretrain", "finetune", "supervised",
+                                                      "pixels"))
+        t.append(time.perf_counter())
+        runs = plan.distinct_runs(study)
+        p = plan.plan(study)
+        t.append(time.perf_counter())
+        plan.finished(study, Path(tmp), runs)
+        t.append(time.perf_counter())
+        study_record(study)
+        plan.grid_hash(study)
+        t.append(time.perf_counter())
+        plan.schedule_order(study, plan.cells(study))
+        t.append(time.perf_counter())
+    grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss) / 1024  # KiB -> MiB
+    steps = [b - a for a, b in zip(t, t[1:], strict=False)]
+    print(f"{p.cells:>6} " + " ".join(f"{s:>10.2f}" for s in steps)
+          + f" {t[-1] - t[0]:>9.2f} {grown:>12.0f}", flush=True)
+
+
+def plan_part(sizes: list[int]) -> None:
+    import subprocess
+
+    print("cells  expand+check    plan    lookup keys+record    order   total s  "
+          "peak RSS +MiB")
+    for n in sizes:  # a process each: its peak memory is its own
+        subprocess.run([sys.executable, __file__, "--plan-cells", str(n)], check=True)
 
 
 # --- coordinator -------------------------------------------------------------------
@@ -191,7 +209,6 @@ def lookup_part(runs_list: list[int], tickets: int) -> None:
     s3.create_bucket(Bucket="bucket")
 
     from scaling import storage
-    from scaling.configure import load_config, resolve
     from scaling.runtime import ray_train
     from scaling.runtime.local import StageJob
 
@@ -203,7 +220,7 @@ def lookup_part(runs_list: list[int], tickets: int) -> None:
         return listing(location)
 
     storage.list_dirs = counted  # ray_train calls it as storage.list_dirs
-    cfg = load_config(resolve("tiny"))
+    cfg = _config("tiny")
     print(f"{tickets} tickets, each a stage with no checkpoint of its own on this node")
     print("earlier runs  LIST calls/ticket  s/ticket")
     root, made = "s3://bucket/study", 0
@@ -231,7 +248,11 @@ def main() -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("parts", nargs="*", default=["plan", "coordinator", "lookup"])
     ap.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    ap.add_argument("--plan-cells", type=int, help=argparse.SUPPRESS)  # plan_part's child
     args = ap.parse_args()
+    if args.plan_cells:
+        plan_once(args.plan_cells)
+        return
     q = args.quick
     for part in args.parts:
         print(f"\n== {part} ==", flush=True)

@@ -52,3 +52,19 @@ def tiny_chain(_tiny_chain, tmp_path) -> tuple[ExperimentConfig, Path]:
     cfg, root = _tiny_chain
     shutil.copytree(root, tmp_path / "chain")
     return cfg, tmp_path / "chain"
+
+
+@pytest.fixture(scope="session")
+def reference_study(tmp_path_factory):
+    """tests/study_runs.py's study run once, uninterrupted, into a storage of its own:
+    its spec, storage and the finished process (stdout, stderr). Tests that start
+    from it copy the storage; tests that interrupt the same study compare with it."""
+    from types import SimpleNamespace
+
+    import study_runs as s
+
+    folder = tmp_path_factory.mktemp("reference-study")
+    spec = s.write_spec(folder)
+    done = s.run(s.command(spec, folder / "S"))
+    s.ok(done)
+    return SimpleNamespace(spec=spec, storage=folder / "S", process=done)

@@ -1,7 +1,11 @@
-"""Bad input as a new user gives it, through the real command lines: one line
-naming the file or key, the value and what is allowed; exit 2; nothing computed
-is lost. Damaged results on disk are named and recomputed, never reused."""
+"""Bad input as a new user gives it, through the command lines' own ``main(argv)``
+(in this process: what a shell adds, the exit status and stderr of a real process,
+is tests/test_study.py's smoke test): one line naming the file or key, the value and
+what is allowed; exit 2; nothing computed is lost. Damaged results on disk are named
+and recomputed, never reused."""
 
+import contextlib
+import io
 import re
 import subprocess
 import sys
@@ -16,9 +20,35 @@ from scaling.stage_result import load_final_models
 REPO = Path(__file__).resolve().parent.parent
 
 
+def _entry(args: tuple[str, ...]):
+    """The main(argv) a command line ``python ARGS`` runs, and its argv."""
+    import importlib
+
+    if args[0] == "-m" and args[1] in ("scaling.pipeline", "scaling.study.cluster",
+                                       "analysis.report"):
+        return importlib.import_module(args[1]).main, list(args[2:])
+    if args[0].startswith("studies/"):
+        from studies.cli import main
+
+        study = importlib.import_module(f"studies.{Path(args[0]).stem}").STUDY
+        return (lambda argv: main(study, argv)), list(args[1:])
+    return None, list(args)
+
+
 def run(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
+    """``python ARGS``: in this process where the command has a main(argv) (stdout and
+    stderr captured, SystemExit taken as the status), else in a real one (bench/)."""
+    main, argv = _entry(args)
+    if main is None:
+        return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True,
+                              text=True, timeout=300)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as e:  # argparse: --help (0), a usage error (2)
+            code = e.code if isinstance(e.code, int) else 1
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def one_line_error(proc: subprocess.CompletedProcess, *words: str) -> str:

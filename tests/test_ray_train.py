@@ -160,6 +160,9 @@ def test_killed_driver_resumes_when_the_command_is_run_again(tmp_path):
     path.write_text(yaml.safe_dump(cfg))
     command = [sys.executable, "-m", "scaling.pipeline", str(path), "--out",
                str(tmp_path / "runs"), "--ray"]
+    from study_runs import orphans_gone, ray_workers
+
+    ray_before = set(ray_workers())
     first = subprocess.Popen(command, cwd=repo, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
@@ -173,7 +176,7 @@ def test_killed_driver_resumes_when_the_command_is_run_again(tmp_path):
     first.wait()
     pre = next((tmp_path / "runs").glob("tiny/pretrain-*"))
     assert not (pre / "result.json").exists()
-    time.sleep(3)  # let the orphaned worker notice its driver is gone
+    orphans_gone(ray_before)  # the orphaned worker notices its driver is gone, and ends
     second = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     result = yaml.safe_load((pre / "result.json").read_text())

@@ -138,6 +138,9 @@ def test_study_resumes_from_s3_after_the_head_node_is_replaced(s3, tmp_path):
         return any(o.key.endswith("result.json") and "/pretrain-" in o.key
                    for o in bucket.objects.filter(Prefix="studies/stages/"))
 
+    from study_runs import orphans_gone, ray_workers
+
+    ray_before = set(ray_workers())
     first = subprocess.Popen(cmd, cwd=repo, env=env("a"), stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
@@ -146,7 +149,7 @@ def test_study_resumes_from_s3_after_the_head_node_is_replaced(s3, tmp_path):
         time.sleep(0.2)
     first.send_signal(signal.SIGKILL)
     first.wait()
-    time.sleep(3)  # the orphaned trial notices its driver is gone
+    orphans_gone(ray_before)  # the orphaned trial notices its driver is gone, and ends
     shutil.rmtree(tmp_path / "a")  # the old head's disk is gone with it
     again = subprocess.run([*cmd, "--resume"], cwd=repo, env=env("b"), capture_output=True,
                            text=True, timeout=600)

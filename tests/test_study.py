@@ -161,13 +161,25 @@ def test_cli_overrides_axes_seeds_and_files(tmp_path, capsys):
     # A mistyped storage with --resume: refused before Ray starts, nothing created.
     (["--resume"], "no sweep state in"),
 ])
-def test_bad_input_exits_2_before_any_ray_work(tmp_path, args, text):
-    run = subprocess.run([sys.executable, "studies/model_size.py", "--storage",
-                          str(tmp_path / "s"), *args], cwd=REPO, capture_output=True,
-                         text=True, timeout=120)
-    assert run.returncode == 2, run.stdout + run.stderr
-    assert text in run.stderr
+def test_bad_input_exits_2_before_any_ray_work(tmp_path, capsys, args, text):
+    import ray
+
+    started = ray.is_initialized()
+    assert main(model_size.STUDY, ["--storage", str(tmp_path / "s"), *args]) == 2
+    assert text in capsys.readouterr().err
     assert not (tmp_path / "s").exists()  # nothing started, nothing written
+    assert ray.is_initialized() == started
+
+
+def test_bad_input_in_a_real_process_exits_2_with_one_line(tmp_path):
+    """The command as a shell runs it: exit status 2, the message on stderr, no
+    traceback (the in-process cases above go through the same main)."""
+    run = subprocess.run([sys.executable, "studies/model_size.py", "--storage",
+                          str(tmp_path / "s"), "--axis", "depth=37"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert "model.depth=37 is invalid" in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "s").exists()
 
 
 def test_a_stage_lease_held_by_a_dead_trial_runs_out():

@@ -1,6 +1,8 @@
 """Studies on Ray Tune, for real: trials run stages on Ray Train, each distinct
-stage runs once, and a sweep whose driver is SIGKILLed resumes to the same table."""
+stage runs once, and a sweep stopped by Ctrl-C and by a SIGKILL of its driver
+resumes to the same table."""
 
+import os
 import signal
 import subprocess
 import sys
@@ -9,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import study_runs
 import yaml
 
 from scaling.configure import with_overrides
@@ -120,77 +123,108 @@ def test_cells_run_in_turn_on_one_lane_and_failures_stay_in_their_cell(tiny, tmp
     assert "loss became nan" in nan.read_text()
 
 
-def _study_command(tmp_path: Path, storage: Path) -> list[str]:
-    spec = tmp_path / "study.yaml"
-    spec.write_text(yaml.safe_dump({
-        "preset": "quick", "base": str(REPO / "configs" / "tiny.yaml"),
-        "axes": {"width": [0.0625], "label_fraction": [0.1, 0.5]},
-        "set": {"pretrain.epochs": 6, "pretrain.batch_size": 16, "finetune.epochs": 3,
-                "supervised.epochs": 2, "runtime.device": "cpu", "runtime.workers": 0,
-                "runtime.checkpoint_every": 4, "runtime.log_every": 4},
-    }))
-    return [sys.executable, "studies/model_size.py", "--file", str(spec), "--storage",
-            str(storage), "--no-report"]
-
-
-def _run_until(command: list[str], ready, timeout: float = 300) -> None:
-    """Start the sweep and SIGKILL its driver process as soon as ``ready()``."""
-    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + timeout
-    while not ready():
-        assert proc.poll() is None, "the sweep ended before the kill point"
-        assert time.monotonic() < deadline, "kill point never reached"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    time.sleep(3)  # let the orphaned Ray processes notice their driver is gone
-
-
 def _metrics(storage: Path) -> pd.DataFrame:
-    df = pd.read_csv(storage / "model_size-quick" / "results.csv")
+    df = pd.read_csv(storage / study_runs.NAME / "results.csv")
     cols = ["cell", "stage", "stage_key", "step", "top1", "linear_top1", "knn_top1"]
     return df[cols].sort_values(["cell", "stage"], ignore_index=True)
 
 
 @pytest.mark.slow
-def test_a_sigkilled_sweep_resumes_to_the_uninterrupted_result(tmp_path):
-    storage = tmp_path / "killed"
-    command = _study_command(tmp_path, storage)
-    stages = storage / "stages"
+def test_an_interrupted_study_resumes_to_the_uninterrupted_result(reference_study, tmp_path):
+    """The study is stopped twice, as a user and as a crash would: Ctrl-C in the middle
+    of pretraining (exit 130, one line saying how to resume, no traceback), then a
+    SIGKILL of its driver in the middle of fine-tuning. The same command then
+    finishes, and its table equals that of the same study nobody interrupted. Its
+    curves reach TensorBoard and MLflow whole, each point once."""
+    from study_runs import command, ok, orphans_gone, ray_workers, run, start, wait_until
 
-    # Kill 1: in the middle of pretraining (its first checkpoint is on disk).
-    _run_until(command, lambda: any(stages.glob("pretrain-*/checkpoints/step-*")))
+    storage = tmp_path / "S"
+    cmd = command(reference_study.spec, storage, "--mlflow", f"file://{tmp_path}/mlruns")
+    stages = storage / "stages"
+    study = storage / study_runs.NAME
+
+    # 1. Ctrl-C in the middle of pretraining; meanwhile, watch it from another terminal.
+    proc = start(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_until(lambda: any(stages.glob("pretrain-*/checkpoints/step-*")), proc,
+               what="pretraining's first checkpoint")
+    watched = run([sys.executable, "-m", "scaling.study.watch", str(study), "--ray"])
+    assert proc.poll() is None, "the study ended before the interrupt"
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-3000:] + err[-3000:]
+    finished = len(list(stages.glob("*/result.json")))
+    assert err.strip().splitlines()[-1] == (
+        f"interrupted after {finished}/9 stage runs; run the same command to resume")
+    for noise in ("Tuner.restore", "results table:", "Traceback", "KeyboardInterrupt"):
+        assert noise not in out + err, noise
+    seen = ok(watched)
+    assert f"study {study_runs.NAME}: " in seen and "/9 stage runs finished" in seen
+    assert "running, checkpoint at step" in seen and "tensorboard --logdir" in seen
+    assert "Resources" in seen and "CPU" in seen  # ray status, authenticated
     pre = next(stages.glob("pretrain-*"))
     assert not (pre / "result.json").exists()
-    killed_at = min(int(p.name[5:]) for p in (pre / "checkpoints").glob("step-*"))
+    killed_at = max(int(p.name[5:]) for p in (pre / "checkpoints").glob("step-*"))
 
-    # Kill 2: the resumed sweep finished pretraining and is in the middle of a
-    # fine-tuning (its first checkpoint is on disk).
-    _run_until(command, lambda: (pre / "result.json").exists()
-               and any(stages.glob("finetune-*/checkpoints/step-*")))
+    # 2. SIGKILL of the driver in the middle of a fine-tuning (pretraining finished,
+    # resumed from its checkpoint).
+    ray_before = set(ray_workers())
+    proc = start(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_until(lambda: (pre / "result.json").exists()
+               and any(stages.glob("finetune-*/checkpoints/step-*")), proc,
+               what="a fine-tuning checkpoint")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    orphans_gone(ray_before)  # its trial notices the driver is gone, and ends
     resumed = yaml.safe_load((pre / "result.json").read_text())
-    print("pretraining killed at step", killed_at, "resumed from", resumed["resumed_from"])
     assert resumed["resumed_from"] is not None and resumed["resumed_from"] >= killed_at
 
-    # Finish, then compare with a sweep nobody interrupted.
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "resuming the sweep" in done.stdout
-    reference = tmp_path / "reference"
-    clean = subprocess.run(_study_command(tmp_path, reference), cwd=REPO, capture_output=True,
-                           text=True, timeout=600)
-    assert clean.returncode == 0, clean.stdout[-3000:] + clean.stderr[-3000:]
-    got, want = _metrics(storage), _metrics(reference)
+    # 3. The same command finishes what is left.
+    done = run(cmd)
+    out = ok(done)
+    assert "resuming the sweep" in out, out[-3000:]
+    assert "Traceback" not in out + done.stderr and "Exception ignored" not in out + done.stderr
+    # Each progress line once, from the sweep's driver; one whole-sweep line per stage run.
+    assert "(run_cell pid=" not in out and "repeated" not in out
+    assert "[sweep] 9/9 stage runs, done" in out
+    got, want = _metrics(storage), _metrics(reference_study.storage)
     assert len(got) == 10
     pd.testing.assert_frame_equal(got, want, rtol=1e-6)
     # Each distinct stage was computed into exactly one directory.
     assert len(list(stages.glob("pretrain-*"))) == 1
     assert len(list(stages.glob("finetune-*"))) == 2
-    # (Whether fine-tuning resumed depends on how soon the orphaned trial process
-    # notices its driver is gone: it may finish the stage itself, atomically.)
-    ft = [yaml.safe_load(p.read_text()) for p in stages.glob("finetune-*/result.json")]
-    print("fine-tuning resumed from", [r["resumed_from"] for r in ft])
+    check_curves(study, tmp_path / "mlruns")
+
+
+def check_curves(study: Path, mlruns: Path) -> None:
+    """TensorBoard and MLflow hold each stage's own curve on its own step axis: every
+    point of the stored history once, and the stage's final metrics; curves.csv holds
+    every stage run of the table."""
+    import mlflow
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    pre = yaml.safe_load(next(study.parent.glob("stages/pretrain-*/result.json")).read_text())
+    want = [(p["step"], pytest.approx(p["loss"], rel=1e-6)) for p in pre["history"]]
+    assert len(want) > 4
+    curves = pd.read_csv(study / "curves.csv", dtype={"lr": str}, keep_default_na=False)
+    table = pd.read_csv(study / "results.csv")
+    assert set(curves["stage_key"]) == set(table["stage_key"])
+    runs = sorted((study / "tensorboard").iterdir())
+    assert [r.name for r in runs] == ["depth=18,width=0.0625,label_fraction=0.1",
+                                      "depth=18,width=0.0625,label_fraction=0.5"]
+    events = EventAccumulator(str(runs[1]))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"pretrain/loss", "pretrain/lr", "pretrain/knn_val_top1", "finetune/loss",
+            "finetune/val_top1", "distill/loss", "supervised/test_top1"} <= tags
+    assert [(e.step, e.value) for e in events.Scalars("pretrain/loss")] == want
+    client = mlflow.MlflowClient(f"file://{mlruns}")
+    found = client.search_runs([client.get_experiment_by_name(study.name).experiment_id])
+    # The interrupted invocations' runs stay, unfinished; the last one is complete.
+    done = [r for r in found if r.info.status == "FINISHED"]
+    assert sorted(r.data.params["label_fraction"] for r in done) == ["0.1", "0.5"]
+    history = client.get_metric_history(done[0].info.run_id, "pretrain/loss")
+    assert sorted((m.step, m.value) for m in history) == want
+    assert "finetune/val_top1" in done[0].data.metrics
 
 
 @pytest.mark.slow
