@@ -71,23 +71,39 @@ def wait_until(ready: Callable[[], bool], proc: subprocess.Popen | None = None,
 
 
 def gone(pids: list[int]) -> Callable[[], bool]:
-    """True once none of ``pids`` is alive (orphaned Ray workers noticing their driver
-    is gone): what a resume must wait for instead of a fixed sleep."""
+    """True once none of ``pids`` runs anything: ended, a zombie, or back in Ray's
+    pool of idle workers (orphaned Ray workers noticing their driver is gone). What a
+    resume waits for instead of a fixed sleep."""
     import psutil
 
+    def busy(pid: int) -> bool:
+        try:
+            p = psutil.Process(pid)
+            return p.status() != psutil.STATUS_ZOMBIE and "ray::IDLE" not in " ".join(
+                p.cmdline())
+        except psutil.Error:  # ended
+            return False
+
     def check() -> bool:
-        return not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"
-                       for p in pids)
+        return not any(busy(p) for p in pids)
     return check
 
 
 def ray_workers() -> list[int]:
-    """Pids of this machine's Ray worker processes (trials, Train workers, actors):
-    the ones that could still write to a stage directory after their driver died."""
+    """Pids of this machine's busy Ray worker processes (trials, Train workers,
+    actors): the ones that could still write to a stage directory after their driver
+    died. Idle pooled workers (ray::IDLE) run nothing, and a node's agents
+    (ray::DashboardAgent, ray::RuntimeEnvAgent: a minute to notice their node is
+    gone) write no stage: both are left to Ray."""
     import psutil
 
-    return [p.pid for p in psutil.process_iter(["cmdline"])
-            if p.pid != os.getpid() and "ray::" in " ".join(p.info["cmdline"] or [])]
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if (p.pid != os.getpid() and "ray::" in cmd and "ray::IDLE" not in cmd
+                and "Agent" not in cmd.split()[0]):
+            out.append(p.pid)
+    return out
 
 
 def orphans_gone(before: set[int], timeout: float = 120) -> None:

@@ -130,7 +130,8 @@ def _metrics(storage: Path) -> pd.DataFrame:
 
 
 @pytest.mark.slow
-def test_an_interrupted_study_resumes_to_the_uninterrupted_result(reference_study, tmp_path):
+def test_an_interrupted_study_resumes_to_the_uninterrupted_result(reference_study, tmp_path,
+                                                                 monkeypatch):
     """The study is stopped twice, as a user and as a crash would: Ctrl-C in the middle
     of pretraining (exit 130, one line saying how to resume, no traceback), then a
     SIGKILL of its driver in the middle of fine-tuning. The same command then
@@ -138,6 +139,7 @@ def test_an_interrupted_study_resumes_to_the_uninterrupted_result(reference_stud
     curves reach TensorBoard and MLflow whole, each point once."""
     from study_runs import command, ok, orphans_gone, ray_workers, run, start, wait_until
 
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3, this process too
     storage = tmp_path / "S"
     cmd = command(reference_study.spec, storage, "--mlflow", f"file://{tmp_path}/mlruns")
     stages = storage / "stages"
