@@ -110,3 +110,18 @@ def orphans_gone(before: set[int], timeout: float = 120) -> None:
     """Wait until the Ray workers started since ``before`` (a killed driver's) end."""
     wait_until(gone([p for p in ray_workers() if p not in before]), timeout=timeout,
                what="the killed driver's Ray workers ending")
+
+
+def run_here(spec: Path, storage: Path, *extra: str) -> subprocess.CompletedProcess:
+    """The same study command through its main(argv) in this process (no interpreter
+    or torch start-up; a Ray it starts stays up for the next call: shut it down)."""
+    import contextlib
+    import io
+
+    from studies import model_size
+    from studies.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(model_size.STUDY, command(spec, storage, *extra)[2:])
+    return subprocess.CompletedProcess(extra, code, out.getvalue(), err.getvalue())

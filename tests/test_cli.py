@@ -1,5 +1,6 @@
-"""The study command line as a user meets it, in real processes: a study folder keeps
-one configuration's results, and a variant of it gets its own folder. (Ctrl-C and
+"""The study command line as a user meets it (its main(argv), after one real run of
+the study): a study folder keeps one configuration's results, and a variant of it
+gets its own folder. (Ctrl-C and
 resume: tests/test_sweep.py for a study, tests/test_resume.py for the pipeline.)"""
 
 import shutil
@@ -7,7 +8,7 @@ import sys
 
 import pandas as pd
 import pytest
-from study_runs import NAME, command, ok, run
+from study_runs import NAME, ok, run_here
 
 pytest.importorskip("ray")
 
@@ -16,10 +17,15 @@ pytest.importorskip("ray")
 def test_a_variant_run_never_replaces_the_default_studys_results(reference_study, tmp_path):
     """The sequence a user hit: the default study, a variant with other axes and a
     --set on the same storage, then the default again."""
+    import ray
+
     storage = tmp_path / "S"
     shutil.copytree(reference_study.storage, storage)  # the default study, run
-    default = command(reference_study.spec, storage)
-    first = reference_study.process
+    spec, first = reference_study.spec, reference_study.process
+
+    def run(*extra: str):  # the study command, in this process
+        return run_here(spec, storage, *extra)
+
     # A quiet console: the study's own lines, a compact table and the headline.
     for noise in ("Started a local Ray instance", "Token authentication", "Configuration for "
                   "experiment", "View detailed results", "train_seconds", "supervised_top1"):
@@ -32,27 +38,30 @@ def test_a_variant_run_never_replaces_the_default_studys_results(reference_study
 
     variant = ["--axis", "width=0.0625", "--axis", "label_fraction=0.1",
                "--set", "finetune.epochs=2"]
-    clash = run(default, *variant)
+    clash = run(*variant)
     assert clash.returncode == 2, clash.stdout + clash.stderr
     assert f"holds the study '{NAME}' with another configuration" in clash.stderr
     assert "finetune.epochs 3 -> 2" in clash.stderr and "--name" in clash.stderr
     pd.testing.assert_frame_equal(pd.read_csv(table), before)  # untouched
 
     # --dry-run checks what the run checks and shows what is left of the study.
-    assert "9 of 9 stage runs finished" in ok(run(default, "--dry-run"))
-    assert run(default, *variant, "--dry-run").returncode == 2
-    plan = ok(run(default, *variant, "--name", "short-ft", "--dry-run"))
+    assert "9 of 9 stage runs finished" in ok(run("--dry-run"))
+    assert run(*variant, "--dry-run").returncode == 2
+    plan = ok(run(*variant, "--name", "short-ft", "--dry-run"))
     assert "3 of 5 stage runs finished" in plan and "2 to run" in plan
     assert "estimated time here (cpu): ~" in plan and "H100" not in plan
     assert not (storage / "short-ft").exists()
-    out = ok(run(default, *variant, "--name", "short-ft"))
+    try:
+        out = ok(run(*variant, "--name", "short-ft"))
+    finally:
+        ray.shutdown()
     # Its own fine-tuning and distillation; pretraining and the baselines are shared.
     assert "this run: 2 stage runs executed, 3 reused" in out
     short = pd.read_csv(storage / "short-ft" / "results.csv")
     assert len(short) == 5 and set(short["finetune.epochs"]) == {2}
 
     # The default study is still whole and finished (a dry run: no Ray start-up).
-    assert "9 of 9 stage runs finished" in ok(run(default, "--dry-run"))
+    assert "9 of 9 stage runs finished" in ok(run("--dry-run"))
     pd.testing.assert_frame_equal(pd.read_csv(table), before)
     assert set(before["finetune.epochs"]) == {3}
 

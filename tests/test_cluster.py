@@ -201,7 +201,10 @@ def test_two_node_cluster_runs_trials_on_both_and_survives_losing_a_node(tmp_pat
     """Head and worker node (1 CPU each, so two trials can only run one per node):
     the sweep loses the worker node while both trials pretrain, and still finishes
     every cell, the lost trial on the head from its last checkpoint."""
-    env = _ray_env(tmp_path)
+    # The GCS finds a dead node after 3 missed 1-second health checks, not Ray's default
+    # 5 missed 3-second ones: the lost trial is rescheduled 12 s sooner.
+    env = {**_ray_env(tmp_path), "RAY_health_check_period_ms": "1000",
+           "RAY_health_check_failure_threshold": "3"}
     port = _free_port()
     node = ["--num-cpus", "1", "--resources", json.dumps({"TRAIN_DRIVER": 2}),
             "--disable-usage-stats"]
@@ -218,7 +221,7 @@ def test_two_node_cluster_runs_trials_on_both_and_survives_losing_a_node(tmp_pat
         storage = tmp_path / "runs"  # the same machine: a path both nodes share
 
         # Both trials pretraining at once proves they run one per node (1 CPU each).
-        cmd = [*_two_node_study(tmp_path, "kill", [2, 3]), "--storage", str(storage),
+        cmd = [*_two_node_study(tmp_path, "kill", [2, 3], epochs=4), "--storage", str(storage),
                "--address", address, "--name", "lose-a-node"]
         sweep = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=(tmp_path / "sweep.log").open("w"),
                                  stderr=subprocess.STDOUT)

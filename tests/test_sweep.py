@@ -75,7 +75,7 @@ def test_cells_run_in_turn_on_one_lane_and_failures_stay_in_their_cell(tiny, tmp
     from scaling.study.sweep import run_study
 
     base = with_overrides(tiny, {
-        "pretrain.epochs": 8, "pretrain.batch_size": 16, "finetune.epochs": 1,
+        "pretrain.epochs": 4, "pretrain.batch_size": 16, "finetune.epochs": 1,
         "supervised.epochs": 1, "distill.epochs": 1, "pretrain.optim.warmup_fraction": 0.0,
         "runtime.checkpoint_every": 4, "runtime.max_failures": 2,
         "runtime.workers": 1, "runtime.cpus_per_worker": 2})
@@ -113,7 +113,7 @@ def test_cells_run_in_turn_on_one_lane_and_failures_stay_in_their_cell(tiny, tmp
     assert set(bad["stage"]) <= {"supervised", "pixels"} and (bad["status"] == "reused").all()
     pre = yaml.safe_load(next(tmp_path.glob("stages/pretrain-*/result.json")).read_text())
     protocol = pre["protocol"]  # every epoch's steps were done, once
-    assert pre["step"] == 8 * (protocol["images"] // 16) and protocol["epochs"] == 8, pre
+    assert pre["step"] == 4 * (protocol["images"] // 16) and protocol["epochs"] == 4, pre
     assert pre["resumed_from"] is not None and 4 <= pre["resumed_from"] < pre["step"], pre
     # One TorchTrainer run (one worker group, restarted once in place) ran every
     # stage of both cells.
@@ -230,9 +230,13 @@ def check_curves(study: Path, mlruns: Path) -> None:
 
 
 @pytest.mark.slow
-def test_failed_cells_stay_failed_until_restart_errored(tmp_path):
+def test_failed_cells_stay_failed_until_restart_errored(tmp_path, capsys):
     """A cell whose loss becomes NaN fails alone; re-running resumes without it
-    (exit 1, its stage not started), and --restart-errored runs it again."""
+    (exit 1, its stage not started), and --restart-errored runs it again. The study
+    command's main(argv), three times in this process on one Ray session."""
+    from studies import model_size
+    from studies.cli import main
+
     spec = tmp_path / "study.yaml"
     spec.write_text(yaml.safe_dump({
         "preset": "quick", "base": str(REPO / "configs" / "tiny.yaml"),
@@ -242,24 +246,26 @@ def test_failed_cells_stay_failed_until_restart_errored(tmp_path):
                 "distill.epochs": 1, "pretrain.optim.warmup_fraction": 0.0,
                 "runtime.device": "cpu", "runtime.workers": 0},
     }))
-    command = [sys.executable, "studies/model_size.py", "--file", str(spec), "--storage",
-               str(tmp_path / "s"), "--no-report"]
+    argv = ["--file", str(spec), "--storage", str(tmp_path / "s"), "--no-report"]
 
-    def run(*extra: str) -> subprocess.CompletedProcess:
-        return subprocess.run([*command, *extra], cwd=REPO, capture_output=True, text=True,
-                              timeout=600)
+    def run(*extra: str) -> tuple[int, str]:
+        code = main(model_size.STUDY, [*argv, *extra])
+        return code, capsys.readouterr().out
 
-    first = run()
-    assert first.returncode == 1, first.stdout[-3000:] + first.stderr[-3000:]
-    failed = [line for line in first.stdout.splitlines() if line.startswith("1 cells failed: ")]
-    assert len(failed) == 1 and "pretrain.optim.base_lr=1e+30" in failed[0], first.stdout
-    bad = failed[0].removeprefix("1 cells failed: ").split(";")[0]
-    table = pd.read_csv(tmp_path / "s" / "model_size-quick" / "results.csv")
-    assert set(table["stage"]) == {"pretrain", "finetune", "distill", "supervised", "pixels"}
-    assert (table["cell"] != bad).all()  # the good cell finished; the bad one wrote no rows
-    second = run()
-    assert second.returncode == 1 and "resuming the sweep" in second.stdout
-    assert f"[{bad}] pretrain: start" not in second.stdout  # left failed, not re-run
-    third = run("--restart-errored")
-    assert third.returncode == 1
-    assert f"[{bad}] pretrain: start" in third.stdout  # run again (and failed again)
+    try:
+        code, out = run()
+        assert code == 1, out[-3000:]
+        failed = [line for line in out.splitlines() if line.startswith("1 cells failed: ")]
+        assert len(failed) == 1 and "pretrain.optim.base_lr=1e+30" in failed[0], out
+        bad = failed[0].removeprefix("1 cells failed: ").split(";")[0]
+        table = pd.read_csv(tmp_path / "s" / "model_size-quick" / "results.csv")
+        assert set(table["stage"]) == {"pretrain", "finetune", "distill", "supervised", "pixels"}
+        assert (table["cell"] != bad).all()  # the good cell finished; the bad one wrote no rows
+        code, out = run()
+        assert code == 1 and "resuming the sweep" in out
+        assert f"[{bad}] pretrain: start" not in out  # left failed, not re-run
+        code, out = run("--restart-errored")
+        assert code == 1
+        assert f"[{bad}] pretrain: start" in out  # run again (and failed again)
+    finally:
+        ray.shutdown()
