@@ -260,7 +260,10 @@ def test_failed_cells_stay_failed_until_restart_errored(tmp_path, capsys):
         bad = failed[0].removeprefix("1 cells failed: ").split(";")[0]
         table = pd.read_csv(tmp_path / "s" / "model_size-quick" / "results.csv")
         assert set(table["stage"]) == {"pretrain", "finetune", "distill", "supervised", "pixels"}
-        assert (table["cell"] != bad).all()  # the good cell finished; the bad one wrote no rows
+        # The good cell finished. The bad one computed nothing: the baselines do not
+        # depend on pretraining, so it may have reused them (timing decides).
+        rows = table[table["cell"] == bad]
+        assert set(rows["stage"]) <= {"supervised", "pixels"} and (rows["status"] == "reused").all()
         code, out = run()
         assert code == 1 and "resuming the sweep" in out
         assert f"[{bad}] pretrain: start" not in out  # left failed, not re-run
