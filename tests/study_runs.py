@@ -112,16 +112,27 @@ def orphans_gone(before: set[int], timeout: float = 120) -> None:
                what="the killed driver's Ray workers ending")
 
 
-def run_here(spec: Path, storage: Path, *extra: str) -> subprocess.CompletedProcess:
-    """The same study command through its main(argv) in this process (no interpreter
-    or torch start-up; a Ray it starts stays up for the next call: shut it down)."""
+def in_process(main: Callable[[list[str]], int], argv: list[str]
+               ) -> subprocess.CompletedProcess:
+    """A command line's main(argv) in this process, as a finished process: stdout and
+    stderr captured, SystemExit (argparse: --help, usage errors) taken as the status."""
     import contextlib
     import io
 
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
+def run_here(spec: Path, storage: Path, *extra: str) -> subprocess.CompletedProcess:
+    """The same study command through its main(argv) in this process (no interpreter
+    or torch start-up; a Ray it starts stays up for the next call: shut it down)."""
     from studies import model_size
     from studies.cli import main
 
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(model_size.STUDY, command(spec, storage, *extra)[2:])
-    return subprocess.CompletedProcess(extra, code, out.getvalue(), err.getvalue())
+    return in_process(lambda argv: main(model_size.STUDY, argv),
+                      command(spec, storage, *extra)[2:])

@@ -4,8 +4,6 @@ is tests/test_study.py's smoke test): one line naming the file or key, the value
 what is allowed; exit 2; nothing computed is lost. Damaged results on disk are named
 and recomputed, never reused."""
 
-import contextlib
-import io
 import re
 import subprocess
 import sys
@@ -14,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from study_runs import in_process
 
 from scaling.stage_result import load_final_models
 
@@ -42,13 +41,7 @@ def run(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     if main is None:
         return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True,
                               text=True, timeout=300)
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(argv)
-        except SystemExit as e:  # argparse: --help (0), a usage error (2)
-            code = e.code if isinstance(e.code, int) else 1
-    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+    return in_process(main, argv)
 
 
 def one_line_error(proc: subprocess.CompletedProcess, *words: str) -> str:

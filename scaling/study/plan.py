@@ -149,8 +149,9 @@ def _fmt(v: Any) -> str:
 
 
 def cells(study: Study) -> list[Cell]:
-    """The grid in order (the last axis varies fastest), as make_study expanded it."""
-    return list(study.grid) if study.grid else _expand(study)
+    """The grid in order (the last axis varies fastest), as make_study expanded it
+    (the one way a Study is built)."""
+    return list(study.grid)
 
 
 def _expand(study: Study) -> list[Cell]:
