@@ -1,17 +1,21 @@
 """The GPU presets' stages, rehearsed on fake CUDA tensors (tests/rehearsal.py).
 
 No GPU has run this code; these tests run each stage's real set-up and first steps
-as a GPU would see them, at the preset's per-GPU batch: every tensor on the device,
-convolutions in bf16 under autocast, parameters in channels_last, optimiser state
-on the device, no host sync in the steady-state step, and a checkpoint that comes
-back onto the device when the stage resumes.
+as a GPU would see them, at the preset's per-GPU batch and as the preset runs
+(cifar10-gpu: one worker, compiled; imagenet-gpu: rank 0 of 8, eager): every tensor
+on the device, convolutions in bf16 under autocast, parameters in channels_last,
+optimiser state on the device, no host sync in the steady-state step (its tail
+included, but for the one read a log point allows), and a checkpoint that comes back
+onto the device when the stage resumes. The backward, which fake CUDA tensors cannot
+run, is rehearsed on the CPU (``rehearse_backward``). Each kind of defect the
+rehearsal claims to catch has a test here that plants one and sees it fail.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from rehearsal import run_rehearsal, tensors_of
+from rehearsal import rehearse_backward, run_rehearsal, tensors_of
 
 from scaling.config import ExperimentConfig
 from scaling.configure import PRESETS, load_config
@@ -34,7 +38,8 @@ def preset(name: str, model: dict | None = None, **extra: object) -> ExperimentC
         "data.val_size": 16, "data.val_excluded_file": None, "data.image_size": side,
         "label_fractions": [], "finetune.per_fraction": {}, "finetune.label_fraction": 0.5,
         "supervised.lr_grid": [], "runtime.device": "cuda",
-        "runtime.log_every": 1000, "runtime.checkpoint_every": 1000,
+        # Step 2 of a rehearsal is a log point: its one read is allowed, there only.
+        "runtime.log_every": 2, "runtime.checkpoint_every": 1000,
         **{f"{s}.batch_size": b for s, b in per_gpu.items()},
         **{f"model.{k}": v for k, v in (model or {}).items()}, **extra}
     return load_config(PRESETS / f"{name}.yaml", overrides)
@@ -49,9 +54,20 @@ def data_for(name: str, cfg: ExperimentConfig) -> tuple[int, int, int, int]:
     return n, channels, side, classes
 
 
+def as_preset_runs(name: str) -> dict:
+    """How the preset's studies run a stage: compiled on one worker, eager on several."""
+    workers = PRESETS_GPU[name][3]
+    return {"compile": workers == 1, "world": workers}
+
+
 def check_on_device(record, steps: int, saved: bool = True) -> None:
     assert record.steps == steps
     assert record.syncs == [], f"host syncs in the steady-state step: {record.syncs}"
+    armed_due = [s for s in record.due if s >= 1]
+    assert len(record.reads) <= len(armed_due), (record.reads, record.due)
+    assert record.graph_breaks == 0, f"{record.graph_breaks} graph breaks"
+    assert all(s == 0 for s in record.compiled_at), \
+        f"recompiled after the first step: graphs compiled at steps {record.compiled_at}"
     assert record.cpu_ops == [], f"ops on CPU tensors in the step: {record.cpu_ops[:10]}"
     assert record.conv_dtypes == {torch.bfloat16}, record.conv_dtypes
     n_state = 0
@@ -70,11 +86,15 @@ def check_on_device(record, steps: int, saved: bool = True) -> None:
 def test_pretraining_runs_on_the_gpu_as_planned_and_resumes_there(name, tmp_path):
     cfg = preset(name, **{"pretrain.epochs": 100})
     out = tmp_path / "pretrain"
-    first = run_rehearsal("pretrain", cfg, out, data_for(name, cfg), steps=3)
+    first = run_rehearsal("pretrain", cfg, out, data_for(name, cfg), steps=3,
+                          **as_preset_runs(name))
     check_on_device(first, 3)
+    assert bool(first.compiled_at) == as_preset_runs(name)["compile"]
+    assert first.reads, "the log point at step 2 read nothing (is the tail watched?)"
     assert ("queue" in first.objects) == (cfg.pretrain.memory.queue_size > 0)
     # The same stage again resumes from the checkpoint, onto the device.
-    again = run_rehearsal("pretrain", cfg, out, data_for(name, cfg), steps=2)
+    again = run_rehearsal("pretrain", cfg, out, data_for(name, cfg), steps=2,
+                          **as_preset_runs(name))
     assert again.resumed_from == 3
     check_on_device(again, 2)
 
@@ -88,7 +108,8 @@ BIG = [("cifar10-gpu", {"depth": 50, "width": 1.0, "sk_ratio": 0.0625}),
 @pytest.mark.parametrize(("name", "model"), BIG, ids=lambda v: str(v))
 def test_the_largest_cells_pretrain_on_the_gpu(name, model, tmp_path):
     cfg = preset(name, model, **{"pretrain.epochs": 100})
-    record = run_rehearsal("pretrain", cfg, tmp_path / "p", data_for(name, cfg), 2, save=False)
+    record = run_rehearsal("pretrain", cfg, tmp_path / "p", data_for(name, cfg), 2, save=False,
+                           **as_preset_runs(name))
     check_on_device(record, 2, saved=False)
 
 
@@ -98,12 +119,13 @@ def test_supervised_and_fine_tuning_run_on_the_gpu(name, tmp_path):
     cfg = preset(name, **{"supervised.epochs": 100, "supervised.min_steps": 0,
                           "finetune.epochs": 100, "finetune.min_steps": 0})
     side, channels, _, _ = PRESETS_GPU[name]
-    record = run_rehearsal("supervised", cfg, tmp_path / "supervised", data_for(name, cfg), 3)
+    record = run_rehearsal("supervised", cfg, tmp_path / "supervised", data_for(name, cfg), 3,
+                           **as_preset_runs(name))
     check_on_device(record, 3)
     net = build_contrastive(cfg.model, cfg.head, channels, side)  # as pretraining saves it
     weights = {"encoder": net.encoder.state_dict(), "head": net.head.state_dict()}
     record = run_rehearsal("finetune", cfg, tmp_path / "finetune", data_for(name, cfg), 3, False,
-                           weights, tmp_path / "pretrain")
+                           weights, tmp_path / "pretrain", **as_preset_runs(name))
     check_on_device(record, 3)
 
 
@@ -116,15 +138,31 @@ def test_distillation_runs_on_the_gpu_with_its_teacher_there(name, tmp_path):
     teacher = build_classifier(cfg.model, cfg.head, cfg.finetune.head_layer, channels, side,
                                classes)
     record = run_rehearsal("distill", cfg, tmp_path / "distill", data_for(name, cfg), 3, False,
-                           {"classifier": teacher.state_dict()}, tmp_path / "teacher")
+                           {"classifier": teacher.state_dict()}, tmp_path / "teacher",
+                           **as_preset_runs(name))
     check_on_device(record, 3)
 
 
-def test_activation_checkpointing_rehearses_too(tmp_path):
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_activation_checkpointing_rehearses_too(tmp_path, compile):
     cfg = preset("imagenet-gpu", **{"pretrain.epochs": 100})
-    record = run_rehearsal("pretrain", cfg, tmp_path / "p", data_for("imagenet-gpu", cfg), 2, True,
-                           save=False)
+    record = run_rehearsal("pretrain", cfg, tmp_path / "p", data_for("imagenet-gpu", cfg), 3, True,
+                           save=False, compile=compile)
+    check_on_device(record, 3, saved=False)
+    assert bool(record.compiled_at) == compile
+
+
+def test_distillation_with_checkpointing_reaches_its_first_compiled_step(tmp_path):
+    """studies/distillation.py's cifar10-gpu lane: one worker, compiled, checkpointed."""
+    cfg = preset("cifar10-gpu", **{"distill.epochs": 100, "runtime.activation_checkpointing": True})
+    side, channels, classes, _ = PRESETS_GPU["cifar10-gpu"]
+    teacher = build_classifier(cfg.model, cfg.head, cfg.finetune.head_layer, channels, side,
+                               classes)
+    record = run_rehearsal("distill", cfg, tmp_path / "d", data_for("cifar10-gpu", cfg), 2, True,
+                           {"classifier": teacher.state_dict()}, tmp_path / "t", save=False,
+                           compile=True)
     check_on_device(record, 2, saved=False)
+    assert record.compiled_at == [0]
 
 
 def test_flops_count_where_the_model_is_not():

@@ -1,10 +1,13 @@
-"""Global batch norm on any device: statistics over the batches of all workers.
+"""Global batch norm on every device: statistics over the batches of all workers.
 
 SimCLR computes BN statistics over all replicas ("global BN"); per-replica BN
-lets the contrastive loss cheat. torch's SyncBatchNorm runs on GPUs only, so
-for CPU workers (gloo) this computes the same thing with an autograd-aware
-all_reduce of per-channel sums. Converting swaps the class of each BN module
-in place, so parameters, buffers and state-dict keys stay exactly the same.
+lets the contrastive loss cheat. This computes them with an autograd-aware
+all_reduce of per-channel sums, on gloo (CPU workers) and NCCL (GPUs) alike: one
+implementation, so the 2-worker CPU tests run the collectives a GPU cluster runs.
+torch's SyncBatchNorm (GPU only) is not used: it would be a second program, and it
+reads a count to the host once per BN layer per forward. Here nothing leaves the
+device. Converting swaps the class of each BN module in place, so parameters,
+buffers and state-dict keys stay exactly the same.
 """
 
 from __future__ import annotations
@@ -25,13 +28,18 @@ def _global_forward(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> tor
     dims = [0] + list(range(2, x.dim()))
     c = x.shape[1]
     shape = [1, c] + [1] * (x.dim() - 2)
-    count = torch.tensor([x.numel() / c], device=x.device, dtype=x.dtype)
+    # Statistics in fp32 whatever autocast gives (bf16 sums of 10^6 values lose ~3
+    # digits), as SyncBatchNorm's and cuDNN's kernels keep them; a no-op on fp32.
+    xf = x.float()
+    # Filled on the device: a tensor built from a Python number would be a copy from
+    # the host, which waits for the GPU's queue at every BN layer.
+    count = xf.new_full((1,), x.numel() / c)
     # Two passes (mean, then squared deviations) rather than E[x^2] - E[x]^2:
     # the head's BN sees tiny variances where the one-pass form cancels badly.
-    total = all_reduce(torch.cat([x.sum(dims), count]))  # sums; gradients flow back
+    total = all_reduce(torch.cat([xf.sum(dims), count]))  # sums; gradients flow back
     n = total[-1]
     mean = total[:c] / n
-    centred = x - mean.view(shape)
+    centred = xf - mean.view(shape)
     var = all_reduce((centred * centred).sum(dims)) / n
     if bn.running_mean is not None and bn.running_var is not None:
         with torch.no_grad():
@@ -45,7 +53,7 @@ def _global_forward(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> tor
         y = y * bn.weight.view(shape)
     if bn.bias is not None:
         y = y + bn.bias.view(shape)
-    return y
+    return y.to(x.dtype)
 
 
 class GlobalBatchNorm1d(nn.BatchNorm1d):

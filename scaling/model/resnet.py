@@ -211,9 +211,13 @@ class ResNet(nn.Module):
         x = self.stem(x)
         if not (self.checkpoint_blocks and self.training and torch.is_grad_enabled()):
             return self.groups(x).mean((2, 3))
+        compiling = torch.compiler.is_compiling()
         for block in self.blocks():
-            x = checkpoint(block, x, use_reentrant=False,
-                           context_fn=functools.partial(_recompute_without_bn_update, block))
+            if compiling:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = checkpoint(block, x, use_reentrant=False,
+                               context_fn=functools.partial(_recompute_without_bn_update, block))
         return x.mean((2, 3))
 
     def blocks(self) -> list[nn.Module]:

@@ -130,42 +130,43 @@ class StageRun:
             crops = crops_for(view, views, seed, self.epoch)
             yield from fetch.stream(batches[self.skip_in_epoch():], crops)
 
+    def due(self) -> tuple[bool, bool]:
+        """(log, checkpoint): whether the step now finishing draws a curve point and
+        whether it ends with a checkpoint. The host reads values only at such steps on
+        a GPU (one read: ``_read``), and all workers agree on them."""
+        step = self.step + 1
+        last = step == self.total_steps
+        every = self.runtime.checkpoint_every or self.steps_per_epoch
+        return step % self.log_every == 0 or last, step % every == 0 or last
+
     def after_step(self, loss: torch.Tensor, lr: float, images: int) -> None:
         """Record a finished step; check for NaN; checkpoint when due."""
         self._bad |= ~torch.isfinite(loss.detach())
         self._loss_sum += loss.detach().float()
         self._loss_n += 1
-        log_due = (self.step + 1) % self.log_every == 0 or self.step + 1 == self.total_steps
-        every = self.runtime.checkpoint_every or self.steps_per_epoch
-        ckpt_due = (self.step + 1) % every == 0 or self.step + 1 == self.total_steps
-        # Check every step in a single CPU process; otherwise only where a sync or a
-        # collective happens anyway (log points, checkpoints), and always before saving.
-        if (not self.env.cuda and self.env.world == 1) or log_due or ckpt_due:
-            self._check_finite(loss)
-        now = time.perf_counter()
+        log_due, ckpt_due = self.due()
         mean = None
-        if log_due:  # the mean loss since the last point: a smooth, honest curve
-            total = self._loss_sum / self._loss_n
-            if self.env.world > 1:  # every worker logs at the same steps: average them
-                torch.distributed.all_reduce(total)
-                total = total / self.env.world
-            mean = float(total)
-            self._loss_sum.zero_()
-            self._loss_n = 0
+        # Check every step in a single CPU process (a read costs nothing there);
+        # otherwise only at log points and checkpoints, and always before saving.
+        if (not self.env.cuda and self.env.world == 1) or log_due or ckpt_due:
+            mean = self._read(loss, log_due)
+        now = time.perf_counter()
         self.progress.step(self.step, self.epoch, mean, lr, images, now - self._last)
         self.step += 1
         if ckpt_due:
             self.checkpoint()
         self._last = time.perf_counter()
 
-    def _check_finite(self, loss: torch.Tensor) -> None:
+    def _read(self, loss: torch.Tensor, log_due: bool) -> float | None:
+        """The step's one host read: whether any worker's loss went non-finite and
+        (at a log point) the mean loss since the last point over all workers, in one
+        all_reduce and one copy to the host. Raises NonFiniteLoss on every worker
+        together (one raising alone would leave the others in the next collective)."""
+        both = torch.stack([self._bad.float(), self._loss_sum / max(self._loss_n, 1)])
         if self.env.world > 1:
-            # All workers must stop together: one raising alone would leave the
-            # others waiting in the next collective until the group times out.
-            flag = self._bad.to(torch.int32)  # gloo reduces no bools
-            torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX)
-            self._bad = flag.bool()
-        if bool(self._bad):
+            torch.distributed.all_reduce(both)  # sums: any bad flag makes it > 0
+        bad, total = both.cpu().tolist()  # one copy; .tolist() on the device reads twice
+        if bad:
             kept = sorted((self.out / "checkpoints").glob("step-*"))
             where = str(kept[-1]) if kept else "none (no checkpoint yet)"
             raise NonFiniteLoss(
@@ -173,6 +174,11 @@ class StageRun:
                 f"stopped without saving. Last good checkpoint: {where}. Lower the learning "
                 "rate (optim.base_lr) or raise the temperature."
             )
+        if not log_due:
+            return None
+        self._loss_sum.zero_()  # the mean loss since the last point: a smooth, honest curve
+        self._loss_n = 0
+        return total / self.env.world
 
     def checkpoint(self) -> Path | None:
         if not self.env.is_main:

@@ -39,6 +39,11 @@ class Env:
     rank: int = 0
     world: int = 1
     compile: bool = False
+    # torch.compile's backend. Inductor only compiles on CUDA (on the CPU it takes
+    # minutes and gains little); any other backend is an explicit request that compiles
+    # on every device: the CPU rehearsal of the GPU path uses aot_eager
+    # (tests/test_compile.py), and aot_eager on a GPU isolates an Inductor bug.
+    compile_backend: str | Callable[..., Any] = "inductor"
     checkpointing: bool = False  # runtime.activation_checkpointing: ResNet blocks recompute
     cpus: int | None = None  # the cores a runner gave this process (Ray: cpus_per_worker)
     # Called after every checkpoint and at the end with (metrics, directory or None).
@@ -62,17 +67,17 @@ class Env:
         return contextlib.nullcontext()
 
     def prepare(self, model: nn.Module, sync_bn: bool = False) -> nn.Module:
-        """Move to the device; channels_last on CUDA; DDP (+SyncBN) with several workers.
+        """Move to the device; channels_last on CUDA; DDP (+ global BN) with several
+        workers; compiled where ``compiles``.
 
         Returns the module to call in the loop; keep a reference to the unwrapped
         ``model`` for checkpoints (no ``module.`` prefixes in saved state).
         """
         if self.world > 1 and sync_bn:
-            # SyncBatchNorm is GPU-only; our global BN computes the same on CPU.
-            if self.cuda:
-                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            else:
-                convert_global_bn(model)
+            # One global BN on every device (scaling/model/global_bn.py), not torch's
+            # SyncBatchNorm on CUDA: the 2-worker CPU tests then run the very collectives
+            # a GPU cluster runs, and it reads no count to the host per BN layer.
+            convert_global_bn(model)
         self.move(model)
         if self.checkpointing:
             for m in model.modules():
@@ -83,10 +88,12 @@ class Env:
             ids = [self.device.index] if self.cuda else None
             # With global BN every worker's running statistics are the same (they come
             # from the gathered batch), so DDP's per-forward buffer broadcast is waste.
+            # Gradients as views into DDP's buckets: no second fp32 copy of them.
             wrapped = nn.parallel.DistributedDataParallel(
-                model, device_ids=ids, broadcast_buffers=not sync_bn)
+                model, device_ids=ids, broadcast_buffers=not sync_bn,
+                gradient_as_bucket_view=True)
         if self.compiles:
-            wrapped = torch.compile(wrapped)  # type: ignore[assignment]
+            wrapped = torch.compile(wrapped, backend=self.compile_backend)  # type: ignore[assignment]
         return wrapped
 
     def move(self, model: nn.Module) -> nn.Module:
@@ -100,10 +107,12 @@ class Env:
 
     @property
     def compiles(self) -> bool:
-        """torch.compile only on one CUDA worker: under DDP, Dynamo breaks the graph
-        at every SyncBatchNorm (a host sync per BN layer), which costs more than
-        compiling saves; several workers run eager."""
-        return self.compile and self.cuda and self.world == 1
+        """torch.compile on one worker only: with several, Dynamo breaks the graph at
+        every global BN's autograd all_reduce (two a BN layer, counted in
+        tests/test_compile.py), so the network would run as ~100 small graphs; several
+        workers run eager (docs/gpu.md). Inductor only on CUDA (``compile_backend``)."""
+        return (self.compile and self.world == 1
+                and (self.cuda or self.compile_backend != "inductor"))
 
     @classmethod
     def local(cls, rt: RuntimeConfig, report: Report | None = None,
