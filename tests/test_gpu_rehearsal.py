@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from rehearsal import rehearse_backward, run_rehearsal, tensors_of
+from rehearsal import run_rehearsal, tensors_of
 
 from scaling.config import ExperimentConfig
 from scaling.configure import PRESETS, load_config
