@@ -323,15 +323,18 @@ def tensors_of(obj: Any) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 class ReadGuard(TorchDispatchMode):
-    """Records every scalar read (a host sync on a GPU) while ``armed``."""
+    """Records every scalar read (a host sync on a GPU) while ``armed``, and the
+    ops that ran then (what the backward did)."""
 
     def __init__(self, found: list[str]) -> None:
         super().__init__()
-        self.found, self.armed = found, False
+        self.found, self.armed, self.ops = found, False, set[str]()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        if self.armed and str(func) in SYNCS:
-            self.found.append(f"{func} at {_caller()}")
+        if self.armed:
+            self.ops.add(str(func))
+            if str(func) in SYNCS:
+                self.found.append(f"{func} at {_caller()}")
         return func(*args, **(kwargs or {}))
 
 
@@ -340,7 +343,8 @@ def _ddp_without_transport(module: torch.nn.Module, **kwargs: Any) -> torch.nn.M
     all_reduce is a completed future: the fake process group returns no tensors."""
     ddp = _DDP(module, **kwargs)
 
-    def done(state: Any, bucket: Any) -> torch.futures.Future[torch.Tensor]:
+    def done(state, bucket):  # type: ignore[no-untyped-def]  # DDP checks annotations
+
         future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
         future.set_result(bucket.buffer())
         return future
@@ -354,11 +358,11 @@ _DDP = torch.nn.parallel.DistributedDataParallel
 
 def rehearse_backward(stage: str, cfg: ExperimentConfig, out: Path, steps: int = 2,
                       weights: dict[str, Any] | None = None, *args: Any,
-                      checkpointing: bool = True) -> list[str]:
+                      checkpointing: bool = True) -> tuple[list[str], set[str]]:
     """Run ``stage`` on the CPU for ``steps`` steps as rank 0 of two workers (global
     BN, gathered negatives, DDP), and return the scalar reads made inside
-    ``backward()``: on a GPU each is a host sync in the backward. The first step's
-    backward counts too (nothing there is set-up)."""
+    ``backward()`` (on a GPU each is a host sync in the backward; the first step's
+    count too: nothing there is set-up) and the ops the backward ran."""
     found: list[str] = []
     guard = ReadGuard(found)
     original_backward = torch.Tensor.backward
@@ -394,4 +398,4 @@ def rehearse_backward(stage: str, cfg: ExperimentConfig, out: Path, steps: int =
         with contextlib.suppress(Rehearsed):
             run_stage(stage, cfg, out, *args, env=env)
     assert done[0] == steps, f"{stage} stopped after {done[0]} of {steps} steps"
-    return found
+    return found, guard.ops

@@ -13,13 +13,16 @@ rehearsal claims to catch has a test here that plants one and sees it fail.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
-from rehearsal import run_rehearsal, tensors_of
+from rehearsal import rehearse_backward, run_rehearsal, tensors_of
 
 from scaling.config import ExperimentConfig
 from scaling.configure import PRESETS, load_config
 from scaling.model.network import build_classifier, build_contrastive
+from scaling.stages.stage_run import StageRun
 from scaling.train import fake_cuda
 from scaling.train.env import Env
 from scaling.train.measure import FlopCounterMode, forward_flops_per_image
@@ -234,3 +237,99 @@ def test_each_stage_starts_with_a_fresh_dynamo_cache(tiny, tmp_path, monkeypatch
     run_local("pretrain", cfg, tmp_path / "p", None)
     run_local("pretrain", with_overrides(cfg, {"runtime.compile": False}), tmp_path / "p", None)
     assert resets == [1]
+
+
+def small(name: str, **extra: object) -> ExperimentConfig:
+    """The preset's networks (depth, SK, stem, head, queue) at 1/16 width on 32 px
+    synthetic images, on the CPU: a real backward in about a second a stage."""
+    return load_config(PRESETS / f"{name}.yaml", {
+        "data.name": "synthetic", "data.image_size": 32, "data.val_size": 16,
+        "data.val_excluded_file": None, "model.width": 0.0625, "label_fractions": [],
+        "finetune.per_fraction": {}, "finetune.label_fraction": 0.5, "finetune.min_steps": 0,
+        "supervised.lr_grid": [], "supervised.min_steps": 0, "runtime.device": "cpu",
+        "pretrain.memory.queue_size": 64 if "imagenet" in name else 0, "distill.alpha": 0.5,
+        **{f"{s}.batch_size": 16 for s in ("pretrain", "finetune", "distill", "supervised")},
+        **extra})
+
+
+def input_weights(cfg: ExperimentConfig, stage: str) -> dict | None:
+    """What the input stage's final/model.pt would hold (real, fresh CPU weights)."""
+    if stage == "finetune":
+        net = build_contrastive(cfg.model, cfg.head, 1, 32)
+        return {"encoder": net.encoder.state_dict(), "head": net.head.state_dict()}
+    if stage == "distill":
+        teacher = build_classifier(cfg.model, cfg.head, cfg.finetune.head_layer, 1, 32, 4)
+        return {"classifier": teacher.state_dict()}
+    return None
+
+
+STAGES = ["pretrain", "finetune", "distill", "supervised"]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_the_backward_reads_nothing_to_the_host(stage, tmp_path):
+    """Each stage's real backward on the CPU as rank 0 of two workers, with activation
+    checkpointing: the recomputation, BN's and the gather's backward all run, and
+    none reads a value (each read would be a host sync per step on a GPU)."""
+    cfg = small("imagenet-gpu")
+    found, ops = rehearse_backward(stage, cfg, tmp_path / stage, 2, input_weights(cfg, stage),
+                                   *([tmp_path / "in"] if input_weights(cfg, stage) else []))
+    assert found == [], f"host reads in the backward: {found}"
+    assert "aten.convolution.default" in ops, "no recomputation ran in the backward"
+    assert "c10d.allreduce_.default" in ops, "global BN's backward did not run"
+    if stage == "pretrain":  # the gathered negatives' backward
+        assert "c10d.alltoall_.default" in ops, sorted(o for o in ops if "c10d" in o)
+
+
+# Each kind of defect the rehearsal claims to catch, planted: the rehearsal must fail.
+
+def test_a_copy_to_the_host_in_the_steps_tail_fails_the_rehearsal(tmp_path, monkeypatch):
+    original = StageRun.after_step
+
+    def mutated(self, loss, lr, images):
+        loss.detach().float().cpu()  # e.g. logging the loss every step
+        original(self, loss, lr, images)
+
+    monkeypatch.setattr(StageRun, "after_step", mutated)
+    cfg = preset("cifar10-gpu", **{"pretrain.epochs": 100})
+    record = run_rehearsal("pretrain", cfg, tmp_path / "p", data_for("cifar10-gpu", cfg), 3,
+                           save=False, compile=True)
+    assert any("_to_copy" in s for s in record.syncs), record.syncs
+    with pytest.raises(AssertionError, match="host syncs"):
+        check_on_device(record, 3, saved=False)
+
+
+def test_a_host_read_in_the_recomputation_fails_the_backward_rehearsal(tmp_path, monkeypatch):
+    from scaling.model import resnet
+
+    original = resnet._frozen_bn_statistics
+
+    @contextlib.contextmanager
+    def mutated(module):
+        with original(module):
+            for m in module.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    int(m.num_batches_tracked)  # e.g. a check that reads the count
+            yield
+
+    monkeypatch.setattr(resnet, "_frozen_bn_statistics", mutated)
+    found, _ = rehearse_backward("pretrain", small("cifar10-gpu"), tmp_path / "p", 2)
+    assert any("_local_scalar_dense" in f for f in found), found
+
+
+def test_a_cpu_index_in_the_augmentation_fails_the_rehearsal(tmp_path, monkeypatch):
+    from scaling.stages import pretrain as stage
+
+    original = stage.augment_views
+
+    def mutated(x, *args, **kwargs):
+        x = x[torch.randperm(len(x))]  # an index drawn on the host
+        return original(x, *args, **kwargs)
+
+    monkeypatch.setattr(stage, "augment_views", mutated)
+    cfg = preset("cifar10-gpu", **{"pretrain.epochs": 100})
+    record = run_rehearsal("pretrain", cfg, tmp_path / "p", data_for("cifar10-gpu", cfg), 3,
+                           save=False, compile=True)
+    assert record.cpu_ops or record.syncs
+    with pytest.raises(AssertionError, match="host syncs|CPU tensors"):
+        check_on_device(record, 3, saved=False)

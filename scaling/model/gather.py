@@ -26,7 +26,8 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
         return x
     from torch.distributed.nn.functional import all_gather
 
-    return torch.cat(all_gather(x), dim=0)
+    # The group named now: the default was bound when the function was first imported.
+    return torch.cat(all_gather(x, group=dist.group.WORLD), dim=0)
 
 
 @torch.no_grad()

@@ -23,7 +23,13 @@ def _global_forward(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> tor
     if not bn.training or world()[1] == 1:
         return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias,
                             bn.training, bn.momentum or 0.0, bn.eps)
-    from torch.distributed.nn.functional import all_reduce
+    import torch.distributed as dist
+    from torch.distributed.nn.functional import all_reduce as reduce
+
+    def all_reduce(t: torch.Tensor) -> torch.Tensor:
+        # The group named now: the function's default was bound when it was first
+        # imported, to whichever group existed then (a later one is not it).
+        return reduce(t, group=dist.group.WORLD)
 
     dims = [0] + list(range(2, x.dim()))
     c = x.shape[1]
