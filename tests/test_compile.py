@@ -97,3 +97,23 @@ def test_every_stage_compiles_once_without_breaks(name, tmp_path, monkeypatch):
     assert all(steps >= 2 * 2 for _, steps in ran), ran  # two epochs of >= 2 steps
     late = [(stage, step) for stage, step in compiles.at if step > 0]
     assert late == [], f"graphs compiled after a stage's first step: {late}"
+
+
+def test_global_bn_traces_as_one_graph_on_several_workers():
+    """The evidence for compiling under several workers (docs/gpu.md): with the global
+    BN, rank 0 of two traces the whole network, forward and backward, as one graph
+    with no break (SyncBatchNorm broke it at each BN layer: R18 has 21)."""
+    from rehearsal import fake_process_group
+
+    from scaling.model.global_bn import convert_global_bn
+    from scaling.model.resnet import ResNet
+
+    compiles = Compiles()
+    breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
+    torch._dynamo.reset()
+    with fake_process_group(2):
+        net = convert_global_bn(ResNet(18, 1 / 16, stem="small"))
+        torch.compile(net, backend=compiles.backend)(torch.randn(4, 3, 32, 32)).sum().backward()
+    torch._dynamo.reset()
+    assert len(compiles.at) == 1
+    assert sum(torch._dynamo.utils.counters["graph_break"].values()) == breaks

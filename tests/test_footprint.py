@@ -150,3 +150,19 @@ def test_a_lane_asking_for_a_resource_the_cluster_lacks_is_refused():
     with pytest.raises(ConfigError, match="runtime.node_resource='GPU_1X'.*no custom"):
         capacity(cfg, {"CPU": 16, "GPU": 2})
     assert rt.node_resource == "GPU_1X"
+
+
+def test_several_workers_plan_ddp_buckets_and_the_gathered_negatives():
+    """On rank 0 of W: the gradients live in DDP's buckets (views, no second copy),
+    global BN saves what plain BN saves, and the loss's similarity matrices widen with
+    the gathered negatives: at least the logits, N x 2WN fp32 a direction."""
+    cfg = load_config(PRESETS / "cifar10-gpu.yaml", {"model.depth": 18, "model.width": 0.5})
+    one = step_footprint(cfg, "pretrain", 64, 3, 32, 10)
+    four = step_footprint(cfg, "pretrain", 64, 3, 32, 10, world=4)
+    assert one.buckets == 0 and one.gradients > 0
+    assert four.gradients == 0 and four.buckets == one.gradients
+    # Global BN keeps its input and two vectors a layer, as plain BN does.
+    assert four.activations == pytest.approx(one.activations, rel=1e-3)
+    n = 64
+    assert four.similarity - one.similarity >= 2 * n * 2 * n * (4 - 1) * 4
+    assert "buckets" in four.parts() and "similarity" in four.parts()

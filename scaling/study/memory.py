@@ -48,7 +48,7 @@ def _key(cfg: ExperimentConfig, stage: str) -> tuple[Any, ...]:
             cfg.distill.alpha > 0 if stage == "distill" else None,
             cfg.model if stage == "distill" else None,
             per_gpu_batch(cfg, stage), cfg.data.name, cfg.data.image_size,
-            cfg.runtime.activation_checkpointing)
+            cfg.runtime.activation_checkpointing, cfg.runtime.workers)
 
 
 def memory_plan(study: Study) -> list[RunMemory]:
@@ -64,7 +64,8 @@ def memory_plan(study: Study) -> list[RunMemory]:
         shape = CATALOG[cfg.data.name]
         side = cfg.data.image_size or shape.side
         fp = step_footprint(cfg, stage, per_gpu_batch(cfg, stage), shape.channels, side,
-                            shape.classes, shape.images if shape.in_memory else 0)
+                            shape.classes, shape.images if shape.in_memory else 0,
+                            world=max(cfg.runtime.workers, 1))
         model = model_label(cfg.student if stage == "distill" else cfg.model)
         out.append(RunMemory(stage, model, per_gpu_batch(cfg, stage), fp, tuple(where)))
     return sorted(out, key=lambda r: -r.footprint.needed)

@@ -107,10 +107,11 @@ class Env:
 
     @property
     def compiles(self) -> bool:
-        """torch.compile on one worker only: with several, Dynamo breaks the graph at
-        every global BN's autograd all_reduce (two a BN layer, counted in
-        tests/test_compile.py), so the network would run as ~100 small graphs; several
-        workers run eager (docs/gpu.md). Inductor only on CUDA (``compile_backend``)."""
+        """torch.compile on one worker only. Decided again on the global BN (docs/gpu.md):
+        the network under several workers now traces as one graph with no break
+        (SyncBatchNorm broke it at every layer; tests/test_compile.py counts 0), but
+        DDP + compile + NCCL has never run on a GPU here, so several workers stay eager
+        until a lent GPU machine has run it. Inductor only on CUDA (``compile_backend``)."""
         return (self.compile and self.world == 1
                 and (self.cuda or self.compile_backend != "inductor"))
 

@@ -10,7 +10,13 @@ CUDA as in training. The parts add up at the step's peak, the start of the backw
   recomputes and holds;
 - the memory network's copy, the negative queue, a distillation teacher;
 - data: an in-memory dataset copied to the device, the uint8 batch and its views.
-- the backward's gradients in flight: twice the largest saved tensor.
+- the backward's gradients in flight: twice the largest saved tensor;
+- with several workers (``world``): the step runs as rank 0 of a fake process group
+  of that size (collectives return at once, on fake tensors), so global BN's fp32
+  statistics and the gathered negatives' similarity matrix (N x 2WN a direction)
+  are measured as saved activations; DDP's gradient buckets (``buckets``) hold the
+  gradients (``gradient_as_bucket_view``: .grad is a view into them, so
+  ``gradients`` is 0 there).
 Not in the sum (``HEADROOM`` covers them): the CUDA context, cuDNN workspaces and
 the allocator's fragmentation.
 """
@@ -20,6 +26,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -48,8 +55,12 @@ class Footprint:
 
     parameters: int = 0
     gradients: int = 0
+    buckets: int = 0  # DDP's gradient buckets (several workers): the gradients live there
     optimizer: int = 0
-    activations: int = 0  # saved for the backward
+    activations: int = 0  # saved for the backward by the network
+    # Saved by the loss: pretraining's similarity matrices over the negatives gathered
+    # from every worker and the queue (N x (2WN + K) a direction); elsewhere the logits.
+    similarity: int = 0
     recompute: int = 0  # activation checkpointing: the largest block, rebuilt in the backward
     backward: int = 0  # gradients in flight: twice the largest saved tensor
     momentum: int = 0  # the memory network (parameters and buffers)
@@ -99,13 +110,45 @@ def saved_bytes(exclude: set[int], into: list[int]) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def as_rank_zero_of(world: int) -> Iterator[None]:
+    """This process as rank 0 of ``world`` workers whose collectives return at once
+    (torch's fake process group, as torchtitan's memory estimator plans with), and
+    DDP's wrapper left out (it reads parameter storage, which fake tensors lack;
+    its buckets are added by ``step_footprint``). World 1: nothing changes."""
+    if world <= 1:
+        yield
+        return
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():  # a real group here: plan in another process
+        raise RuntimeError("step_footprint(world > 1) needs a process without a process group")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    try:
+        with mock.patch("torch.nn.parallel.DistributedDataParallel", lambda m, **k: m):
+            yield
+    finally:
+        dist.destroy_process_group()
+
+
 def step_footprint(cfg: ExperimentConfig, stage: str, batch: int, channels: int, side: int,
                    classes: int, dataset_images: int = 0, device: str = "cuda",
-                   checkpointing: bool | None = None) -> Footprint:
-    """One training step of ``stage`` at ``batch`` images per device. ``dataset_images``:
-    images of an in-memory dataset the stage copies to the device (0: a folder)."""
+                   checkpointing: bool | None = None, world: int = 1) -> Footprint:
+    """One training step of ``stage`` at ``batch`` images per device, on one of ``world``
+    data-parallel workers. ``dataset_images``: images of an in-memory dataset the
+    stage copies to the device (0: a folder)."""
+    with as_rank_zero_of(world):
+        return _step_footprint(cfg, stage, batch, channels, side, classes, dataset_images,
+                               device, checkpointing, world)
+
+
+def _step_footprint(cfg: ExperimentConfig, stage: str, batch: int, channels: int, side: int,
+                    classes: int, dataset_images: int, device: str, checkpointing: bool | None,
+                    world: int) -> Footprint:
     ckpt = cfg.runtime.activation_checkpointing if checkpointing is None else checkpointing
-    env = Env(fake_cuda.CUDA if device == "cuda" else torch.device("cpu"), checkpointing=ckpt)
+    env = Env(fake_cuda.CUDA if device == "cuda" else torch.device("cpu"), checkpointing=ckpt,
+              world=world)
     views = 2 if stage == "pretrain" else 1
     labelled = batch if stage == "distill" and cfg.distill.alpha > 0 else 0
     head_layer = 0 if stage in ("supervised", "distill") else cfg.finetune.head_layer
@@ -117,7 +160,8 @@ def step_footprint(cfg: ExperimentConfig, stage: str, batch: int, channels: int,
             model = cfg.student if stage == "distill" else cfg.model
             net = empty_module(
                 lambda: build_classifier(model, cfg.head, head_layer, channels, side, classes))
-        model_on_device = env.prepare(net)
+        # Global BN on several workers, as each stage asks for it.
+        model_on_device = env.prepare(net, sync_bn=stage != "pretrain" or cfg.pretrain.global_bn)
         parts: dict[str, int] = {"parameters": tensor_bytes(net.parameters())}
         weights = {p.untyped_storage()._cdata for p in net.parameters()}
         with torch.device(env.device):
@@ -141,15 +185,19 @@ def step_footprint(cfg: ExperimentConfig, stage: str, batch: int, channels: int,
                 teacher_logits = teacher(env.images(v[:batch])).float()
         if ckpt:  # the largest block, recomputed in the backward, comes on top
             parts["recompute"] = max(_block_bytes(net, model_on_device, env, v, weights))
-        activations = [0, 0]
-        with saved_bytes(weights, activations), env.autocast():
-            out = model_on_device(env.images(v))
-            loss = _loss(stage, cfg, out, teacher_logits, queue, batch)
+        activations, similarity = [0, 0], [0, 0]
+        with env.autocast():
+            with saved_bytes(weights, activations):
+                out = model_on_device(env.images(v))
+            with saved_bytes(weights, similarity):
+                loss = _loss(stage, cfg, out, teacher_logits, queue, batch)
         parts["activations"] = activations[0]
+        parts["similarity"] = similarity[0]
         # The backward holds the gradient flowing into an op and the one it makes.
-        parts["backward"] = 2 * activations[1]
+        parts["backward"] = 2 * max(activations[1], similarity[1])
         fake_cuda.fake_backward(loss)
-        parts["gradients"] = tensor_bytes(p.grad for p in net.parameters() if p.grad is not None)
+        grads = tensor_bytes(p.grad for p in net.parameters() if p.grad is not None)
+        parts["buckets" if world > 1 else "gradients"] = grads
         optimizer = build_optimizer(_optim(cfg, stage), net)
         optimizer.step()
         parts["optimizer"] = tensor_bytes(
@@ -188,7 +236,8 @@ def _loss(stage: str, cfg: ExperimentConfig, out: torch.Tensor | list[torch.Tens
         z1, z2 = out[-1].float().chunk(2)
         # A full queue: its negatives widen the similarity matrix the loss saves.
         negatives = None if queue is None else queue.queue
-        return nt_xent(z1, z2, cfg.pretrain.temperature, gather=False, negatives=negatives)
+        # Gathered over the workers there are (the similarity matrix is N x 2WN).
+        return nt_xent(z1, z2, cfg.pretrain.temperature, negatives=negatives)
     assert isinstance(out, torch.Tensor)
     logits = out.float()
     if stage == "distill":
