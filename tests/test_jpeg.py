@@ -3,6 +3,7 @@ the same images, boxes and crops as the loader path, within resampling rounding.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -128,12 +129,35 @@ def test_training_batches_keep_their_loader_workers_across_epochs(tmp_path, on_d
         crops = Crops(2, (0.08, 1.0), (0.75, 4 / 3), epoch)
         batches = [np.array([0, 7, 3]), np.array([11, 2, 5])]
         assert len(list(fetch.stream(batches, crops))) == 2
-        pids.append([w.pid for w in fetch._training._iterator._workers])  # type: ignore
+        pids.append(_workers(fetch, "train"))
     assert pids[0] == pids[1] and all(pids[0])
     # A stage that stops mid-epoch (a resumed run's first epoch) does not wedge the next.
     first = next(fetch.stream(batches, Crops(2, (0.08, 1.0), (0.75, 4 / 3), 5)))
     assert first[0].shape[:2] == (3, 2)
     assert len(list(fetch.stream(batches, Crops(2, (0.08, 1.0), (0.75, 4 / 3), 6)))) == 2
+
+
+def _workers(fetch: Fetcher, use: str) -> list[int]:
+    loader = next(loader for (u, _), (loader, _) in fetch._persistent.items() if u == use)
+    return [w.pid for w in loader._iterator._workers]  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+def test_single_batches_keep_one_loader_between_training_batches(tmp_path, on_device):
+    """Distillation with alpha > 0 asks the fetcher for a labelled batch every step,
+    while the same fetcher streams the unlabelled epoch: one loader serves every call
+    (a new one a step started its worker processes each step), and the stream goes on."""
+    ds = _photos(tmp_path)
+    fetch = Fetcher(ds, CPU, 1, decode_on_device=on_device)
+    crops = Crops(2, (0.08, 1.0), (0.75, 4 / 3), 0)
+    stream = fetch.stream([np.array([0, 7, 3]), np.array([11, 2, 5])], crops)
+    pids = []
+    for step, idx in enumerate([np.array([1, 4]), np.array([6, 8])]):
+        assert next(stream)[0].shape[:2] == (3, 2), step  # the training batch
+        x, y = fetch(idx)  # then the labelled one
+        assert x.shape[0] == 2 and torch.equal(y, ds.labels[torch.from_numpy(idx)])
+        pids.append(_workers(fetch, "call"))
+    assert pids[0] == pids[1] and all(pids[0])
 
 
 def test_crops_of_a_mixed_size_batch_match_cropping_each_image_alone():
@@ -148,3 +172,36 @@ def test_crops_of_a_mixed_size_batch_match_cropping_each_image_alone():
     for i, (img, b) in enumerate(zip(images, boxes, strict=True)):
         assert torch.equal(batch[i], jpeg.crop_resize([img], [b], 16)[0]), i
     assert not torch.equal(batch[0], batch[2])  # same size, other boxes and pixels
+
+
+def test_device_decode_hands_over_by_events_without_a_host_wait(monkeypatch):
+    """The CUDA branch, rehearsed with stand-in streams: the batch is decoded on a side
+    stream, the training stream waits for it on the device, each image's memory is
+    kept until the training stream is done, and nothing makes the host wait (the
+    old branch's stream.synchronize() fails this)."""
+    from unittest import mock
+
+    calls: list[str] = []
+    main, side = mock.MagicMock(name="main"), mock.MagicMock(name="side")
+    main.synchronize.side_effect = side.synchronize.side_effect = \
+        lambda: calls.append("host wait")
+    main.wait_stream.side_effect = lambda s: calls.append(f"main waits for {s._mock_name}")
+    images = [mock.MagicMock(), mock.MagicMock()]
+    for i, image in enumerate(images):
+        image.record_stream.side_effect = lambda s, i=i: calls.append(f"{i} kept for "
+                                                                      f"{s._mock_name}")
+
+    @contextlib.contextmanager
+    def on(stream):
+        calls.append(f"on {stream._mock_name}")
+        yield
+        calls.append(f"off {stream._mock_name}")
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: main)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: side)
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    monkeypatch.setattr(jpeg, "_decode", lambda *a: calls.append("decode") or images)
+    monkeypatch.setattr(jpeg, "_SIDE", {})
+    assert jpeg.decode([torch.zeros(4, dtype=torch.uint8)], torch.device("cuda", 0)) == images
+    assert calls == ["on side", "decode", "off side", "main waits for side",
+                     "0 kept for main", "1 kept for main"]

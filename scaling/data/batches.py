@@ -118,8 +118,9 @@ class Fetcher:
         self.device = device
         self.workers = default_loader_workers(cpus) if workers is None else workers
         self.decode_on_device = decode_on_device  # folder data: scaling.data.jpeg
-        self._training: torch.utils.data.DataLoader[Any] | None = None  # see _loader
-        self._batches = EpochBatches()
+        # Loaders whose workers live across epochs and calls (see _loader), by use.
+        self._persistent: dict[tuple[str, bool], tuple[torch.utils.data.DataLoader[Any],
+                                                        EpochBatches]] = {}
         if isinstance(dataset, ImageData):
             self.images = dataset.images.to(device)
             self.labels = dataset.labels.to(device)
@@ -139,45 +140,55 @@ class Fetcher:
         if isinstance(self.dataset, ImageData):
             i = idx if isinstance(idx, torch.Tensor) else torch.from_numpy(idx).to(self.device)
             return self.images.index_select(0, i), self.labels.index_select(0, i)
-        return next(self.stream([np.asarray(idx.cpu() if isinstance(idx, torch.Tensor) else idx)]))
+        # Called every step (distillation's labelled batch): its own persistent loader,
+        # not a new one with fresh worker processes each time.
+        one = np.asarray(idx.cpu() if isinstance(idx, torch.Tensor) else idx)
+        return next(self.stream([one], use="call"))
 
     def stream(
-        self, batches: list[np.ndarray], crops: Crops | None = None
+        self, batches: list[np.ndarray], crops: Crops | None = None, use: str | None = None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches of (images, labels). A folder dataset with ``crops`` yields
         NxVxCxSxS random crops of the full images; otherwise NxCxHxW images
-        (a folder dataset's evaluation view)."""
+        (a folder dataset's evaluation view). ``use``: which persistent loader serves
+        them (default: "train" with crops, a plain one for an evaluation)."""
         if isinstance(self.dataset, ImageData):
             yield from self._gather(batches)
             return
+        use = use or ("train" if crops is not None else None)
         if self.decode_on_device:
-            yield from self._decode_here(self.dataset, batches, crops)
+            yield from self._decode_here(self.dataset, batches, crops, use)
             return
         c = crops
         keys = [b.tolist() if c is None else
                 [(i, s, c.views, c.scale, c.ratio)
                  for i, s in zip(b.tolist(), item_seeds(c.seed, b).tolist(), strict=True)]
                 for b in batches]
-        loader = self._loader(self.dataset, keys, None, training=crops is not None)
+        loader = self._loader(self.dataset, keys, None, use)
         for x, y in loader:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def _loader(self, dataset: torch.utils.data.Dataset[Any], keys: list[Any],
-                collate: Any, training: bool) -> torch.utils.data.DataLoader[Any]:
-        """Training batches come from one DataLoader whose workers live across epochs
+                collate: Any, use: str | None) -> torch.utils.data.DataLoader[Any]:
+        """Training batches come from a DataLoader whose workers live across epochs
         (each epoch hands it new batches); starting 8+ decode processes a rank every
-        epoch cost seconds each time. Evaluation (once, at the end) gets a plain one."""
-        if not training or self.workers == 0:
+        epoch cost seconds each time. Each ``use`` has its own (one fetcher may stream
+        training batches and serve single calls in between); an evaluation (once, at
+        the end; ``use`` None) gets a plain one."""
+        pin = self.device.type == "cuda" and collate is None
+        if use is None or self.workers == 0:
             return torch.utils.data.DataLoader(
                 dataset, batch_sampler=keys, num_workers=self.workers, collate_fn=collate,
-                pin_memory=self.device.type == "cuda" and collate is None)
-        if self._training is None:
-            self._training = torch.utils.data.DataLoader(
-                dataset, batch_sampler=self._batches, num_workers=self.workers,
-                collate_fn=collate, persistent_workers=True,
-                pin_memory=self.device.type == "cuda" and collate is None)
-        self._batches.keys = keys
-        return self._training
+                pin_memory=pin)
+        key = (use, collate is None)
+        if key not in self._persistent:
+            sampler = EpochBatches()
+            self._persistent[key] = (torch.utils.data.DataLoader(
+                dataset, batch_sampler=sampler, num_workers=self.workers,
+                collate_fn=collate, persistent_workers=True, pin_memory=pin), sampler)
+        loader, sampler = self._persistent[key]
+        sampler.keys = keys
+        return loader
 
     def _gather(self, batches: list[np.ndarray]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """In-memory batches as gathers on the device. The indices go up once for
@@ -189,12 +200,14 @@ class Fetcher:
         for i in flat.split([len(b) for b in batches]):
             yield self.images.index_select(0, i), self.labels.index_select(0, i)
 
-    def _decode_here(self, ds: FolderImages, batches: list[np.ndarray], crops: Crops | None
-                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _decode_here(self, ds: FolderImages, batches: list[np.ndarray], crops: Crops | None,
+                     use: str | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Workers read the files; the batch is decoded and cropped on the device."""
         loader = self._loader(jpeg.EncodedFiles(ds), [b.tolist() for b in batches],
-                              jpeg.collate, training=crops is not None)
+                              jpeg.collate, use)
         for b, (data, y, paths) in zip(batches, loader, strict=True):
+            if self.device.type == "cuda":  # a copy from pageable memory waits for the host
+                y = y.pin_memory()
             images = jpeg.decode(data, self.device, paths)
             if crops is None:  # the evaluation view
                 x = jpeg.crop_resize(images, jpeg.centre_boxes(images), ds.image_size)[:, 0]

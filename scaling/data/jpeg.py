@@ -51,12 +51,38 @@ def decode(data: list[torch.Tensor], device: torch.device, paths: list[str] | No
     decoded as one batch. A file the JPEG decoder refuses (ImageNet's train set has
     a PNG and CMYK JPEGs named .JPEG) is read by PIL instead, that file only; one
     PIL cannot read either is named (``paths``)."""
+    if device.type != "cuda":
+        return _decode(data, device, paths)
+    # torchvision's decoder writes, on a stream of its own, into tensors it allocates on
+    # the current stream; there the caching allocator may hand it memory the training
+    # stream's queued kernels still read. So the batch is allocated on a side stream
+    # (memory those kernels never held) and handed over by events: the training stream
+    # waits for the decode on the device, and each image's memory is not reused before
+    # the training stream is done with it. The host waits for nothing (a
+    # stream.synchronize() here stalled the loop every batch).
+    main = torch.cuda.current_stream(device)
+    side = _side_stream(device)
+    with torch.cuda.stream(side):
+        images = _decode(data, device, paths)
+    main.wait_stream(side)
+    for image in images:
+        image.record_stream(main)
+    return images
+
+
+_SIDE: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    if device not in _SIDE:
+        _SIDE[device] = torch.cuda.Stream(device)
+    return _SIDE[device]
+
+
+def _decode(data: list[torch.Tensor], device: torch.device, paths: list[str] | None
+            ) -> list[torch.Tensor]:
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    if device.type == "cuda":
-        # torchvision's CUDA decoder runs on its own stream: let the kernels queued on
-        # ours (the last step's, still reading the buffers it reuses) finish first.
-        torch.cuda.current_stream(device).synchronize()
     with warnings.catch_warnings():
         # torchvision 0.29 deprecates its decoders for TorchCodec's; we pin 0.29.
         warnings.simplefilter("ignore", DeprecationWarning)
