@@ -340,6 +340,11 @@ class RuntimeConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when present
     compile: bool = False  # torch.compile on CUDA; its warm-up dominates short runs
     checkpoint_every: int = 0  # steps between checkpoints; 0: at the end of each epoch
+    # > 0: a checkpoint about every this many minutes instead (decided at log points,
+    # so every worker agrees), written and uploaded off the training thread: the GPU
+    # presets' 10 (cifar10-gpu's epoch is ~40 steps; a 190 MB checkpoint each epoch,
+    # hashed and fsynced in the loop, cost more than the minutes it could save).
+    checkpoint_minutes: float = 0.0
     # Most steps between progress lines and loss-curve points (a stage logs at least
     # about 20 points however short it is: scaling/stages/stage_run.py).
     log_every: int = 20
@@ -379,6 +384,8 @@ class RuntimeConfig:
         check(self.collective_timeout_s >= 1, "collective_timeout_s", self.collective_timeout_s,
               ">= 1 (seconds)")
         check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, ">= 0")
+        check(self.checkpoint_minutes >= 0, "checkpoint_minutes", self.checkpoint_minutes,
+              ">= 0 (0: by checkpoint_every or epochs)")
         check(self.log_every >= 1, "log_every", self.log_every, ">= 1")
         check(self.keep_checkpoints >= 2, "keep_checkpoints", self.keep_checkpoints, ">= 2")
         check(self.loader_workers is None or self.loader_workers >= 0, "loader_workers",

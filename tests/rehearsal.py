@@ -239,7 +239,12 @@ def rehearse(data: tuple[int, int, int, int], steps: int, record: Record,
         if record.steps == steps:
             guard.armed = False
             if save:
-                self.checkpoint()  # the real save path, tensors as real zeros
+                # The real save path, tensors as real zeros; outside the fake mode, so
+                # the real CPU tensors (RNG states) it copies stay real.
+                with unset_fake_temporarily():
+                    self.checkpoint()
+                if self._saver is not None:  # runtime.checkpoint_minutes: a thread writes it
+                    self._saver.wait()
             raise Rehearsed
         guard.armed = record.steps >= 1  # the first step may set things up
         guard.step = record.steps

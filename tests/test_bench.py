@@ -112,3 +112,11 @@ def test_the_gpu_acceptance_script_runs_every_item_on_the_cpu():
     for item in ("smoke throughput", "input path", "lars share"):
         assert item in done.stdout
     assert "0 FAIL" in done.stdout
+
+
+def test_the_checkpoint_bench_times_three_runs_on_a_slow_disk(capsys):
+    _bench("checkpoint").main(["--depth", "18", "--width", "0.0625", "--steps", "2",
+                               "--every", "1", "--write-delay", "0.01"])
+    out = capsys.readouterr().out
+    for run in ("none", "in the loop", "off the loop"):
+        assert re.search(rf"{run} +[0-9.]+ s a step +overhead +[-+][0-9.]+%", out), out

@@ -149,3 +149,39 @@ def test_cli_reports_bad_config_and_exits_nonzero(tmp_path):
         cwd=REPO, capture_output=True, text=True,
     )
     assert proc.returncode == 2 and "tiny" in proc.stderr
+
+
+def test_checkpoints_by_wall_time_written_off_the_loop_resume_to_the_same_weights(
+        tiny, tmp_path, monkeypatch):
+    """runtime.checkpoint_minutes (the GPU presets'): a checkpoint at the log points
+    where the time is up, written by a thread. A stage that fails right after one was
+    handed to the thread (the write still running) leaves it whole; the stage run
+    again resumes from it to the weights of a run nobody stopped."""
+    from scaling.configure import with_overrides
+    from scaling.stages.stage_run import StageRun
+
+    cfg = with_overrides(tiny, {"pretrain.epochs": 2, "data.val_size": 0,
+                                "runtime.checkpoint_minutes": 1e-9, "runtime.log_every": 2})
+    run_stage("pretrain", cfg, tmp_path / "clean")
+    original = StageRun.after_step
+
+    def fail_at_step_10(self, loss, lr, images):
+        original(self, loss, lr, images)
+        if self.step == 10:  # step 10's checkpoint is with the writer now
+            raise RuntimeError("stopped")
+
+    monkeypatch.setattr(StageRun, "after_step", fail_at_step_10)
+    with pytest.raises(RuntimeError, match="stopped"):
+        run_stage("pretrain", cfg, tmp_path / "stopped")
+    monkeypatch.setattr(StageRun, "after_step", original)
+    import threading
+    for thread in threading.enumerate():  # the writer finishes its checkpoint
+        if thread.name == "checkpoint-writer":
+            thread.join()
+    _, meta = latest_checkpoint(tmp_path / "stopped")
+    assert meta["step"] == 10
+    assert run_stage("pretrain", cfg, tmp_path / "stopped")["resumed_from"] == 10
+    a, b = load_final_models(tmp_path / "stopped"), load_final_models(tmp_path / "clean")
+    for key, value in a["encoder"].items():
+        want = b["encoder"][key].float()
+        assert (value.float() - want).abs().max() <= 1e-5 * max(1.0, want.abs().max()), key

@@ -20,6 +20,8 @@ import json
 import os
 import shutil
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -90,3 +92,51 @@ def latest_checkpoint(stage_dir: Path) -> tuple[dict[str, Any], dict[str, Any]] 
         except CheckpointError as e:
             print(f"warning: {e}; falling back to the previous checkpoint", file=sys.stderr)
     return None
+
+
+def to_host(state: Any) -> Any:
+    """A copy of ``state`` whose tensors are on the CPU and no longer change as
+    training goes on (a GPU tensor's copy, or a CPU tensor's clone): what a writer on
+    another thread may serialise while the next steps run."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {k: to_host(v) for k, v in state.items()}
+    if isinstance(state, list | tuple):
+        return type(state)(to_host(v) for v in state)
+    return state
+
+
+class BackgroundSaver:
+    """Writes one checkpoint at a time on a thread of its own (serialise, hash, write,
+    fsync, prune): the training loop only waits for the copy to the host. A second
+    save waits for the first; ``wait`` returns the last one's path (or raises its
+    error). The thread is not a daemon: a stage that fails after a save still
+    finishes writing it before the process exits."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._path: Path | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, save: Callable[[], Path]) -> None:
+        self.wait()
+
+        def run() -> None:
+            try:
+                self._path = save()
+            except BaseException as e:  # noqa: BLE001 - handed to the training thread
+                self._error = e
+
+        self._path = None
+        self._thread = threading.Thread(target=run, name="checkpoint-writer")
+        self._thread.start()
+
+    def wait(self) -> Path | None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        return self._path

@@ -26,7 +26,12 @@ from scaling.data.batches import Fetcher, crops_for, epoch_batches
 from scaling.data.splits import Splits, load_splits
 from scaling.records import ProgressReport, StageResult
 from scaling.stage_result import write_result
-from scaling.stages.checkpoint import latest_checkpoint, save_checkpoint
+from scaling.stages.checkpoint import (
+    BackgroundSaver,
+    latest_checkpoint,
+    save_checkpoint,
+    to_host,
+)
 from scaling.train.env import Env
 from scaling.train.measure import Progress, peak_memory_bytes
 from scaling.train.schedule import LRSchedule
@@ -110,6 +115,11 @@ class StageRun:
         # Curve points reported so far: none, so a resumed stage's first report carries
         # its whole history (the points before the interrupt included).
         self._reported = 0
+        # runtime.checkpoint_minutes: checkpoints by wall time, written by a thread; each
+        # is reported at the next log point (every worker reports at the same steps).
+        self._saver = BackgroundSaver() if runtime.checkpoint_minutes > 0 else None
+        self._saved_at = time.perf_counter()
+        self._unreported = False
 
     @property
     def epoch(self) -> int:
@@ -136,6 +146,8 @@ class StageRun:
         a GPU (one read: ``_read``), and all workers agree on them."""
         step = self.step + 1
         last = step == self.total_steps
+        if self._saver is not None:  # by wall time: decided at log points (see _read)
+            return step % self.log_every == 0 or last, last
         every = self.runtime.checkpoint_every or self.steps_per_epoch
         return step % self.log_every == 0 or last, step % every == 0 or last
 
@@ -149,23 +161,31 @@ class StageRun:
         # Check every step in a single CPU process (a read costs nothing there);
         # otherwise only at log points and checkpoints, and always before saving.
         if (not self.env.cuda and self.env.world == 1) or log_due or ckpt_due:
-            mean = self._read(loss, log_due)
+            mean, time_up = self._read(loss, log_due)
+            ckpt_due = ckpt_due or time_up
         now = time.perf_counter()
         self.progress.step(self.step, self.epoch, mean, lr, images, now - self._last)
         self.step += 1
+        if self._unreported and (log_due or ckpt_due):
+            self._report_saved()
         if ckpt_due:
             self.checkpoint()
         self._last = time.perf_counter()
 
-    def _read(self, loss: torch.Tensor, log_due: bool) -> float | None:
-        """The step's one host read: whether any worker's loss went non-finite and
-        (at a log point) the mean loss since the last point over all workers, in one
-        all_reduce and one copy to the host. Raises NonFiniteLoss on every worker
-        together (one raising alone would leave the others in the next collective)."""
-        both = torch.stack([self._bad.float(), self._loss_sum / max(self._loss_n, 1)])
+    def _read(self, loss: torch.Tensor, log_due: bool) -> tuple[float | None, bool]:
+        """The step's one host read: whether any worker's loss went non-finite, (at a
+        log point) the mean loss since the last point over all workers, and whether a
+        checkpoint is due by wall time on any worker, in one all_reduce and one copy to
+        the host. Raises NonFiniteLoss on every worker together (one raising alone
+        would leave the others in the next collective)."""
+        minutes = self.runtime.checkpoint_minutes
+        time_up = log_due and minutes > 0 and time.perf_counter() - self._saved_at >= 60 * minutes
+        both = torch.cat([self._bad.float().view(1),
+                          (self._loss_sum / max(self._loss_n, 1)).view(1),
+                          self._loss_sum.new_full((1,), float(time_up))])  # a fill: no copy
         if self.env.world > 1:
-            torch.distributed.all_reduce(both)  # sums: any bad flag makes it > 0
-        bad, total = both.cpu().tolist()  # one copy; .tolist() on the device reads twice
+            torch.distributed.all_reduce(both)  # sums: any worker's flag makes it > 0
+        bad, total, due = both.cpu().tolist()  # one copy; .tolist() on the device reads thrice
         if bad:
             kept = sorted((self.out / "checkpoints").glob("step-*"))
             where = str(kept[-1]) if kept else "none (no checkpoint yet)"
@@ -175,21 +195,39 @@ class StageRun:
                 "rate (optim.base_lr) or raise the temperature."
             )
         if not log_due:
-            return None
+            return None, False
         self._loss_sum.zero_()  # the mean loss since the last point: a smooth, honest curve
         self._loss_n = 0
-        return total / self.env.world
+        return total / self.env.world, due > 0
 
     def checkpoint(self) -> Path | None:
-        if not self.env.is_main:
-            self._report(None)
+        """Save the state now (rank 0) and report it; with runtime.checkpoint_minutes the
+        write runs on a thread and the report waits for the next log point."""
+        path = None
+        if self.env.is_main:
+            state: dict[str, Any] = {k: o.state_dict() for k, o in self.objects.items()}
+            state["rng"] = {"augment": self.generator.get_state(),
+                            "torch": torch.get_rng_state()}
+            meta = {"stage": self.name, "epoch": self.epoch, "progress": self.progress.state()}
+            if self._saver is None:
+                path = save_checkpoint(self.out, self.step, state, meta,
+                                       self.runtime.keep_checkpoints)
+            else:  # the copy to the host is the loop's whole share of the cost
+                snapshot, step, keep = to_host(state), self.step, self.runtime.keep_checkpoints
+                self._saver.submit(lambda: save_checkpoint(self.out, step, snapshot, meta, keep))
+        if self._saver is not None:
+            self._saved_at = time.perf_counter()
+            self._unreported = True
             return None
-        state: dict[str, Any] = {k: o.state_dict() for k, o in self.objects.items()}
-        state["rng"] = {"augment": self.generator.get_state(), "torch": torch.get_rng_state()}
-        meta = {"stage": self.name, "epoch": self.epoch, "progress": self.progress.state()}
-        path = save_checkpoint(self.out, self.step, state, meta, self.runtime.keep_checkpoints)
         self._report(path)
         return path
+
+    def _report_saved(self) -> None:
+        """Report the checkpoint the writer finished (rank 0 waits for it, if still
+        writing); every worker calls this at the same step."""
+        path = self._saver.wait() if self._saver is not None and self.env.is_main else None
+        self._unreported = False
+        self._report(path)
 
     def _report(self, path: Path | None) -> None:
         if self.env.report is not None:
@@ -210,6 +248,8 @@ class StageRun:
     def finish(self, models: dict[str, Any], metrics: dict[str, Any],
                protocol: dict[str, Any], extra: dict[str, Any]) -> StageResult:
         """Write the result (main worker only) with everything a stage records."""
+        if self._unreported:  # the last checkpoint, written and reported before the result
+            self._report_saved()
         result: dict[str, Any] = {
             "stage": self.name,
             "step": self.step,
