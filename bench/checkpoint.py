@@ -60,9 +60,9 @@ def seconds_a_step(overrides: dict[str, Any], steps: int, delay: float) -> float
 
     with tempfile.TemporaryDirectory() as d, \
             mock.patch.object(StageRun, "after_step", after_step), \
-            mock.patch.object(checkpoint_module, "atomic_write", slow_write):
-        with contextlib.suppress(Done):
-            run_stage("pretrain", cfg, Path(d) / "p")
+            mock.patch.object(checkpoint_module, "atomic_write", slow_write), \
+            contextlib.suppress(Done):
+        run_stage("pretrain", cfg, Path(d) / "p")
     return (marks[-1] - marks[0]) / (len(marks) - 1)
 
 
