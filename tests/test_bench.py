@@ -109,6 +109,9 @@ def test_the_gpu_acceptance_script_runs_every_item_on_the_cpu():
         assert re.search(rf"smoke {stage} syncs +0 host syncs", done.stdout)
         assert f"smoke {stage} memory" in done.stdout
     assert "PASS smoke pixels " in done.stdout  # the pixel arm on the device too
+    assert re.search(r"PASS smoke resume +loss at step 4: ([0-9.]+) resumed, \1 uninterrupted",
+                     done.stdout), done.stdout  # on the CPU, bit for bit
+    assert "PASS folder decode on device " in done.stdout
     for item in ("smoke throughput", "input path", "lars share"):
         assert item in done.stdout
     assert "0 FAIL" in done.stdout
@@ -120,3 +123,12 @@ def test_the_checkpoint_bench_times_three_runs_on_a_slow_disk(capsys):
     out = capsys.readouterr().out
     for run in ("none", "in the loop", "off the loop"):
         assert re.search(rf"{run} +[0-9.]+ s a step +overhead +[-+][0-9.]+%", out), out
+
+
+def test_the_throughput_floor_names_its_published_reference():
+    accept = _bench("accept")
+    assert accept.reference_rate("NVIDIA A100-SXM4-80GB") == (2470.0, "A100 2470 img/s")
+    assert accept.reference_rate("Tesla V100-SXM2-16GB")[0] == 1200.0
+    rate, which = accept.reference_rate("NVIDIA H100 80GB HBM3")
+    assert rate == 2470.0 and "A100's" in which  # no H100 in that source: the A100's floor
+    assert accept.reference_rate("Tesla T4") is None  # not judged
