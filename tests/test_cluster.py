@@ -126,6 +126,11 @@ def test_missing_local_files_are_named(tmp_path):
 def test_the_command_line_refuses_placeholders_relative_paths_and_missing_files(
         tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(REPO)  # file_mounts resolve from the repository root, as for ray up
+    # The token file_mounts sends (~/.ray/auth_token), in a home of the test's own: the
+    # machine's home may have none (a fresh CI machine before any Ray test made one).
+    (tmp_path / "home" / ".ray").mkdir(parents=True)
+    _token(tmp_path / "home" / ".ray")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert cluster.main(["cluster/gpu.yaml"]) == 2  # as shipped: the bucket is a placeholder
     assert "setup_commands.3 still holds the placeholder 's3://EDIT-your-bucket/studies'" \
         in capsys.readouterr().err.replace("SCALING_STORAGE=", "")
