@@ -156,8 +156,13 @@ def test_activation_checkpointing_rehearses_too(tmp_path, compile):
 
 
 def test_distillation_with_checkpointing_reaches_its_first_compiled_step(tmp_path):
-    """studies/distillation.py's cifar10-gpu lane: one worker, compiled, checkpointed."""
-    cfg = preset("cifar10-gpu", **{"distill.epochs": 100, "runtime.activation_checkpointing": True})
+    """studies/distillation.py's cifar10-gpu lane (its settings, read from the study):
+    one worker, compiled, checkpointed; a64a00c crashed here under compile."""
+    from studies import distillation
+
+    lane = distillation.STUDY.presets["cifar10-gpu"].set
+    assert lane["runtime.activation_checkpointing"] is True
+    cfg = preset("cifar10-gpu", **{"distill.epochs": 100, **lane})
     side, channels, classes, _ = PRESETS_GPU["cifar10-gpu"]
     teacher = build_classifier(cfg.model, cfg.head, cfg.finetune.head_layer, channels, side,
                                classes)
@@ -199,6 +204,26 @@ def test_the_old_flop_order_fails_the_rehearsal(tmp_path, monkeypatch):
     cfg = preset("cifar10-gpu", **{"pretrain.epochs": 100})
     with pytest.raises(RuntimeError, match="same device|device"):
         run_rehearsal("pretrain", cfg, tmp_path / "p", data_for("cifar10-gpu", cfg), 1)
+
+
+def test_several_gpu_workers_run_the_global_bn_the_cpu_tests_run(monkeypatch):
+    """With several workers on CUDA: the project's global BN (the gloo-tested code),
+    no SyncBatchNorm, and DDP keeping its gradients as views into its buckets."""
+    asked = {}
+
+    def ddp(module, **kwargs):
+        asked.update(kwargs)
+        return module
+
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", ddp)
+    cfg = preset("imagenet-gpu")
+    with fake_cuda.fake_cuda():
+        net = fake_cuda.empty_module(lambda: build_classifier(cfg.model, cfg.head, 1, 3, 32, 10))
+        Env(fake_cuda.CUDA, world=2).prepare(net, sync_bn=True)
+    norms = [type(m).__name__ for m in net.modules()
+             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert norms and set(norms) <= {"GlobalBatchNorm1d", "GlobalBatchNorm2d"}, set(norms)
+    assert asked["gradient_as_bucket_view"] is True and asked["device_ids"] == [0]
 
 
 def test_compile_only_on_one_gpu_worker():
