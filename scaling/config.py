@@ -341,7 +341,7 @@ class RuntimeConfig:
     compile: bool = False  # torch.compile on CUDA; its warm-up dominates short runs
     checkpoint_every: int = 0  # steps between checkpoints; 0: at the end of each epoch
     # > 0: a checkpoint about every this many minutes instead (decided at log points,
-    # so every worker agrees), written and uploaded off the training thread: the GPU
+    # so every worker agrees), written off the training thread: the GPU
     # presets' 10 (cifar10-gpu's epoch is ~40 steps; a 190 MB checkpoint each epoch,
     # hashed and fsynced in the loop, cost more than the minutes it could save).
     checkpoint_minutes: float = 0.0

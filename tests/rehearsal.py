@@ -197,20 +197,6 @@ def counting_backend(record: Record, guard: StepGuard) -> Any:
 
 
 @contextlib.contextmanager
-def fake_process_group(world: int) -> Iterator[None]:
-    """This process as rank 0 of ``world`` workers whose collectives return at once
-    (values unchanged): every collective a stage makes runs, on any tensors."""
-    import torch.distributed as dist
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
-@contextlib.contextmanager
 def rehearse(data: tuple[int, int, int, int], steps: int, record: Record,
              weights: dict[str, Any] | None = None, save: bool = True, compile: bool = False,
              world: int = 1) -> Iterator[Env]:
@@ -261,7 +247,7 @@ def rehearse(data: tuple[int, int, int, int], steps: int, record: Record,
     torch._dynamo.reset()
     with contextlib.ExitStack() as stack:
         if world > 1:
-            stack.enter_context(fake_process_group(world))
+            stack.enter_context(fake_cuda.fake_process_group(world))
             stack.enter_context(mock.patch("torch.nn.parallel.DistributedDataParallel",
                                            lambda module, **kwargs: module))
         mode = stack.enter_context(fake_cuda.fake_cuda())
@@ -389,7 +375,7 @@ def rehearse_backward(stage: str, cfg: ExperimentConfig, out: Path, steps: int =
             raise Rehearsed
 
     with contextlib.ExitStack() as stack:
-        stack.enter_context(fake_process_group(2))
+        stack.enter_context(fake_cuda.fake_process_group(2))
         stack.enter_context(mock.patch("torch.nn.parallel.DistributedDataParallel",
                                        _ddp_without_transport))
         if weights is not None:

@@ -27,6 +27,7 @@ from scaling.runtime.local import pipeline_jobs, run_local
 from scaling.stage_result import load_final_models
 from scaling.stages.registry import STAGES
 from scaling.stages.stage_run import StageRun
+from scaling.train import fake_cuda
 from scaling.train.env import Env
 
 EPOCHS = 2
@@ -108,15 +109,13 @@ def test_global_bn_traces_as_one_graph_on_several_workers():
     """The evidence for compiling under several workers (docs/gpu.md): with the global
     BN, rank 0 of two traces the whole network, forward and backward, as one graph
     with no break (SyncBatchNorm broke it at each BN layer: R18 has 21)."""
-    from rehearsal import fake_process_group
-
     from scaling.model.global_bn import convert_global_bn
     from scaling.model.resnet import ResNet
 
     compiles = Compiles()
     breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
     torch._dynamo.reset()
-    with fake_process_group(2):
+    with fake_cuda.fake_process_group(2):
         net = convert_global_bn(ResNet(18, 1 / 16, stem="small"))
         torch.compile(net, backend=compiles.backend)(torch.randn(4, 3, 32, 32)).sum().backward()
     torch._dynamo.reset()

@@ -211,13 +211,16 @@ class ResNet(nn.Module):
         x = self.stem(x)
         if not (self.checkpoint_blocks and self.training and torch.is_grad_enabled()):
             return self.groups(x).mean((2, 3))
-        compiling = torch.compiler.is_compiling()
+        # Compiled, the BN update is applied once, in the forward graph (the backward's
+        # recomputation rebuilds activations only), and torch.compile refuses this
+        # context_fn: it is needed, and passed, only in eager mode.
+        eager = not torch.compiler.is_compiling()
         for block in self.blocks():
-            if compiling:
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
+            if eager:
                 x = checkpoint(block, x, use_reentrant=False,
                                context_fn=functools.partial(_recompute_without_bn_update, block))
+            else:  # Dynamo takes no context_fn argument at all, not even the default
+                x = checkpoint(block, x, use_reentrant=False)
         return x.mean((2, 3))
 
     def blocks(self) -> list[nn.Module]:

@@ -63,16 +63,10 @@ def _report(metrics: ProgressReport, path: Path | None, job: StageJob,
     if path:  # which stage, and where in it (an LR grid's runs have their own)
         where = path.relative_to(storage.local_dir(job.out)).parts
         name = SEP.join([storage.name(job.out), *where])
-    if checkpoint is not None and job.cfg.runtime.checkpoint_minutes > 0:
-        # Checkpoints by wall time: uploaded by Ray off the training thread too; the
-        # local copy stays (it is the stage directory's own, pruned by keep_checkpoints
-        # minutes later, long after a ~200 MB upload).
-        from ray.train import CheckpointUploadMode
-
-        ray.train.report(dict(metrics), checkpoint=checkpoint, checkpoint_dir_name=name,
-                         checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
-                         delete_local_checkpoint_after_upload=False)
-        return
+    # Synchronous upload, also for checkpoints by wall time (runtime.checkpoint_minutes):
+    # Ray's ASYNC mode uploaded from the stage's own checkpoint folder while
+    # keep_checkpoints pruned it, and lost the later uploads (seen with a checkpoint a
+    # step). The write itself is off the loop; the upload costs seconds every 10 minutes.
     ray.train.report(dict(metrics), checkpoint=checkpoint, checkpoint_dir_name=name)
 
 

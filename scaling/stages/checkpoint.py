@@ -98,13 +98,9 @@ def to_host(state: Any) -> Any:
     """A copy of ``state`` whose tensors are on the CPU and no longer change as
     training goes on (a GPU tensor's copy, or a CPU tensor's clone): what a writer on
     another thread may serialise while the next steps run."""
-    if isinstance(state, torch.Tensor):
-        return state.detach().to("cpu", copy=True)
-    if isinstance(state, dict):
-        return {k: to_host(v) for k, v in state.items()}
-    if isinstance(state, list | tuple):
-        return type(state)(to_host(v) for v in state)
-    return state
+    from torch.utils._pytree import tree_map_only
+
+    return tree_map_only(torch.Tensor, lambda t: t.detach().to("cpu", copy=True), state)
 
 
 class BackgroundSaver:

@@ -185,7 +185,7 @@ class StageRun:
                           self._loss_sum.new_full((1,), float(time_up))])  # a fill: no copy
         if self.env.world > 1:
             torch.distributed.all_reduce(both)  # sums: any worker's flag makes it > 0
-        bad, total, due = both.cpu().tolist()  # one copy; .tolist() on the device reads thrice
+        bad, total, time_flag = both.cpu().tolist()  # one copy (on the device: three reads)
         if bad:
             kept = sorted((self.out / "checkpoints").glob("step-*"))
             where = str(kept[-1]) if kept else "none (no checkpoint yet)"
@@ -198,7 +198,7 @@ class StageRun:
             return None, False
         self._loss_sum.zero_()  # the mean loss since the last point: a smooth, honest curve
         self._loss_n = 0
-        return total / self.env.world, due > 0
+        return total / self.env.world, time_flag > 0
 
     def checkpoint(self) -> Path | None:
         """Save the state now (rank 0) and report it; with runtime.checkpoint_minutes the

@@ -50,6 +50,23 @@ def fake_cuda() -> Iterator[FakeTensorMode]:
         yield mode
 
 
+@contextlib.contextmanager
+def fake_process_group(world: int) -> Iterator[None]:
+    """This process as rank 0 of ``world`` workers whose collectives return at once,
+    values unchanged (torch's fake process group, as torchtitan's memory estimator
+    plans with): every collective a stage makes runs, on fake or real tensors."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():  # a real group here: plan or rehearse in another process
+        raise RuntimeError("a fake process group needs a process without a process group")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
 def is_fake(t: torch.Tensor) -> bool:
     return isinstance(t, FakeTensor)
 

@@ -12,10 +12,10 @@ CUDA as in training. The parts add up at the step's peak, the start of the backw
 - data: an in-memory dataset copied to the device, the uint8 batch and its views.
 - the backward's gradients in flight: twice the largest saved tensor;
 - with several workers (``world``): the step runs as rank 0 of a fake process group
-  of that size (collectives return at once, on fake tensors), so global BN's fp32
-  statistics and the gathered negatives' similarity matrix (N x 2WN a direction)
-  are measured as saved activations; DDP's gradient buckets (``buckets``) hold the
-  gradients (``gradient_as_bucket_view``: .grad is a view into them, so
+  of that size (collectives return at once, on fake tensors), so global BN's saved
+  tensors and the loss's similarity matrices over the gathered negatives (N x 2WN a
+  direction, ``similarity``) are measured; DDP's gradient buckets (``buckets``) hold
+  the gradients (``gradient_as_bucket_view``: .grad is a view into them, so
   ``gradients`` is 0 there).
 Not in the sum (``HEADROOM`` covers them): the CUDA context, cuDNN workspaces and
 the allocator's fragmentation.
@@ -112,24 +112,15 @@ def saved_bytes(exclude: set[int], into: list[int]) -> Iterator[None]:
 
 @contextlib.contextmanager
 def as_rank_zero_of(world: int) -> Iterator[None]:
-    """This process as rank 0 of ``world`` workers whose collectives return at once
-    (torch's fake process group, as torchtitan's memory estimator plans with), and
-    DDP's wrapper left out (it reads parameter storage, which fake tensors lack;
-    its buckets are added by ``step_footprint``). World 1: nothing changes."""
+    """This process as rank 0 of ``world`` workers (fake_cuda.fake_process_group), and
+    DDP's wrapper left out (it reads parameter storage, which fake tensors lack; its
+    buckets are added by ``step_footprint``). World 1: nothing changes."""
     if world <= 1:
         yield
         return
-    import torch.distributed as dist
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    if dist.is_initialized():  # a real group here: plan in another process
-        raise RuntimeError("step_footprint(world > 1) needs a process without a process group")
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
-    try:
-        with mock.patch("torch.nn.parallel.DistributedDataParallel", lambda m, **k: m):
-            yield
-    finally:
-        dist.destroy_process_group()
+    with fake_cuda.fake_process_group(world), \
+            mock.patch("torch.nn.parallel.DistributedDataParallel", lambda m, **k: m):
+        yield
 
 
 def step_footprint(cfg: ExperimentConfig, stage: str, batch: int, channels: int, side: int,
