@@ -44,8 +44,9 @@ DERIVED = {
     "best_baseline": "the cell's better baseline without pretraining on validation top-1: "
                      "'supervised' or 'pixels'",
     "gain_over_best": "top1 minus the test top-1 of best_baseline",
-    "runs": "the stage keys the row rests on (its own and its input stages'): rows that "
-            "share one are not independent replicates (analysis.replicates)",
+    "runs": "the stage keys the row rests on (its own and its input stages') and its draws "
+            "('seed:N', 'subset:N'): rows that share one are not independent replicates "
+            "(analysis.replicates)",
 }
 PIXELS = "raw pixels"  # the pixel arm's rows: no network, so no model name
 

@@ -26,6 +26,7 @@ from matplotlib.ticker import (  # noqa: E402
     NullLocator,
     PercentFormatter,
 )
+from scipy import stats  # noqa: E402
 
 from analysis.curves import GRID, Analysis, Bootstrap, Fit, curve  # noqa: E402
 from analysis.tables import BASELINES, gain, pct  # noqa: E402
@@ -324,12 +325,33 @@ def training_curves(history: pd.DataFrame) -> Figure:
 
 
 VERDICT_COLORS = {"reproduced": "tab:green", "reversed": "tab:red",
-                  "not resolved": "tab:grey"}
+                  "not decided": "tab:grey"}
 
 
 def _verdict_kind(verdict: str) -> str:
-    """'not resolved (detectable: 1.2 pp)' -> 'not resolved' (the legend's entry)."""
+    """'not decided (80% power needs 1.2 pp; ...)' -> 'not decided' (the legend's entry)."""
     return verdict.split(" (")[0]
+
+
+def findings_caption(found: pd.DataFrame) -> str:
+    """The findings figure's caption, from the table it draws: the replicates, the
+    t they put in front of the standard error, and the family the verdicts used."""
+    from analysis.findings import family_note  # findings imports this module
+
+    n = sorted({int(v) for v in found["replicates"] if v >= 2})
+    if n:
+        t = stats.t.ppf(0.975, n[0] - 1)
+        reps = (f"{n[0]} replicates" if len(n) == 1 else f"{n[0]}-{n[-1]} replicates")
+        width = (f" With {reps} an interval spans +-{t:.1f} standard errors"
+                 + (" at the fewest" if len(n) > 1 else "") + ".")
+    else:
+        width = " One replicate: no intervals and no verdicts."
+    return ("The paper's findings this study measures (analysis.findings): each "
+            "comparison's paired effect, the mean over independent replicates with its "
+            "95% Student-t interval." + width + " Verdicts from a t-test of each effect "
+            "against 0: green reproduced (the paper's side of 0), red reversed, grey not "
+            "decided (the table gives the effect 80% power would need); "
+            + family_note(found) + ".")
 
 
 def findings_figure(table: pd.DataFrame) -> Figure:
@@ -340,20 +362,22 @@ def findings_figure(table: pd.DataFrame) -> Figure:
     fig, ax = plt.subplots(figsize=(12, 0.32 * len(t) + 1.6))
     for i, r in t.iterrows():
         lo, hi = r["_lo"], r["_hi"]
-        mean = r["effect (pp)"]  # rounded: may sit a hair outside a near-zero-width interval
+        mean = r["effect"]  # rounded: may sit a hair outside a near-zero-width interval
         err = [[0], [0]] if np.isnan(lo) else [[max(0, mean - lo)], [max(0, hi - mean)]]
         ax.errorbar(mean, i, xerr=err, fmt="o", capsize=3,
                     color=VERDICT_COLORS.get(_verdict_kind(str(r["verdict"])), "black"))
     # The study names a row only where several studies share a comparison's wording.
     shared = (t.duplicated(["finding", "comparison"], keep=False) if "study" in t
               else pd.Series(False, index=t.index))
-    ax.set_yticks(range(len(t)), [f"{r['finding']}  {r['comparison']}"
+    ax.set_yticks(range(len(t)), [f"{r['finding']}{'*' if r.get('role') == 'primary' else ''}"
+                                  f"  {r['comparison']}"
                                   + (f"  ({r['study']})" if shared[i] else "")
                                   for i, r in t.iterrows()], fontsize=7)
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_ylabel("finding: comparison")
-    ax.set_xlabel("effect in percentage points: of top-1 (F1-F3), of relative improvement "
-                  "(F4)\n95% Student-t interval over replicates; verdicts Holm-adjusted")
+    ax.set_xlabel("effect: top-1 percentage points (P, F1-F3); % of the smallest model's "
+                  "top-1 (F4)\n95% Student-t interval over replicates; verdicts Holm-adjusted "
+                  "within their family (* primary, pre-registered)")
     handles = [plt.Line2D([], [], color=c, marker="o", linestyle="", label=v)
                for v, c in VERDICT_COLORS.items()
                if (t["verdict"].astype(str).map(_verdict_kind) == v).any()]
@@ -422,14 +446,7 @@ def figure_set(df: pd.DataFrame, a: Analysis, history: pd.DataFrame | None = Non
             "and supervised (open squares), a colour per model, means " + over + ". "
             + fitted))
     if found is not None and not found.empty:
-        out["findings"] = (lambda: findings_figure(found), (
-            "The paper's findings this study measures (analysis.findings): each "
-            "comparison's paired effect in top-1 percentage points, the mean over "
-            "replicates with its 95% Student-t interval. Verdicts from a t-test of each "
-            "effect against 0, Holm-adjusted across the table: green reproduced (the "
-            "paper's side of 0), red reversed, grey not resolved (the table gives the "
-            "smallest effect these replicates could detect). With 2 replicates the "
-            "interval is wide (t = 12.7): an effect must be large and consistent to count."))
+        out["findings"] = (lambda: findings_figure(found), findings_caption(found))
     if history is not None and not history.empty:
         out["training_curves"] = (lambda: training_curves(history), (
             "Training loss against each stage's own steps: a row per stage, a column per "

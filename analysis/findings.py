@@ -1,25 +1,35 @@
-"""The paper's four findings as measured effects with 95% intervals and a verdict,
-from the tidy tables of the three studies:
+"""The paper's claims as measured effects with 95% intervals and a verdict, from the
+tidy tables of the studies:
 
     python -m analysis.findings runs/model_size-fmnist-cpu runs/head_depth-fmnist-cpu \\
         runs/distillation-fmnist-cpu [--out docs/findings]
 
-- F1 pretraining + fine-tuning beats the best baseline without pretraining (the tuned
-  supervised network or the pixel arm, chosen on validation) with few labels;
-- F2 a self-distilled student matches or beats its teacher, and a distilled smaller
-  model beats the same small model fine-tuned on the same labels;
-- F3 a deeper head, fine-tuned from its middle layer, helps most with few labels;
-- F4 bigger models gain more (relative to the smallest) with fewer labels.
+- P  (the premise) pretraining + fine-tuning beats the best baseline without
+  pretraining (the tuned supervised network or the pixel arm, chosen on validation)
+  at the fewest labels;
+- F1 "the fewer the labels, the more [pretraining] benefits from a bigger network":
+  the gain of the widest model minus the narrowest's at the fewest labels, and the
+  widest model's gain at the fewest minus at the most labels;
+- F2 distillation: a self-distilled student against its teacher, and a distilled
+  smaller model against the same small model fine-tuned on the same labels;
+- F3 "bigger projection heads improve representation learning": a deeper head,
+  fine-tuned from its middle layer, against SimCLR v1's, at few and many labels;
+- F4 Figure 1 (right): the biggest model's relative improvement over the smallest,
+  at the fewest minus at the most labels (in % of the smallest's top-1, not points).
 
 Every effect is a mean over independent replicates of a difference paired within a
 replicate, with its 95% Student-t interval (analysis.curves.mean_interval); values that
-share a stage run (a crossed design's pretraining, a pooled row's) count once
-(analysis.replicates).
-Verdicts are Holm-adjusted across the table (one t-test of each effect against 0,
-the raw interval still shown): 'reproduced' when the adjusted p < 0.05 and the effect
-is on the paper's side of zero, 'reversed' when on the other, otherwise 'not
-resolved', with the smallest effect these replicates could detect (80% power at the
-strictest Holm level, 5% / the number of tests, and the observed spread).
+share a stage run, a seed or a labelled subset count once (analysis.replicates).
+
+One verdict policy, used by the headline, the report's summary and docs/results.md:
+a two-sided t-test of each effect against 0, Holm-adjusted within its family. The
+family is the study's pre-registered primary findings (study.json's ``primaries``,
+``--primary`` of studies/*.py); everything else is a second family, labelled
+exploratory. A study without primaries has only exploratory findings. 'reproduced'
+when the adjusted p < 0.05 and the effect is on the paper's side of zero, 'reversed'
+on the other, otherwise 'not decided', with the smallest effect the test could find
+with 80% power (exact noncentral t, analysis.power, at Holm's strictest level).
+Raw intervals are shown beside, never as verdicts.
 """
 
 from __future__ import annotations
@@ -28,21 +38,55 @@ import argparse
 import io
 import json
 import sys
+from collections.abc import Iterable
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
-from analysis import collect, replicates
+from analysis import collect, power, replicates
 from analysis.figures import findings_figure
 from analysis.tables import gain
 from scaling import storage
+from scaling.config import ConfigError
 
-COLUMNS = ["finding", "comparison", "effect (pp)", "95% interval (pp)", "replicates",
+COLUMNS = ["finding", "role", "comparison", "effect", "unit", "95% interval", "replicates",
            "p (Holm)", "verdict", "study"]
 # The interval's ends as numbers (for figures), beside the printed columns.
 NUMERIC = ["_lo", "_hi"]
-ALPHA, POWER = 0.05, 0.8
+ALPHA, POWER = power.ALPHA, power.POWER
+FINDINGS = {"P": "pretraining beats the best baseline without it at the fewest labels",
+            "F1": "bigger models gain more from pretraining, the more so with fewer labels",
+            "F2": "distillation: a student matches its teacher; a distilled small model "
+                  "beats it fine-tuned",
+            "F3": "a deeper projection head helps, most with few labels",
+            "F4": "relative improvement of the biggest model is larger with fewer labels"}
+PRIMARY, EXPLORATORY = "primary", "exploratory"
+DECIDED = ("reproduced", "reversed")
+
+
+def parse_primaries(text: str | Iterable[str]) -> list[str]:
+    """'P:1/16x,F2' -> ['P:1/16x', 'F2']: a finding, optionally narrowed to the rows
+    whose comparison contains the text after ':'. Unknown findings raise ConfigError."""
+    items = [t.strip() for t in (text.split(",") if isinstance(text, str) else text)]
+    items = [t for t in items if t]
+    for item in items:
+        name = item.split(":", 1)[0]
+        if name not in FINDINGS:
+            raise ConfigError("--primary", item, "findings among " + ", ".join(FINDINGS)
+                              + ", each optionally FINDING:TEXT (rows whose comparison "
+                                "contains TEXT), comma-separated, e.g. P:1/16x,F2")
+    if not items:
+        raise ConfigError("--primary", text, "at least one finding, e.g. P:1/16x,F2")
+    return items
+
+
+def is_primary(finding: str, comparison: str, primaries: Iterable[str]) -> bool:
+    for item in primaries:
+        name, _, narrow = item.partition(":")
+        if name == finding and narrow in comparison:
+            return True
+    return False
 
 
 def _test(mean: float, lo: float, hi: float, n: int) -> tuple[float, float]:
@@ -58,9 +102,9 @@ def _test(mean: float, lo: float, hi: float, n: int) -> tuple[float, float]:
 
 def detectable(se: float, n: int, tests: int) -> float:
     """The smallest effect a two-sided t-test over ``n`` replicates finds with 80%
-    power at the level the table's strictest Holm step asks (5% / ``tests``)."""
-    level = ALPHA / max(tests, 1)
-    return float((stats.t.ppf(1 - level / 2, n - 1) + stats.t.ppf(POWER, n - 1)) * se)
+    power at the level the family's strictest Holm step asks (5% / ``tests``):
+    exact, from the noncentral t (analysis.power)."""
+    return power.detectable(se, n, ALPHA / max(tests, 1))
 
 
 def holm(p: np.ndarray) -> np.ndarray:
@@ -76,27 +120,36 @@ def holm(p: np.ndarray) -> np.ndarray:
     return out
 
 
-def verdict(mean: float, p_adjusted: float, detectable: float) -> str:
+def verdict(mean: float, p_adjusted: float, detectable: float, n: int = 0,
+            unit: str = "pp") -> str:
+    """The verdict words of the one policy (module docstring)."""
     if np.isnan(p_adjusted):
-        return "one replicate: no verdict"
+        return "one replicate: no verdict" if n <= 1 else "no verdict"
     if p_adjusted < ALPHA:
         return "reproduced" if mean > 0 else "reversed"
-    return f"not resolved (detectable: {detectable:.2f} pp)"
+    return (f"not decided (80% power needs {detectable:.2f} {unit}; spread from {n} "
+            f"replicates, {n - 1} df)")
+
+
+def decided(verdict_text: str) -> bool:
+    return verdict_text.split(" ")[0] in DECIDED
 
 
 def _entry(finding: str, comparison: str, mean: float, lo: float, hi: float,
-           replicates: int) -> dict:
+           replicates: int, unit: str = "pp") -> dict:
     p, se = _test(mean, lo, hi, replicates)
-    return {"finding": finding, "comparison": comparison, "effect (pp)": round(mean, 2),
-            "95% interval (pp)": "n/a" if np.isnan(lo) else f"[{lo:.2f}, {hi:.2f}]",
+    return {"finding": finding, "comparison": comparison, "effect": round(mean, 2),
+            "unit": unit,
+            "95% interval": "n/a" if np.isnan(lo) else f"[{lo:.2f}, {hi:.2f}]",
             "replicates": replicates, "_lo": lo, "_hi": hi, "_p": p, "_se": se}
 
 
-def _row(finding: str, comparison: str, values: pd.Series, shared: pd.Series) -> dict:
-    """An effect from per-cell differences ``values`` (fractions) and the stage runs
-    each rests on: values sharing a run count once (analysis.replicates)."""
+def _row(finding: str, comparison: str, values: pd.Series, shared: pd.Series,
+         unit: str = "pp") -> dict:
+    """An effect from per-cell differences ``values`` (fractions) and the runs and
+    draws each rests on: values sharing one count once (analysis.replicates)."""
     mean, lo, hi, n = replicates.effect(100 * values.to_numpy(dtype=float), list(shared))
-    return _entry(finding, comparison, mean, lo, hi, n)
+    return _entry(finding, comparison, mean, lo, hi, n, unit)
 
 
 def _union(a: pd.Series, b: pd.Series) -> pd.Series:
@@ -108,18 +161,60 @@ def _pct(lf: float) -> str:
     return f"{100 * lf:g}%"
 
 
-def f1(df: pd.DataFrame) -> list[dict]:
-    """Fine-tuned minus the best baseline without pretraining (the tuned supervised
+def premise(df: pd.DataFrame) -> list[dict]:
+    """P, the premise the paper's claims rest on: "task-agnostic use of unlabeled
+    data" by pretraining + fine-tuning beats learning from the labels alone.
+    Fine-tuned minus the best baseline without pretraining (the tuned supervised
     network or the pixel arm, whichever is better on validation in the cell) at the
     fewest labels, per model (and head setting where it varies)."""
     g = gain(df, "best")
     if g.empty:
         return []
     few = g[g["label fraction"] == g["label fraction"].min()]
-    return [_entry("F1", f"{r['model']} at {_pct(r['label fraction'])} labels: fine-tuned - "
-                         "best baseline without pretraining",
+    return [_entry("P", f"{r['model']} at {_pct(r['label fraction'])} labels: fine-tuned - "
+                        "best baseline without pretraining",
                    r["gain (pp)"], r["_lo"], r["_hi"], r["replicates"])
             for _, r in few.iterrows()]
+
+
+def _gains(df: pd.DataFrame) -> pd.DataFrame:
+    """Fine-tuned rows with their gain over the best baseline and what it rests on."""
+    ft = df[(df["stage"] == "finetune") & df["gain_over_best"].notna()]
+    return ft.assign(runs=replicates.links(df, ft, ("finetune", "supervised", "pixels")))
+
+
+def f1(df: pd.DataFrame) -> list[dict]:
+    """The paper's F1 (abstract): "the fewer the labels, the more this approach
+    (task-agnostic use of unlabeled data) benefits from a bigger network"; section
+    4.1: "bigger models are more label-efficient". Two contrasts of the gain over the
+    best baseline without pretraining, each paired within a replicate (same seed and
+    labelled subset; a baseline the two share cancels exactly):
+
+    - the widest model's gain minus the narrowest's, at the fewest labels;
+    - the widest model's gain at the fewest labels minus at the most."""
+    ft = _gains(df)
+    if ft["params"].nunique() < 2:
+        return []
+    on = ["head_depth", "ft_layer", *REPLICATE, "label_fraction"]
+    big = ft[ft["params"] == ft["params"].max()]
+    small = ft[ft["params"] == ft["params"].min()]
+    few, many = ft["label_fraction"].min(), ft["label_fraction"].max()
+    wide, narrow = str(big["model"].iloc[0]), str(small["model"].iloc[0])
+    pair = big.merge(small, on=on, suffixes=("_b", "_s"))
+    at = pair[pair["label_fraction"] == few]
+    out = [_row("F1", f"{wide} - {narrow} at {_pct(few)} labels: gain over the best "
+                      "baseline without pretraining",
+                at["gain_over_best_b"] - at["gain_over_best_s"], _union(at["runs_b"],
+                                                                        at["runs_s"]))]
+    if few != many:
+        keys = on[:-1]
+        w = big[big["label_fraction"] == few].merge(big[big["label_fraction"] == many],
+                                                     on=keys, suffixes=("_f", "_m"))
+        out.append(_row("F1", f"{wide}: gain over the best baseline at {_pct(few)} minus at "
+                              f"{_pct(many)} labels",
+                        w["gain_over_best_f"] - w["gain_over_best_m"],
+                        _union(w["runs_f"], w["runs_m"])))
+    return out
 
 
 REPLICATE = ["seed", "subset_seed"]  # a replicate: its seeds (the labels they draw)
@@ -143,12 +238,16 @@ def same_fraction(column: pd.Series, value: object) -> pd.Series:
 
 
 def f2(df: pd.DataFrame, finetuned: pd.DataFrame | None = None) -> list[dict]:
-    """As the paper states it, on the training images (other unlabelled sets are
+    """The paper's section 4.3: "distillation using unlabeled data improves
+    semi-supervised learning"; the abstract: distilling "into a smaller network with
+    little loss in top-1 accuracy". On the training images (other unlabelled sets are
     reported apart): a self-distilled student minus its teacher, and a distilled
     smaller student minus the same small model fine-tuned on the same labels, looked
     up in ``finetuned`` (default ``df``; findings() passes every study's rows, so the
     model-size study's fine-tuned small models serve the distillation study)."""
     pool = df if finetuned is None else finetuned
+    if "teacher_top1" not in df:  # no distillation ran
+        return []
     d = df[(df["stage"] == "distill") & df["top1"].notna() & df["teacher_top1"].notna()]
     d = d[d["unlabelled"] == d["data.name"]]
     out = []
@@ -176,7 +275,9 @@ def f2(df: pd.DataFrame, finetuned: pd.DataFrame | None = None) -> list[dict]:
 
 def f3(df: pd.DataFrame, deep: tuple[int, int] = (3, 1), shallow: tuple[int, int] = (2, 0)
        ) -> list[dict]:
-    """Fine-tuned top-1 of a deep head from its middle layer minus SimCLR v1's
+    """The paper's section 4.2: "bigger projection heads improve representation
+    learning", fine-tuned "from a middle layer of the projection head", most with few
+    labels. Fine-tuned top-1 of a deep head from its middle layer minus SimCLR v1's
     (2-layer head, fine-tuned from the encoder), at the fewest and the most labels,
     and how much larger the effect is with few labels."""
     ft = df[df["stage"] == "finetune"][["model", "label_fraction", *REPLICATE, "head_depth",
@@ -209,8 +310,11 @@ def f3(df: pd.DataFrame, deep: tuple[int, int] = (3, 1), shallow: tuple[int, int
 
 
 def f4(df: pd.DataFrame) -> list[dict]:
-    """The biggest model's relative improvement over the smallest (fine-tuned) at the
-    fewest labels minus at the most: above 0, bigger models gain more with fewer labels.
+    """The paper's Figure 1 (right): fine-tuned "relative improvement" of bigger
+    models over the smallest, larger with fewer labels. The biggest model's relative
+    improvement over the smallest at the fewest labels minus at the most, in % of the
+    smallest model's top-1 (not points): above 0, bigger models gain more with fewer
+    labels.
     Pooled over head settings where they vary; settings that share a pretraining run
     (or anything else) count once."""
     ft = df[(df["stage"] == "finetune") & df["relative_improvement"].notna()]
@@ -230,24 +334,56 @@ def f4(df: pd.DataFrame) -> list[dict]:
     model, least = str(big["model"].iloc[0]), str(small["model"].iloc[0])
     return [_row("F4", f"{model} over {least}: relative gain at {_pct(few)} minus at "
                        f"{_pct(many)} labels", w["rel_f"] - w["rel_m"],
-                 _union(w["runs_f"], w["runs_m"]))]
+                 _union(w["runs_f"], w["runs_m"]), unit="%")]
 
 
-def findings(tables: list[pd.DataFrame]) -> pd.DataFrame:
-    """F1-F4 from whichever studies' tidy tables are given."""
+def findings(tables: list[pd.DataFrame], primaries: Iterable[str] = ()) -> pd.DataFrame:
+    """P and F1-F4 from whichever studies' tidy tables are given, each row a primary
+    (one of ``primaries``, parse_primaries' form) or exploratory, and each family
+    Holm-adjusted on its own."""
+    primaries = list(primaries)
     rows: list[dict] = []
     every = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
     for df in tables:
         study = str(df["study"].iloc[0]) if len(df) else ""
-        rows += [r | {"study": study} for r in f1(df) + f2(df, every) + f3(df) + f4(df)]
-    adjusted = holm(np.array([r["_p"] for r in rows]))
-    tests = int(np.isfinite(adjusted).sum())
-    for r, p in zip(rows, adjusted, strict=True):
-        r["p (Holm)"] = "n/a" if np.isnan(p) else f"{p:.3g}"
-        least = detectable(r["_se"], r["replicates"], tests) if np.isfinite(p) else np.nan
-        r["verdict"] = verdict(r["effect (pp)"], p, least)
-    return pd.DataFrame(rows, columns=COLUMNS + NUMERIC).sort_values(
-        "finding", kind="stable", ignore_index=True)
+        rows += [r | {"study": study} for r in
+                 premise(df) + f1(df) + f2(df, every) + f3(df) + f4(df)]
+    for r in rows:
+        r["role"] = PRIMARY if is_primary(r["finding"], r["comparison"], primaries) \
+            else EXPLORATORY
+    for role in (PRIMARY, EXPLORATORY):
+        family = [r for r in rows if r["role"] == role]
+        adjusted = holm(np.array([r["_p"] for r in family]))
+        tests = int(np.isfinite(adjusted).sum())
+        for r, p in zip(family, adjusted, strict=True):
+            r["p (Holm)"] = "n/a" if np.isnan(p) else f"{p:.3g}"
+            least = detectable(r["_se"], r["replicates"], tests) if np.isfinite(p) else np.nan
+            r["verdict"] = verdict(r["effect"], p, least, r["replicates"], r["unit"])
+    order = {f: i for i, f in enumerate(FINDINGS)}
+    table = pd.DataFrame(rows, columns=COLUMNS + NUMERIC)
+    return table.sort_values(["role", "finding"], key=lambda c: c.map(order) if
+                             c.name == "finding" else c.map({PRIMARY: 0, EXPLORATORY: 1}),
+                             kind="stable", ignore_index=True)
+
+
+def primaries_of(specs: Iterable[dict | None]) -> list[str]:
+    """The primary findings the studies' study.json registered, together."""
+    out: list[str] = []
+    for spec in specs:
+        for item in ((spec or {}).get("primaries") or {}).get("findings", []):
+            if item not in out:
+                out.append(item)
+    return out
+
+
+def family_note(table: pd.DataFrame) -> str:
+    """One sentence: which family the verdicts were adjusted in."""
+    n = int((table["role"] == PRIMARY).sum()) if not table.empty else 0
+    if n == 0:
+        return ("no primary findings were registered before the run: every verdict is "
+                f"exploratory (Holm over the {len(table)} effects)")
+    return (f"verdicts Holm-adjusted over the {n} pre-registered primary effects; the other "
+            f"{len(table) - n} are exploratory (Holm among themselves)")
 
 
 def markdown(table: pd.DataFrame) -> str:
@@ -270,8 +406,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    table = findings(tables)
-    text = markdown(table)
+    specs = [collect.study_spec(storage.absolute(storage.parse(s))) for s in args.studies]
+    table = findings(tables, primaries_of(specs))
+    text = markdown(table) + "\n" + family_note(table) + "\n"
     print(text, end="")
     if args.out:
         out = storage.absolute(storage.parse(args.out))

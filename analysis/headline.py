@@ -1,9 +1,10 @@
 """The few lines a study run ends with: what pretraining bought over each baseline
-without it, per model, at the fewest and the most labels, with 95% intervals over
-independent replicates and a plain verdict against the better baseline.
+without it, per model, at the fewest and the most labels, with raw 95% intervals over
+independent replicates, and the verdicts of the findings table (analysis.findings:
+Holm-adjusted; an interval alone is never a verdict).
 
     print(results_table(df := collect.load("runs/model_size-local")))
-    print(headline(df))
+    print(headline(df, findings([df], primaries)))
 """
 
 from __future__ import annotations
@@ -11,20 +12,10 @@ from __future__ import annotations
 import math
 
 import pandas as pd
+from scipy import stats
 
 from analysis.collect import PIXELS
 from analysis.tables import gain
-
-
-def verdict(lo: float, hi: float) -> str:
-    """What a 95% interval of a gain (points) over the best baseline says."""
-    if math.isnan(lo):
-        return "one replicate: no interval"
-    if lo > 0:
-        return "pretraining helps"
-    if hi < 0:
-        return "a baseline without pretraining is better"
-    return "no clear difference"
 
 
 def _fmt(row: pd.Series) -> str:
@@ -33,11 +24,20 @@ def _fmt(row: pd.Series) -> str:
     return f"{row['gain (pp)']:+.1f}{interval}"
 
 
-def headline(df: pd.DataFrame) -> str:
+def verdict_lines(found: pd.DataFrame, names: tuple[str, ...]) -> list[str]:
+    """The findings table's rows of the findings ``names``, in its order, each
+    'comparison: verdict (role)', word for word (the one verdict policy)."""
+    rows = found[found["finding"].isin(names)] if not found.empty else found
+    return [f"{r['comparison']}: {r['verdict']} ({r['role']})" for _, r in rows.iterrows()]
+
+
+def headline(df: pd.DataFrame, found: pd.DataFrame | None = None) -> str:
     """Fine-tuned minus each baseline without pretraining (the tuned supervised network,
     the pixel arm), test top-1 points, for each model at the fewest and the most labels
-    of the study, and a verdict against the better of the two (chosen on validation);
-    '' without fine-tuning and baseline rows."""
+    of the study, with raw intervals; then the verdicts of P (against the better
+    baseline on validation) and F1 from the findings table ``found`` (default: the
+    study's findings with nothing pre-registered); '' without fine-tuning and
+    baseline rows."""
     against = [b for b in ("supervised", "pixels")
                if df.get(f"gain_over_{b}", pd.Series(dtype=float)).notna().any()]
     tables = {b: gain(df, b) for b in against}
@@ -53,11 +53,11 @@ def headline(df: pd.DataFrame) -> str:
 
     reps = int(min(t["replicates"].min() for t in tables.values()))
     names = {"supervised": "supervised", "pixels": "pixels"}
+    wide = (f"; with {reps} it is +-{stats.t.ppf(0.975, reps - 1):.1f} standard errors"
+            if 2 <= reps <= 5 else "")
     lines = [f"what pretraining buys: fine-tuned minus each baseline without pretraining "
              f"(the tuned supervised network; ridge or kNN on the pixels), test top-1 points, "
-             f"mean [95% Student-t interval over {reps} independent replicates"
-             + ("; with 2 it is +-12.7 standard errors: wide by design" if reps == 2 else "")
-             + "]"]
+             f"mean [raw 95% Student-t interval over {reps} independent replicates{wide}]"]
     width = max(len(str(m)) for m in first["model"])
     for lf in sorted({fewest, most}):
         lines.append(f"  at {at(lf)}:")
@@ -68,11 +68,16 @@ def headline(df: pd.DataFrame) -> str:
                 if not row.empty:
                     parts.append(f"vs {names[b]} {_fmt(row.iloc[0])}")
             lines.append(f"    {str(model):<{width}}  " + "   ".join(parts))
-    best = gain(df, "best")
-    small = best[best["label fraction"] == fewest]
-    counts = small.apply(lambda r: verdict(r["_lo"], r["_hi"]), axis=1).value_counts()
-    lines.append(f"against the better baseline on validation, at {at(fewest)}: " + ", ".join(
-        f"{v} for {n} of {len(small)} models" for v, n in counts.items()))
+    if found is None:
+        from analysis.findings import findings  # findings builds on this package's tables
+
+        found = findings([df])
+    verdicts = verdict_lines(found, ("P", "F1"))
+    if verdicts:
+        from analysis.findings import family_note
+
+        lines.append(f"verdicts (the findings table's; {family_note(found)}):")
+        lines += [f"  {v}" for v in verdicts]
     return "\n".join(lines)
 
 

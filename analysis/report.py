@@ -26,7 +26,7 @@ import pandas as pd
 
 from analysis import collect, figures, summary
 from analysis.curves import Analysis, _count, analyse
-from analysis.findings import findings
+from analysis.findings import family_note, findings, primaries_of
 from analysis.headline import headline
 from analysis.tables import (
     BASELINES,
@@ -90,7 +90,8 @@ def write_report(study_dir: Location) -> Location:
     flat = df.assign(runs=[";".join(sorted(r)) for r in df["runs"]])
     storage.write_text(out, "results_tidy.csv", flat.to_csv(index=False))
     shown = []
-    drawn = figures.figure_set(df, a, histories(df, study_dir), findings([df]))
+    found = findings([df], primaries_of([spec]))
+    drawn = figures.figure_set(df, a, histories(df, study_dir), found)
     for name, (draw, caption) in drawn.items():
         fig = draw()
         for fmt in ("png", "pdf"):
@@ -103,9 +104,8 @@ def write_report(study_dir: Location) -> Location:
     study = str(df["study"].iloc[0])
     seeds = df["replicate"].nunique()
     spread = f"mean ± standard deviation over {seeds} replicates" if seeds > 1 else "one replicate"
-    found = findings([df])
     parts = [f"<h1>{html.escape(study)}</h1>",
-             _summary_box(df, spec, missing, headline(df), found)]
+             _summary_box(df, spec, missing, headline(df, found), found)]
     if "finetune" in set(df["stage"]):
         distilled = ", self-distilled (the teacher's architecture)" if (
             "distill" in set(df["stage"])) else ""
@@ -138,9 +138,9 @@ def _summary_box(df: pd.DataFrame, spec: dict, missing: list[str], top: str,
         parts.append(f"<pre>{html.escape(top)}</pre>")
     lines = summary.findings_lines(found)
     if lines:
-        parts.append("<h3>The paper's findings at this scale (Holm-adjusted; details in the "
-                     "appendix)</h3><ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in lines)
-                     + "</ul>")
+        parts.append("<h3>The paper's findings at this scale (details in the appendix)</h3>"
+                     f"<p class='small'>{html.escape(family_note(found))}.</p><ul>"
+                     + "".join(f"<li>{html.escape(x)}</li>" for x in lines) + "</ul>")
     warned = summary.warnings(df, missing)
     if warned:
         parts.append("<h3>Warnings</h3><ul class='warn'>" + "".join(

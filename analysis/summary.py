@@ -86,14 +86,15 @@ def warnings(df: pd.DataFrame, missing: list[str]) -> list[str]:
 
 
 def findings_lines(found: pd.DataFrame) -> list[str]:
-    """One line per finding row: what it compares, the effect and the verdict."""
+    """One line per finding row: its role, what it compares, the effect with its raw
+    interval and the verdict, word for word the findings table's."""
     if found.empty:
         return []
     out = []
     for _, r in found.iterrows():
-        effect = float(r["effect (pp)"])
-        shown = "n/a" if not np.isfinite(effect) else f"{effect:+.2f}"
-        out.append(f"{r['finding']}: {r['comparison']}: {shown} {r['95% interval (pp)']} "
-                   f"(n = {r['replicates']}): {r['verdict']}")
+        effect = float(r["effect"])
+        shown = "n/a" if not np.isfinite(effect) else f"{effect:+.2f} {r['unit']}"
+        out.append(f"{r['finding']} ({r['role']}): {r['comparison']}: {shown} "
+                   f"{r['95% interval']} (n = {r['replicates']}): {r['verdict']}")
     return out
 

@@ -229,7 +229,8 @@ def _report(study_dir: Any, write: bool) -> bool:
     """The study's report (analysis/report.py, unless not ``write``), then the compact
     table and the headline, each on its own: one failing never hides the other, and
     the results are safe either way."""
-    from analysis.collect import load
+    from analysis.collect import load, study_spec
+    from analysis.findings import findings, primaries_of
     from analysis.headline import headline, results_table
     from analysis.report import write_report
 
@@ -245,7 +246,7 @@ def _report(study_dir: Any, write: bool) -> bool:
     try:
         df = load(study_dir)
         print(results_table(df))
-        print(headline(df))
+        print(headline(df, findings([df], primaries_of([study_spec(study_dir)]))))
     except Exception as e:  # noqa: BLE001
         print(f"error: the summary table failed ({type(e).__name__}: {e}); the results are "
               f"in {study_dir}", file=sys.stderr)

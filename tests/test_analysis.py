@@ -185,7 +185,9 @@ def test_tidy_adds_the_derived_columns():
     # The better baseline on validation (synthetic: validation = test), then its test top-1.
     best = np.maximum(ft["supervised_top1"], ft["pixels_top1"])
     assert np.allclose(ft["gain_over_best"], ft["top1"] - best)
-    assert ft["runs"].map(len).eq(2).all()  # fine-tuning rests on itself and pretraining
+    # Fine-tuning rests on itself and pretraining, and on its draws: seed and subset.
+    assert ft["runs"].map(len).eq(4).all()
+    assert all({"seed:0", "subset:0"} <= r for r in ft["runs"])
     assert df.loc[df["stage"] == "pretrain", "label_fraction"].isna().all()
     assert df.loc[df["stage"] == "distill", "student"].eq("self").all()
     with pytest.raises(ValueError, match="empty"):
@@ -312,9 +314,10 @@ def test_report_on_a_partial_sweep_and_chromium_renders_it(tmp_path):
                                         "pixels"]
     assert json.loads(protocols["protocol"].iloc[0]) == {"probe": "test top-1"}
     tidy = pd.read_csv(out / "results_tidy.csv")
-    # The shared-run keys as text: a finetune row rests on itself and its pretraining.
+    # The shared-run keys as text: a finetune row rests on itself, its pretraining and
+    # its draws (seed, subset).
     ft_runs = tidy.loc[tidy["stage"] == "finetune", "runs"].iloc[0].split(";")
-    assert len(ft_runs) == 2 and all(k and "frozenset" not in k for k in ft_runs)
+    assert len(ft_runs) == 4 and all(k and "frozenset" not in k for k in ft_runs)
     assert len(tidy) == len(rows) - 5 and "an-earlier-grid" not in set(tidy["cell"])
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -415,30 +418,42 @@ def test_two_label_counts_get_points_but_no_fitted_curve():
     assert "over 2 replicates" in drawn["top1_vs_params"][1]
 
 
-def test_headline_gives_both_margins_at_fewest_and_most_labels_with_a_verdict():
-    from analysis.headline import headline, verdict
+def test_headline_gives_both_margins_and_the_findings_tables_verdicts_word_for_word():
+    from analysis import summary
+    from analysis.findings import findings
+    from analysis.headline import headline
 
     rows = synthetic_rows(seeds=(0, 1, 2), fractions=[0.001, 0.1], head_depths=(1,))
     df = _table(rows)
-    text = headline(df)
-    lines = text.splitlines()
-    assert "3 independent replicates" in lines[0]
-    few, many = (lines.index(f"  at {x}:") for x in ("0.1% labels (60 images)",
-                                                      "10% labels (6,000 images)"))
-    assert few < many
-    for against in ("supervised", "pixels"):
-        g = tables.gain(df, against).set_index(["model", "label fraction"])
-        for model in ("R18 1/16x", "R34 1/8x +SK"):
-            line = next(x for x in lines[few:many] if x.strip().startswith(model))
-            r = g.loc[(model, 0.001)]
-            assert f"vs {against} {r['gain (pp)']:+.1f} [{r['_lo']:+.1f}, {r['_hi']:+.1f}]" in line
-    # The synthetic curves put fine-tuning well above both baselines at 60 labels.
-    assert lines[-1].startswith("against the better baseline on validation, at 0.1% labels "
-                                "(60 images): pretraining helps for ")
-    assert verdict(0.5, 2.0) == "pretraining helps" and verdict(-2.0, -0.1) == (
-        "a baseline without pretraining is better") and verdict(-1.0, 1.0) == (
-        "no clear difference")
-    assert verdict(float("nan"), float("nan")).startswith("one replicate")
+    for primaries in ((), ("P:1/16x", "F1")):
+        found = findings([df], primaries)
+        text = headline(df, found)
+        lines = text.splitlines()
+        assert "raw 95% Student-t interval over 3 independent replicates; with 3 it is " \
+               "+-4.3 standard errors" in lines[0]
+        few, many = (lines.index(f"  at {x}:") for x in ("0.1% labels (60 images)",
+                                                          "10% labels (6,000 images)"))
+        assert few < many
+        for against in ("supervised", "pixels"):
+            g = tables.gain(df, against).set_index(["model", "label fraction"])
+            for model in ("R18 1/16x", "R34 1/8x +SK"):
+                line = next(x for x in lines[few:many] if x.strip().startswith(model))
+                r = g.loc[(model, 0.001)]
+                assert (f"vs {against} {r['gain (pp)']:+.1f} [{r['_lo']:+.1f}, "
+                        f"{r['_hi']:+.1f}]") in line
+        # Every verdict the headline and the summary give is the findings table's.
+        start = next(i for i, x in enumerate(lines) if x.startswith("verdicts (the findings"))
+        given = [x.strip() for x in lines[start + 1:]]
+        table = found[found["finding"].isin(["P", "F1"])]
+        assert given == [f"{r['comparison']}: {r['verdict']} ({r['role']})"
+                         for _, r in table.iterrows()]
+        boxed = summary.findings_lines(found)
+        assert [x.rsplit(": ", 1)[1] for x in boxed] == list(found["verdict"])
+        assert not any("helps" in x or "resolved" in x for x in lines + boxed)
+    # Pre-registered: P at 1/16x and F1 are the primary family (3 effects), so at
+    # most those 3 are Holm-adjusted together; the rest is exploratory.
+    assert (found["role"] == "primary").sum() == 3
+    assert "over the 3 pre-registered primary effects" in text
     assert headline(df[df["stage"] == "pretrain"]) == ""
 
 
@@ -484,16 +499,19 @@ def test_the_summary_warns_when_a_baseline_without_pretraining_wins_everywhere()
     assert lines[-1] == "3 independent replicates per cell"
 
 
-def test_gains_count_replicates_that_share_a_run_once():
-    """Seeds crossed with one labelled subset share the pixel run: the gain over
-    pixels has one independent value, the gain over supervised one per seed."""
-    rows = [{**r, "finetune.subset_seed": 0,
-             "stage_key": "x-shared" if r["stage"] == "pixels" else r["stage_key"]}
-            for r in synthetic_rows(seeds=(0, 1, 2), fractions=[0.01], head_depths=(1,))]
-    df = _table(rows)
-    assert (tables.gain(df, "supervised")["replicates"] == 3).all()
-    px = tables.gain(df, "pixels")
-    assert (px["replicates"] == 1).all() and px["95% interval (pp)"].str.startswith("n/a").all()
+def test_gains_count_replicates_that_share_a_run_or_a_draw_once():
+    """Seeds crossed with one labelled subset share its draw (and the pixel run): no
+    gain has more than one independent value. Each seed its own subset: three."""
+    rows = synthetic_rows(seeds=(0, 1, 2), fractions=[0.01], head_depths=(1,))
+    assert (tables.gain(_table(rows), "supervised")["replicates"] == 3).all()
+    crossed = [{**r, "finetune.subset_seed": 0,
+                "stage_key": "x-shared" if r["stage"] == "pixels" else r["stage_key"]}
+               for r in rows]
+    df = _table(crossed)
+    for against in ("supervised", "pixels"):
+        g = tables.gain(df, against)
+        assert (g["replicates"] == 1).all() and g["95% interval (pp)"].str.startswith(
+            "n/a").all()
 
 
 def test_label_subsets_are_replicates_and_distillation_gaps_are_per_unlabelled_set():
@@ -547,21 +565,43 @@ def test_findings_recover_effects_built_into_synthetic_studies():
         if r["stage"] == "finetune" and r["head.num_layers"] == 3 and r["finetune.head_layer"] == 1:
             r["top1"] += (0.05 if r["finetune.label_fraction"] == 0.01 else 0.01) + g.normal(
                 0, 0.002)
-    t = findings([_table(rows)])
-    by = {f: t[t["finding"] == f] for f in ("F1", "F2", "F3", "F4")}
-    # F1: fine-tuning's error curve lies well below supervised's at 600 labels.
-    assert len(by["F1"]) == 12 and (by["F1"]["verdict"] == "reproduced").all()
-    assert all("at 1% labels" in c for c in by["F1"]["comparison"])
+    df = _table(rows)
+    t = findings([df])
+    by = {f: t[t["finding"] == f] for f in ("P", "F1", "F2", "F3", "F4")}
+    assert (t["role"] == "exploratory").all()  # nothing was pre-registered
+    # P: fine-tuning's error curve lies well below supervised's at 600 labels.
+    assert len(by["P"]) == 12 and (by["P"]["verdict"] == "reproduced").all()
+    assert all("at 1% labels" in c for c in by["P"]["comparison"])
+    # F1: the widest model's gain minus the narrowest's at 1%, paired within a
+    # replicate (head setting and seed). Built in: the supervised network gains with
+    # size as much as fine-tuning does, so the gain shrinks with size (reversed).
+    ft = df[df["stage"] == "finetune"]
+    key = ["head_depth", "ft_layer", "seed", "label_fraction"]
+    wide = ft[ft["model"] == "R34 1/8x +SK"].set_index(key)["gain_over_best"]
+    narrow = ft[ft["model"] == "R18 1/16x"].set_index(key)["gain_over_best"]
+    diff = (wide - narrow).xs(0.01, level="label_fraction")
+    per_replicate = diff.groupby(level=["seed", "head_depth"]).mean()  # a head: its own run
+    f1 = by["F1"].set_index("comparison")
+    contrast = f1.loc["R34 1/8x +SK - R18 1/16x at 1% labels: gain over the best baseline "
+                      "without pretraining"]
+    # Shared draws: a seed's head settings are one replicate, not two.
+    assert contrast["replicates"] == 3
+    assert contrast["effect"] == pytest.approx(
+        100 * per_replicate.groupby(level="seed").mean().mean(), abs=0.01)
+    assert contrast["effect"] < 0 and len(f1) == 2
     # F2: students are built 3% better than their teachers, relative to the error.
-    assert (by["F2"]["verdict"] == "reproduced").all() and (by["F2"]["effect (pp)"] > 0).all()
+    assert (by["F2"]["verdict"].str.startswith("reproduced")).all()
+    assert (by["F2"]["effect"] > 0).all()
     f3 = by["F3"].set_index("comparison")
     few = f3.loc["R18 1/16x at 1% labels: head 3 from layer 1 - head 2 from layer 0"]
-    assert few["verdict"] == "reproduced" and few["effect (pp)"] > 4
-    assert f3.loc["R18 1/16x: the effect at 1% minus at 10%", "verdict"] == "reproduced"
-    assert (by["F4"]["verdict"] == "reproduced").all() and len(by["F4"]) == 1
-    # Pooled over 4 (head, layer) settings, but the two layers of a head share its
-    # pretraining run: 3 replicates x 2 heads independent values, not 12.
-    assert by["F4"]["replicates"].iloc[0] == 3 * 2
+    assert few["verdict"].startswith("reproduced") and few["effect"] > 4
+    assert f3.loc["R18 1/16x: the effect at 1% minus at 10%", "verdict"].startswith(
+        "reproduced")
+    assert len(by["F4"]) == 1 and by["F4"]["verdict"].iloc[0].startswith("reproduced")
+    assert by["F4"]["unit"].iloc[0] == "%"
+    # Pooled over 4 (head, layer) settings: the two layers of a head share its
+    # pretraining run, and the heads of one seed its labelled subset: 3 replicates.
+    assert by["F4"]["replicates"].iloc[0] == 3
     # The figure draws each row's interval; the report shows it.
     fig = figures.findings_figure(t)
     bars = [c for c in fig.axes[0].collections if len(c.get_segments())]
@@ -580,8 +620,9 @@ def test_findings_cli_writes_the_table_and_figure(tmp_path, capsys):
     assert main([str(study), "--out", str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().out
     md = (tmp_path / "out" / "findings.md").read_text()
-    assert md in printed and md.startswith("| finding | comparison | effect (pp)")
-    assert md.count("| F1 |") == 3  # three models at 1%
+    assert md in printed and md.startswith("| finding | role | comparison | effect | unit")
+    assert md.count("| P |") == 3  # three models at 1%
+    assert "no primary findings were registered" in md
     assert (tmp_path / "out" / "findings.png").read_bytes()[:4] == b"\x89PNG"
     csv = pd.read_csv(tmp_path / "out" / "findings.csv")
     assert {"_lo", "_hi", "verdict"} <= set(csv.columns) and (csv["study"] == "synthetic").all()
@@ -604,15 +645,19 @@ def test_findings_verdicts_are_holm_adjusted_and_say_what_could_be_detected():
     # Holm by hand: sorted 0.005 x4, 0.01 x3, 0.03 x2, 0.04 x1, made monotone.
     adjusted = holm(np.array([0.01, 0.04, 0.03, 0.005, np.nan]))
     assert adjusted[:4] == pytest.approx([0.03, 0.06, 0.06, 0.02]) and np.isnan(adjusted[4])
-    # An effect of 2 pp with se 1 over 4 replicates: the t-test's p and se; in a table
-    # of 5 tests the smallest effect detectable at 80% power and Holm's strictest
-    # level (1%): (t(0.995, 3) + t(0.8, 3)) x se.
+    # An effect of 2 pp with se 1 over 4 replicates: the t-test's p and se; in a
+    # family of 5 tests the smallest effect found with 80% power at Holm's strictest
+    # level (1%): the noncentral t's, above the normal-style (t(0.995, 3) + t(0.8, 3)) se.
     q = stats.t.ppf(0.975, 3)
     p, se = _test(2.0, 2.0 - q, 2.0 + q, 4)
     assert p == pytest.approx(2 * stats.t.sf(2.0, 3)) and se == pytest.approx(1.0)
     least = detectable(se, 4, 5)
-    assert least == pytest.approx(stats.t.ppf(0.995, 3) + stats.t.ppf(0.8, 3))
-    assert verdict(2.0, p, least) == f"not resolved (detectable: {least:.2f} pp)"
+    crit = stats.t.ppf(0.995, 3)
+    assert stats.nct.sf(crit, 3, least / se) + stats.nct.cdf(-crit, 3, least / se) \
+        == pytest.approx(0.8, abs=1e-6)
+    assert least > stats.t.ppf(0.995, 3) + stats.t.ppf(0.8, 3)
+    assert verdict(2.0, p, least, 4) == (f"not decided (80% power needs {least:.2f} pp; "
+                                         "spread from 4 replicates, 3 df)")
     assert verdict(-3.0, 0.01, 1.0) == "reversed" and verdict(3.0, 0.01, 1.0) == "reproduced"
     assert verdict(1.0, float("nan"), float("nan")) == "one replicate: no verdict"
 
@@ -646,7 +691,7 @@ def test_f2_compares_a_smaller_student_with_the_small_model_fine_tuned():
     big = df[(df["stage"] == "distill") & (df["model"] == "R34 1/8x +SK")].sort_values("seed")
     small = finetuned[finetuned["model"] == "R18 1/16x"].sort_values("seed")
     want = 100 * (big["top1"].to_numpy() - small["top1"].to_numpy()).mean()
-    assert out[key]["effect (pp)"] == pytest.approx(want, abs=0.01)
+    assert out[key]["effect"] == pytest.approx(want, abs=0.01)
     assert out[key]["replicates"] == 3 and want > 0
     # The smallest teacher's student has its architecture: self-distillation, vs teacher.
     assert "R18 1/16x -> itself at 1% labels: student - teacher" in out
