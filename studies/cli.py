@@ -28,7 +28,7 @@ from scaling.data.datasets import DataError
 from scaling.stages.registry import STAGES
 from scaling.study.cost import MFU, ClusterCost, h100_hours, on_cluster
 from scaling.study.estimate import times_here, wall_clock
-from scaling.study.folder import check_owner, study_record
+from scaling.study.folder import check_owner, study_record, with_primaries
 from scaling.study.plan import (
     Study,
     cells,
@@ -219,6 +219,20 @@ def parser(defn: StudyDef) -> argparse.ArgumentParser:
     p.add_argument("--gpu-price", type=float, metavar="USD",
                    help="price of one GPU-hour on the cluster's GPU nodes: --dry-run then "
                         "prices the study (an assumption you state, not a quote)")
+    p.add_argument("--primary", metavar="FINDINGS",
+                   help="pre-register the study's primary findings before it runs, e.g. "
+                        "P:1/16x,F2 (P, F1-F4 of analysis.findings; ':TEXT' keeps the rows "
+                        "whose comparison contains TEXT): study.json records them with the "
+                        "time; Holm's family is these, the rest is reported as exploratory. "
+                        "A study with results keeps the ones it has")
+    p.add_argument("--target-effect", type=float, metavar="POINTS",
+                   help="with --dry-run and --primary: the replicates each primary needs to "
+                        "detect this effect with 80%% power, from --pilot's spreads, and "
+                        "what they cost")
+    p.add_argument("--pilot", metavar="PATH",
+                   help="the pilot for --target-effect: a findings CSV (python -m "
+                        "analysis.findings --out) or a study folder with results "
+                        "(default: this study's own results in --storage)")
     p.add_argument("--mlflow", metavar="URI",
                    help="also log each stage's curves and metrics to MLflow at this tracking "
                         "URI (file:///path/mlruns or http://server:5000); needs mlflow installed")
@@ -305,7 +319,8 @@ def dry_run(study: Study, args: argparse.Namespace) -> str:
     on_cluster = args.address or os.environ.get("RAY_ADDRESS")
     if not on_cluster and rt.gpus_per_worker == 0:
         check_local(study.base)  # a CPU preset runs here: refuse what the run would
-    check_owner(storage.join(root, study.name), study_record(study))
+    study_dir = storage.join(root, study.name)
+    check_owner(study_dir, with_primaries(study_dir, study_record(study), _primaries(args)))
     runs = distinct_runs(study)
     done = finished(study, root, runs)
     left = runs_left(runs, done)
@@ -313,6 +328,8 @@ def dry_run(study: Study, args: argparse.Namespace) -> str:
                     for s, keyed in runs.items())
     lines = [f"in {root}: {len(done)} of {sum(map(len, runs.values()))} stage runs finished "
              f"({per}); {len(left)} to run"]
+    if args.target_effect is not None:
+        lines += power_plan(study, args, study_dir)
     if not left:
         return "\n".join(lines)
     flops = sum(stage_flops(c, s) for s, c in left)
@@ -329,6 +346,44 @@ def dry_run(study: Study, args: argparse.Namespace) -> str:
         if priced:
             lines.append(priced)
     return "\n".join(lines)
+
+
+def _primaries(args: argparse.Namespace) -> list[str] | None:
+    from analysis.findings import parse_primaries
+
+    return parse_primaries(args.primary) if args.primary else None
+
+
+def power_plan(study: Study, args: argparse.Namespace, study_dir: Any) -> list[str]:
+    """The dry run's power plan (analysis.pilot): replicates per primary finding to
+    detect --target-effect, and their cost: time here, or H100-hours (and $ at
+    --gpu-price) on GPUs, from one replicate's distinct stage runs."""
+    from analysis.pilot import plan_lines, spreads
+
+    primaries = _primaries(args)
+    if primaries is None:
+        raise ConfigError("--target-effect", args.target_effect,
+                          "with --primary FINDINGS: the findings the plan is for")
+    pilot = args.pilot or str(study_dir)
+    try:
+        rows = spreads(pilot)
+    except (FileNotFoundError, ValueError) as e:
+        return [f"power plan: no pilot results in {pilot} ({e}); pass --pilot with a "
+                "findings CSV or a study folder that has results"]
+    one = make_study(study.name, study.base, {**{k: list(v) for k, v in study.axes},
+                                              "replicate": [0]}, study.stages)
+    runs = runs_left(distinct_runs(one), set())
+    per_flops = sum(stage_flops(c, s) for s, c in runs)
+    rt = study.base.runtime
+
+    def cost(n: int) -> str:
+        if rt.gpus_per_worker > 0:
+            hours = n * h100_hours(per_flops)
+            price = f", ${hours * args.gpu_price:,.0f}" if args.gpu_price else ""
+            return f"~{hours:.3g} H100-hours{price}"
+        return f"~{fmt_duration(n * wall_clock(runs).seconds)} of training steps here"
+
+    return [f"pilot: {pilot}", *plan_lines(rows, primaries, args.target_effect, cost)]
 
 
 def _cluster_cost(study: Study, args: argparse.Namespace, flops: float) -> str | None:
@@ -377,7 +432,8 @@ def main(defn: StudyDef, argv: list[str] | None = None) -> int:
 
         outcome = sweep.run_study(study, args.storage, address=args.address,
                                   restart_errored=args.restart_errored, resume=args.resume,
-                                  mlflow=args.mlflow, verbose=args.verbose)
+                                  mlflow=args.mlflow, verbose=args.verbose,
+                                  primaries=_primaries(args))
     except (ConfigError, DataError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

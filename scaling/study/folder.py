@@ -13,6 +13,7 @@ import json
 import os
 import shlex
 import sys
+import time
 from typing import Any
 
 from scaling import storage
@@ -46,6 +47,30 @@ def study_record(study: Study) -> dict[str, Any]:
                                                           *sys.argv]),
             "git_commit": results.git_commit()}
     return dict(json.loads(json.dumps(record)))  # as it reads back: tuples become lists
+
+
+def with_primaries(study_dir: Location, record: dict[str, Any], primaries: list[str] | None
+                   ) -> dict[str, Any]:
+    """``record`` with the study's pre-registered primary findings: those already in
+    its study.json (a resumed run keeps them), or ``primaries`` with the time and
+    commit they were registered at. Registering them after the study has results, or
+    changing them, is refused like any other configuration change: Holm's family is
+    fixed before the data it tests."""
+    text = storage.read_text(study_dir, "study.json")
+    old = (json.loads(text) if text else {}).get("primaries")
+    if primaries is None or (old and old.get("findings") == primaries):
+        return record | ({"primaries": old} if old else {})
+    has_results = bool(storage.list_names(storage.join(study_dir, "cells"), ".json"))
+    if old or has_results:
+        was = ",".join(old["findings"]) if old else "none"
+        raise StudyClash(f"{study_dir} holds results of the study {record['study']!r} with "
+                         f"primary findings {was}; --primary {','.join(primaries)} would "
+                         "choose the test after seeing data. Nothing was run or written. "
+                         "Pass --name NEW for a new pre-registered study (new replicates: "
+                         "--axis replicate=...)")
+    return record | {"primaries": {"findings": primaries,
+                                   "registered": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                   "git_commit": record.get("git_commit")}}
 
 
 class StudyClash(ConfigFileError):

@@ -52,7 +52,7 @@ from scaling.storage import Location
 from scaling.study import cluster, results
 from scaling.study.console import Console, update_table
 from scaling.study.coordinator import StageClaims, renewing
-from scaling.study.folder import check_owner, study_record
+from scaling.study.folder import check_owner, study_record, with_primaries
 from scaling.study.plan import (
     SHORT,
     Study,
@@ -208,8 +208,10 @@ class Outcome:
 
 def run_study(study: Study, root: Location, *, address: str | None = None,
               restart_errored: bool = False, resume: bool = False,
-              mlflow: str | None = None, verbose: bool = False) -> Outcome:
+              mlflow: str | None = None, verbose: bool = False,
+              primaries: list[str] | None = None) -> Outcome:
     """Run (or resume) the study's grid on Ray Tune; returns the results table.
+    ``primaries``: the findings to pre-register in study.json (folder.with_primaries).
     ``resume``: there must be a sweep to resume in ``root`` (guards a mistyped URI).
     ``mlflow``: a tracking URI to log the stages' curves to, besides TensorBoard.
     ``verbose``: Ray's and Tune's own console output too (banners, tracebacks);
@@ -225,7 +227,7 @@ def run_study(study: Study, root: Location, *, address: str | None = None,
     if resume and not tune.Tuner.can_restore(path):
         raise ConfigError("--resume", str(root), "the storage of an earlier run of this study "
                           f"(same --storage, preset, axes and --set): no sweep state in {path}")
-    record = study_record(study)
+    record = with_primaries(study_dir, study_record(study), primaries)
     check_owner(study_dir, record)
     if mlflow:
         check_mlflow(mlflow)
