@@ -49,10 +49,10 @@ from scaling.study.plan import (
 # tear-down for each of the 14 stage runs the local model_size sweep took 631 s
 # instead of 317 s (bench/sweep.py, docs/performance.md). Fine-tuning and the
 # baseline share one step budget (at least 100 steps and 5 epochs: 105 steps at 10% of
-# Fashion-MNIST), and the baseline still picks its LR on validation,
-# from a shorter grid than fmnist-cpu's. A student from scratch (no head layers,
-# pretraining's LARS) reached 36.2% validation top-1 after 1 epoch of distillation
-# and 65.5% after 4 (width 1/16, 1%; its teacher 68.0%): 4 here.
+# Fashion-MNIST), and the baseline still picks its LR on validation (the
+# model_size local preset adds BASELINE_GRID, fmnist-cpu's: docs/protocol.md). A
+# student from scratch (no head layers, pretraining's LARS) reached 36.2% validation
+# top-1 after 1 epoch of distillation and 65.5% after 4 (width 1/16, 1%; its teacher 68.0%): 4 here.
 LOCAL_SCHEDULE: dict[str, Any] = {
     "pretrain.epochs": 3, "finetune.epochs": 5, "supervised.epochs": 5,
     "finetune.min_steps": 100, "supervised.min_steps": 100, "supervised.lr_grid": [0.4, 1.6],

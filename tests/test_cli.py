@@ -65,6 +65,16 @@ def test_a_variant_run_never_replaces_the_default_studys_results(reference_study
     pd.testing.assert_frame_equal(pd.read_csv(table), before)
     assert set(before["finetune.epochs"]) == {3}
 
+    # Primary findings are registered before results, never after.
+    late = run("--primary", "P", "--dry-run")
+    assert late.returncode == 2 and "would choose the test after seeing data" in late.stderr
+    bad = run("--primary", "P,F9", "--name", "pre", "--dry-run")
+    assert bad.returncode == 2 and "F9" in bad.stderr and "P, F1, F2, F3, F4" in bad.stderr
+    plan = ok(run("--primary", "P", "--target-effect", "5", "--name", "pre", "--dry-run",
+                  "--pilot", str(storage / NAME)))
+    assert "power plan: 2 primary effects" in plan and "one replicate: no spread" in plan
+    assert not (storage / "pre").exists()
+
 
 def test_a_trial_process_ends_quietly_but_other_unraisable_errors_print(capsys, monkeypatch):
     from scaling.study.sweep import quiet_shutdown

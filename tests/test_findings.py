@@ -117,3 +117,59 @@ def test_sequential_design_keeps_its_error_rate_and_its_planned_power():
     each = (decided == 1).mean(axis=0)  # per finding, decided on the paper's side
     assert (each >= 0.80 - 2 * np.sqrt(0.8 * 0.2 / sims)).all(), each
     assert np.mean([n for _, n in hits]) < looks[-1]  # it stops early on average
+
+
+def test_the_power_plan_reads_the_committed_pilot_and_plans_each_primary():
+    from analysis.pilot import plan_lines, spreads
+
+    rows = spreads("docs/findings/findings.csv")  # the 2026-12-06 grid, 3 replicates
+    p = rows[rows["finding"] == "P"]
+    assert len(p) == 3 and (p["replicates"] == 3).all()  # written as F1 before issue 36
+    sd = float(p[p["comparison"].str.startswith("R18 1/16x")]["sd"].iloc[0])
+    lines = plan_lines(rows, ["P:1/16x"], 5.0, cost=lambda n: f"{n} units")
+    assert len(lines) == 2 and "0.05/1" in lines[0]
+    n = power.replicates_needed(sd, 5.0, 0.05)
+    assert f"{n} replicates fixed ({n} units)" in lines[1] and "(2 df" in lines[1]
+    # Two primaries: Holm's strictest level halves, so each needs at least as many.
+    two = plan_lines(rows, ["P:1/16x", "F2:distilled"], 5.0)
+    assert "0.05/2" in two[0] and len(two) == 3
+    more = int(two[1].split(" replicates fixed")[0].rsplit("; ", 1)[1])
+    assert more >= n
+    assert "no effect matching" in plan_lines(rows, ["F3:R50"], 5.0)[0]
+
+
+def test_primaries_are_registered_before_results_and_never_changed_after(tmp_path):
+    import json
+
+    from scaling.study.folder import StudyClash, with_primaries
+
+    folder = tmp_path / "study"
+    record = {"study": "s", "git_commit": "abc"}
+    registered = with_primaries(folder, record, ["P:1/16x"])
+    assert registered["primaries"]["findings"] == ["P:1/16x"]
+    assert registered["primaries"]["registered"][:4].isdigit()
+    folder.mkdir()
+    (folder / "study.json").write_text(json.dumps(registered))
+    # A resumed run without --primary keeps them; the same list is no change.
+    assert with_primaries(folder, record, None)["primaries"] == registered["primaries"]
+    assert with_primaries(folder, record, ["P:1/16x"])["primaries"] == registered["primaries"]
+    with pytest.raises(StudyClash, match="primary findings P:1/16x; --primary F2 would choose"):
+        with_primaries(folder, record, ["F2"])
+    # A study with results and nothing registered: too late to register.
+    (folder / "study.json").write_text(json.dumps(record))
+    assert "primaries" not in with_primaries(folder, record, None)
+    (folder / "cells").mkdir()
+    (folder / "cells" / "c.json").write_text("{}")
+    with pytest.raises(StudyClash, match="primary findings none"):
+        with_primaries(folder, record, ["P"])
+
+
+def test_primaries_name_findings_that_exist():
+    from analysis.findings import parse_primaries
+    from scaling.config import ConfigError
+
+    assert parse_primaries("P:1/16x, F2") == ["P:1/16x", "F2"]
+    with pytest.raises(ConfigError, match="--primary.*F5.*P, F1, F2, F3, F4"):
+        parse_primaries("P,F5")
+    with pytest.raises(ConfigError, match="at least one"):
+        parse_primaries(",")
