@@ -100,11 +100,11 @@ def _test(mean: float, lo: float, hi: float, n: int) -> tuple[float, float]:
     return float(2 * stats.t.sf(abs(mean / se), n - 1)), float(se)
 
 
-def detectable(se: float, n: int, tests: int) -> float:
+def detectable(se: float, n: int, tests: int, level: float = ALPHA) -> float:
     """The smallest effect a two-sided t-test over ``n`` replicates finds with 80%
-    power at the level the family's strictest Holm step asks (5% / ``tests``):
+    power at the level the family's strictest Holm step asks (``level`` / ``tests``):
     exact, from the noncentral t (analysis.power)."""
-    return power.detectable(se, n, ALPHA / max(tests, 1))
+    return power.detectable(se, n, level / max(tests, 1))
 
 
 def holm(p: np.ndarray) -> np.ndarray:
@@ -121,11 +121,11 @@ def holm(p: np.ndarray) -> np.ndarray:
 
 
 def verdict(mean: float, p_adjusted: float, detectable: float, n: int = 0,
-            unit: str = "pp") -> str:
+            unit: str = "pp", level: float = ALPHA) -> str:
     """The verdict words of the one policy (module docstring)."""
     if np.isnan(p_adjusted):
         return "one replicate: no verdict" if n <= 1 else "no verdict"
-    if p_adjusted < ALPHA:
+    if p_adjusted < level:
         return "reproduced" if mean > 0 else "reversed"
     return (f"not decided (80% power needs {detectable:.2f} {unit}; spread from {n} "
             f"replicates, {n - 1} df)")
@@ -337,10 +337,12 @@ def f4(df: pd.DataFrame) -> list[dict]:
                  _union(w["runs_f"], w["runs_m"]), unit="%")]
 
 
-def findings(tables: list[pd.DataFrame], primaries: Iterable[str] = ()) -> pd.DataFrame:
+def findings(tables: list[pd.DataFrame], primaries: Iterable[str] = (),
+             level: float = ALPHA) -> pd.DataFrame:
     """P and F1-F4 from whichever studies' tidy tables are given, each row a primary
     (one of ``primaries``, parse_primaries' form) or exploratory, and each family
-    Holm-adjusted on its own."""
+    Holm-adjusted on its own. ``level``: the primaries' (a sequential design's look
+    spends less than 0.05; exploratory effects stay at 0.05)."""
     primaries = list(primaries)
     rows: list[dict] = []
     every = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
@@ -355,15 +357,35 @@ def findings(tables: list[pd.DataFrame], primaries: Iterable[str] = ()) -> pd.Da
         family = [r for r in rows if r["role"] == role]
         adjusted = holm(np.array([r["_p"] for r in family]))
         tests = int(np.isfinite(adjusted).sum())
+        at = level if role == PRIMARY else ALPHA
         for r, p in zip(family, adjusted, strict=True):
             r["p (Holm)"] = "n/a" if np.isnan(p) else f"{p:.3g}"
-            least = detectable(r["_se"], r["replicates"], tests) if np.isfinite(p) else np.nan
-            r["verdict"] = verdict(r["effect"], p, least, r["replicates"], r["unit"])
+            least = (detectable(r["_se"], r["replicates"], tests, at) if np.isfinite(p)
+                     else np.nan)
+            r["verdict"] = verdict(r["effect"], p, least, r["replicates"], r["unit"], at)
     order = {f: i for i, f in enumerate(FINDINGS)}
     table = pd.DataFrame(rows, columns=COLUMNS + NUMERIC)
+    table.attrs["level"] = level
     return table.sort_values(["role", "finding"], key=lambda c: c.map(order) if
                              c.name == "finding" else c.map({PRIMARY: 0, EXPLORATORY: 1}),
                              kind="stable", ignore_index=True)
+
+
+def level_of(specs: Iterable[dict | None], tables: list[pd.DataFrame]) -> float:
+    """The primaries' level: 0.05, or under a sequential design (study.json's
+    ``sequential``) the level of the look its replicates reached."""
+    for spec in specs:
+        design = (spec or {}).get("sequential")
+        if design:
+            n = max((int(df["replicate"].nunique()) for df in tables), default=0)
+            return power.level_at(n, design["looks"], design["levels"])
+    return ALPHA
+
+
+def study_findings(tables: list[pd.DataFrame], specs: list[dict | None]) -> pd.DataFrame:
+    """findings() as the studies registered them (study.json): their primaries, at
+    their sequential design's level where they have one."""
+    return findings(tables, primaries_of(specs), level_of(specs, tables))
 
 
 def primaries_of(specs: Iterable[dict | None]) -> list[str]:
@@ -382,8 +404,11 @@ def family_note(table: pd.DataFrame) -> str:
     if n == 0:
         return ("no primary findings were registered before the run: every verdict is "
                 f"exploratory (Holm over the {len(table)} effects)")
-    return (f"verdicts Holm-adjusted over the {n} pre-registered primary effects; the other "
-            f"{len(table) - n} are exploratory (Holm among themselves)")
+    level = float(table.attrs.get("level", ALPHA))
+    at = (f" at {level:.3g}, the level the sequential design's look spends" if level < ALPHA
+          else "")
+    return (f"verdicts Holm-adjusted over the {n} pre-registered primary effects{at}; the "
+            f"other {len(table) - n} are exploratory (Holm among themselves)")
 
 
 def markdown(table: pd.DataFrame) -> str:
@@ -407,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     specs = [collect.study_spec(storage.absolute(storage.parse(s))) for s in args.studies]
-    table = findings(tables, primaries_of(specs))
+    table = study_findings(tables, specs)
     text = markdown(table) + "\n" + family_note(table) + "\n"
     print(text, end="")
     if args.out:

@@ -1,7 +1,7 @@
 """A power plan from a pilot: how many independent replicates each primary finding
 needs to detect a stated effect, from the spread the pilot measured.
 
-    rows = spreads("docs/findings/findings.csv")      # or a study folder with results
+    rows = spreads("docs/findings/pilot-2026-12-06.csv")      # or a study folder with results
     for line in plan_lines(rows, ["P:1/16x"], target=5.0): print(line)
 
 The spread of a finding is the standard deviation of its per-replicate differences,

@@ -112,32 +112,44 @@ def sequential_plan(sd: float, effect: float, tests: int, first: int, batch: int
     return None
 
 
+def holm_decisions(mean: np.ndarray, p: np.ndarray, level: float) -> np.ndarray:
+    """Holm's step-down at ``level``: +1 / -1 for an effect decided above / below 0,
+    0 for one not decided."""
+    out = np.zeros(len(p), dtype=int)
+    order = np.argsort(p, kind="stable")
+    for rank, i in enumerate(order):
+        if not p[i] * (len(p) - rank) < level:
+            break
+        out[i] = 1 if mean[i] > 0 else -1
+    return out
+
+
 def sequential_verdicts(values: np.ndarray, looks: Sequence[int], levels: Sequence[float]
                         ) -> tuple[np.ndarray, int]:
     """Run a group-sequential design on ``values`` (replicates x findings, in the order
-    they were run): at each look k, the two-sided t-test of every finding not yet
-    decided over the first looks[k] replicates, Holm-adjusted across the findings at
-    the look's level levels[k]. Returns (per finding: +1 decided above 0, -1 below,
-    0 not decided; the replicates used: the look where every finding was decided,
-    else the last)."""
+    they were run): at look k, the two-sided t-test of every finding over the first
+    looks[k] replicates, Holm-adjusted across the findings at the look's level
+    levels[k]; the design stops at the first look that decides every finding. Returns
+    (that look's verdicts, or the last look's: per finding +1 decided above 0, -1
+    below, 0 not decided; the replicates used). Each look's family-wise error is at
+    most its level, so over all looks at most their sum."""
     values = np.asarray(values, dtype=float)
-    m = values.shape[1]
-    out = np.zeros(m, dtype=int)
-    used = looks[-1]
+    out = np.zeros(values.shape[1], dtype=int)
     for n, level in zip(looks, levels, strict=True):
         x = values[:n]
         mean, sd = x.mean(axis=0), x.std(axis=0, ddof=1)
         with np.errstate(divide="ignore", invalid="ignore"):
             t = mean / (sd / math.sqrt(n))
         p = np.where(sd > 0, 2 * stats.t.sf(np.abs(t), n - 1), np.where(mean != 0, 0.0, 1.0))
-        open_ = np.flatnonzero(out == 0)
-        # Holm at this look's level among the findings still open.
-        order = open_[np.argsort(p[open_], kind="stable")]
-        for rank, i in enumerate(order):
-            if p[i] * (len(order) - rank) >= level:
-                break
-            out[i] = 1 if mean[i] > 0 else -1
+        out = holm_decisions(mean, p, level)
         if (out != 0).all():
-            used = n
-            break
-    return out, used
+            return out, n
+    return out, looks[-1]
+
+
+def level_at(n: int, looks: Sequence[int], levels: Sequence[float]) -> float:
+    """The level a sequential design tests ``n`` replicates at: its look's, or for a
+    count between looks (an interrupted batch) the last look's before it (the
+    first's below the first look)."""
+    at = [lv for k, lv in zip(looks, levels, strict=True) if k <= n]
+    return at[-1] if at else levels[0]

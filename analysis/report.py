@@ -26,7 +26,7 @@ import pandas as pd
 
 from analysis import collect, figures, summary
 from analysis.curves import Analysis, _count, analyse
-from analysis.findings import family_note, findings, primaries_of
+from analysis.findings import family_note, study_findings
 from analysis.headline import headline
 from analysis.tables import (
     BASELINES,
@@ -90,7 +90,7 @@ def write_report(study_dir: Location) -> Location:
     flat = df.assign(runs=[";".join(sorted(r)) for r in df["runs"]])
     storage.write_text(out, "results_tidy.csv", flat.to_csv(index=False))
     shown = []
-    found = findings([df], primaries_of([spec]))
+    found = study_findings([df], [spec])
     drawn = figures.figure_set(df, a, histories(df, study_dir), found)
     for name, (draw, caption) in drawn.items():
         fig = draw()

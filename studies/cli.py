@@ -18,6 +18,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from scaling import storage
@@ -76,6 +77,9 @@ FMNIST_CPU_SCHEDULE: dict[str, Any] = LOCAL_SCHEDULE | BASELINE_GRID | {
     "supervised.epochs": 30, "finetune.lr_grid": [0.005, 0.02],
     "finetune.per_fraction": {}, "distill.epochs": 40}
 REPLICATES: dict[str, list[Any]] = {"replicate": [0, 1, 2]}
+# The findings grid of 2026-12-06 (replicates 0-2, docs/results.md): the power plan's
+# spreads for these presets (--target-effect) until a storage has its own results.
+FMNIST_PILOT = "docs/findings/pilot-2026-12-06.csv"
 
 
 # The GPU presets' lanes, sized by the dry run's memory plan (docs/cluster.md).
@@ -99,11 +103,14 @@ class Preset:
     axes: dict[str, list[Any]]
     set: dict[str, Any] = field(default_factory=dict)
     stages: tuple[str, ...] | None = None  # None: the study's
+    # A pilot's findings (analysis.pilot) for --target-effect when the storage has none.
+    pilot: str | None = None
 
 
 def findings_preset(axes: dict[str, list[Any]], stages: tuple[str, ...]) -> Preset:
     """A `fmnist-cpu` findings preset: ``axes`` x the replicates, on FMNIST_CPU_SCHEDULE."""
-    return Preset("fmnist-cpu", axes | REPLICATES, FMNIST_CPU_SCHEDULE, stages=stages)
+    return Preset("fmnist-cpu", axes | REPLICATES, FMNIST_CPU_SCHEDULE, stages=stages,
+                  pilot=FMNIST_PILOT)
 
 
 @dataclass(frozen=True)
@@ -117,6 +124,12 @@ class StudyDef:
 
 def _values(text: str) -> list[Any]:
     return [parse_yaml(v, "--axis") for v in text.split(",") if v != ""]
+
+
+def preset_of(defn: StudyDef, args: argparse.Namespace) -> Preset:
+    """The preset the arguments name (--preset, else --file's, else the default)."""
+    spec = (read_yaml(args.file) or {}) if args.file else {}
+    return defn.presets[args.preset or spec.get("preset") or defn.default]
 
 
 def build(defn: StudyDef, args: argparse.Namespace) -> Study:
@@ -233,6 +246,15 @@ def parser(defn: StudyDef) -> argparse.ArgumentParser:
                    help="the pilot for --target-effect: a findings CSV (python -m "
                         "analysis.findings --out) or a study folder with results "
                         "(default: this study's own results in --storage)")
+    p.add_argument("--until-decided", action="store_true",
+                   help="with --primary, --target-effect and --budget: add replicates in "
+                        "batches (--batch) until every primary finding is decided, on a "
+                        "group-sequential design fixed before the first (studies/sequential.py)")
+    p.add_argument("--budget", metavar="DURATION",
+                   help="--until-decided's time here, e.g. 2h30m: caps the design's size at "
+                        "what the dry run's estimate says it buys")
+    p.add_argument("--batch", type=int, default=3, metavar="N",
+                   help="replicates between looks of --until-decided and the plan (default 3)")
     p.add_argument("--mlflow", metavar="URI",
                    help="also log each stage's curves and metrics to MLflow at this tracking "
                         "URI (file:///path/mlruns or http://server:5000); needs mlflow installed")
@@ -244,7 +266,7 @@ def _report(study_dir: Any, write: bool) -> bool:
     table and the headline, each on its own: one failing never hides the other, and
     the results are safe either way."""
     from analysis.collect import load, study_spec
-    from analysis.findings import findings, primaries_of
+    from analysis.findings import study_findings
     from analysis.headline import headline, results_table
     from analysis.report import write_report
 
@@ -260,7 +282,7 @@ def _report(study_dir: Any, write: bool) -> bool:
     try:
         df = load(study_dir)
         print(results_table(df))
-        print(headline(df, findings([df], primaries_of([study_spec(study_dir)]))))
+        print(headline(df, study_findings([df], [study_spec(study_dir)])))
     except Exception as e:  # noqa: BLE001
         print(f"error: the summary table failed ({type(e).__name__}: {e}); the results are "
               f"in {study_dir}", file=sys.stderr)
@@ -311,7 +333,7 @@ def cluster_running(args: argparse.Namespace) -> bool:
     return bool(args.address or os.environ.get("RAY_ADDRESS"))
 
 
-def dry_run(study: Study, args: argparse.Namespace) -> str:
+def dry_run(study: Study, args: argparse.Namespace, default_pilot: str | None = None) -> str:
     """What a run would do: the checks it makes before Ray, the stage runs already in
     the storage, and how long the rest takes here (measured) or on GPUs (assumed)."""
     root = storage.absolute(storage.parse(args.storage))
@@ -329,7 +351,7 @@ def dry_run(study: Study, args: argparse.Namespace) -> str:
     lines = [f"in {root}: {len(done)} of {sum(map(len, runs.values()))} stage runs finished "
              f"({per}); {len(left)} to run"]
     if args.target_effect is not None:
-        lines += power_plan(study, args, study_dir)
+        lines += power_plan(study, args, study_dir, default_pilot)
     if not left:
         return "\n".join(lines)
     flops = sum(stage_flops(c, s) for s, c in left)
@@ -354,25 +376,46 @@ def _primaries(args: argparse.Namespace) -> list[str] | None:
     return parse_primaries(args.primary) if args.primary else None
 
 
-def power_plan(study: Study, args: argparse.Namespace, study_dir: Any) -> list[str]:
+def pilot_rows(args: argparse.Namespace, study_dir: Any, default_pilot: str | None
+               ) -> tuple[str, Any] | None:
+    """(the pilot, its spreads: analysis.pilot.spreads): --pilot, else the study's own
+    results, else the preset's pilot; None where there is none."""
+    from analysis.pilot import spreads
+
+    pilot = args.pilot or str(study_dir)
+    try:
+        return pilot, spreads(pilot)
+    except (FileNotFoundError, ValueError):
+        if args.pilot or default_pilot is None:
+            return None
+        pilot = str(Path(__file__).resolve().parents[1] / default_pilot)  # in this checkout
+        return pilot, spreads(pilot)
+
+
+def one_replicate(study: Study) -> list[tuple[str, Any]]:
+    """The distinct stage runs of one replicate of ``study`` (all of them, run or not)."""
+    one = make_study(study.name, study.base, {**{k: list(v) for k, v in study.axes},
+                                              "replicate": [0]}, study.stages)
+    return runs_left(distinct_runs(one), set())
+
+
+def power_plan(study: Study, args: argparse.Namespace, study_dir: Any,
+               default_pilot: str | None = None) -> list[str]:
     """The dry run's power plan (analysis.pilot): replicates per primary finding to
     detect --target-effect, and their cost: time here, or H100-hours (and $ at
     --gpu-price) on GPUs, from one replicate's distinct stage runs."""
-    from analysis.pilot import plan_lines, spreads
+    from analysis.pilot import plan_lines
 
     primaries = _primaries(args)
     if primaries is None:
         raise ConfigError("--target-effect", args.target_effect,
                           "with --primary FINDINGS: the findings the plan is for")
-    pilot = args.pilot or str(study_dir)
-    try:
-        rows = spreads(pilot)
-    except (FileNotFoundError, ValueError) as e:
-        return [f"power plan: no pilot results in {pilot} ({e}); pass --pilot with a "
-                "findings CSV or a study folder that has results"]
-    one = make_study(study.name, study.base, {**{k: list(v) for k, v in study.axes},
-                                              "replicate": [0]}, study.stages)
-    runs = runs_left(distinct_runs(one), set())
+    found = pilot_rows(args, study_dir, default_pilot)
+    if found is None:
+        return [f"power plan: no pilot results in {args.pilot or study_dir}; pass --pilot "
+                "with a findings CSV or a study folder that has results"]
+    pilot, rows = found
+    runs = one_replicate(study)
     per_flops = sum(stage_flops(c, s) for s, c in runs)
     rt = study.base.runtime
 
@@ -383,7 +426,60 @@ def power_plan(study: Study, args: argparse.Namespace, study_dir: Any) -> list[s
             return f"~{hours:.3g} H100-hours{price}"
         return f"~{fmt_duration(n * wall_clock(runs).seconds)} of training steps here"
 
-    return [f"pilot: {pilot}", *plan_lines(rows, primaries, args.target_effect, cost)]
+    return [f"pilot: {pilot}", *plan_lines(rows, primaries, args.target_effect, cost,
+                                           batch=args.batch)]
+
+
+def until_decided(defn: StudyDef, study: Study, args: argparse.Namespace) -> int:
+    """--until-decided: the sequential design (studies/sequential.py), run look by look."""
+    from analysis.collect import load
+    from analysis.findings import findings, is_primary
+    from scaling.study import sweep
+    from studies import sequential
+
+    primaries = _primaries(args)
+    if primaries is None or args.target_effect is None or args.budget is None:
+        raise ConfigError("--until-decided", True, "with --primary, --target-effect and "
+                          "--budget: the findings, the effect to detect and the time to spend")
+    budget = sequential.parse_duration(args.budget)
+    root = storage.absolute(storage.parse(args.storage))
+    study_dir = storage.join(root, study.name)
+    found = pilot_rows(args, study_dir, preset_of(defn, args).pilot)
+    if found is None:
+        raise ConfigError("--pilot", args.pilot, "a findings CSV or a study folder with results")
+    pilot, rows = found
+    rows = rows[[is_primary(f, c, primaries) for f, c in
+                 zip(rows["finding"], rows["comparison"], strict=True)]].dropna(subset=["sd"])
+    if rows.empty:
+        raise ConfigError("--primary", args.primary, f"findings the pilot {pilot} measured "
+                          "with at least 2 replicates")
+    per_replicate = wall_clock(one_replicate(study)).seconds
+    plan = sequential.design([float(v) for v in rows["sd"]], args.target_effect, args.batch,
+                             per_replicate, budget) | {"pilot": pilot}
+    first = dict(study.axes).get("replicate", (0,))
+    start = int(min(first))
+    plan["replicates"] = list(range(start, start + plan["looks"][-1]))
+    axes = {k: list(v) for k, v in study.axes}
+    full = make_study(study.name, study.base, axes | {"replicate": plan["replicates"]},
+                      study.stages)
+    print(f"sequential design: replicates {plan['replicates'][0]}..{plan['replicates'][-1]}, "
+          f"looks at {plan['looks']}, levels {[round(x, 4) for x in plan['levels']]} (sum "
+          f"0.05); plan {plan['planned']} replicates, the budget buys "
+          f"{int(budget // per_replicate)} at ~{fmt_duration(per_replicate)} each", flush=True)
+
+    def look(n: int, level: float) -> Any:
+        sub = make_study(study.name, study.base, axes | {"replicate": plan["replicates"][:n]},
+                         study.stages)
+        outcome = sweep.run_study(sub, args.storage, address=args.address,
+                                  mlflow=args.mlflow, verbose=args.verbose,
+                                  primaries=primaries, design=full, sequential=plan)
+        if outcome.interrupted:
+            raise KeyboardInterrupt
+        return findings([load(study_dir)], primaries, level)
+
+    sequential.run_looks(plan, look, say=lambda line: print(line, flush=True))
+    print(f"results table: {storage.join(study_dir, 'results.csv')}")
+    return 0 if _report(study_dir, write=not args.no_report) else 1
 
 
 def _cluster_cost(study: Study, args: argparse.Namespace, flops: float) -> str | None:
@@ -423,11 +519,13 @@ def main(defn: StudyDef, argv: list[str] | None = None) -> int:
         print(describe(study, plan(study)), flush=True)
         found = checks(study, args)  # before Ray: data roots, and whether the GPUs hold it
         if args.dry_run:
-            print(dry_run(study, args))
+            print(dry_run(study, args, preset_of(defn, args).pilot))
         for problem in found:
             print(f"error: {problem}", file=sys.stderr)
         if found or args.dry_run:
             return 2 if found else 0
+        if args.until_decided:
+            return until_decided(defn, study, args)
         from scaling.study import sweep
 
         outcome = sweep.run_study(study, args.storage, address=args.address,

@@ -10,6 +10,7 @@ resumes and a finished candidate is never recomputed:
     python studies/recipe.py [--out runs/recipe] [--seeds 0 1] [--only base queue]
     python studies/recipe.py --pilot [--only "1/4x, 10 epochs"]    # the findings' pilot
     python studies/recipe.py --colour --out runs/colour    # issue 36: colour strength
+    python studies/recipe.py --out runs/colour --lr-check NAME  # issue 36: fine-tuning's grid
 
 Prints a table sorted by validation linear-probe top-1 and writes it to
 OUT/recipe.csv. The test split is reported for the record and chooses nothing.
@@ -75,6 +76,9 @@ FINDINGS_RECIPE = {"model.width": 0.0625, "pretrain.epochs": 10, "data.image_siz
 COLOUR: dict[str, dict[str, Any]] = {
     f"1/16x, 42 px, 10 epochs, colour {s}": FINDINGS_RECIPE
     | {"pretrain.augment.color_strength": s} for s in (0.25, 0.5, 1.0)}
+# Issue 36: whether the top of the findings presets' fine-tuning grid (0.005, 0.02)
+# wins on validation at the fewest labels; 0.08 added above it.
+LR_CHECK_GRID = [0.005, 0.02, 0.08]
 COLUMNS = ["knn_val_top1", "linear_val_top1", "knn_top1", "linear_top1", "train_seconds"]
 
 
@@ -84,6 +88,32 @@ def run(name: str, overrides: dict[str, Any], seed: int, root: Path) -> dict[str
     result = run_stage("pretrain", cfg, Path(str(stage_dir(root, cfg, "pretrain"))))
     row = {"recipe": name, "seed": seed, "epochs": cfg.pretrain.epochs}
     return row | {k: result["metrics"].get(k) for k in COLUMNS}
+
+
+def lr_check(name: str, seed: int, root: Path, subsets: list[int]) -> pd.DataFrame:
+    """Fine-tune candidate ``name``'s pretraining at the fewest labels of the findings
+    presets (0.1%) on each labelled subset with LR_CHECK_GRID, as the presets
+    fine-tune (studies/cli.py FMNIST_CPU_SCHEDULE): each LR's validation top-1 and the
+    one validation chose."""
+    from studies.cli import FMNIST_CPU_SCHEDULE
+
+    base = load_config(resolve("fmnist-cpu"))
+    pre = with_overrides(base, {"pretrain.epochs": EPOCHS, "seed": seed}
+                         | (CANDIDATES | PILOT | COLOUR)[name])
+    pre_dir = Path(str(stage_dir(root, pre, "pretrain")))
+    rows = []
+    ft_keys = {k: v for k, v in FMNIST_CPU_SCHEDULE.items() if k.startswith("finetune.")}
+    for subset in subsets:
+        cfg = with_overrides(pre, ft_keys | {
+            "finetune.label_fraction": 0.001, "finetune.subset_seed": subset,
+            "finetune.lr_grid": LR_CHECK_GRID})
+        result = run_stage("finetune", cfg, Path(str(stage_dir(root, cfg, "finetune"))),
+                           input_dir=pre_dir)
+        val = result["protocol"]["lr_grid_val_top1"]
+        rows.append({"recipe": name, "subset": subset, **{f"val@{k}": v for k, v in val.items()},
+                     "chosen": max(val, key=lambda k: val[k])})
+        print(pd.DataFrame(rows[-1:]).to_string(index=False), flush=True)
+    return pd.DataFrame(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,7 +128,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="+", choices=sorted(CANDIDATES | PILOT | COLOUR),
                     metavar="NAME",
                     help=f"candidates to run (default: all): {', '.join(CANDIDATES)}")
+    ap.add_argument("--lr-check", metavar="NAME",
+                    help="fine-tune candidate NAME's pretraining at 0.1%% labels on subsets "
+                         f"0-2 with the LR grid {LR_CHECK_GRID}: which LR validation chooses")
     args = ap.parse_args(argv)
+    if args.lr_check:
+        table = lr_check(args.lr_check, args.seeds[0], args.out, [0, 1, 2])
+        atomic_write_text(args.out / "lr_check.csv", table.to_csv(index=False))
+        print(table.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
+        return 0
     candidates = PILOT if args.pilot else COLOUR if args.colour else CANDIDATES
     rows = [{"recipe": "raw pixels", "seed": None, "epochs": 0}
             | pixel_probe(load_config(resolve("fmnist-cpu")))]

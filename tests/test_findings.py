@@ -122,7 +122,7 @@ def test_sequential_design_keeps_its_error_rate_and_its_planned_power():
 def test_the_power_plan_reads_the_committed_pilot_and_plans_each_primary():
     from analysis.pilot import plan_lines, spreads
 
-    rows = spreads("docs/findings/findings.csv")  # the 2026-12-06 grid, 3 replicates
+    rows = spreads("docs/findings/pilot-2026-12-06.csv")  # the 2026-12-06 grid, 3 replicates
     p = rows[rows["finding"] == "P"]
     assert len(p) == 3 and (p["replicates"] == 3).all()  # written as F1 before issue 36
     sd = float(p[p["comparison"].str.startswith("R18 1/16x")]["sd"].iloc[0])
@@ -173,3 +173,46 @@ def test_primaries_name_findings_that_exist():
         parse_primaries("P,F5")
     with pytest.raises(ConfigError, match="at least one"):
         parse_primaries(",")
+
+
+def test_sequential_design_is_capped_by_the_budget_and_stops_when_all_are_decided():
+    from scaling.config import ConfigError
+    from studies import sequential
+
+    assert sequential.parse_duration("2h30m") == 9000 and sequential.parse_duration("45s") == 45
+    for bad in ("", "soon", "2d"):
+        with pytest.raises(ConfigError, match="--budget"):
+            sequential.parse_duration(bad)
+    plan = sequential.design([4.0], 5.0, batch=3, per_replicate_s=60, budget_s=1e9)
+    assert plan["looks"] == power.sequential_plan(4.0, 5.0, 1, first=3, batch=3)
+    assert sum(plan["levels"]) == pytest.approx(0.05)
+    capped = sequential.design([4.0], 5.0, batch=3, per_replicate_s=60, budget_s=7 * 60)
+    assert capped["looks"] == [3, 6, 7] and capped["planned"] == plan["looks"][-1]
+    assert capped["levels"][-1] < 0.05
+    with pytest.raises(ConfigError, match="--budget"):
+        sequential.design([4.0], 5.0, batch=3, per_replicate_s=60, budget_s=90)
+
+    def table(verdicts: list[str]) -> pd.DataFrame:
+        return pd.DataFrame({"role": "primary", "comparison": [f"c{i}" for i in
+                                                               range(len(verdicts))],
+                             "verdict": verdicts})
+
+    seen: list[tuple[int, float]] = []
+    answers = iter([table(["reproduced", "not decided (x)"]), table(["reproduced", "reversed"]),
+                    table(["reproduced", "reversed"])])
+
+    def look(n: int, level: float) -> pd.DataFrame:
+        seen.append((n, level))
+        return next(answers)
+
+    said: list[str] = []
+    found, n = sequential.run_looks(plan, look, said.append, clock=lambda: 0.0)
+    assert n == plan["looks"][1] and [s[0] for s in seen] == plan["looks"][:2]
+    assert [s[1] for s in seen] == plan["levels"][:2]
+    assert "decided at look 2" in said[-1]
+    # A budget the next look would overrun stops it, undecided.
+    t = iter([0.0, 10_000.0])
+    undecided = iter([table(["not decided (x)"])] * 3)
+    found, n = sequential.run_looks(plan | {"budget_s": 5_000}, lambda n, lv: next(undecided),
+                                    said.append, clock=lambda: next(t))
+    assert n == plan["looks"][0] and "stopping undecided" in said[-1]

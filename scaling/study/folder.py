@@ -49,28 +49,36 @@ def study_record(study: Study) -> dict[str, Any]:
     return dict(json.loads(json.dumps(record)))  # as it reads back: tuples become lists
 
 
-def with_primaries(study_dir: Location, record: dict[str, Any], primaries: list[str] | None
-                   ) -> dict[str, Any]:
-    """``record`` with the study's pre-registered primary findings: those already in
-    its study.json (a resumed run keeps them), or ``primaries`` with the time and
-    commit they were registered at. Registering them after the study has results, or
-    changing them, is refused like any other configuration change: Holm's family is
-    fixed before the data it tests."""
+def with_primaries(study_dir: Location, record: dict[str, Any], primaries: list[str] | None,
+                   sequential: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``record`` with the study's pre-registered primary findings (and the sequential
+    design that tests them, if any): those already in its study.json (a resumed run
+    keeps them), or ``primaries`` with the time and commit they were registered at.
+    Registering them after the study has results, or changing them, is refused like
+    any other configuration change: Holm's family and the looks' levels are fixed
+    before the data they test."""
     text = storage.read_text(study_dir, "study.json")
-    old = (json.loads(text) if text else {}).get("primaries")
-    if primaries is None or (old and old.get("findings") == primaries):
-        return record | ({"primaries": old} if old else {})
+    stored = json.loads(text) if text else {}
+    old, old_design = stored.get("primaries"), stored.get("sequential")
+    kept = {k: v for k, v in (("primaries", old), ("sequential", old_design)) if v}
+    if primaries is None or (old and old.get("findings") == primaries
+                             and (sequential is None or sequential == old_design)):
+        return record | kept
     has_results = bool(storage.list_names(storage.join(study_dir, "cells"), ".json"))
     if old or has_results:
         was = ",".join(old["findings"]) if old else "none"
         raise StudyClash(f"{study_dir} holds results of the study {record['study']!r} with "
-                         f"primary findings {was}; --primary {','.join(primaries)} would "
-                         "choose the test after seeing data. Nothing was run or written. "
-                         "Pass --name NEW for a new pre-registered study (new replicates: "
-                         "--axis replicate=...)")
-    return record | {"primaries": {"findings": primaries,
-                                   "registered": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                   "git_commit": record.get("git_commit")}}
+                         f"primary findings {was}"
+                         + (" and a sequential design" if old_design else "")
+                         + f"; --primary {','.join(primaries)}"
+                         + (" with another sequential design" if sequential else "")
+                         + " would choose the test after seeing data. Nothing was run or "
+                         "written. Pass --name NEW for a new pre-registered study (new "
+                         "replicates: --axis replicate=...)")
+    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    out = record | {"primaries": {"findings": primaries, "registered": now,
+                                  "git_commit": record.get("git_commit")}}
+    return out | ({"sequential": sequential} if sequential else {})
 
 
 class StudyClash(ConfigFileError):

@@ -209,9 +209,13 @@ class Outcome:
 def run_study(study: Study, root: Location, *, address: str | None = None,
               restart_errored: bool = False, resume: bool = False,
               mlflow: str | None = None, verbose: bool = False,
-              primaries: list[str] | None = None) -> Outcome:
+              primaries: list[str] | None = None, design: Study | None = None,
+              sequential: dict[str, Any] | None = None) -> Outcome:
     """Run (or resume) the study's grid on Ray Tune; returns the results table.
-    ``primaries``: the findings to pre-register in study.json (folder.with_primaries).
+    ``primaries``: the findings to pre-register in study.json (folder.with_primaries),
+    with ``sequential``, the design testing them. ``design``: the whole grid that
+    ``study`` is a look of (study.json records it: a sequential design's looks run
+    growing subsets of its replicates under one name).
     ``resume``: there must be a sweep to resume in ``root`` (guards a mistyped URI).
     ``mlflow``: a tracking URI to log the stages' curves to, besides TensorBoard.
     ``verbose``: Ray's and Tune's own console output too (banners, tracebacks);
@@ -227,7 +231,7 @@ def run_study(study: Study, root: Location, *, address: str | None = None,
     if resume and not tune.Tuner.can_restore(path):
         raise ConfigError("--resume", str(root), "the storage of an earlier run of this study "
                           f"(same --storage, preset, axes and --set): no sweep state in {path}")
-    record = with_primaries(study_dir, study_record(study), primaries)
+    record = with_primaries(study_dir, study_record(design or study), primaries, sequential)
     check_owner(study_dir, record)
     if mlflow:
         check_mlflow(mlflow)
