@@ -216,3 +216,68 @@ def test_sequential_design_is_capped_by_the_budget_and_stops_when_all_are_decide
     found, n = sequential.run_looks(plan | {"budget_s": 5_000}, lambda n, lv: next(undecided),
                                     said.append, clock=lambda: next(t))
     assert n == plan["looks"][0] and "stopping undecided" in said[-1]
+
+
+def test_until_decided_runs_growing_looks_under_one_registered_design(tmp_path, monkeypatch,
+                                                                      capsys):
+    """The CLI's wiring, with the sweep replaced by one that writes each look's cells
+    (P built to be +10 points over the pixel arm): the design is registered once, the
+    looks run growing prefixes of the new replicates, and the study stops when P is
+    decided at the look's level."""
+    import json
+
+    import studies.cli as cli
+    from scaling.configure import to_dict
+    from scaling.study import sweep
+    from scaling.study.folder import check_owner, study_record, with_primaries
+    from scaling.study.plan import cell_key, cell_stages, cells
+    from scaling.study.results import flatten, write_cell
+    from studies.model_size import STUDY
+
+    pilot = tmp_path / "pilot.csv"
+    pd.DataFrame([{"finding": "P", "comparison": "R18 1/16x at 0.1% labels: fine-tuned - best "
+                   "baseline without pretraining", "effect": 8.0, "unit": "pp",
+                   "replicates": 3, "_lo": 8.0 - 12.0, "_hi": 8.0 + 12.0}]).to_csv(pilot)
+    rng = np.random.default_rng(0)
+    looks: list[list[int]] = []
+
+    def fake_run_study(sub, root, **kw):
+        study_dir = tmp_path / "S" / sub.name
+        record = with_primaries(study_dir, study_record(kw["design"]), kw["primaries"],
+                                kw["sequential"])
+        check_owner(study_dir, record)
+        study_dir.mkdir(parents=True, exist_ok=True)
+        (study_dir / "study.json").write_text(json.dumps(record))
+        looks.append([int(v) for k, v in sub.axes for v in v if k == "replicate"])
+        for c in cells(sub):
+            flat = flatten({k: v for k, v in to_dict(c.config).items() if k != "runtime"})
+            keys = {s: k for s, k, _ in cell_stages(sub, c)}
+            px = 0.6 + rng.normal(0, 0.02)
+            top = {"pretrain": None, "finetune": px + 0.10 + rng.normal(0, 0.03),
+                   "supervised": px - 0.05, "pixels": px}
+            rows = [flat | {"study": sub.name, "cell": c.id, "stage": s, "stage_key": keys[s],
+                            "status": "executed", "git_commit": "x", "params": 1000,
+                            "top1": t, "val_top1": t, "labelled_examples": 54}
+                    for s, t in top.items()]
+            write_cell(study_dir, c.id, cell_key(sub, c), rows)
+        return sweep.Outcome(pd.DataFrame(), 0, 0, [], 0.0)
+
+    class Est:
+        seconds = 60.0
+
+    monkeypatch.setattr(sweep, "run_study", fake_run_study)
+    monkeypatch.setattr(cli, "wall_clock", lambda runs: Est())
+    monkeypatch.setattr(cli, "checks", lambda study, args: [])
+    monkeypatch.setattr(cli, "_report", lambda study_dir, write: True)
+    argv = ["--preset", "fmnist-cpu", "--axis", "width=0.0625", "--axis", "label_fraction=0.001",
+            "--axis", "replicate=3", "--storage", str(tmp_path / "S"), "--primary", "P",
+            "--target-effect", "5", "--pilot", str(pilot), "--until-decided", "--budget", "1h"]
+    assert cli.main(STUDY, argv) == 0
+    out = capsys.readouterr().out
+    spec = json.loads((tmp_path / "S" / "model_size-fmnist-cpu" / "study.json").read_text())
+    design = spec["sequential"]
+    assert spec["primaries"]["findings"] == ["P"]
+    assert design["replicates"][0] == 3 and len(design["replicates"]) == design["looks"][-1]
+    assert looks[0] == design["replicates"][:3]  # the first look: the first batch
+    assert all(a == b[:len(a)] for a, b in zip(looks, looks[1:], strict=False))  # prefixes
+    assert "every primary finding decided" in out and "reproduced" in out
