@@ -160,4 +160,11 @@ def missing(spec: dict | None, df: pd.DataFrame) -> list[str]:
     if spec is None:
         return []
     have = set(zip(df["cell"], df["stage"], strict=True))
-    return [f"{c}: {s}" for c in spec["cells"] for s in spec["stages"] if (c, s) not in have]
+    planned = spec["cells"]
+    if spec.get("sequential") and "axis.replicate" in df:
+        # A sequential design stops when it decides: the replicates after its last look
+        # were planned, never due.
+        ran = {str(int(r)) for r in df["axis.replicate"].dropna()}
+        planned = [c for c in planned
+                   if dict(kv.split("=", 1) for kv in c.split(",")).get("replicate") in ran]
+    return [f"{c}: {s}" for c in planned for s in spec["stages"] if (c, s) not in have]

@@ -230,7 +230,7 @@ def test_until_decided_runs_growing_looks_under_one_registered_design(tmp_path, 
     from scaling.configure import to_dict
     from scaling.study import sweep
     from scaling.study.folder import check_owner, study_record, with_primaries
-    from scaling.study.plan import cell_key, cell_stages, cells
+    from scaling.study.plan import SHORT, cell_key, cell_stages, cells
     from scaling.study.results import flatten, write_cell
     from studies.model_size import STUDY
 
@@ -255,7 +255,9 @@ def test_until_decided_runs_growing_looks_under_one_registered_design(tmp_path, 
             px = 0.6 + rng.normal(0, 0.02)
             top = {"pretrain": None, "finetune": px + 0.10 + rng.normal(0, 0.03),
                    "supervised": px - 0.05, "pixels": px}
-            rows = [flat | {"study": sub.name, "cell": c.id, "stage": s, "stage_key": keys[s],
+            axes = {f"axis.{SHORT.get(k, k)}": v for k, v in c.values}
+            rows = [flat | axes | {"study": sub.name, "cell": c.id, "stage": s,
+                                   "stage_key": keys[s],
                             "status": "executed", "git_commit": "x", "params": 1000,
                             "top1": t, "val_top1": t, "labelled_examples": 54}
                     for s, t in top.items()]
@@ -281,3 +283,7 @@ def test_until_decided_runs_growing_looks_under_one_registered_design(tmp_path, 
     assert looks[0] == design["replicates"][:3]  # the first look: the first batch
     assert all(a == b[:len(a)] for a, b in zip(looks, looks[1:], strict=False))  # prefixes
     assert "every primary finding decided" in out and "reproduced" in out
+    # The replicates after the deciding look were planned, not missing.
+    folder = tmp_path / "S" / "model_size-fmnist-cpu"
+    assert len(looks) < len(design["looks"])
+    assert collect.missing(spec, collect.load(folder)) == []
