@@ -407,7 +407,8 @@ def family_note(table: pd.DataFrame) -> str:
     level = float(table.attrs.get("level", ALPHA))
     at = (f" at {level:.3g}, the level the sequential design's look spends" if level < ALPHA
           else "")
-    return (f"verdicts Holm-adjusted over the {n} pre-registered primary effects{at}; the "
+    effects = "effect" if n == 1 else "effects"
+    return (f"verdicts Holm-adjusted over the {n} pre-registered primary {effects}{at}; the "
             f"other {len(table) - n} are exploratory (Holm among themselves)")
 
 

@@ -76,7 +76,7 @@ def headline(df: pd.DataFrame, found: pd.DataFrame | None = None) -> str:
     if verdicts:
         from analysis.findings import family_note
 
-        lines.append(f"verdicts (the findings table's; {family_note(found)}):")
+        lines.append(f"verdicts, the findings table's ({family_note(found)}):")
         lines += [f"  {v}" for v in verdicts]
     return "\n".join(lines)
 

@@ -442,7 +442,7 @@ def test_headline_gives_both_margins_and_the_findings_tables_verdicts_word_for_w
                 assert (f"vs {against} {r['gain (pp)']:+.1f} [{r['_lo']:+.1f}, "
                         f"{r['_hi']:+.1f}]") in line
         # Every verdict the headline and the summary give is the findings table's.
-        start = next(i for i, x in enumerate(lines) if x.startswith("verdicts (the findings"))
+        start = next(i for i, x in enumerate(lines) if x.startswith("verdicts, the findings"))
         given = [x.strip() for x in lines[start + 1:]]
         table = found[found["finding"].isin(["P", "F1"])]
         assert given == [f"{r['comparison']}: {r['verdict']} ({r['role']})"
