@@ -90,7 +90,8 @@ def run(name: str, overrides: dict[str, Any], seed: int, root: Path) -> dict[str
     return row | {k: result["metrics"].get(k) for k in COLUMNS}
 
 
-def lr_check(name: str, seed: int, root: Path, subsets: list[int]) -> pd.DataFrame:
+def lr_check(name: str, seed: int, root: Path, subsets: list[int],
+             grid: list[float] | None = None) -> pd.DataFrame:
     """Fine-tune candidate ``name``'s pretraining at the fewest labels of the findings
     presets (0.1%) on each labelled subset with LR_CHECK_GRID, as the presets
     fine-tune (studies/cli.py FMNIST_CPU_SCHEDULE): each LR's validation top-1 and the
@@ -106,7 +107,7 @@ def lr_check(name: str, seed: int, root: Path, subsets: list[int]) -> pd.DataFra
     for subset in subsets:
         cfg = with_overrides(pre, ft_keys | {
             "finetune.label_fraction": 0.001, "finetune.subset_seed": subset,
-            "finetune.lr_grid": LR_CHECK_GRID})
+            "finetune.lr_grid": grid or LR_CHECK_GRID})
         result = run_stage("finetune", cfg, Path(str(stage_dir(root, cfg, "finetune"))),
                            input_dir=pre_dir)
         val = result["protocol"]["lr_grid_val_top1"]
@@ -131,9 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr-check", metavar="NAME",
                     help="fine-tune candidate NAME's pretraining at 0.1%% labels on subsets "
                          f"0-2 with the LR grid {LR_CHECK_GRID}: which LR validation chooses")
+    ap.add_argument("--lr-grid", type=float, nargs="+", metavar="LR",
+                    help=f"--lr-check's grid (default {LR_CHECK_GRID})")
     args = ap.parse_args(argv)
     if args.lr_check:
-        table = lr_check(args.lr_check, args.seeds[0], args.out, [0, 1, 2])
+        table = lr_check(args.lr_check, args.seeds[0], args.out, [0, 1, 2], args.lr_grid)
         atomic_write_text(args.out / "lr_check.csv", table.to_csv(index=False))
         print(table.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
         return 0
