@@ -408,8 +408,9 @@ def family_note(table: pd.DataFrame) -> str:
     at = (f" at {level:.3g}, the level the sequential design's look spends" if level < ALPHA
           else "")
     effects = "effect" if n == 1 else "effects"
-    return (f"verdicts Holm-adjusted over the {n} pre-registered primary {effects}{at}; the "
-            f"other {len(table) - n} are exploratory (Holm among themselves)")
+    rest = len(table) - n
+    return (f"verdicts Holm-adjusted over the {n} pre-registered primary {effects}{at}"
+            + (f"; the other {rest} are exploratory (Holm among themselves)" if rest else ""))
 
 
 def markdown(table: pd.DataFrame) -> str:
