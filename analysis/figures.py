@@ -30,6 +30,7 @@ from scipy import stats  # noqa: E402
 
 from analysis.curves import GRID, Analysis, Bootstrap, Fit, curve  # noqa: E402
 from analysis.tables import BASELINES, gain, pct  # noqa: E402
+from analysis.verdicts import family_note  # noqa: E402
 
 STYLE = {"style": "whitegrid", "context": "paper", "font_scale": 1.1}
 
@@ -336,8 +337,6 @@ def _verdict_kind(verdict: str) -> str:
 def findings_caption(found: pd.DataFrame) -> str:
     """The findings figure's caption, from the table it draws: the replicates, the
     t they put in front of the standard error, and the family the verdicts used."""
-    from analysis.findings import family_note  # findings imports this module
-
     n = sorted({int(v) for v in found["replicates"] if v >= 2})
     if n:
         t = stats.t.ppf(0.975, n[0] - 1)

@@ -47,6 +47,7 @@ from scipy import stats
 from analysis import collect, power, replicates
 from analysis.figures import findings_figure
 from analysis.tables import gain
+from analysis.verdicts import EXPLORATORY, PRIMARY, family_note
 from scaling import storage
 from scaling.config import ConfigError
 
@@ -61,8 +62,6 @@ FINDINGS = {"P": "pretraining beats the best baseline without it at the fewest l
                   "beats it fine-tuned",
             "F3": "a deeper projection head helps, most with few labels",
             "F4": "relative improvement of the biggest model is larger with fewer labels"}
-PRIMARY, EXPLORATORY = "primary", "exploratory"
-DECIDED = ("reproduced", "reversed")
 
 
 def parse_primaries(text: str | Iterable[str]) -> list[str]:
@@ -129,10 +128,6 @@ def verdict(mean: float, p_adjusted: float, detectable: float, n: int = 0,
         return "reproduced" if mean > 0 else "reversed"
     return (f"not decided (80% power needs {detectable:.2f} {unit}; spread from {n} "
             f"replicates, {n - 1} df)")
-
-
-def decided(verdict_text: str) -> bool:
-    return verdict_text.split(" ")[0] in DECIDED
 
 
 def _entry(finding: str, comparison: str, mean: float, lo: float, hi: float,
@@ -396,21 +391,6 @@ def primaries_of(specs: Iterable[dict | None]) -> list[str]:
             if item not in out:
                 out.append(item)
     return out
-
-
-def family_note(table: pd.DataFrame) -> str:
-    """One sentence: which family the verdicts were adjusted in."""
-    n = int((table["role"] == PRIMARY).sum()) if not table.empty else 0
-    if n == 0:
-        return ("no primary findings were registered before the run: every verdict is "
-                f"exploratory (Holm over the {len(table)} effects)")
-    level = float(table.attrs.get("level", ALPHA))
-    at = (f" at {level:.3g}, the level the sequential design's look spends" if level < ALPHA
-          else "")
-    effects = "effect" if n == 1 else "effects"
-    rest = len(table) - n
-    return (f"verdicts Holm-adjusted over the {n} pre-registered primary {effects}{at}"
-            + (f"; the other {rest} are exploratory (Holm among themselves)" if rest else ""))
 
 
 def markdown(table: pd.DataFrame) -> str:

@@ -16,6 +16,7 @@ from scipy import stats
 
 from analysis.collect import PIXELS
 from analysis.tables import gain
+from analysis.verdicts import family_note
 
 
 def _fmt(row: pd.Series) -> str:
@@ -74,8 +75,6 @@ def headline(df: pd.DataFrame, found: pd.DataFrame | None = None) -> str:
         found = findings([df])
     verdicts = verdict_lines(found, ("P", "F1"))
     if verdicts:
-        from analysis.findings import family_note
-
         lines.append(f"verdicts, the findings table's ({family_note(found)}):")
         lines += [f"  {v}" for v in verdicts]
     return "\n".join(lines)

@@ -26,7 +26,7 @@ import pandas as pd
 
 from analysis import collect, figures, summary
 from analysis.curves import Analysis, _count, analyse
-from analysis.findings import family_note, study_findings
+from analysis.findings import study_findings
 from analysis.headline import headline
 from analysis.tables import (
     BASELINES,
@@ -38,6 +38,7 @@ from analysis.tables import (
     protocol_table,
     table1,
 )
+from analysis.verdicts import family_note
 from scaling import storage
 from scaling.storage import Location
 

@@ -23,7 +23,7 @@ from typing import Any
 import pandas as pd
 
 from analysis import power
-from analysis.findings import PRIMARY, decided
+from analysis.verdicts import PRIMARY, decided
 from scaling.config import ConfigError
 
 DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
