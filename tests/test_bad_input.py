@@ -224,3 +224,14 @@ def test_a_far_miss_gets_no_guess():
     near = pytest.raises(ConfigError, resolve, "fmnist-cp").value
     far = pytest.raises(ConfigError, resolve, "zzzzzz").value
     assert "did you mean 'fmnist-cpu'" in str(near) and "did you mean" not in str(far)
+
+
+@pytest.mark.parametrize("value", ["-5", "0", "nan"])
+def test_a_gpu_memory_that_is_no_memory_is_refused(value, capsys):
+    """Issue 37: --gpu-memory -5 was taken as a limit."""
+    from studies.cli import main
+    from studies.model_size import STUDY
+
+    assert main(STUDY, ["--gpu-memory", value, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "--gpu-memory" in err and "above 0" in err and value in err.lower()

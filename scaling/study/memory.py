@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from scaling.catalog import CATALOG
-from scaling.config import ExperimentConfig
+from scaling.config import ConfigError, ExperimentConfig
 from scaling.stages.registry import STAGES
 from scaling.study import cluster
 from scaling.study.plan import Study, cells, model_label, required_stages
@@ -76,6 +76,9 @@ def gpu_limit(cfg: ExperimentConfig, gpu_memory_gb: float | None, cluster_yaml: 
     """The smallest GPU among the node types a lane of ``cfg`` can land on: from
     --gpu-memory, a cluster YAML, or the running cluster's config on a head node."""
     if gpu_memory_gb is not None:
+        if not 0 < gpu_memory_gb < 10_000:  # nan fails this too
+            raise ConfigError("--gpu-memory", gpu_memory_gb, "a GPU's memory in GB (10^9 "
+                              "bytes) above 0, e.g. 80 for an 80 GB A100")
         return GpuLimit(int(gpu_memory_gb * 10**9), f"--gpu-memory {gpu_memory_gb:g}")
     config, source = None, ""
     if cluster_yaml is not None:
