@@ -29,11 +29,11 @@ from analysis.curves import Analysis, _count, analyse
 from analysis.findings import study_findings
 from analysis.headline import headline
 from analysis.tables import (
-    BASELINES,
     distill_gap,
-    gain,
+    gains_table,
     histories,
     improvement_table,
+    markdown_table,
     params_table,
     protocol_table,
     table1,
@@ -92,6 +92,7 @@ def write_report(study_dir: Location) -> Location:
     storage.write_text(out, "results_tidy.csv", flat.to_csv(index=False))
     shown = []
     found = study_findings([df], [spec])
+    exported = write_exports(out, {"table1": table1(df), "gains": gains_table(df)})
     drawn = figures.figure_set(df, a, histories(df, study_dir), found)
     for name, (draw, caption) in drawn.items():
         fig = draw()
@@ -110,7 +111,9 @@ def write_report(study_dir: Location) -> Location:
     if "finetune" in set(df["stage"]):
         distilled = ", self-distilled (the teacher's architecture)" if (
             "distill" in set(df["stage"])) else ""
-        parts += ["<h2>Table 1: top-1 by model</h2>", _styled(table1(df), (
+        links = " ".join(f"<a href='table1.{x}'>{x.upper()}</a>" for x in exported["table1"])
+        parts += [f"<h2>Table 1: top-1 by model</h2><p class='small'>Also as {links}.</p>",
+                  _styled(table1(df), (
             f"Test top-1 (%), {spread}: fine-tuned and supervised (same labels) at every "
             f"label fraction{distilled}, and the linear and kNN probes of the pretrained "
             "encoder (fitted on every training label). Parameters: the encoder's, in "
@@ -127,6 +130,24 @@ def write_report(study_dir: Location) -> Location:
             + "\n".join(parts) + "</body></html>")
     storage.write_text(out, "report.html", page)
     return storage.join(out, "report.html")
+
+
+EXPORTS = ("csv", "md", "tex")
+
+
+def write_exports(out: Location, tables: dict[str, pd.DataFrame]) -> dict[str, list[str]]:
+    """Each non-empty table beside the report as CSV, Markdown and LaTeX (for a paper's
+    source); returns the formats written per table."""
+    written: dict[str, list[str]] = {}
+    for name, t in tables.items():
+        if t.empty:
+            written[name] = []
+            continue
+        storage.write_text(out, f"{name}.csv", t.to_csv(index=False))
+        storage.write_text(out, f"{name}.md", markdown_table(t))
+        storage.write_text(out, f"{name}.tex", t.to_latex(index=False, escape=True))
+        written[name] = list(EXPORTS)
+    return written
 
 
 def _summary_box(df: pd.DataFrame, spec: dict, missing: list[str], top: str,
@@ -168,14 +189,10 @@ def _appendix(df: pd.DataFrame, spec: dict, missing: list[str], a: Analysis,
     if not found.empty:
         parts += ["<h3>Findings</h3>", _table_html(found.drop(columns=["_lo", "_hi"]))]
     if "finetune" in set(df["stage"]):
-        gains = [gain(df, b).assign(against=BASELINES[b][0])
-                 for b in BASELINES if df[f"gain_over_{b}"].notna().any()]
-        g = pd.concat(gains, ignore_index=True) if gains else pd.DataFrame()
+        g = gains_table(df)
         if not g.empty:
-            g = g.assign(params=(g["params"] / 1e6).round(2)).rename(
-                columns={"params": "params (M)"})
             parts += ["<h3>What pretraining buys: fine-tuned minus each baseline</h3>",
-                      _styled(g.drop(columns=["_lo", "_hi"]), (
+                      _styled(g, (
                           "Top-1 of the fine-tuned model minus a baseline without "
                           "pretraining on the same labels: the tuned supervised network, the "
                           "pixel arm (ridge or kNN on the labelled pixels), and the better of "

@@ -191,6 +191,30 @@ def gain(df: pd.DataFrame, against: str = "supervised") -> pd.DataFrame:
                                           ignore_index=True)
 
 
+def gains_table(df: pd.DataFrame) -> pd.DataFrame:
+    """gain() against every baseline the study has, one table: an ``against`` column
+    names the baseline, parameters in millions."""
+    gains = [gain(df, b).assign(against=BASELINES[b][0])
+             for b in BASELINES if df[f"gain_over_{b}"].notna().any()]
+    g = pd.concat(gains, ignore_index=True) if gains else pd.DataFrame()
+    if g.empty:
+        return g
+    return g.assign(params=(g["params"] / 1e6).round(2)).rename(
+        columns={"params": "params (M)"}).drop(columns=["_lo", "_hi"])
+
+
+def markdown_table(df: pd.DataFrame) -> str:
+    """A DataFrame as a GitHub Markdown table (no index; '|' in cells escaped)."""
+    def cell(v: object) -> str:
+        return str(v).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(cell(c) for c in df.columns) + " |",
+             "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |"
+              for row in df.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
 def distill_gap(df: pd.DataFrame) -> pd.DataFrame:
     """Distilled student minus its teacher, test top-1 (points), per teacher model,
     label fraction, student and unlabelled set: mean and 95% Student-t interval over

@@ -296,6 +296,16 @@ def test_report_on_a_partial_sweep_and_chromium_renders_it(tmp_path):
     assert "<caption>" in page and "± " in page and "fine-tuned minus each baseline" in page
     assert "The <b>label-efficiency multiplier</b> is" in page
     assert (out / "results_tidy.csv").exists()
+    # Table 1 and the gains table beside it, as CSV, Markdown and LaTeX, with the
+    # same cells as the page's tables.
+    t1 = tables.table1(collect.load(study))
+    assert pd.read_csv(out / "table1.csv", dtype=str).fillna("-").equals(t1.astype(str))
+    md = (out / "table1.md").read_text().splitlines()
+    assert md[0] == "| " + " | ".join(t1.columns) + " |" and len(md) == len(t1) + 2
+    tex = (out / "table1.tex").read_text()
+    assert "\\begin{tabular}" in tex and tables.PIXELS_ROW in tex
+    assert "1\\%" in tex and " 1%" not in tex  # % would comment out the rest of a row
+    assert (out / "gains.csv").exists() and "href='table1.tex'" in page
     assert f"{gone}: finetune" in page and "partial sweep" in page  # what is missing
     # Top-down: the summary (data, budgets, headline, findings, warnings), Table 1, the
     # figures, then the appendix with every table and the fits.
