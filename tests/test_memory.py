@@ -37,3 +37,22 @@ def test_ema_update_closed_form_and_buffers():
     for b, t, o in zip(before, target.parameters(), online.parameters(), strict=True):
         assert torch.allclose(t, 0.9 * b + 0.1 * o)
     assert torch.equal(target[1].running_mean, torch.full((2,), 3.0))
+
+
+def test_the_memory_plan_shows_near_equal_runs_as_one_row():
+    """Issue 37: '22.7 GiB; 2 cells' beside '22.6 GiB; 1 cells'."""
+    from scaling.configure import load_config, resolve
+    from scaling.study.memory import GiB, RunMemory, describe_memory
+    from scaling.train.footprint import Footprint
+
+    def run(stage: str, gib: float, cells: tuple[str, ...], batch: int = 256) -> RunMemory:
+        return RunMemory(stage, "R50 1x", batch, Footprint(activations=int(gib * GiB)), cells)
+
+    runs = [run("finetune", 20.0, ("a", "b")), run("finetune", 19.9, ("c",)),
+            run("finetune", 12.0, ("d",)), run("pretrain", 20.0, ("e",)),
+            run("finetune", 20.0, ("f",), batch=128)]
+    text = describe_memory(runs, None, load_config(resolve("cifar10-gpu")))
+    rows = text.splitlines()[1:]
+    assert len(rows) == 4 and "3 cells" in rows[0] and "activations 20.0" in rows[0]
+    assert rows[1].strip().startswith("finetune") and "1 cell)" in rows[1]  # 12 GiB: apart
+    assert rows[2].strip().startswith("pretrain") and "128/GPU" in rows[3]

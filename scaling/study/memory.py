@@ -98,6 +98,28 @@ def gpu_limit(cfg: ExperimentConfig, gpu_memory_gb: float | None, cluster_yaml: 
     return GpuLimit(limit, f"{limit / 1e9:g} GB GPUs of node type {name} in {source}")
 
 
+MERGE_BYTES = GiB // 2  # rows of one stage, model and batch this close read as one
+
+
+def merged(runs: list[RunMemory]) -> list[RunMemory]:
+    """Runs of one stage, model and per-GPU batch whose needs are within 0.5 GiB of
+    each other, as one row in the plan's order: the larger footprint, every cell.
+    (Fine-tuning at two label fractions differs by a few MiB of data; two rows said
+    nothing a reader could use.)"""
+    groups: list[RunMemory] = []
+    for r in runs:
+        for i, g in enumerate(groups):
+            if ((g.stage, g.model, g.batch) == (r.stage, r.model, r.batch)
+                    and abs(g.footprint.needed - r.footprint.needed) <= MERGE_BYTES):
+                big = max(g, r, key=lambda x: x.footprint.needed)
+                groups[i] = RunMemory(g.stage, g.model, g.batch, big.footprint,
+                                      g.cells + r.cells)
+                break
+        else:
+            groups.append(r)
+    return groups
+
+
 def describe_memory(runs: list[RunMemory], limit: GpuLimit | None, cfg: ExperimentConfig
                     ) -> str:
     rt = cfg.runtime
@@ -107,11 +129,12 @@ def describe_memory(runs: list[RunMemory], limit: GpuLimit | None, cfg: Experime
         "; no GPU size known (give --gpu-memory GB or --cluster YAML to check the fit)")
     lines = [f"memory per GPU ({lane}, activation checkpointing {ckpt}; needed = peak "
              f"x1.1 + 1 GiB{against}):"]
-    for r in runs:
+    for r in merged(runs):
         flag = "  DOES NOT FIT" if limit and r.footprint.needed > limit.bytes else ""
+        n = len(r.cells)
         lines.append(f"  {r.stage:<10} {r.model:<12} {r.batch:>5}/GPU "
                      f"{r.footprint.needed / GiB:6.1f} GiB needed{flag} "
-                     f"(GiB: {r.footprint.parts()}; {len(r.cells)} cells)")
+                     f"(GiB: {r.footprint.parts()}; {n} cell{'s' if n != 1 else ''})")
     return "\n".join(lines)
 
 
