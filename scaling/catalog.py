@@ -155,7 +155,8 @@ def root_problem(name: str, root: str | None, download: bool) -> str | None:
     where = f"data.root={root!r}"
     if root is None:
         if s.needs_root:
-            fetch = " (and data.download: true to fetch it there)" if s.downloadable else ""
+            fetch = (" (and fetch it there: --set data.download=true, in YAML data.download: "
+                     "true)") if s.downloadable else ""
             return f"{where}: {name} needs data.root, a folder on the training nodes{fetch}"
         if s.default_root is None or s.default_root.is_dir():
             return None
@@ -166,7 +167,8 @@ def root_problem(name: str, root: str | None, download: bool) -> str | None:
     if not Path(root).is_dir() or missing:
         what = (f"no {' and no '.join(f'{m}/' for m in missing)} folder here"
                 if Path(root).is_dir() else "no such folder here")
-        allowed = s.get_it or f"a folder holding {name}" + (
-            ", or data.download: true to fetch it into data.root" if s.downloadable else "")
+        allowed = s.get_it or f"a folder holding {name} (--set data.root=PATH)" + (
+            ", or fetch it into data.root: --set data.download=true (in YAML "
+            "data.download: true)" if s.downloadable else "")
         return f"{where}: {what}; allowed: {allowed}"
     return None

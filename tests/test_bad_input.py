@@ -235,3 +235,12 @@ def test_a_gpu_memory_that_is_no_memory_is_refused(value, capsys):
     assert main(STUDY, ["--gpu-memory", value, "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert "--gpu-memory" in err and "above 0" in err and value in err.lower()
+
+
+def test_a_missing_dataset_says_the_flag_that_fetches_it(tmp_path):
+    """Issue 37: the cifar10-gpu dry run said what was missing, not the fix."""
+    from scaling.catalog import root_problem
+
+    text = root_problem("cifar10", str(tmp_path / "nowhere"), download=False)
+    assert "--set data.download=true" in text and "--set data.root=PATH" in text
+    assert root_problem("cifar10", str(tmp_path / "nowhere"), download=True) is None
