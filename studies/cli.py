@@ -26,7 +26,7 @@ from scaling.catalog import root_problem
 from scaling.config import ConfigError, did_you_mean
 from scaling.configure import load_config, parse_overrides, parse_yaml, read_yaml, resolve
 from scaling.data.datasets import DataError
-from scaling.stages.registry import STAGES
+from scaling.stages.registry import STAGES, with_inputs
 from scaling.study.cost import MFU, ClusterCost, h100_hours, on_cluster
 from scaling.study.estimate import times_here, wall_clock
 from scaling.study.folder import check_owner, study_record, with_primaries
@@ -193,7 +193,9 @@ def parser(defn: StudyDef) -> argparse.ArgumentParser:
                                 description=f"{defn.doc}\n\n{__doc__}".replace(
                                     "studies/model_size.py", script),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", help=f"one of: {', '.join(defn.presets)} (default {defn.default})")
+    p.add_argument("--preset", help="one of (default " + defn.default + "): " + "; ".join(
+        f"{name}: {', '.join(with_inputs(list(pre.stages or defn.stages)))}"
+        for name, pre in defn.presets.items()))
     p.add_argument("--name", help=f"the study's folder in --storage (default {defn.name}-PRESET);"
                    " one name holds one configuration's results")
     p.add_argument("--file", help="a study YAML: preset, base, set, axes, seeds")
@@ -204,8 +206,12 @@ def parser(defn: StudyDef) -> argparse.ArgumentParser:
     p.add_argument("--replicates", type=int, metavar="N",
                    help="N independent replicates 0..N-1 (replaces the preset's): replicate r "
                         "has its own pretraining seed, labelled subset and fine-tuning seed")
-    p.add_argument("--seeds", help="comma-separated seeds (an axis; the labelled subset stays)")
-    p.add_argument("--repeats", type=int, help="seeds 0..N-1 (the labelled subset stays)")
+    p.add_argument("--seeds", help="comma-separated seeds: an axis of pretraining and "
+                   "fine-tuning seeds on one labelled subset. Not independent replicates (they "
+                   "share the subset's draw, so the findings count them once): for intervals "
+                   "use --replicates")
+    p.add_argument("--repeats", type=int, help="seeds 0..N-1, as --seeds (one labelled "
+                   "subset; for intervals use --replicates)")
     p.add_argument("--storage", default=os.environ.get("SCALING_STORAGE", "runs"),
                    help="study storage: a directory or a URI (s3://bucket/studies); default "
                         "$SCALING_STORAGE (set on nodes by cluster/*.yaml), else ./runs")

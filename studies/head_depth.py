@@ -1,6 +1,8 @@
 """Projection-head depth x fine-tune-from layer x label fraction: the paper's
 head figure (a deeper head, fine-tuned from its middle layer, helps most at 1%).
-Cells pretrain, fine-tune and train the supervised baseline; no distillation."""
+Cells pretrain and fine-tune; most presets also train the baselines without
+pretraining (the supervised network and the pixel arm); none distils. `--preset`
+below lists each preset's stages."""
 
 import sys
 

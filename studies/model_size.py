@@ -1,7 +1,10 @@
 """Model size x label fraction: the paper's Table 1 and its "bigger models are more
 label-efficient" figure. Every cell pretrains (shared across label fractions),
-fine-tunes from the head's middle layer, self-distils, and trains the supervised
-baseline on the same labels."""
+fine-tunes from the head's middle layer, and trains the baselines without
+pretraining on the same labels: the supervised network and the pixel arm (ridge or
+kNN on the labelled pixels, chosen on validation). The presets `quick`,
+`cifar10-gpu` and `imagenet-gpu` also self-distil; `--preset` below lists each
+preset's stages."""
 
 import sys
 

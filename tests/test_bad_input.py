@@ -244,3 +244,15 @@ def test_a_missing_dataset_says_the_flag_that_fetches_it(tmp_path):
     text = root_problem("cifar10", str(tmp_path / "nowhere"), download=False)
     assert "--set data.download=true" in text and "--set data.root=PATH" in text
     assert root_problem("cifar10", str(tmp_path / "nowhere"), download=True) is None
+
+
+def test_help_lists_each_presets_stages_and_names_the_pixel_arm():
+    """Issue 37: --help said every cell self-distils (the default preset does not)."""
+    from studies.cli import parser
+    from studies.model_size import STUDY
+
+    text = " ".join(parser(STUDY).format_help().split())
+    assert "pixel arm" in text and "self-distils" not in text.split("also self-distil")[0]
+    assert "local: pretrain, finetune, supervised, pixels;" in text
+    assert "quick: pretrain, finetune, distill, supervised, pixels" in text
+    assert "for intervals use --replicates" in text
