@@ -57,3 +57,28 @@ def test_ray_unreachable_exits_1_and_a_folder_that_is_no_study_exits_2(tmp_path,
     assert "ray status failed: ConnectionError: Could not find any running Ray" in err
     assert watch.main([str(tmp_path), "--follow", "0.05"]) == 2
     assert "holds no study.json" in capsys.readouterr().err
+
+
+def test_a_finished_study_gets_a_summary_and_table_gives_every_row(tmp_path, capsys):
+    """Issue 37: a finished study printed a raw 108-row table with NaNs and seconds to
+    6 decimals."""
+    import pandas as pd
+
+    study = _study(tmp_path)
+    _finish(tmp_path / "s" / "stages", "finetune", "bbb")
+    pd.DataFrame([
+        {"cell": "c1", "stage": "pretrain", "status": "executed", "train_seconds": 100.123456,
+         "finetune.label_fraction": 0.01},
+        {"cell": "c1", "stage": "finetune", "status": "executed", "top1": 0.7012,
+         "val_top1": 0.7, "train_seconds": 20.5, "finetune.label_fraction": 0.01},
+        {"cell": "c2", "stage": "finetune", "status": "reused", "top1": 0.8,
+         "val_top1": 0.79, "train_seconds": 25.0, "finetune.label_fraction": 0.1},
+    ]).to_csv(study / "results.csv", index=False)
+    assert watch.main([str(study)]) == 0
+    out = capsys.readouterr().out
+    assert "2 cells, 3 (cell, stage) rows: 2 executed, 1 reused; 0.03 h" in out
+    assert "1%" in out and "10%" in out and "70.1" in out and "80.0" in out
+    assert "nan" not in out.lower() and "100.123456" not in out and "--table" in out
+    assert watch.main([str(study), "--table"]) == 0
+    rows = capsys.readouterr().out
+    assert "100.123456" not in rows and " 100" in rows and "-" in rows and "NaN" not in rows

@@ -3,6 +3,11 @@
     python -m scaling.study.watch runs/model_size-local          # stage runs, the table so far
     python -m scaling.study.watch runs/model_size-local --ray    # and the Ray cluster's status
     python -m scaling.study.watch runs/model_size-local --follow # refresh until it is done
+    python -m scaling.study.watch runs/model_size-local --table  # every row of results.csv
+
+A finished study gets a summary (cells, stage runs, their time, mean test top-1 by
+stage and label fraction, where the report is); a running one its unfinished stage
+runs and the rows written so far.
 
 Progress comes from the storage alone (study.json, the stage directories'
 result.json and checkpoints), so it works for a local directory or a URI, while
@@ -48,8 +53,40 @@ def progress(study_dir: Location) -> str:
     return snapshot(study_dir)[0]
 
 
-def snapshot(study_dir: Location) -> tuple[str, bool]:
-    """The progress text, and whether every stage run has finished."""
+def rows_text(df: pd.DataFrame) -> str:
+    """results.csv's rows as a reader wants them: top-1 in %, seconds whole, '-' for
+    what a stage does not have."""
+    show = df[[c for c in COLUMNS if c in df]].copy()
+    for c in ("val_top1", "top1", "supervised_top1"):
+        if c in show:
+            show[c] = (100 * show[c]).round(1)
+    if "train_seconds" in show:
+        show["train_seconds"] = show["train_seconds"].round(0).astype("Int64")
+    return show.to_string(index=False, na_rep="-")
+
+
+def summary(df: pd.DataFrame) -> list[str]:
+    """A finished study in a few lines: cells, stage runs executed and reused, their
+    training time, and mean test top-1 (%) by stage (rows) and label fraction."""
+    executed = df[df["status"] == "executed"] if "status" in df else df
+    hours = executed["train_seconds"].sum() / 3600 if "train_seconds" in df else float("nan")
+    lines = [f"{df['cell'].nunique()} cells, {len(df)} (cell, stage) rows: {len(executed)} "
+             f"executed, {len(df) - len(executed)} reused; {hours:.2f} h of training steps "
+             "in the executed ones"]
+    if "top1" in df and "finetune.label_fraction" in df:
+        rows = df[df["top1"].notna() & (df["stage"] != "pretrain")]
+        if not rows.empty:
+            table = (100 * rows.pivot_table(index="stage", columns="finetune.label_fraction",
+                                            values="top1", aggfunc="mean")).round(1)
+            table.columns = [f"{100 * float(c):g}%" for c in table.columns]
+            lines += ["mean test top-1 % over cells (rows: stage; columns: label fraction):",
+                      table.to_string(na_rep="-")]
+    return lines
+
+
+def snapshot(study_dir: Location, table: bool = False) -> tuple[str, bool]:
+    """The progress text, and whether every stage run has finished. ``table``: every
+    row of results.csv, even for a finished study (else its summary)."""
     text = storage.read_text(study_dir, "study.json")
     if text is None:
         raise FileNotFoundError(f"{study_dir} holds no study.json: not a study's folder")
@@ -62,17 +99,21 @@ def snapshot(study_dir: Location) -> tuple[str, bool]:
     done = sum(s == "finished" for _, _, s in states)
     lines = [f"study {spec['study']}: {done}/{len(states)} stage runs finished"]
     lines += [f"  {stage}-{key}: {state}" for stage, key, state in states if state != "finished"]
-    table = storage.read_text(study_dir, "results.csv")
-    if table is not None:
-        df = pd.read_csv(io.StringIO(table))
-        show = df[[c for c in COLUMNS if c in df]].copy()
-        for c in ("val_top1", "top1", "supervised_top1"):
-            if c in show:
-                show[c] = (100 * show[c]).round(1)
-        lines += ["results so far (top-1 %):", show.to_string(index=False)]
+    finished = done == len(states)
+    text = storage.read_text(study_dir, "results.csv")
+    if text is not None:
+        df = pd.read_csv(io.StringIO(text))
+        if finished and not table:
+            lines += summary(df)
+            report = storage.join(study_dir, "report", "report.html")
+            lines.append(f"report: {report} (python -m analysis.report {study_dir}); every "
+                         "row: --table")
+        else:
+            lines += ["results so far (top-1 %):" if not finished else "results (top-1 %):",
+                      rows_text(df)]
     if not storage.is_uri(study_dir):
         lines.append(f"curves: tensorboard --logdir {Path(study_dir, 'tensorboard')}")
-    return "\n".join(lines), done == len(states)
+    return "\n".join(lines), finished
 
 
 def ray_status() -> tuple[bool, str]:
@@ -89,10 +130,10 @@ def ray_status() -> tuple[bool, str]:
     return True, proc.stdout.rstrip()
 
 
-def show(study: Location, with_ray: bool) -> tuple[int, bool]:
+def show(study: Location, with_ray: bool, table: bool = False) -> tuple[int, bool]:
     """Print one snapshot: (exit status, whether the study is done)."""
     try:
-        text, done = snapshot(study)
+        text, done = snapshot(study, table)
     except (OSError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2, True
@@ -114,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--follow", nargs="?", type=float, const=5.0, metavar="SECONDS",
                    help="refresh every SECONDS (default 5) until every stage run has "
                         "finished; Ctrl-C stops watching, never the study")
+    p.add_argument("--table", action="store_true",
+                   help="every row of results.csv, also for a finished study (whose default "
+                        "is a summary)")
     args = p.parse_args(argv)
     study = storage.absolute(storage.parse(args.study))
     # On a terminal each refresh replaces the last; into a file or pipe, they follow
@@ -123,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         while True:
             if args.follow is not None:
                 print(clear or f"--- {time.strftime('%H:%M:%S')}", end="" if clear else "\n")
-            status, done = show(study, args.ray)
+            status, done = show(study, args.ray, args.table)
             if args.follow is None or done or status == 2:
                 return status
             sys.stdout.flush()
