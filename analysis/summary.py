@@ -41,12 +41,21 @@ def data_and_budgets(df: pd.DataFrame) -> list[str]:
         rows = df[(df["stage"] == stage) & df.get("step", pd.Series(np.nan, df.index)).notna()]
         if rows.empty:
             continue
-        epochs = rows.get(f"{stage}.epochs", pd.Series(dtype=float)).dropna().unique()
-        steps = rows.groupby(rows["label_fraction"].fillna(-1))["step"].median()
-        per = ", ".join(f"{int(s):,} steps" + (f" at {pct(lf)}" if lf >= 0 else "")
-                        for lf, s in steps.items())
-        ep = f"{int(epochs[0])} epochs, " if len(epochs) == 1 else ""
-        budget.append(f"{what} {ep}{per}")
+        by = rows.groupby(rows["label_fraction"].fillna(-1))
+        steps, labels = by["step"].median(), by["labels"].median()
+        batch = rows.get(f"{stage}.batch_size", pd.Series(dtype=float)).dropna()
+        parts = []
+        for lf, s in steps.items():
+            n, b = labels.get(lf), (float(batch.iloc[0]) if len(batch) else np.nan)
+            # As run: a labelled subset smaller than a batch is one (smaller) batch an
+            # epoch, so min_steps can mean many more epochs than the config's.
+            configured = rows.get(f"{stage}.epochs", pd.Series(dtype=float)).dropna().unique()
+            epochs = (f" ({s / max(n // min(b, n), 1):.3g} epochs)"
+                      if lf >= 0 and np.isfinite(b) and pd.notna(n) and n > 0 else
+                      f" ({int(configured[0])} epochs)" if lf < 0 and len(configured) == 1
+                      else "")
+            parts.append(f"{int(s):,} steps" + (f" at {pct(lf)}" if lf >= 0 else "") + epochs)
+        budget.append(f"{what} " + ", ".join(parts))
     if budget:
         lines.append("budgets: " + "; ".join(budget))
     reps = int(df["replicate"].nunique())

@@ -507,6 +507,13 @@ def test_the_summary_warns_when_a_baseline_without_pretraining_wins_everywhere()
     lines = summary.data_and_budgets(three)
     assert "labelled subsets: 1% (600 images), 10% (6,000 images)" in lines[0]
     assert lines[-1] == "3 independent replicates per cell"
+    # Budgets as run: a subset smaller than a batch is one batch an epoch, so 100
+    # steps at 50 labels are 100 epochs whatever finetune.epochs says (issue 37).
+    small = _table([{**r, "step": 100, "finetune.batch_size": 256, "finetune.epochs": 5}
+                    | ({"labelled_examples": 50} if r["stage"] == "finetune" else {})
+                    for r in synthetic_rows(seeds=(0,), fractions=[0.001], head_depths=(1,))])
+    budget = summary.data_and_budgets(small)[1]
+    assert "fine-tuning 100 steps at 0.1% (100 epochs)" in budget, budget
 
 
 def test_gains_count_replicates_that_share_a_run_or_a_draw_once():
