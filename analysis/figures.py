@@ -79,18 +79,29 @@ def _millions(ax: plt.Axes, values: pd.Series | np.ndarray) -> None:
     ax.set_xlabel("encoder parameters (millions, log scale)")
 
 
-def _size_trend(m: pd.DataFrame) -> str:
-    """'at k of n label fractions' where the largest model beats the smallest."""
-    wins = [float(g.sort_values("params")["mean"].iloc[-1]) >
-            float(g.sort_values("params")["mean"].iloc[0])
-            for _, g in m.groupby("label_fraction") if g["params"].nunique() > 1]
-    return f"{sum(wins)} of {len(wins)}"
+def size_title(stage: str, m: pd.DataFrame, names: pd.Series, pixels: dict[float, float]
+               ) -> str:
+    """Figure 1's title, from the means it draws (descriptive: the findings table
+    alone says what is decided). Per label fraction the model with the highest mean,
+    or the models tied at it (equal to 0.1 point); the fractions where the pixel arm's
+    mean lies above every model's."""
+    parts = []
+    for lf, g in m.groupby("label_fraction"):
+        top = round(100 * float(g["mean"].max()), 1)
+        tied = [str(names[p]) for p in g.loc[(100 * g["mean"]).round(1) == top, "params"]]
+        parts.append(f"{' and '.join(tied)} at {pct(float(lf))}")  # type: ignore[arg-type]
+    title = f"Top-1 after {stage} against encoder size; highest mean: " + "; ".join(parts)
+    above = [pct(float(lf)) for lf, g in m.groupby("label_fraction")  # type: ignore[arg-type]
+             if lf in pixels and pixels[lf] > 100 * float(g["mean"].max())]  # type: ignore[index]
+    if above:
+        title += f"\nthe pixel arm (dotted) is above every model at {', '.join(above)}"
+    return title
 
 
 def top1_vs_params(df: pd.DataFrame, stage: str = "finetune") -> Figure:
     """Paper Figure 1 (left): top-1 against parameters (millions, log), a line per
     label fraction; selective-kernel models as squares on dashed lines; the pixel
-    arm dotted. The title says at how many fractions the largest model is best."""
+    arm dotted. The title names the highest mean per fraction (size_title)."""
     sns.set_theme(**STYLE)
     fig, ax = plt.subplots(figsize=(7, 4))
     rows = df[df["stage"] == stage].assign(params=lambda d: d["params"] / 1e6)
@@ -106,10 +117,11 @@ def top1_vs_params(df: pd.DataFrame, stage: str = "finetune") -> Figure:
     # The pixel arm on the same labels, a dotted line per fraction in its colour:
     # what no network at all reaches.
     px = df[df["stage"] == "pixels"].drop_duplicates("stage_key")
-    for lf, part in px.groupby("label_fraction"):
+    pixels = {float(lf): 100 * float(part["top1"].mean())
+              for lf, part in px.groupby("label_fraction")}
+    for lf, level in pixels.items():
         if lf in colors:
-            ax.axhline(100 * part["top1"].mean(), color=colors[lf], linestyle=":",
-                       linewidth=1.2)
+            ax.axhline(level, color=colors[lf], linestyle=":", linewidth=1.2)
     if not m.empty:
         _millions(ax, m["params"])
         # Each model named once, under its point on the x axis's inside edge.
@@ -122,8 +134,8 @@ def top1_vs_params(df: pd.DataFrame, stage: str = "finetune") -> Figure:
     if (m["sk"] > 0).any():
         handles.append(plt.Line2D([], [], color="grey", marker="s", linestyle="--",
                                   label="selective kernels"))
-    title = (f"Top-1 after {stage}: the largest model is best at "
-             f"{_size_trend(m)} label fractions" if not m.empty else f"Top-1 after {stage}")
+    names = rows.drop_duplicates("params").set_index("params")["model"]
+    title = size_title(stage, m, names, pixels) if not m.empty else f"Top-1 after {stage}"
     return _finish(fig, ax, "encoder parameters (millions, log scale)",
                    f"top-1 accuracy after {stage}", title,
                    {"handles": handles, "title": "label fraction"})
@@ -402,11 +414,14 @@ def figure_set(df: pd.DataFrame, a: Analysis, history: pd.DataFrame | None = Non
     over = _over(df)
     out: dict[str, Drawn] = {}
     if "finetune" in stages:
+        sk = ("; squares and dashed lines: selective-kernel models"
+              if (df.loc[df["stage"] == "finetune", "sk"] > 0).any() else "")
         out["top1_vs_params"] = (lambda: top1_vs_params(df), (
             "Test top-1 after fine-tuning against encoder parameters (log scale). A line per "
-            "label fraction; points are each model's mean " + over + "; squares and dashed "
-            "lines: selective-kernel models; dotted lines: the pixel arm (ridge or kNN on "
-            "the same labelled pixels, no network) at each fraction."))
+            "label fraction; points are each model's mean " + over + sk + "; dotted "
+            "lines: the pixel arm (ridge or kNN on the same labelled pixels, no network) at "
+            "each fraction. The title describes means; what is decided is the findings "
+            "table's."))
         if df["gain_over_supervised"].notna().any():
             out["gain"] = (lambda: gain_figure(df), (
                 "The study's key number: test top-1 of the fine-tuned model minus that of the "

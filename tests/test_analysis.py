@@ -734,3 +734,32 @@ def test_f2_matches_the_small_models_recipe_lists_included_and_skips_a_study_wit
     small = other[other["model"] == "R18 1/16x"]
     assert not any("fine-tuned R18 1/16x" in r["comparison"]
                    for r in f2(df, pd.concat([df[df["model"] != "R18 1/16x"], small])))
+
+
+def test_figure_1s_title_follows_the_data_it_draws():
+    """Issue 37: the title said 'the largest model is best at 3 of 3 label fractions'
+    where two models tied and the pixel arm lay above every point. Perturbing the data
+    changes the sentence."""
+    from analysis.figures import size_title
+
+    names = pd.Series({0.04: "R18 1/16x", 0.18: "R18 1/8x", 0.7: "R18 1/4x"})
+    m = pd.DataFrame({"label_fraction": [0.001] * 3 + [0.1] * 3,
+                      "params": [0.04, 0.18, 0.7] * 2,
+                      "mean": [0.55, 0.578, 0.578, 0.70, 0.75, 0.80]})
+    title = size_title("finetune", m, names, {0.001: 60.0, 0.1: 70.0})
+    assert "R18 1/8x and R18 1/4x at 0.1%" in title and "R18 1/4x at 10%" in title
+    assert "pixel arm (dotted) is above every model at 0.1%" in title
+    assert "10%" not in title.split("above every model at")[1]
+    untied = m.assign(mean=[0.55, 0.578, 0.59, 0.70, 0.75, 0.80])
+    title = size_title("finetune", untied, names, {0.001: 50.0})
+    assert "R18 1/4x at 0.1%" in title and " and " not in title and "pixel" not in title
+    assert "best" not in title  # the means are described; the findings table decides
+
+
+def test_figure_1s_caption_explains_selective_kernels_only_where_drawn():
+    rows = synthetic_rows(seeds=(0, 1), fractions=[0.01, 0.1], head_depths=(1,))
+    with_sk = _table(rows)
+    without = _table([r for r in rows if r["model.sk_ratio"] == 0])
+    cap = {name: figures.figure_set(d, curves.analyse(d), None, None)["top1_vs_params"][1]
+           for name, d in (("sk", with_sk), ("plain", without))}
+    assert "selective-kernel" in cap["sk"] and "selective-kernel" not in cap["plain"]
