@@ -1,8 +1,9 @@
 """The report's figures: one function per figure, each taking the tidy table
 (analysis/collect.py) and returning a matplotlib Figure; ``figure_set`` says which
 of them a study's data can show, each with its caption. Points are means over
-seeds; error bars their standard deviation where there are several seeds (the
-gain figure: 95% Student-t intervals). Accuracies and errors are drawn in percent.
+replicates; every error bar is the 95% Student-t interval of the mean (none with one
+replicate), so one figure reads like the next. Accuracies and errors are drawn in
+percent.
 """
 
 from __future__ import annotations
@@ -37,12 +38,26 @@ STYLE = {"style": "whitegrid", "context": "paper", "font_scale": 1.1}
 
 def _mean_sd(df: pd.DataFrame, by: list[str], value: str) -> pd.DataFrame:
     g = df.groupby(by, dropna=False)[value]
-    return g.agg(mean="mean", sd="std", seeds="count").reset_index()
+    m = g.agg(mean="mean", sd="std", seeds="count").reset_index()
+    # The error bar's half-width: the 95% Student-t interval of the mean.
+    n = m["seeds"].clip(lower=2)
+    m["ci"] = (stats.t.ppf(0.975, n - 1) * m["sd"] / np.sqrt(n)).where(m["seeds"] > 1)
+    return m
+
+
+def t_interval(values: pd.Series) -> tuple[float, float]:
+    """(low, high) of the 95% Student-t interval of the mean: seaborn's error bar."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if len(v) < 2:
+        return (float(np.mean(v)), float(np.mean(v))) if len(v) else (np.nan, np.nan)
+    half = stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))
+    return float(v.mean() - half), float(v.mean() + half)
 
 
 def _errorbar(ax: plt.Axes, x: pd.Series, m: pd.DataFrame, scale: float = 100, **kw: Any
               ) -> None:
-    ax.errorbar(x, scale * m["mean"], yerr=scale * m["sd"].fillna(0), capsize=3, **kw)
+    ax.errorbar(x, scale * m["mean"], yerr=scale * m["ci"].fillna(0), capsize=3, **kw)
 
 
 def _finish(fig: Figure, ax: plt.Axes, xlabel: str, ylabel: str, title: str,
@@ -222,7 +237,7 @@ def distillation(df: pd.DataFrame) -> Figure:
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * both["group"].nunique() + 3), 4))
     top1 = 100 * both["top1"]
     sns.barplot(both.assign(top1_pct=top1), x="group", y="top1_pct", hue="kind",
-                errorbar="sd", ax=ax)
+                errorbar=t_interval, ax=ax)
     for bars in ax.containers:
         if isinstance(bars, BarContainer):
             ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
@@ -256,7 +271,7 @@ def label_efficiency(df: pd.DataFrame, fits: Mapping[tuple[str, str], Fit | Boot
             ["model", "stage"]):
         model, stage = str(keys[0]), str(keys[1])
         ft = stage == "finetune"
-        ax.errorbar(m["labels"], m["mean"], yerr=m["sd"].fillna(0), fmt="o" if ft else "s",
+        ax.errorbar(m["labels"], m["mean"], yerr=m["ci"].fillna(0), fmt="o" if ft else "s",
                     color=palette[model], mfc=None if ft else "white", capsize=3,
                     label=f"{model} {'fine-tuned' if ft else 'supervised'}")
         f = fits.get((model, stage))
@@ -403,7 +418,8 @@ Drawn = tuple[Callable[[], Figure], str]  # the figure, and its caption
 
 def _over(df: pd.DataFrame) -> str:
     seeds = df["replicate"].nunique()
-    return (f"over {seeds} replicates (error bars: one standard deviation)" if seeds > 1 else
+    return (f"over {seeds} replicates (error bars: 95% Student-t intervals of the mean)"
+            if seeds > 1 else
             "one replicate: no error bars (run with --replicates 3 or more for intervals)")
 
 
@@ -429,12 +445,13 @@ def figure_set(df: pd.DataFrame, a: Analysis, history: pd.DataFrame | None = Non
                 "network or the pixel arm) on the same labels, in percentage points, against "
                 "the labelled fraction. A line per model; error bars: 95% Student-t "
                 "intervals of the mean over independent replicates (none with one). Above "
-                "0: pretraining helped at that label budget."))
+                "0: the fine-tuned mean is higher; the findings table says what is "
+                "decided."))
         if df["params"].nunique() > 1:
             out["relative_improvement"] = (lambda: relative_improvement(df), (
                 "Top-1 relative to the smallest model at the same stage, label fraction and "
-                "seed, minus 1, against parameters: fine-tuned (solid) and supervised "
-                "(dashed), a line per label fraction; means " + over + "."))
+                "replicate, minus 1, against parameters: fine-tuned (solid) and supervised "
+                "(dashed), a panel per label fraction; means " + over + "."))
         if df["head_depth"].nunique() > 1 or df["ft_layer"].nunique() > 1:
             out["head_depth"] = (lambda: head_depth(df), (
                 "Test top-1 after fine-tuning from each projection-head layer (0: the "
@@ -450,9 +467,9 @@ def figure_set(df: pd.DataFrame, a: Analysis, history: pd.DataFrame | None = Non
         lab = df["labels"].dropna()
         grid = np.geomspace(lab.min() / 2, lab.max() * 2, GRID)
         bands = {k: f.band(grid) for k, f in a.fits.items() if isinstance(f, Bootstrap)}
-        fitted = ("Curves: the fitted form (table above), solid (supervised: dashed) over "
-                  "the measured label counts and dotted where extrapolated; bands: 95% "
-                  "bootstrap over seeds." if a.fits else
+        fitted = ("Curves: the fitted form (the appendix's fit table below), solid "
+                  "(supervised: dashed) over the measured label counts and dotted where "
+                  "extrapolated; bands: 95% bootstrap over replicates." if a.fits else
                   "No curves: a form is fitted only to more label counts than it has "
                   "parameters (>= 3 here).")
         out["label_efficiency"] = (lambda: label_efficiency(df, a.fits, bands), (

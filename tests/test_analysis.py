@@ -763,3 +763,20 @@ def test_figure_1s_caption_explains_selective_kernels_only_where_drawn():
     cap = {name: figures.figure_set(d, curves.analyse(d), None, None)["top1_vs_params"][1]
            for name, d in (("sk", with_sk), ("plain", without))}
     assert "selective-kernel" in cap["sk"] and "selective-kernel" not in cap["plain"]
+
+
+def test_every_figure_draws_one_kind_of_error_bar_and_says_so():
+    """Issue 37: error bars were one SD in three figures and 95% t-intervals in two."""
+    from scipy import stats
+
+    from analysis.figures import _mean_sd, t_interval
+
+    df = _table(synthetic_rows(seeds=(0, 1, 2), fractions=[0.01, 0.1], head_depths=(2, 3),
+                               students=True))
+    captions = [c for _, c in figures.figure_set(df, curves.analyse(df), None, None).values()]
+    assert not any("standard deviation" in c for c in captions)
+    assert sum("95% Student-t" in c for c in captions) >= 5
+    v = pd.DataFrame({"g": [1, 1, 1], "x": [1.0, 2.0, 4.0]})
+    half = stats.t.ppf(0.975, 2) * np.std([1, 2, 4], ddof=1) / np.sqrt(3)
+    assert _mean_sd(v, ["g"], "x")["ci"].iloc[0] == pytest.approx(half, rel=1e-12)
+    assert t_interval(v["x"]) == pytest.approx((7 / 3 - half, 7 / 3 + half), rel=1e-12)
