@@ -780,3 +780,20 @@ def test_every_figure_draws_one_kind_of_error_bar_and_says_so():
     half = stats.t.ppf(0.975, 2) * np.std([1, 2, 4], ddof=1) / np.sqrt(3)
     assert _mean_sd(v, ["g"], "x")["ci"].iloc[0] == pytest.approx(half, rel=1e-12)
     assert t_interval(v["x"]) == pytest.approx((7 / 3 - half, 7 / 3 + half), rel=1e-12)
+
+
+def test_no_figure_draws_text_under_9_points():
+    """Issue 37: fonts of about 7 px in two figures."""
+    from matplotlib.text import Text
+
+    df = _table(synthetic_rows(seeds=(0, 1, 2), fractions=[0.01, 0.1], head_depths=(2, 3),
+                               students=True))
+    history = pd.DataFrame({"stage": "pretrain", "model": "R18 1/16x", "run": ["a", "a", "b", "b"],
+                            "replicate": 0, "step": [1, 2, 1, 2], "loss": [2.0, 1.0, 2.1, 1.1]})
+    found = __import__("analysis.findings", fromlist=["findings"]).findings([df])
+    for name, (draw, _) in figures.figure_set(df, curves.analyse(df), history, found).items():
+        fig = draw()
+        small = {(t.get_text(), t.get_fontsize()) for t in fig.findobj(Text)
+                 if t.get_visible() and t.get_text().strip() and t.get_fontsize() < 9}
+        assert not small, (name, sorted(small)[:5])
+        matplotlib.pyplot.close(fig)
