@@ -37,6 +37,33 @@ STYLE = {"style": "whitegrid", "context": "paper", "font_scale": 1.1}
 MIN_FONT = 9  # points: the smallest text any figure draws (ticks, labels, legends)
 
 
+def fraction_colors(fractions: Any) -> dict[float, Any]:
+    """One colour per label fraction, the same in every figure of a study: a sequential
+    palette over the study's fractions, fewest labels darkest."""
+    fs = sorted({float(f) for f in fractions if pd.notna(f)})
+    return dict(zip(fs, sns.color_palette("viridis", n_colors=max(len(fs), 1)), strict=False))
+
+
+def model_order(df: pd.DataFrame) -> list[str]:
+    """Models from fewest to most parameters: the order of every legend and panel row."""
+    rows = df[df["stage"] != "pixels"] if "stage" in df else df
+    return [str(m) for m in dict.fromkeys(rows.sort_values("params", kind="stable")["model"])]
+
+
+def dodge(x: Any, i: int, k: int, log: bool = True, width: float = 0.08) -> np.ndarray:
+    """x moved for the i-th of k series sharing it, so their points do not overlap: a
+    factor on a log axis, an offset (in x's units) on a linear one."""
+    shift = width * (i - (k - 1) / 2)
+    x = np.asarray(x, dtype=float)
+    return x * np.exp(shift) if log else x + shift
+
+
+def _replicates(ax: plt.Axes, x: Any, y: Any, color: Any, scale: float = 100) -> None:
+    """Every replicate as a faint point: with 3 replicates a mean hides most of it."""
+    ax.scatter(x, scale * np.asarray(y, dtype=float), color=color, alpha=0.3, s=10,
+               linewidths=0, zorder=1)
+
+
 def _mean_sd(df: pd.DataFrame, by: list[str], value: str) -> pd.DataFrame:
     g = df.groupby(by, dropna=False)[value]
     m = g.agg(mean="mean", sd="std", seeds="count").reset_index()
@@ -122,12 +149,14 @@ def top1_vs_params(df: pd.DataFrame, stage: str = "finetune") -> Figure:
     fig, ax = plt.subplots(figsize=(7, 4))
     rows = df[df["stage"] == stage].assign(params=lambda d: d["params"] / 1e6)
     m = _mean_sd(rows, ["label_fraction", "sk", "params"], "top1")
-    palette = sns.color_palette(n_colors=max(m["label_fraction"].nunique(), 1))
-    colors = dict(zip(sorted(m["label_fraction"].unique()), palette, strict=False))
+    colors = fraction_colors(df["label_fraction"])
+    for lf, part in rows.groupby("label_fraction"):
+        _replicates(ax, part["params"], part["top1"], colors[float(str(lf))])
     for lf, part in m.groupby("label_fraction"):
         for sk_key, sub in part.groupby("sk"):
             sk = float(sk_key)  # type: ignore[arg-type]
-            _errorbar(ax, sub["params"], sub, color=colors[lf], marker="s" if sk > 0 else "o",
+            _errorbar(ax, sub["params"], sub, color=colors[float(str(lf))],
+                      marker="s" if sk > 0 else "o",
                       linestyle="--" if sk > 0 else "-",
                       label=None if sk > 0 else f"{pct(float(lf))}")  # type: ignore[arg-type]
     # The pixel arm on the same labels, a dotted line per fraction in its colour:
@@ -268,11 +297,17 @@ def label_efficiency(df: pd.DataFrame, fits: Mapping[tuple[str, str], Fit | Boot
     palette = dict(zip(models, sns.color_palette(n_colors=max(len(models), 1)), strict=False))
     lo, hi = rows["labels"].min(), rows["labels"].max()
     grid = np.geomspace(lo / 2, hi * 2, 200) if len(rows) else np.array([1.0])
-    for keys, m in _mean_sd(rows, ["model", "stage", "labels"], "error").groupby(
-            ["model", "stage"]):
-        model, stage = str(keys[0]), str(keys[1])
+    means = _mean_sd(rows, ["model", "stage", "labels"], "error")
+    series = [(mo, st) for mo in models for st in ("finetune", "supervised")
+              if ((means["model"] == mo) & (means["stage"] == st)).any()]
+    for i, (model, stage) in enumerate(series):
+        m = means[(means["model"] == model) & (means["stage"] == stage)]
         ft = stage == "finetune"
-        ax.errorbar(m["labels"], m["mean"], yerr=m["ci"].fillna(0), fmt="o" if ft else "s",
+        x = dodge(m["labels"], i, len(series), width=0.05)
+        part = rows[(rows["model"] == model) & (rows["stage"] == stage)]
+        _replicates(ax, dodge(part["labels"], i, len(series), width=0.05), part["error"],
+                    palette[model], scale=1)
+        ax.errorbar(x, m["mean"], yerr=m["ci"].fillna(0), fmt="o" if ft else "s",
                     color=palette[model], mfc=None if ft else "white", capsize=3,
                     label=f"{model} {'fine-tuned' if ft else 'supervised'}")
         f = fits.get((model, stage))
@@ -287,6 +322,12 @@ def label_efficiency(df: pd.DataFrame, fits: Mapping[tuple[str, str], Fit | Boot
         if bands and (model, stage) in bands:
             low, up = bands[(model, stage)]
             ax.fill_between(grid, low, up, color=palette[model], alpha=0.15, linewidth=0)
+    # The pixel arm, the baseline that needs no network: its error at each count.
+    px = df[(df["stage"] == "pixels") & df["labels"].notna()].drop_duplicates("stage_key")
+    if not px.empty:
+        pm = _mean_sd(px.assign(model="pixels"), ["labels"], "error")
+        ax.errorbar(pm["labels"], pm["mean"], yerr=pm["ci"].fillna(0), fmt="D:",
+                    color="black", mfc="white", capsize=3, label="pixel arm (no network)")
     ax.set_yscale("log")
     ax.yaxis.set_minor_formatter(PercentFormatter(1.0, decimals=None))
     return _finish(fig, ax, "labelled examples", "test error",
@@ -301,10 +342,11 @@ def gain_figure(df: pd.DataFrame, against: str = "best") -> Figure:
     sns.set_theme(**STYLE)
     fig, ax = plt.subplots(figsize=(7.5, 4))
     t = gain(df, against)
-    for model, g in t.groupby("model", sort=False):
+    k = t["model"].nunique() if len(t) else 0
+    for i, (model, g) in enumerate(t.groupby("model", sort=False)):
         g = g.sort_values("label fraction")
         err = np.vstack([g["gain (pp)"] - g["_lo"], g["_hi"] - g["gain (pp)"]])
-        ax.errorbar(g["label fraction"], g["gain (pp)"],
+        ax.errorbar(dodge(g["label fraction"], i, k), g["gain (pp)"],
                     yerr=np.nan_to_num(err), capsize=3, marker="o", label=str(model))
     ax.axhline(0, color="grey", linewidth=0.8)
     higher = int((t["gain (pp)"] > 0).sum()) if len(t) else 0
@@ -325,7 +367,12 @@ def training_curves(history: pd.DataFrame) -> Figure:
     run, step, loss, and optionally replicate."""
     sns.set_theme(**STYLE)
     stages = list(dict.fromkeys(history["stage"]))
-    models = list(dict.fromkeys(history["model"])) if "model" in history else [""]
+    models = ((model_order(history) if "params" in history else
+               list(dict.fromkeys(history["model"]))) if "model" in history else [""])
+    # Colour: the run's label fraction, as in every other figure; line style: its LR.
+    by_fraction = "label_fraction" in history
+    colors = fraction_colors(history["label_fraction"]) if by_fraction else {}
+    styles = ["-", "--", ":", "-."]
     fig, axes = plt.subplots(len(stages), len(models), squeeze=False,
                              figsize=(2.9 * len(models) + 1.5, 2.3 * len(stages)))
     for i, stage in enumerate(stages):
@@ -334,11 +381,19 @@ def training_curves(history: pd.DataFrame) -> Figure:
             part = history[(history["stage"] == stage)
                            & ((history["model"] == model) if "model" in history else True)]
             palette = sns.color_palette(n_colors=max(part["run"].nunique(), 1))
-            for color, (run, g) in zip(palette, part.groupby("run", sort=False), strict=False):
+            seen: dict[float, int] = {}
+            for n, (run, g) in enumerate(part.groupby("run", sort=False)):
+                lf = g["label_fraction"].iloc[0] if by_fraction else np.nan
+                if pd.notna(lf):  # the fraction's colour; a style per LR within it
+                    color, k = colors[float(lf)], seen.get(float(lf), 0)
+                    seen[float(lf)] = k + 1
+                else:  # pretraining: no labels
+                    color, k = ("black" if by_fraction else palette[n]), 0
                 by = g.groupby("replicate", sort=False) if "replicate" in g else [(0, g)]
-                for k, (_, line) in enumerate(by):
+                for r, (_, line) in enumerate(by):
                     ax.plot(line["step"], line["loss"], color=color, linewidth=1,
-                            label=str(run) if k == 0 else None)
+                            linestyle=styles[k % len(styles)],
+                            label=str(run) if r == 0 else None)
             if i == 0:
                 ax.set_title(str(model), fontsize=MIN_FONT)
             if j == 0:

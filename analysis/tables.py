@@ -72,7 +72,8 @@ def histories(df: pd.DataFrame, study_dir: Location) -> pd.DataFrame:
     replicate, step, loss. Empty where the study has none."""
     c = training_curves.read(study_dir)
     c = c[c["metric"] == "loss"]
-    columns = ["stage", "model", "run", "replicate", "step", "loss"]
+    columns = ["stage", "model", "run", "replicate", "step", "loss", "label_fraction",
+               "params"]
     if c.empty or df.empty:
         return pd.DataFrame(columns=columns)
     # Where a grid's runs are there, the chosen LR's curve is one of them.
@@ -87,7 +88,8 @@ def histories(df: pd.DataFrame, study_dir: Location) -> pd.DataFrame:
         run = "" if stage == "pretrain" else f"{100 * float(r['label_fraction']):g}%"
         name = f"{run}, lr {lr}" if lr else (run or "pretraining")
         rows += [{"stage": stage, "model": str(r["model"]), "run": name,
-                  "replicate": int(r["replicate"]), "step": int(step), "loss": float(loss)}
+                  "replicate": int(r["replicate"]), "step": int(step), "loss": float(loss),
+                  "label_fraction": r["label_fraction"], "params": r["params"]}
                  for step, loss in zip(g["step"], g["value"], strict=True)]
     return pd.DataFrame(rows, columns=columns)
 

@@ -797,3 +797,33 @@ def test_no_figure_draws_text_under_9_points():
                  if t.get_visible() and t.get_text().strip() and t.get_fontsize() < 9}
         assert not small, (name, sorted(small)[:5])
         matplotlib.pyplot.close(fig)
+
+
+def test_a_label_fraction_has_one_colour_and_models_one_order_in_every_figure():
+    """Issue 37: fraction colours swapped between Figure 1 and the training curves, and
+    the label-efficiency legend was alphabetical."""
+    from matplotlib.colors import to_hex
+
+    df = _table(synthetic_rows(seeds=(0, 1), fractions=[0.01, 0.1], head_depths=(1,)))
+    fig1 = figures.top1_vs_params(df)
+    handles, labels = fig1.axes[0].get_legend_handles_labels()
+    first = {lab: to_hex(h.lines[0].get_color()) for h, lab in zip(handles, labels, strict=True)
+             if lab.endswith("%")}
+    history = pd.DataFrame({
+        "stage": ["pretrain"] * 2 + ["finetune"] * 4, "model": "R18 1/16x",
+        "run": ["pretraining"] * 2 + ["10%, lr 0.02"] * 2 + ["1%, lr 0.02"] * 2,
+        "replicate": 0, "step": [1, 2] * 3, "loss": [2.0, 1.0] * 3,
+        "label_fraction": [np.nan, np.nan, 0.1, 0.1, 0.01, 0.01], "params": 44_000})
+    curves_fig = figures.training_curves(history)
+    drawn = {line.get_label().split(",")[0]: to_hex(line.get_color())
+             for ax in curves_fig.axes for line in ax.lines if "lr" in line.get_label()}
+    assert drawn == {k: v for k, v in first.items() if k in drawn} and len(drawn) == 2
+    # An order that is not the alphabet's: R34 given fewer parameters than R18 1/8x.
+    small = _table([{**r, "params": 100_000} if r["model.depth"] == 34 else r
+                    for r in synthetic_rows(seeds=(0, 1), fractions=[0.01, 0.1],
+                                            head_depths=(1,))])
+    eff = figures.label_efficiency(small, {})
+    names = [t.get_text() for t in eff.axes[0].get_legend().get_texts()]
+    order = [n.rsplit(" ", 1)[0] for n in names if n.endswith("fine-tuned")]
+    assert order == ["R18 1/16x", "R34 1/8x +SK", "R18 1/8x"]  # by parameters
+    assert "pixel arm (no network)" in names
