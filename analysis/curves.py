@@ -396,14 +396,22 @@ def analyse(df: pd.DataFrame) -> Analysis:
         need = (ft_fit.labels_for(1 - acc), sup_fit.labels_for(1 - acc))
         measured = rows.loc[rows["model"] == model, "labels"]
         lo, hi = float(measured.min()), float(measured.max())
+        ends = ft.intervals.get(REACH, (np.nan, np.nan)) if isinstance(ft, Bootstrap) else (
+            np.nan, np.nan)
         inside = all(lo <= x <= hi for x in need)
+        # The interval too: a point inside with an interval reaching far beyond is
+        # not a measured-range answer.
+        interval_inside = all(not np.isfinite(e) or lo <= e <= hi for e in ends) and not any(
+            np.isinf(e) for e in ends)
         out.derived.append({
             "model": model, "target top-1 (supervised, most labels)": round(100 * acc, 2),
             "labels, fine-tuned": need[0], "labels, supervised": need[1],
             "label-efficiency multiplier": efficiency(ft_fit, sup_fit, 1 - acc),
             "95% interval, fine-tuned labels": _interval(ft, REACH),
-            "within measured labels": "yes" if inside else
-            f"no: extrapolated beyond {lo:g}..{hi:g}"})
+            "within measured labels": ("yes" if inside and interval_inside else
+                                       f"the estimate, not its interval (measured "
+                                       f"{lo:,.0f}..{hi:,.0f})" if inside else
+                                       f"no: extrapolated beyond {lo:,.0f}..{hi:,.0f}")})
     ft_rows = rows[rows["stage"] == "finetune"]
     try:
         j = fit_joint(ft_rows["labels"], ft_rows["params"], ft_rows["error"], ceiling)
@@ -416,12 +424,22 @@ def analyse(df: pd.DataFrame) -> Analysis:
 
 
 def _count(x: float) -> str:
-    """A label count read off a curve; inf where the curve never reaches the target."""
-    return "not reached" if np.isinf(x) else f"{x:.4g}"
+    """A label count read off a curve, whole ('2,972'); 'not reached' where the curve
+    never reaches the target."""
+    return "not reached" if np.isinf(x) else f"{x:,.0f}"
+
+
+def number(x: float) -> str:
+    """Any other fitted number: 4 significant digits, never in e-notation at the sizes
+    these tables hold ('0.3512', '12.35', '33,390')."""
+    if np.isinf(x):
+        return "not reached"
+    return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.4g}"
 
 
 def _interval(f: Fit | Bootstrap, name: str) -> str:
     if isinstance(f, Bootstrap) and name in f.intervals:
         lo, hi = f.intervals[name]
-        return f"[{_count(lo)}, {_count(hi)}]"
+        fmt = _count if name == REACH else number
+        return f"[{fmt(lo)}, {fmt(hi)}]"
     return "n/a (one seed)"

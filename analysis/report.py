@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import collect, figures, summary
-from analysis.curves import Analysis, _count, analyse
+from analysis.curves import Analysis, _count, analyse, number
 from analysis.findings import study_findings
 from analysis.headline import headline
 from analysis.tables import (
@@ -70,13 +70,24 @@ def _readable(df: pd.DataFrame) -> pd.DataFrame:
 def _styled(df: pd.DataFrame, caption: str) -> str:
     """A table as HTML (pandas Styler) with its caption."""
     styler = _readable(df).style.hide(axis="index").set_caption(html.escape(caption)).format(
-        lambda v: _count(v) if isinstance(v, float) else v, na_rep="-").set_table_attributes(
+        lambda v: number(v) if isinstance(v, float) else v, na_rep="-").set_table_attributes(
         'class="t"')
     return str(styler.to_html())
 
 
+def _derived_table(derived: list[dict]) -> pd.DataFrame:
+    """Labels needed as whole counts, the multiplier to 2 decimals: one precision a
+    column."""
+    t = pd.DataFrame(derived)
+    for col in ("labels, fine-tuned", "labels, supervised"):
+        t[col] = t[col].map(_count)
+    t["label-efficiency multiplier"] = t["label-efficiency multiplier"].map(
+        lambda x: "not reached" if not np.isfinite(x) else f"{x:.2f}")
+    return t
+
+
 def _table_html(df: pd.DataFrame) -> str:
-    return _readable(df).to_html(index=False, border=0, classes="t", float_format=_count,
+    return _readable(df).to_html(index=False, border=0, classes="t", float_format=number,
                                  na_rep="-")
 
 
@@ -219,7 +230,7 @@ def _appendix(df: pd.DataFrame, spec: dict, missing: list[str], a: Analysis,
                   "on the most labels: labels(supervised) / labels(fine-tuned), both read "
                   "off the fitted curves. Above 1, pretraining saves labels. Values read "
                   "outside the measured label counts are extrapolations and are marked.</p>",
-                  _table_html(pd.DataFrame(a.derived))]
+                  _table_html(_derived_table(a.derived))]
     parts.append(f"<p>Joint fit over label counts and parameters (fine-tuned): "
                  f"{html.escape(a.joint)}</p>")
     if a.notes:

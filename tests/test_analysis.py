@@ -381,6 +381,23 @@ def test_label_efficiency_is_measured_against_the_mean_supervised_baseline():
     # In these data fine-tuning reaches the baseline's accuracy with fewer labels.
     assert row["labels, fine-tuned"] < row["labels, supervised"]
     assert row["label-efficiency multiplier"] > 1
+    # "yes" only where the estimate and its whole interval lie in the measured counts.
+    lo, hi = df["labels"].min(), df["labels"].max()
+    for d in a.derived:
+        ends = [float(e.replace(",", "")) for e in
+                d["95% interval, fine-tuned labels"].strip("[]").split(", ")
+                if e != "not reached"]
+        if d["within measured labels"] == "yes":
+            assert all(lo <= e <= hi for e in ends) and len(ends) == 2, d
+
+
+def test_numbers_in_tables_have_one_precision_and_never_e_notation():
+    from analysis.curves import _count, number
+
+    assert _count(2972.4) == "2,972" and _count(33390.0) == "33,390"
+    assert _count(float("inf")) == "not reached"
+    assert number(33390.0) == "33,390" and number(0.35123) == "0.3512"
+    assert number(12.3456) == "12.35" and "e" not in number(1.2e7)
 
 
 def test_mean_intervals_are_student_t_and_honest_about_one_seed():
