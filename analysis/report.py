@@ -128,9 +128,9 @@ def write_report(study_dir: Location) -> Location:
             f"Test top-1 (%), {spread}: fine-tuned and supervised (same labels) at every "
             f"label fraction{distilled}, and the linear and kNN probes of the pretrained "
             "encoder (fitted on every training label). Parameters: the encoder's, in "
-            "millions. The raw-pixels row has no network: in the supervised columns the "
-            "pixel arm (ridge or kNN on the same labelled pixels, chosen on validation); "
-            "under linear and kNN the same probes on the pixels."))]
+            "millions. The raw-pixels row has no network: under 'pixel arm' ridge or kNN on "
+            "the same labelled pixels (chosen on validation); under linear and kNN the "
+            "same probes on the pixels."))]
     parts.append("<h2>Figures</h2>")
     parts += [f'<figure><img alt="{n}" src="data:image/png;base64,{b}">'
               f"<figcaption><b>{n}.</b> {html.escape(c)} (<a href='{n}.pdf'>PDF</a>)"

@@ -40,6 +40,8 @@ def improvement_table(df: pd.DataFrame) -> pd.DataFrame:
     models gain more from pretraining with fewer labels")."""
     rows = []
     keep = df["stage"].isin(["finetune", "supervised"]) & df["relative_improvement"].notna()
+    # The smallest model is the reference: its row would read 0 [0.00, 0.00].
+    keep &= df["params"] > df.loc[keep, "params"].min() if keep.any() else keep
     for (model, stage, lf), g in df[keep].groupby(["model", "stage", "label_fraction"],
                                                   sort=False):
         mean, lo, hi, n = replicates.effect(g["relative_improvement"].to_numpy(),
@@ -142,13 +144,14 @@ def table1(df: pd.DataFrame) -> pd.DataFrame:
     px = df[df["stage"] == "pixels"].drop_duplicates("stage_key")  # shared by every model
     has_probe = pre.get("pixel_linear_top1", pd.Series(dtype=float)).notna().any()
     if has_probe or not px.empty:
-        # Raw pixels: the pixel arm on each fraction's labels (in the supervised columns:
-        # a baseline without pretraining) and the probes on every training label.
+        # Raw pixels: the pixel arm on each fraction's labels (its own columns: a
+        # baseline without a network) and the probes on every training label.
+        for lf in fractions if not px.empty else []:
+            out[f"pixel arm {pct(lf)}"] = "-"
         ref: dict[str, Any] = {c: "-" for c in out.columns} | {"model": PIXELS_ROW}
         ref |= {"params (M)": "0"}
-        for lf in fractions:
-            if f"supervised {pct(lf)}" in ref:
-                ref[f"supervised {pct(lf)}"] = _cell(px[px["label_fraction"] == lf]["top1"])
+        for lf in fractions if not px.empty else []:
+            ref[f"pixel arm {pct(lf)}"] = _cell(px[px["label_fraction"] == lf]["top1"])
         if has_probe:
             ref |= {"linear": _cell(pre["pixel_linear_top1"].iloc[:1]),
                     "kNN": _cell(pre["pixel_knn_top1"].iloc[:1])}
@@ -195,9 +198,20 @@ def gain(df: pd.DataFrame, against: str = "supervised") -> pd.DataFrame:
 
 def gains_table(df: pd.DataFrame) -> pd.DataFrame:
     """gain() against every baseline the study has, one table: an ``against`` column
-    names the baseline, parameters in millions."""
+    names the baseline, parameters in millions. The best-baseline rows only where
+    validation chose differently between a row's cells (elsewhere they repeat the
+    supervised or pixel rows); ``better on validation`` says which it chose."""
+    ft = df[df["stage"] == "finetune"]
+    chose = ft.groupby(["model", "label_fraction"])["best_baseline"].agg(
+        lambda v: v.iloc[0] if v.nunique() == 1 else "mixed")
     gains = [gain(df, b).assign(against=BASELINES[b][0])
              for b in BASELINES if df[f"gain_over_{b}"].notna().any()]
+    gains = [g.assign(**{"better on validation": [
+        chose.get((str(m).split(", head")[0], lf), "-")
+        for m, lf in zip(g["model"], g["label fraction"], strict=True)]}) for g in gains]
+    best = BASELINES["best"][0]
+    gains = [g[g["better on validation"] == "mixed"] if len(g) and g["against"].iloc[0] == best
+             else g for g in gains]
     g = pd.concat(gains, ignore_index=True) if gains else pd.DataFrame()
     if g.empty:
         return g

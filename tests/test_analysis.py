@@ -587,7 +587,8 @@ def test_table1_shows_the_pixel_arm_and_the_raw_pixel_probes_in_one_row():
     assert row["fine-tune 10%"] == "-"
     # The pixel arm's runs count once each, however many models share them.
     px = 100 * df[df["stage"] == "pixels"].drop_duplicates("stage_key")["top1"]
-    assert len(px) == 2 and row["supervised 10%"] == f"{px.mean():.1f} ± {px.std():.1f}"
+    assert len(px) == 2 and row["pixel arm 10%"] == f"{px.mean():.1f} ± {px.std():.1f}"
+    assert row["supervised 10%"] == "-"  # its own column, not under supervised (issue 37)
 
 
 def test_findings_recover_effects_built_into_synthetic_studies():
@@ -844,3 +845,22 @@ def test_a_label_fraction_has_one_colour_and_models_one_order_in_every_figure():
     order = [n.rsplit(" ", 1)[0] for n in names if n.endswith("fine-tuned")]
     assert order == ["R18 1/16x", "R34 1/8x +SK", "R18 1/8x"]  # by parameters
     assert "pixel arm (no network)" in names
+
+
+def test_tables_say_each_thing_once():
+    """Issue 37: the gains table repeated the pixel rows as 'best baseline' rows, and
+    the smallest model's relative improvement over itself read 0 [0.00, 0.00]."""
+    df = _table(synthetic_rows(seeds=(0, 1, 2), fractions=[0.01, 0.1], head_depths=(1,)))
+    imp = tables.improvement_table(df)
+    assert "R18 1/16x" not in set(imp["model"]) and len(imp) > 0
+    g = tables.gains_table(df)
+    best = tables.BASELINES["best"][0]
+    chose = set(df.loc[df["stage"] == "finetune", "best_baseline"])
+    assert chose == {"supervised"} and best not in set(g["against"])  # one baseline won
+    assert set(g["better on validation"]) == {"supervised"}
+    # Where validation chose differently between a row's cells, the best rows stay.
+    flip = df.copy()
+    one = flip.index[(flip["stage"] == "finetune") & (flip["seed"] == 0)]
+    flip.loc[one, "best_baseline"] = "pixels"
+    mixed = tables.gains_table(flip)
+    assert best in set(mixed["against"]) and "mixed" in set(mixed["better on validation"])
