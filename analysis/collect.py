@@ -51,6 +51,13 @@ DERIVED = {
 PIXELS = "raw pixels"  # the pixel arm's rows: no network, so no model name
 
 
+def invocations(study_dir: Location) -> list[dict]:
+    """The sweep's invocations.json: each run's wall time, first estimate and machine
+    (scaling.study.sweep.record_invocation); [] where there is none."""
+    text = storage.read_text(study_dir, "invocations.json")
+    return [] if text is None else list(json.loads(text))
+
+
 def study_spec(study_dir: Location) -> dict | None:
     """The study.json a sweep writes when it starts: grid cells, stages, command."""
     text = storage.read_text(study_dir, "study.json")

@@ -110,3 +110,66 @@ def results_table(df: pd.DataFrame) -> str:
     return (f"test top-1 %, mean over {reps}{'s' if n.max() > 1 else ''} (columns: label "
             "fraction, labelled images):"
             f"\n{text}")
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def machine_line(invocations: list[dict]) -> str:
+    """Where the study ran and how long it took against its first estimate, from the
+    sweep's invocations.json; '' without one."""
+    if not invocations:
+        return ""
+    last = invocations[-1]
+    gpus = last.get("gpus") or 0
+    where = (f"{gpus:g} GPUs" + (f" ({last['gpu_type'].split(':', 1)[1]})"
+                                 if last.get("gpu_type") else "")
+             if gpus else f"{last.get('cpus') or 0:g} CPU cores (no GPU)")
+    where += " of a Ray cluster" if last.get("cluster") else " of one machine"
+    seconds = sum(float(i.get("seconds") or 0) for i in invocations)
+    runs = len(invocations)
+    line = (f"ran on {where}: {_duration(seconds)} of wall clock in {runs} invocation"
+            f"{'s' if runs > 1 else ''}")
+    first = invocations[0].get("estimate_s")
+    if first:
+        line += (f", against a first estimate of {_duration(first)} of training steps "
+                 "(evaluation and start-up come on top)")
+    load = invocations[0].get("load_per_core_at_start")
+    if load is not None and load > 0.25:
+        line += f"; the machine was busy at the start (load {load:.2f} a core)"
+    return line
+
+
+def bottom_line(df: pd.DataFrame, found: pd.DataFrame, invocations: list[dict] | None = None,
+                data: list[str] | None = None) -> str:
+    """What a study found in a few lines, for the console's end and the report's top:
+    at every label count, what pretraining buys against the best baseline without it
+    (the better on validation), with the findings table's verdict (P); the data and
+    budgets (``data``: analysis.summary.data_and_budgets); where it ran and how long
+    it took against the first estimate."""
+    rows = found[found["finding"] == "P"] if not found.empty else found
+    if rows.empty:
+        return ""
+    best = gain(df, "best").set_index(["model", "label fraction"])
+    chose = df[df["stage"] == "finetune"].groupby(["model", "label_fraction"])[
+        "best_baseline"].agg(lambda v: v.iloc[0] if v.nunique() == 1 else "mixed")
+    names = {"pixels": "the pixel arm", "supervised": "the supervised network",
+             "mixed": "the better baseline (per cell)"}
+    lines = ["bottom line: fine-tuned minus the best baseline without pretraining (chosen "
+             "on validation), test top-1 points, with the findings table's verdict:"]
+    for _, r in rows.iterrows():
+        model, _, rest = str(r["comparison"]).partition(" at ")
+        fraction = rest.split(" labels")[0]
+        lf = next((k for k in best.index.get_level_values(1).unique()
+                   if f"{100 * k:g}%" == fraction), None)
+        against = names.get(str(chose.get((model.split(", head")[0], lf), "")), "it")
+        lines.append(f"  at {fraction} labels, {model}: {float(r['effect']):+.1f} "
+                     f"{r['95% interval']} against {against}: {r['verdict']} ({r['role']})")
+    lines += [f"  {line}" for line in (data or [])]
+    machine = machine_line(invocations or [])
+    if machine:
+        lines.append(f"  {machine}")
+    return "\n".join(lines)

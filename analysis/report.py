@@ -27,7 +27,7 @@ import pandas as pd
 from analysis import collect, figures, summary
 from analysis.curves import Analysis, _count, analyse, number
 from analysis.findings import study_findings
-from analysis.headline import headline
+from analysis.headline import bottom_line, headline
 from analysis.tables import (
     distill_gap,
     gains_table,
@@ -117,8 +117,9 @@ def write_report(study_dir: Location) -> Location:
     study = str(df["study"].iloc[0])
     seeds = df["replicate"].nunique()
     spread = f"mean ± standard deviation over {seeds} replicates" if seeds > 1 else "one replicate"
+    bottom = bottom_line(df, found, collect.invocations(study_dir), summary.data_and_budgets(df))
     parts = [f"<h1>{html.escape(study)}</h1>",
-             _summary_box(df, spec, missing, headline(df, found), found)]
+             _summary_box(df, spec, missing, headline(df, found), found, bottom)]
     if "finetune" in set(df["stage"]):
         distilled = ", self-distilled (the teacher's architecture)" if (
             "distill" in set(df["stage"])) else ""
@@ -162,11 +163,16 @@ def write_exports(out: Location, tables: dict[str, pd.DataFrame]) -> dict[str, l
 
 
 def _summary_box(df: pd.DataFrame, spec: dict, missing: list[str], top: str,
-                 found: pd.DataFrame) -> str:
-    """The report's first screen: data and budgets, the headline, the findings, the
-    warnings, and where the numbers came from."""
-    items = "".join(f"<li>{html.escape(line)}</li>" for line in summary.data_and_budgets(df))
-    parts = [f"<div class='summary'><h2>Summary</h2><ul>{items}</ul>"]
+                 found: pd.DataFrame, bottom: str = "") -> str:
+    """The report's first screen: the bottom line (what pretraining buys at every
+    label count with its verdict, the data and budgets, the machine and the time),
+    the headline, the findings, the warnings, and where the numbers came from."""
+    if bottom:
+        parts = [f"<div class='summary'><h2>Summary</h2><pre class='bottom'>"
+                 f"{html.escape(bottom)}</pre>"]
+    else:
+        items = "".join(f"<li>{html.escape(line)}</li>" for line in summary.data_and_budgets(df))
+        parts = [f"<div class='summary'><h2>Summary</h2><ul>{items}</ul>"]
     if top:
         parts.append(f"<pre>{html.escape(top)}</pre>")
     lines = summary.findings_lines(found)

@@ -271,10 +271,11 @@ def _report(study_dir: Any, write: bool) -> bool:
     """The study's report (analysis/report.py, unless not ``write``), then the compact
     table and the headline, each on its own: one failing never hides the other, and
     the results are safe either way."""
-    from analysis.collect import load, study_spec
+    from analysis.collect import invocations, load, study_spec
     from analysis.findings import study_findings
-    from analysis.headline import headline, results_table
+    from analysis.headline import bottom_line, headline, results_table
     from analysis.report import write_report
+    from analysis.summary import data_and_budgets
 
     ok = True
     if write:
@@ -287,8 +288,11 @@ def _report(study_dir: Any, write: bool) -> bool:
             ok = False
     try:
         df = load(study_dir)
+        found = study_findings([df], [study_spec(study_dir)])
         print(results_table(df))
-        print(headline(df, study_findings([df], [study_spec(study_dir)])))
+        print(headline(df, found))
+        # Last: the few lines a reader takes away (also the report's first).
+        print(bottom_line(df, found, invocations(study_dir), data_and_budgets(df)))
     except Exception as e:  # noqa: BLE001
         print(f"error: the summary table failed ({type(e).__name__}: {e}); the results are "
               f"in {study_dir}", file=sys.stderr)

@@ -452,7 +452,7 @@ def test_headline_gives_both_margins_and_the_findings_tables_verdicts_word_for_w
 
     rows = synthetic_rows(seeds=(0, 1, 2), fractions=[0.001, 0.1], head_depths=(1,))
     df = _table(rows)
-    for primaries in ((), ("P:1/16x", "F1")):
+    for primaries in ((), ("P:1/16x at 0.1%", "F1")):
         found = findings([df], primaries)
         text = headline(df, found)
         lines = text.splitlines()
@@ -605,8 +605,10 @@ def test_findings_recover_effects_built_into_synthetic_studies():
     by = {f: t[t["finding"] == f] for f in ("P", "F1", "F2", "F3", "F4")}
     assert (t["role"] == "exploratory").all()  # nothing was pre-registered
     # P: fine-tuning's error curve lies well below supervised's at 600 labels.
-    assert len(by["P"]) == 12 and (by["P"]["verdict"] == "reproduced").all()
-    assert all("at 1% labels" in c for c in by["P"]["comparison"])
+    few = by["P"][by["P"]["comparison"].str.contains("at 1% labels")]
+    assert len(few) == 12 and (few["verdict"] == "reproduced").all()
+    assert len(by["P"]) == 24  # and at 10%: P at every label count, fewest first
+    assert list(by["P"]["comparison"].str.contains("at 1% labels")) == [True] * 12 + [False] * 12
     # F1: the widest model's gain minus the narrowest's at 1%, paired within a
     # replicate (head setting and seed). Built in: the supervised network gains with
     # size as much as fine-tuning does, so the gain shrinks with size (reversed).
@@ -656,7 +658,7 @@ def test_findings_cli_writes_the_table_and_figure(tmp_path, capsys):
     printed = capsys.readouterr().out
     md = (tmp_path / "out" / "findings.md").read_text()
     assert md in printed and md.startswith("| finding | role | comparison | effect | unit")
-    assert md.count("| P |") == 3  # three models at 1%
+    assert md.count("| P |") == 6  # three models at 1% and at 10%
     assert "no primary findings were registered" in md
     assert (tmp_path / "out" / "findings.png").read_bytes()[:4] == b"\x89PNG"
     csv = pd.read_csv(tmp_path / "out" / "findings.csv")
@@ -864,3 +866,34 @@ def test_tables_say_each_thing_once():
     flip.loc[one, "best_baseline"] = "pixels"
     mixed = tables.gains_table(flip)
     assert best in set(mixed["against"]) and "mixed" in set(mixed["better on validation"])
+
+
+def test_the_bottom_line_covers_every_label_count_and_says_where_and_how_long():
+    """Issue 37: the console ended with a verdict about 0.1% only, and nothing said the
+    dataset, the budget, the machine or the time against the estimate."""
+    from analysis import summary
+    from analysis.findings import findings
+    from analysis.headline import bottom_line
+
+    df = _table(synthetic_rows(seeds=(0, 1, 2), fractions=[0.01, 0.1], head_depths=(1,)))
+    found = findings([df])
+    inv = [{"seconds": 1000.0, "estimate_s": 600.0, "cpus": 2.0, "gpus": None,
+            "load_per_core_at_start": 0.1, "cluster": False}]
+    text = bottom_line(df, found, inv, summary.data_and_budgets(df))
+    lines = text.splitlines()
+    p = found[found["finding"] == "P"]
+    for _, r in p.iterrows():  # every P row, each with the table's verdict
+        model, _, rest = r["comparison"].partition(" at ")
+        assert any(f"at {rest.split(' labels')[0]} labels, {model}:" in x
+                   and x.endswith(f"{r['verdict']} ({r['role']})") for x in lines), r
+    assert any("1% labels" in x for x in lines) and any("10% labels" in x for x in lines)
+    assert "Fashion-MNIST" in text and "3 independent replicates per cell" in text
+    assert "2 CPU cores (no GPU) of one machine: 16m40s" in text and "10m00s" in text
+    assert "busy" not in text
+    busy = bottom_line(df, found, [inv[0] | {"load_per_core_at_start": 1.3},
+                                   {"seconds": 200.0, "cpus": 2.0}])
+    assert "busy at the start (load 1.30 a core)" in busy and "20m00s" in busy
+    assert "2 invocations" in busy
+    gpu = bottom_line(df, found, [{"seconds": 7200.0, "gpus": 8.0, "cluster": True,
+                                   "gpu_type": "accelerator_type:H100"}])
+    assert "8 GPUs (H100) of a Ray cluster: 2h00m" in gpu

@@ -32,6 +32,13 @@ def test_a_variant_run_never_replaces_the_default_studys_results(reference_study
         assert noise not in first.stdout + first.stderr, noise
     assert "test top-1 %, mean over 1 replicate (columns" in first.stdout
     assert "what pretraining buys" in first.stdout
+    # The console ends with the bottom line: every label count, the machine, the time.
+    tail = first.stdout[first.stdout.index("bottom line:"):]
+    assert "at 10% labels" in tail and "at 50% labels" in tail and "CPU cores" in tail
+    import json
+
+    runs = json.loads((storage / NAME / "invocations.json").read_text())
+    assert len(runs) == 1 and runs[0]["seconds"] > 0 and runs[0]["cpus"] >= 1
     table = storage / NAME / "results.csv"
     before = pd.read_csv(table)
     assert len(before) == 10  # 2 cells x 5 stages (the pixel arm included)

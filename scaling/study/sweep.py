@@ -268,8 +268,10 @@ def run_study(study: Study, root: Location, *, address: str | None = None,
     done = finished(study, root, runs)
     curves = Curves(study_dir, stages)
     # The Console first: it adds a finished stage's curves before the loggers read them.
-    console = Console(study_dir, record["keys"], flops, done,
-                      None if joined else _estimate(runs, done), curves)
+    estimate = None if joined else _estimate(runs, done)
+    console = Console(study_dir, record["keys"], flops, done, estimate, curves)
+    resources = cluster.cluster_resources(limit)
+    load = os.getloadavg()[0] / max(os.cpu_count() or 1, 1) if hasattr(os, "getloadavg") else None
     callbacks: list[tune.Callback] = [
         console,
         TensorBoard(logdir, curves), CSVLoggerCallback(), JsonLoggerCallback()]
@@ -312,8 +314,25 @@ def run_study(study: Study, root: Location, *, address: str | None = None,
     stages_per_cell = {} if df.empty else df.groupby("cell")["stage"].nunique().to_dict()
     interrupted = any(stages_per_cell.get(c.id, 0) < len(ctx.stages_needed)
                       and c.id not in errored for c in grid)
-    return Outcome(df, executed, len(now) - executed, errored, time.perf_counter() - started,
-                   interrupted)
+    outcome = Outcome(df, executed, len(now) - executed, errored,
+                      time.perf_counter() - started, interrupted)
+    record_invocation(study_dir, {
+        "invocation": ctx.invocation, "seconds": round(outcome.seconds, 1),
+        "estimate_s": None if estimate is None else round(estimate, 1),
+        "executed": executed, "reused": outcome.reused, "interrupted": interrupted,
+        "cpus": resources.get("CPU"), "gpus": resources.get("GPU"),
+        "gpu_type": next((k for k in resources if k.startswith("accelerator_type:")), None),
+        "load_per_core_at_start": None if load is None else round(load, 2),
+        "cluster": bool(joined)})
+    return outcome
+
+
+def record_invocation(study_dir: Location, entry: dict[str, Any]) -> None:
+    """Append this invocation's time, estimate and machine to the study's
+    invocations.json (the report's bottom line reads it); written whole, atomically."""
+    text = storage.read_text(study_dir, "invocations.json")
+    entries = json.loads(text) if text else []
+    storage.write_text(study_dir, "invocations.json", json.dumps([*entries, entry], indent=1))
 
 
 @contextlib.contextmanager
