@@ -75,6 +75,37 @@ def _styled(df: pd.DataFrame, caption: str) -> str:
     return str(styler.to_html())
 
 
+def fits_table(chosen: dict[tuple[str, str], str]) -> tuple[pd.DataFrame, list[str]]:
+    """The form chosen per curve, with why as a footnote number: the reasons are long
+    and shared by many curves, so each is written once, below the table."""
+    notes: list[str] = []
+    rows = []
+    for (model, stage), text in chosen.items():
+        form, _, why = text.partition("; ")
+        if why not in notes:
+            notes.append(why)
+        rows.append({"model": model, "stage": stage, "form": form,
+                     "why (note)": notes.index(why) + 1})
+    return pd.DataFrame(rows), notes
+
+
+def protocol_html(table: pd.DataFrame) -> str:
+    """Each stage's protocol as a key / value list (a JSON cell ran off the page)."""
+    parts = []
+    for _, r in table.iterrows():
+        fields = json.loads(r["protocol"])
+        items = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_value(v))}</td></tr>"
+                        for k, v in fields.items())
+        parts.append(f"<h4>{html.escape(str(r['stage']))}</h4><table class='t kv'>{items}"
+                     f"<tr><th>varies by cell</th><td>{html.escape(str(r['varies by cell']))}"
+                     "</td></tr></table>")
+    return "".join(parts)
+
+
+def _value(v: object) -> str:
+    return v if isinstance(v, str) else json.dumps(v, separators=(", ", ": "))
+
+
 def _derived_table(derived: list[dict]) -> pd.DataFrame:
     """Labels needed as whole counts, the multiplier to 2 decimals: one precision a
     column."""
@@ -225,9 +256,10 @@ def _appendix(df: pd.DataFrame, spec: dict, missing: list[str], a: Analysis,
                   _table_html(improvement_table(df))]
     parts.append("<h3>Label-efficiency curves</h3>")
     if a.fits:
-        chosen = pd.DataFrame([{"model": k[0], "stage": k[1], "form": v}
-                               for k, v in a.chosen.items()])
-        parts += [_table_html(chosen), _table_html(params_table(a))]
+        chosen, why = fits_table(a.chosen)
+        parts += [_table_html(chosen), "<ol class='small'>" + "".join(
+            f"<li>{html.escape(w)}</li>" for w in why) + "</ol>",
+            _table_html(params_table(a))]
     if a.derived:
         parts += ["<h3>Labels needed and label efficiency</h3>",
                   "<p>The <b>label-efficiency multiplier</b> is how many times more labels "
@@ -241,7 +273,7 @@ def _appendix(df: pd.DataFrame, spec: dict, missing: list[str], a: Analysis,
                  f"{html.escape(a.joint)}</p>")
     if a.notes:
         parts.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in a.notes) + "</ul>")
-    parts += ["<h3>Protocol</h3>", _table_html(protocol_table(df)),
+    parts += ["<h3>Protocol</h3>", protocol_html(protocol_table(df)),
               "<p>Every row: <a href='results_tidy.csv'>results_tidy.csv</a> "
               "(columns: docs/analysis.md).</p>"]
     return parts
@@ -253,7 +285,12 @@ CSS = ("body{font-family:sans-serif;max-width:960px;margin:2em auto;padding:0 1e
        "img{max-width:100%}figure{margin:1.5em 0}"
        "pre{background:#f6f6f6;padding:.5em;white-space:pre-wrap;font-size:12px}"
        "caption{caption-side:bottom;text-align:left;font-size:12px;color:#555;padding:4px}"
-       "figcaption{font-size:13px;color:#444}td{white-space:nowrap}"
+       "figcaption{font-size:13px;color:#444}"
+       # Tables fit the page: cells wrap (long names, protocol values) instead of
+       # running off it; numbers stay on one line where they fit.
+       "table.t{max-width:100%}table.t td,table.t th{overflow-wrap:anywhere}"
+       "table.kv th{text-align:left;vertical-align:top;white-space:nowrap}"
+       "table.kv td{text-align:left}"
        ".summary{background:#f3f6fa;border:1px solid #c9d6e3;padding:.2em 1em 1em}"
        ".warn li{color:#8a4b00}.small{font-size:12px;color:#555}")
 
