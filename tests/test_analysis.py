@@ -897,3 +897,19 @@ def test_the_bottom_line_covers_every_label_count_and_says_where_and_how_long():
     gpu = bottom_line(df, found, [{"seconds": 7200.0, "gpus": 8.0, "cluster": True,
                                    "gpu_type": "accelerator_type:H100"}])
     assert "8 GPUs (H100) of a Ray cluster: 2h00m" in gpu
+
+
+def test_captions_follow_the_number_of_replicates():
+    """Issue 37: the findings caption said 'With 2 replicates ... t = 12.7' in a study
+    of 3."""
+    from analysis.figures import findings_caption
+    from analysis.findings import findings
+    from analysis.headline import headline
+
+    for seeds, t in (((0, 1), "12.7"), ((0, 1, 2), "4.3"), ((0, 1, 2, 3, 4), "2.8")):
+        df = _table(synthetic_rows(seeds=seeds, fractions=[0.01, 0.1], head_depths=(1,)))
+        found = findings([df])
+        cap = findings_caption(found)
+        assert f"With {len(seeds)} replicates an interval spans +-{t} standard errors" in cap
+        assert f"over {len(seeds)} independent replicates; with {len(seeds)} it is +-{t}" in \
+            headline(df, found)
