@@ -3,6 +3,7 @@ intervals, the protocol, the command and the commit, in one HTML file.
 
     python -m analysis.report runs/model_size-local
     python -m analysis.report s3://bucket/studies/model_size-cifar10-gpu
+    python -m analysis.report runs/model_size-local runs/short-ft   # two: a comparison
 
 Studies call ``write_report`` when they end. It writes into ``<study>/report/``:
 report.html (figures embedded), each figure as PNG and PDF, and results_tidy.csv
@@ -298,10 +299,21 @@ CSS = ("body{font-family:sans-serif;max-width:960px;margin:2em auto;padding:0 1e
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("study", help="a study's storage: runs/model_size-local or an s3:// URI")
+    p.add_argument("study", nargs="+", help="a study's storage: runs/model_size-local or an "
+                   "s3:// URI; two: the second against the first (analysis/compare.py)")
     args = p.parse_args(argv)
+    if len(args.study) > 2:
+        print(f"error: study: {len(args.study)} given; allowed: one (its report) or two (a "
+              "comparison)", file=sys.stderr)
+        return 2
+    where = [storage.absolute(storage.parse(s)) for s in args.study]
     try:
-        print(write_report(storage.absolute(storage.parse(args.study))))
+        if len(where) == 2:
+            from analysis.compare import write_comparison
+
+            print(write_comparison(*where))
+        else:
+            print(write_report(where[0]))
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

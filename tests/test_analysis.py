@@ -913,3 +913,25 @@ def test_captions_follow_the_number_of_replicates():
         assert f"With {len(seeds)} replicates an interval spans +-{t} standard errors" in cap
         assert f"over {len(seeds)} independent replicates; with {len(seeds)} it is +-{t}" in \
             headline(df, found)
+
+
+def test_two_studies_compare_paired_within_replicates(tmp_path):
+    """Issue 37: one report of a variant against the default study."""
+    rows = synthetic_rows(seeds=(0, 1, 2), fractions=[0.01, 0.1], head_depths=(1,))
+    first = _write_study(tmp_path / "a", rows)
+    g = np.random.default_rng(3)
+    variant = [{**r, "study": "variant", "top1": r["top1"] + 0.02 + g.normal(0, 0.002),
+                "stage_key": "v" + r["stage_key"]} if r["stage"] == "finetune" else r
+               for r in rows]
+    second = _write_study(tmp_path / "b", variant)
+    assert report.main([str(first), str(second)]) == 0
+    out = second / "compare-synthetic"
+    t = pd.read_csv(out / "compare.csv")
+    ft = t[t["stage"] == "finetune"]
+    assert len(ft) == 2 * 3 and (ft["second - first (pp)"].between(1.5, 2.5)).all()
+    assert (ft["replicates"] == 3).all()
+    sup = t[t["stage"] == "supervised"]  # the same runs in both: exactly 0
+    assert (sup["second - first (pp)"] == 0).all()
+    page = (out / "report.html").read_text()
+    assert "against" in page and "raw 95%" in page and "no verdict" in page
+    assert report.main([str(first), str(second), str(first)]) == 2
