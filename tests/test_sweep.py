@@ -219,6 +219,8 @@ def check_curves(study: Path, mlruns: Path) -> None:
     assert {"pretrain/loss", "pretrain/lr", "pretrain/knn_val_top1", "finetune/loss",
             "finetune/val_top1", "distill/loss", "supervised/test_top1"} <= tags
     assert [(e.step, e.value) for e in events.Scalars("pretrain/loss")] == want
+    # The cell's axes as hparams: TensorBoard's HParams tab filters by them.
+    assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams")
     client = mlflow.MlflowClient(f"file://{mlruns}")
     found = client.search_runs([client.get_experiment_by_name(study.name).experiment_id])
     # The interrupted invocations' runs stay, unfinished; the last one is complete.

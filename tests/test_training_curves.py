@@ -61,3 +61,28 @@ def test_a_model_that_fails_its_sha256_is_not_loaded(tiny_chain):
         stage_result.load_final_models(pre)
     assert (pre / "result.json.corrupt").exists()  # set aside: the stage runs again
     assert stage_result.read_local_result(pre) is None
+
+
+def test_each_cells_tensorboard_run_carries_its_axes_as_hparams(tmp_path):
+    """Issue 37: runs could not be filtered by width or label fraction."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+    from tensorboardX import SummaryWriter
+
+    from scaling.study.tracking import HPARAM_METRICS, write_hparams
+
+    writer = SummaryWriter(str(tmp_path))
+    write_hparams(writer, {"width": 0.0625, "label_fraction": 0.1, "replicate": 2,
+                           "lr_grid": [0.1, 0.4]})
+    writer.close()
+    events = EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
+    events.Reload()
+    content = events.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(
+        content["_hparams_/session_start_info"]).session_start_info.hparams
+    assert start["width"].number_value == 0.0625 and start["replicate"].number_value == 2
+    assert start["label_fraction"].number_value == 0.1
+    assert start["lr_grid"].string_value == "[0.1, 0.4]"
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(
+        content["_hparams_/experiment"]).experiment
+    assert {m.name.tag for m in experiment.metric_infos} == set(HPARAM_METRICS)

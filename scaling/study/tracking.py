@@ -91,6 +91,7 @@ class TensorBoard(tune.Callback):
             # purge_step=0 hides what an interrupted run of this cell wrote: a trial that
             # runs again reports every stage's whole history, reused ones included.
             self.writers[cell] = SummaryWriter(str(self.logdir / run_name(cell)), purge_step=0)
+            write_hparams(self.writers[cell], trial.config["cell"].get("axes", {}))
         writer = self.writers[cell]
         for step, values in self.unseen(cell, stage_points(result, self.curves)):
             for tag, value in values.items():
@@ -100,6 +101,22 @@ class TensorBoard(tune.Callback):
     def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
         for writer in self.writers.values():
             writer.close()
+
+
+# The final metrics TensorBoard's HParams tab puts beside each cell's axis values.
+HPARAM_METRICS = ("finetune/test_top1", "supervised/test_top1", "pixels/test_top1",
+                  "distill/test_top1", "pretrain/linear_val_top1")
+
+
+def write_hparams(writer: Any, axes: dict[str, Any]) -> None:
+    """The cell's axis values as TensorBoard hparams, in its own run: the HParams tab
+    then filters and sorts runs by width, label fraction, replicate, ..."""
+    from tensorboardX.summary import hparams
+
+    values = {k: v if isinstance(v, bool | int | float | str) else str(v)
+              for k, v in axes.items()}
+    for summary in hparams(values, dict.fromkeys(HPARAM_METRICS, 0.0)):
+        writer.file_writer.add_summary(summary)
 
 
 class MLflow(MLflowLoggerCallback):
