@@ -3,6 +3,7 @@
 import re
 from pathlib import Path
 
+import pytest
 import tomllib
 import yaml
 
@@ -94,3 +95,23 @@ def test_the_analysis_docs_python_names_what_exists():
         for mod, attr in re.findall(r"\b(\w+)\.(\w+)\(", block):
             if mod in modules:
                 assert hasattr(modules[mod], attr), f"{mod}.{attr}"
+
+
+def _documented_commands() -> list[list[str]]:
+    """Every `python -m MODULE` and `python DIR/SCRIPT.py` the README and docs/ show."""
+    text = "\n".join(p.read_text() for p in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")])
+    found = sorted(set(re.findall(
+        r"python (-m [A-Za-z_.]+|(?:studies|bench|analysis)/[a-z_]+\.py)", text)))
+    return [c.split(" ") for c in found]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", _documented_commands(), ids=" ".join)
+def test_every_documented_command_answers_help(command):
+    """Issue 37: a documented command that no longer runs is a broken doc."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, *command, "--help"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-2000:]
