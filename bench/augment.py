@@ -31,7 +31,8 @@ from torchvision.transforms import v2
 
 from scaling.configure import load_config, resolve
 from scaling.data.augment import ViewSpec, augment, view_spec
-from scaling.data.datasets import ImageData, load_dataset
+from scaling.data.datasets import ImageData
+from scaling.data.loaders import load_dataset
 from scaling.model.network import build_contrastive
 from scaling.train.losses import nt_xent
 from scaling.train.optimizer import build_optimizer

@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from scaling.config import ExperimentConfig, OptimConfig
 from scaling.configure import from_dict, load_config, resolve, to_dict
 from scaling.data.augment import CROP_FLIP, augment, view_spec
-from scaling.data.datasets import ImageData, load_dataset
+from scaling.data.datasets import ImageData
+from scaling.data.loaders import load_dataset
 from scaling.model.network import build_classifier, build_contrastive
 from scaling.stage_result import load_final_models
 from scaling.stages import registry

@@ -8,22 +8,15 @@ splits it offers and how it is loaded. The configuration schema validates
 counts classes from it, the dry run checks roots with it.
 
 Adding a dataset is one entry in ``CATALOG`` plus a test (docs/data.md has a worked
-example). Loaders import ``scaling.data`` when called, so the schema and the planner
-stay free of torch.
+example). The catalog holds facts only, free of torch: the loaders live in the data
+layer (scaling/data/loaders.py), keyed by the catalog's names; an image folder needs
+none of its own (``folder=True``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from scaling.data.datasets import Dataset
-
-# (split, root or None, download, image_size or None) -> the split's images and labels.
-Loader = Callable[[str, "str | None", bool, "int | None"], "Dataset"]
 
 LABELLED_SPLITS = ("train", "test", "unlabelled")  # "unlabelled": the training images
 
@@ -40,7 +33,6 @@ class DatasetSpec:
     # null: 10% of the small sets (the common CIFAR 45k/5k split), 10 a class of
     # ImageNet (a "minival" from train), 50 a class of STL-10's 5,000 labelled images.
     val_size: int
-    load: Loader
     splits: tuple[str, ...] = LABELLED_SPLITS
     in_memory: bool = True  # copied to the device whole (folder data is decoded per batch)
     default_root: Path | None = None  # where it is read from when data.root is null
@@ -52,89 +44,40 @@ class DatasetSpec:
     # on the training data) pool with the training images: STL-10's 100,000. Otherwise
     # "unlabelled" is the training images themselves.
     pretrain_extra: bool = False
+    # An image folder (root/train/CLASS/IMAGE, root/val/CLASS/IMAGE): the data layer's
+    # folder loader reads it; any other dataset has its loader in scaling/data/loaders.py.
+    folder: bool = False
 
     @property
     def labelled(self) -> bool:
         return self.classes > 0
 
 
-# Each loader imports the data layer when called, not when the catalog is read.
-def _fashion_mnist(split: str, root: str | None, download: bool, side: int | None) -> Dataset:
-    from scaling.data import datasets as d
-
-    return d.resized(d.fashion_mnist(split, root, download), side)
-
-
-def _cifar(classes: int) -> Loader:
-    def load(split: str, root: str | None, download: bool, side: int | None) -> Dataset:
-        from scaling.data import datasets as d
-
-        return d.resized(d.cifar(split, root, download, classes), side)
-
-    return load
-
-
-def _stl10(split: str, root: str | None, download: bool, side: int | None) -> Dataset:
-    from scaling.data import datasets as d
-
-    return d.resized(d.stl10(split, root, download), side)
-
-
-def _image_folder(name: str) -> Loader:
-    """An image folder (root/train/CLASS/IMAGE, root/val/CLASS/IMAGE) named ``name``."""
-    def load(split: str, root: str | None, download: bool, side: int | None) -> Dataset:
-        from scaling.data import datasets as d
-
-        return d.imagefolder(split, root, side, name)
-
-    return load
-
-
-def _synthetic(split: str, root: str | None, download: bool, side: int | None) -> Dataset:
-    from scaling.data import datasets as d
-
-    return d.synthetic(split, size=side or 16)
-
-
-def _mnist_5k(split: str, root: str | None, download: bool, side: int | None) -> Dataset:
-    from scaling.data import unlabelled
-
-    return unlabelled.mnist_5k(root, side)
-
-
-def _dead_leaves(split: str, root: str | None, download: bool, side: int | None) -> Dataset:
-    from scaling.data import unlabelled
-
-    return unlabelled.dead_leaves_set(side)
-
-
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 CATALOG: dict[str, DatasetSpec] = {spec.name: spec for spec in (
     # Small, real, and installable offline from Debian's package: the default.
-    DatasetSpec("fashion-mnist", "Fashion-MNIST", 60000, 1, 28, 10, 6000, _fashion_mnist,
+    DatasetSpec("fashion-mnist", "Fashion-MNIST", 60000, 1, 28, 10, 6000,
                 default_root=FASHION_MNIST_SYSTEM_DIR, downloadable=True,
                 get_it="the system copy (apt-get install dataset-fashion-mnist) or a folder "
                        "of the IDX files"),
-    DatasetSpec("cifar10", "CIFAR-10", 50000, 3, 32, 10, 5000, _cifar(10), needs_root=True,
+    DatasetSpec("cifar10", "CIFAR-10", 50000, 3, 32, 10, 5000, needs_root=True,
                 downloadable=True),
-    DatasetSpec("cifar100", "CIFAR-100", 50000, 3, 32, 100, 5000, _cifar(100),
-                needs_root=True, downloadable=True),
-    DatasetSpec("stl10", "STL-10", 105000, 3, 96, 10, 500, _stl10, needs_root=True,
+    DatasetSpec("cifar100", "CIFAR-100", 50000, 3, 32, 100, 5000, needs_root=True,
+                downloadable=True),
+    DatasetSpec("stl10", "STL-10", 105000, 3, 96, 10, 500, needs_root=True,
                 downloadable=True, pretrain_extra=True),
     # ImageNet or any image folder (root/train/CLASS/IMAGE, root/val/CLASS/IMAGE); the
     # estimates assume ImageNet's size.
     DatasetSpec("imagefolder", "ImageNet (image folder)", 1281167, 3, 224, 1000, 10000,
-                _image_folder("imagefolder"), in_memory=False, needs_root=True,
+                in_memory=False, needs_root=True, folder=True,
                 root_folders=("train", "val"),
                 get_it="root/train/CLASS/IMAGE and root/val/CLASS/IMAGE (docs/data.md)"),
     # Learnable toy data for tests, generated from a seed; 8 a class in validation.
-    DatasetSpec("synthetic", "synthetic images", 256, 1, 16, 4, 32, _synthetic),
+    DatasetSpec("synthetic", "synthetic images", 256, 1, 16, 4, 32),
     # Unlabelled only, for distill.unlabelled (scaling.data.unlabelled).
-    DatasetSpec("mnist-5k", "MNIST (5,000)", 5000, 1, 28, 0, 0, _mnist_5k,
-                splits=("unlabelled",)),
-    DatasetSpec("dead-leaves", "dead leaves", 54000, 1, 28, 0, 0, _dead_leaves,
-                splits=("unlabelled",)),
+    DatasetSpec("mnist-5k", "MNIST (5,000)", 5000, 1, 28, 0, 0, splits=("unlabelled",)),
+    DatasetSpec("dead-leaves", "dead leaves", 54000, 1, 28, 0, 0, splits=("unlabelled",)),
 )}
 
 

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from scaling.catalog import FASHION_MNIST_SYSTEM_DIR
-from scaling.data.datasets import DataError, load_dataset, subset_from_file
+from scaling.data.datasets import DataError, subset_from_file
+from scaling.data.loaders import load_dataset
 from scaling.data.subsets import label_subset, load_indices, save_indices
 
 needs_fmnist = pytest.mark.skipif(
@@ -132,7 +133,7 @@ def test_a_new_dataset_is_one_catalog_entry(tmp_path, monkeypatch, tiny):
     analysis and the stages all take it from there."""
     from PIL import Image
 
-    from scaling.catalog import CATALOG, DatasetSpec, _image_folder, root_problem
+    from scaling.catalog import CATALOG, DatasetSpec, root_problem
     from scaling.config import ConfigError
     from scaling.configure import with_overrides
     from scaling.runtime.local import pipeline_jobs, run_local
@@ -153,8 +154,8 @@ def test_a_new_dataset_is_one_catalog_entry(tmp_path, monkeypatch, tiny):
         with_overrides(tiny, {"data.name": "shapes"})
 
     monkeypatch.setitem(CATALOG, "shapes", DatasetSpec(
-        "shapes", "two shapes", 40, 3, 16, 2, 8, _image_folder("shapes"), in_memory=False,
-        needs_root=True, root_folders=("train", "val")))
+        "shapes", "two shapes", 40, 3, 16, 2, 8, in_memory=False, needs_root=True,
+        root_folders=("train", "val"), folder=True))
     assert "needs data.root" in root_problem("shapes", None, False)
     assert "no val/ folder" in root_problem("shapes", str(tmp_path / "shapes" / "val"), False)
     assert root_problem("shapes", str(tmp_path / "shapes"), False) is None
@@ -170,3 +171,20 @@ def test_a_new_dataset_is_one_catalog_entry(tmp_path, monkeypatch, tiny):
         result = run_local(job.stage, job.cfg, job.out, job.input)
         assert result["config"]["data"]["name"] == "shapes"
     assert result["stage"] == "finetune" and 0 <= result["metrics"]["test_top1"] <= 1
+
+
+def test_every_catalog_entry_has_a_loader_and_the_catalog_imports_no_torch():
+    """Issue 37: the catalog (the schema's) held loaders that imported the data layer
+    lazily; now the facts sit at the bottom and the loaders in scaling/data."""
+    import subprocess
+    import sys
+
+    from scaling.catalog import CATALOG
+    from scaling.data.loaders import LOADERS, loader
+
+    assert all(callable(loader(name)) for name in CATALOG)
+    assert set(LOADERS) <= set(CATALOG)
+    code = "import sys, scaling.config, scaling.catalog; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "False"

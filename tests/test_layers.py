@@ -45,13 +45,6 @@ def modules() -> dict[str, Path]:
     return {module_name(p): p for pkg in PACKAGES for p in sorted((REPO / pkg).rglob("*.py"))}
 
 
-# Registries whose entries name their implementations above them: the dataset catalog
-# (read by the config schema) imports its loaders inside the functions that load, so
-# the schema and the planner never import torch. Only their module-level imports are
-# held to the layers; everyone else's imports count wherever they are.
-LAZY_REGISTRIES = {"scaling.catalog"}
-
-
 def _runs_at_import(node: ast.AST) -> bool:
     if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
         return False
@@ -96,7 +89,7 @@ def graph() -> dict[str, set[str]]:
     mods = modules()
     known = set(mods)
     # A package's __init__ (empty here) is what `from pkg import x` names too; skip it.
-    return {m: {d for d in imports(p, known, nested=m not in LAZY_REGISTRIES)
+    return {m: {d for d in imports(p, known)
                 if d != m and d not in PACKAGES and not _is_package(d, mods)}
             for m, p in mods.items()}
 

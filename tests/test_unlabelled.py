@@ -8,7 +8,8 @@ from PIL import Image
 
 from scaling.config import ConfigError
 from scaling.configure import PRESETS, load_config, with_overrides
-from scaling.data.datasets import DataError, FolderImages, load_dataset
+from scaling.data.datasets import DataError, FolderImages
+from scaling.data.loaders import load_dataset
 from scaling.data.unlabelled import dead_leaves, disc_radii, export_mnist_5k
 from scaling.stages.registry import run as run_stage
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from scaling.catalog import CATALOG, FASHION_MNIST_SYSTEM_DIR
+from scaling.catalog import FASHION_MNIST_SYSTEM_DIR
 from scaling.data.augment import sample_crops
 from scaling.data.subsets import load_indices
 
@@ -267,25 +267,6 @@ def synthetic(
     ])
     imgs = (imgs + 0.15 * torch.randn(imgs.shape, generator=g)).clamp(0, 1)
     return ImageData((imgs * 255).round().to(torch.uint8), labels, num_classes, "synthetic")
-
-
-def load_dataset(
-    name: str,
-    split: str,
-    root: str | os.PathLike[str] | None = None,
-    download: bool = False,
-    image_size: int | None = None,
-) -> Dataset:
-    """Load ``split`` ("train", "test" or "unlabelled") of a dataset in the catalog."""
-    if name not in CATALOG:
-        raise DataError(f"dataset={name!r} is not registered; allowed: {', '.join(CATALOG)}")
-    spec = CATALOG[name]
-    if split not in spec.splits:
-        if not spec.labelled:
-            raise DataError(f"dataset={name!r} has no labels and no {split} split; allowed: "
-                            "only as distill.unlabelled")
-        raise DataError(f"split={split!r}; allowed: {', '.join(spec.splits)}")
-    return spec.load(split, None if root is None else str(root), download, image_size)
 
 
 PROJECT = Path(__file__).resolve().parents[2]  # the repository: scaling/data/ is two below

@@ -18,7 +18,8 @@ import torch
 
 from scaling.catalog import CATALOG
 from scaling.config import ConfigError, DataConfig, ExperimentConfig
-from scaling.data.datasets import DataError, Dataset, ImageData, load_dataset, subset_from_file
+from scaling.data.datasets import DataError, Dataset, ImageData, subset_from_file
+from scaling.data.loaders import load_dataset
 from scaling.data.subsets import label_subset
 
 
