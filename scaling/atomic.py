@@ -8,6 +8,7 @@ on shared storage.
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Callable
@@ -29,10 +30,29 @@ def _umask() -> int:
     return mask
 
 
+class DiskFull(OSError):
+    """A write that found no space (or no quota) left: names the folder and the file,
+    so the message says where to free space. What was written before stays whole."""
+
+    def __init__(self, target: Path, cause: OSError) -> None:
+        super().__init__(cause.errno, f"no space left on the device holding {target.parent} "
+                                      f"(writing {target.name}: {cause.strerror}); free space "
+                                      "there and run the same command: everything finished "
+                                      "before is kept", str(target))
+
+
+FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
 def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], object]) -> Path:
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as e:
+        if e.errno in FULL:
+            raise DiskFull(target, e) from None
+        raise
     try:
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
@@ -40,8 +60,10 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], obje
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in FULL:
+            raise DiskFull(target, e) from None
         raise
     return target
 

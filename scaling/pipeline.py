@@ -16,6 +16,7 @@ import sys
 import time
 
 from scaling import stage_result, storage
+from scaling.atomic import DiskFull
 from scaling.config import ConfigError, ExperimentConfig
 from scaling.configure import config_hash, load_config, parse_overrides, resolve
 from scaling.data.datasets import DataError
@@ -86,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, NonFiniteLoss, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except DiskFull as e:  # one line: where, and that the same command resumes
+        print(f"error: {e.strerror}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # every write is atomic: finished stages and checkpoints stay
         if cfg is None:
             print("interrupted before anything ran", file=sys.stderr)

@@ -256,3 +256,39 @@ def test_help_lists_each_presets_stages_and_names_the_pixel_arm():
     assert "local: pretrain, finetune, supervised, pixels;" in text
     assert "quick: pretrain, finetune, distill, supervised, pixels" in text
     assert "for intervals use --replicates" in text
+
+
+def test_a_full_disk_is_one_line_and_the_same_command_resumes(tmp_path):
+    """Issue 37: the pipeline writing to a 1.5 MB tmpfs printed OSError: [Errno 28]
+    with a traceback. Now: one line naming the folder, exit 1, every result written
+    verifies, and after space is freed the same command finishes. Needs a tmpfs mount
+    (root); skipped where that is not allowed."""
+    import json
+    import shutil as sh
+    import subprocess
+    import sys
+
+    from scaling import stage_result
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = sh.which("mount")
+    if mount is None or subprocess.run([mount, "-t", "tmpfs", "-o", "size=1500k", "tmpfs",
+                                        str(disk)], capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (not root, or no CAP_SYS_ADMIN)")
+    try:
+        cmd = [sys.executable, "-m", "scaling.pipeline", "configs/tiny.yaml", "--out", str(disk),
+               "--set", "runtime.device=cpu"]
+        full = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert full.returncode == 1, full.stdout[-2000:] + full.stderr[-2000:]
+        err = full.stderr.strip().splitlines()
+        assert "Traceback" not in full.stderr and len(err) == 1, full.stderr[-2000:]
+        assert err[0].startswith("error: no space left on the device holding " + str(disk))
+        finished = [d for d in (disk / "tiny").iterdir() if (d / "result.json").exists()]
+        assert all(stage_result.read_result(d) is not None for d in finished)
+        subprocess.run([mount, "-o", "remount,size=64m", str(disk)], check=True)
+        again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert again.returncode == 0, again.stderr[-2000:]
+        assert all(json.loads((d / "result.json").read_text()) for d in finished)
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
