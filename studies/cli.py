@@ -225,6 +225,9 @@ def parser(defn: StudyDef) -> argparse.ArgumentParser:
                         "(a plain run resumes too, but starts afresh when there is none)")
     p.add_argument("--restart-errored", action="store_true",
                    help="when resuming, run the cells that failed last time again")
+    p.add_argument("--wait", action="store_true",
+                   help="when another invocation is running this study (its driver holds the "
+                        "study folder), wait for it to end instead of stopping")
     p.add_argument("--no-report", action="store_true",
                    help="skip writing the report at the end (the summary table still prints)")
     p.add_argument("--verbose", action="store_true",
@@ -482,7 +485,8 @@ def until_decided(defn: StudyDef, study: Study, args: argparse.Namespace) -> int
                          study.stages)
         outcome = sweep.run_study(sub, args.storage, address=args.address,
                                   mlflow=args.mlflow, verbose=args.verbose,
-                                  primaries=primaries, design=full, sequential=plan)
+                                  primaries=primaries, design=full, sequential=plan,
+                                  wait=args.wait)
         if outcome.interrupted:
             raise KeyboardInterrupt
         return findings([load(study_dir)], primaries, level)
@@ -541,7 +545,7 @@ def main(defn: StudyDef, argv: list[str] | None = None) -> int:
         outcome = sweep.run_study(study, args.storage, address=args.address,
                                   restart_errored=args.restart_errored, resume=args.resume,
                                   mlflow=args.mlflow, verbose=args.verbose,
-                                  primaries=_primaries(args))
+                                  primaries=_primaries(args), wait=args.wait)
     except (ConfigError, DataError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

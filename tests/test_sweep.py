@@ -174,9 +174,16 @@ def test_an_interrupted_study_resumes_to_the_uninterrupted_result(reference_stud
     wait_until(lambda: (pre / "result.json").exists()
                and any(stages.glob("finetune-*/checkpoints/step-*")), proc,
                what="a fine-tuning checkpoint")
+    # A second invocation of the running study stops in one line naming the first
+    # (issue 37: it joined the first's Ray and drove the same Tune experiment).
+    second = run(cmd)
+    assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
+    assert f"is running: driver pid {proc.pid}" in second.stderr and "--wait" in second.stderr
+    assert "Traceback" not in second.stderr and proc.poll() is None
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     orphans_gone(ray_before)  # its trial notices the driver is gone, and ends
+    assert (study / "driver.json").exists()  # the killed driver's lease stays behind
     resumed = yaml.safe_load((pre / "result.json").read_text())
     assert resumed["resumed_from"] is not None and resumed["resumed_from"] >= killed_at
 
@@ -184,6 +191,8 @@ def test_an_interrupted_study_resumes_to_the_uninterrupted_result(reference_stud
     done = run(cmd)
     out = ok(done)
     assert "resuming the sweep" in out, out[-3000:]
+    assert f"(pid {proc.pid} on" in done.stderr and "taking over" in done.stderr
+    assert not (study / "driver.json").exists()  # released at the end
     assert "Traceback" not in out + done.stderr and "Exception ignored" not in out + done.stderr
     # Each progress line once, from the sweep's driver; one whole-sweep line per stage run.
     assert "(run_cell pid=" not in out and "repeated" not in out

@@ -53,6 +53,7 @@ from scaling.study import cluster, results
 from scaling.study.console import Console, update_table
 from scaling.study.coordinator import StageClaims, renewing
 from scaling.study.folder import check_owner, study_record, with_primaries
+from scaling.study.lease import Lease
 from scaling.study.plan import (
     SHORT,
     Study,
@@ -210,12 +211,13 @@ def run_study(study: Study, root: Location, *, address: str | None = None,
               restart_errored: bool = False, resume: bool = False,
               mlflow: str | None = None, verbose: bool = False,
               primaries: list[str] | None = None, design: Study | None = None,
-              sequential: dict[str, Any] | None = None) -> Outcome:
+              sequential: dict[str, Any] | None = None, wait: bool = False) -> Outcome:
     """Run (or resume) the study's grid on Ray Tune; returns the results table.
     ``primaries``: the findings to pre-register in study.json (folder.with_primaries),
     with ``sequential``, the design testing them. ``design``: the whole grid that
     ``study`` is a look of (study.json records it: a sequential design's looks run
-    growing subsets of its replicates under one name).
+    growing subsets of its replicates under one name). ``wait``: when another driver
+    holds the study folder (scaling.study.lease), wait for it instead of stopping.
     ``resume``: there must be a sweep to resume in ``root`` (guards a mistyped URI).
     ``mlflow``: a tracking URI to log the stages' curves to, besides TensorBoard.
     ``verbose``: Ray's and Tune's own console output too (banners, tracebacks);
@@ -238,93 +240,103 @@ def run_study(study: Study, root: Location, *, address: str | None = None,
     if address is None and not ray.is_initialized() and not cluster.ray_running_here():
         check_local(study.base)  # before the storage is touched
     storage.check_writable(root, "--storage")
-    joined = cluster.connect(address, lambda: check_local(study.base), verbose)
-    limit = cluster.autoscaling_limit() if joined else None
-    cap = capacity(study.base, cluster.cluster_resources(limit))
-    cluster.warn_if_not_shared(root, joined, limit)
-    claims_name = f"scaling-claims-{study.name}-{os.getpid()}"
-    # The handle keeps the actor alive for the sweep; trials look it up by name.
-    # On this (the head) node: a trial's node may die; the claims must not.
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    lane_rt = _lane_runtime(grid)
-    # A lane holds its worker group for the whole sweep: no more lanes than cells.
-    lanes = min(cap.concurrent, len(grid)) if lane_rt else 0
-    claims = StageClaims.options(name=claims_name, scheduling_strategy=here).remote(lanes)
-    ctx = SweepContext(study.name, str(storage.join(root, "stages")), str(study_dir),
-                       claims_name, record["git_commit"], required_stages(study), lanes > 0,
-                       time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}")
-    storage.write_text(study_dir, "study.json", json.dumps(record, indent=1))
-    payload = [CellRun(c.id, cell_key(study, c), {SHORT.get(k, k): v for k, v in c.values},
-                       to_dict(c.config)).encode() for c in schedule_order(study, grid)]
-    trainable = tune.with_resources(tune.with_parameters(run_cell, ctx=ctx), cap.resources)
-    runs = distinct_runs(study)
-    flops = {(s, k): stage_flops(c, s) for s, keyed in runs.items() for k, c in keyed.items()}
-    stages = storage.join(root, "stages")
-    logdir = storage.local_dir(study_dir) / "tensorboard" if storage.is_uri(study_dir) else (
-        Path(study_dir) / "tensorboard")
-    # Tune's own TensorBoard logger joins every stage into one curve per trial under
-    # /tmp/ray: ours (scaling.study.tracking) replaces it; its CSV/JSON loggers stay.
-    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
-    done = finished(study, root, runs)
-    curves = Curves(study_dir, stages)
-    # The Console first: it adds a finished stage's curves before the loggers read them.
-    estimate = None if joined else _estimate(runs, done)
-    console = Console(study_dir, record["keys"], flops, done, estimate, curves)
-    resources = cluster.cluster_resources(limit)
-    load = os.getloadavg()[0] / max(os.cpu_count() or 1, 1) if hasattr(os, "getloadavg") else None
-    callbacks: list[tune.Callback] = [
-        console,
-        TensorBoard(logdir, curves), CSVLoggerCallback(), JsonLoggerCallback()]
-    if mlflow:
-        callbacks.append(MLflow(mlflow, study.name, curves))
-    print(f"{study.name}: {len(grid)} cells, up to {cap.concurrent} at once; "
-          f"results in {study_dir}; curves: tensorboard --logdir {logdir}", flush=True)
-    print(console.sweep_line(), flush=True)
-    if tune.Tuner.can_restore(path):
-        print(f"resuming the sweep in {path}", flush=True)
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
-                                   resume_errored=restart_errored, restart_errored=False)
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"cell": tune.grid_search(payload)},
-            # With lanes, a cell's trial waits queued while another runs: its lane
-            # goes on to it at once instead of waiting for a trial process to start.
-            tune_config=tune.TuneConfig(max_concurrent_trials=cap.concurrent * (1 + bool(lanes))),
-            # A trial whose node dies (spot reclaim, a crash) runs again on another,
-            # from its stages' last checkpoints. A failing cell also gets one retry.
-            run_config=tune.RunConfig(name=name, storage_path=tune_root, callbacks=callbacks,
-                                      failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES),
-                                      verbose=0),
-        )
-    train_root = str(storage.join(study_dir, "_train"))
+    lease = Lease(study_dir, study.name, f"python -m scaling.study.watch {study_dir}")
+    lease.acquire(wait)
+    if lease.took_over:
+        eprint(f"taking over {study_dir}: its last driver (pid {lease.took_over['pid']} on "
+               f"{lease.took_over['host']}) stopped renewing its lease")
     try:
-        with quiet_tune(verbose), running_lanes(claims, lanes, lane_rt, claims_name,
-                                                train_root, ctx.invocation, here):
-            grid_results = tuner.fit()
+        joined = cluster.connect(address, lambda: check_local(study.base), verbose)
+        limit = cluster.autoscaling_limit() if joined else None
+        cap = capacity(study.base, cluster.cluster_resources(limit))
+        cluster.warn_if_not_shared(root, joined, limit)
+        claims_name = f"scaling-claims-{study.name}-{os.getpid()}"
+        # The handle keeps the actor alive for the sweep; trials look it up by name.
+        # On this (the head) node: a trial's node may die; the claims must not.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        lane_rt = _lane_runtime(grid)
+        # A lane holds its worker group for the whole sweep: no more lanes than cells.
+        lanes = min(cap.concurrent, len(grid)) if lane_rt else 0
+        claims = StageClaims.options(name=claims_name, scheduling_strategy=here).remote(lanes)
+        ctx = SweepContext(study.name, str(storage.join(root, "stages")), str(study_dir),
+                           claims_name, record["git_commit"], required_stages(study), lanes > 0,
+                           time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}")
+        storage.write_text(study_dir, "study.json", json.dumps(record, indent=1))
+        payload = [CellRun(c.id, cell_key(study, c), {SHORT.get(k, k): v for k, v in c.values},
+                           to_dict(c.config)).encode() for c in schedule_order(study, grid)]
+        trainable = tune.with_resources(tune.with_parameters(run_cell, ctx=ctx), cap.resources)
+        runs = distinct_runs(study)
+        flops = {(s, k): stage_flops(c, s) for s, keyed in runs.items() for k, c in keyed.items()}
+        stages = storage.join(root, "stages")
+        logdir = storage.local_dir(study_dir) / "tensorboard" if storage.is_uri(study_dir) else (
+            Path(study_dir) / "tensorboard")
+        # Tune's own TensorBoard logger joins every stage into one curve per trial under
+        # /tmp/ray: ours (scaling.study.tracking) replaces it; its CSV/JSON loggers stay.
+        os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+        done = finished(study, root, runs)
+        curves = Curves(study_dir, stages)
+        # The Console first: it adds a finished stage's curves before the loggers read them.
+        estimate = None if joined else _estimate(runs, done)
+        console = Console(study_dir, record["keys"], flops, done, estimate, curves)
+        resources = cluster.cluster_resources(limit)
+        load = (os.getloadavg()[0] / max(os.cpu_count() or 1, 1)
+                if hasattr(os, "getloadavg") else None)
+        callbacks: list[tune.Callback] = [
+            console,
+            TensorBoard(logdir, curves), CSVLoggerCallback(), JsonLoggerCallback()]
+        if mlflow:
+            callbacks.append(MLflow(mlflow, study.name, curves))
+        print(f"{study.name}: {len(grid)} cells, up to {cap.concurrent} at once; "
+              f"results in {study_dir}; curves: tensorboard --logdir {logdir}", flush=True)
+        print(console.sweep_line(), flush=True)
+        if tune.Tuner.can_restore(path):
+            print(f"resuming the sweep in {path}", flush=True)
+            tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
+                                       resume_errored=restart_errored, restart_errored=False)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space={"cell": tune.grid_search(payload)},
+                # With lanes, a cell's trial waits queued while another runs: its lane
+                # goes on to it at once instead of waiting for a trial process to start.
+                tune_config=tune.TuneConfig(
+                    max_concurrent_trials=cap.concurrent * (1 + bool(lanes))),
+                # A trial whose node dies (spot reclaim, a crash) runs again on another,
+                # from its stages' last checkpoints. A failing cell also gets one retry.
+                run_config=tune.RunConfig(name=name, storage_path=tune_root, callbacks=callbacks,
+                                          failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES),
+                                          verbose=0),
+            )
+        train_root = str(storage.join(study_dir, "_train"))
+        try:
+            with quiet_tune(verbose), running_lanes(claims, lanes, lane_rt, claims_name,
+                                                    train_root, ctx.invocation, here):
+                grid_results = tuner.fit()
+        finally:
+            ray.kill(claims)
+        errored = [(grid_results[i].config or {})["cell"]["id"] for i in range(len(grid_results))
+                   if grid_results[i].error is not None]
+        df = update_table(study_dir, record["keys"], curves)
+        now = df[df["invocation"] == ctx.invocation] if not df.empty else df
+        executed = int((now["status"] == "executed").sum()) if not now.empty else 0
+        # Tune ends a run it was asked to stop (SIGINT) like a finished one; a cell that
+        # neither failed nor has all its rows tells them apart.
+        stages_per_cell = {} if df.empty else df.groupby("cell")["stage"].nunique().to_dict()
+        interrupted = any(stages_per_cell.get(c.id, 0) < len(ctx.stages_needed)
+                          and c.id not in errored for c in grid)
+        outcome = Outcome(df, executed, len(now) - executed, errored,
+                          time.perf_counter() - started, interrupted)
+        record_invocation(study_dir, {
+            "invocation": ctx.invocation, "seconds": round(outcome.seconds, 1),
+            "estimate_s": None if estimate is None else round(estimate, 1),
+            "executed": executed, "reused": outcome.reused, "interrupted": interrupted,
+            "cpus": resources.get("CPU"), "gpus": resources.get("GPU"),
+            "gpu_type": next((k for k in resources if k.startswith("accelerator_type:")), None),
+            "load_per_core_at_start": None if load is None else round(load, 2),
+            "cluster": bool(joined)})
+        return outcome
     finally:
-        ray.kill(claims)
-    errored = [(grid_results[i].config or {})["cell"]["id"] for i in range(len(grid_results))
-               if grid_results[i].error is not None]
-    df = update_table(study_dir, record["keys"], curves)
-    now = df[df["invocation"] == ctx.invocation] if not df.empty else df
-    executed = int((now["status"] == "executed").sum()) if not now.empty else 0
-    # Tune ends a run it was asked to stop (SIGINT) like a finished one; a cell that
-    # neither failed nor has all its rows tells them apart.
-    stages_per_cell = {} if df.empty else df.groupby("cell")["stage"].nunique().to_dict()
-    interrupted = any(stages_per_cell.get(c.id, 0) < len(ctx.stages_needed)
-                      and c.id not in errored for c in grid)
-    outcome = Outcome(df, executed, len(now) - executed, errored,
-                      time.perf_counter() - started, interrupted)
-    record_invocation(study_dir, {
-        "invocation": ctx.invocation, "seconds": round(outcome.seconds, 1),
-        "estimate_s": None if estimate is None else round(estimate, 1),
-        "executed": executed, "reused": outcome.reused, "interrupted": interrupted,
-        "cpus": resources.get("CPU"), "gpus": resources.get("GPU"),
-        "gpu_type": next((k for k in resources if k.startswith("accelerator_type:")), None),
-        "load_per_core_at_start": None if load is None else round(load, 2),
-        "cluster": bool(joined)})
-    return outcome
+        lease.release()
 
 
 def record_invocation(study_dir: Location, entry: dict[str, Any]) -> None:
