@@ -8,6 +8,7 @@ percent.
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -88,6 +89,33 @@ def _errorbar(ax: plt.Axes, x: pd.Series, m: pd.DataFrame, scale: float = 100, *
     ax.errorbar(x, scale * m["mean"], yerr=scale * m["ci"].fillna(0), capsize=3, **kw)
 
 
+MAX_WIDTH_IN = 9.6  # a 960-px page at 96 px an inch: wider figures shrink their text
+
+
+def wrap(text: str, width: int = 80) -> str:
+    """A title or label broken into lines of at most ``width`` characters."""
+    return "\n".join(textwrap.fill(line, width) for line in text.split("\n"))
+
+
+def fit_width(fig: Figure, max_in: float = MAX_WIDTH_IN) -> Figure:
+    """Narrow the canvas until the figure as saved (tight box: legends and labels
+    outside the axes included) is at most ``max_in`` wide. The text keeps its size
+    and the axes give way, so on a page the text still reads at its point size."""
+    for _ in range(4):
+        renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
+        tight = fig.get_tightbbox(renderer).width
+        if tight <= max_in:
+            break
+        w, h = fig.get_size_inches()
+        fig.set_size_inches(max(w - (tight - max_in) - 0.05, 2.0), h)
+        engine = fig.get_layout_engine()
+        if engine is None:
+            fig.tight_layout()
+        else:
+            engine.execute(fig)
+    return fig
+
+
 def _finish(fig: Figure, ax: plt.Axes, xlabel: str, ylabel: str, title: str,
             legend: dict[str, Any] | None, percent: float | None = 100) -> Figure:
     """Log-scaled x (parameters or labels), a percent y axis (values in [0, percent]),
@@ -98,7 +126,7 @@ def _finish(fig: Figure, ax: plt.Axes, xlabel: str, ylabel: str, title: str,
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize="medium")
+    ax.set_title(wrap(title, 70), fontsize="medium")
     if legend is not None:
         ax.legend(**({"loc": "upper left", "bbox_to_anchor": (1.02, 1.0), "fontsize": MIN_FONT,
                       "borderaxespad": 0} | legend))
@@ -226,7 +254,7 @@ def relative_improvement(df: pd.DataFrame) -> Figure:
         (few, g_few), (many, g_many) = gains[0], gains[-1]
         title += (f": {g_few:+.1f}% at {pct(float(few))} labels, {g_many:+.1f}% at "
                   f"{pct(float(many))}")
-    fig.suptitle(title, fontsize="medium")
+    fig.suptitle(wrap(title), fontsize="medium")
     fig.tight_layout()
     return fig
 
@@ -442,7 +470,7 @@ def findings_figure(table: pd.DataFrame) -> Figure:
     effect in points with its 95% interval, coloured by verdict, a row each."""
     sns.set_theme(**STYLE)
     t = table.iloc[::-1].reset_index(drop=True)  # the first finding on top
-    fig, ax = plt.subplots(figsize=(12, 0.32 * len(t) + 1.6))
+    fig, ax = plt.subplots(figsize=(9.5, 0.45 * len(t) + 1.6))
     for i, r in t.iterrows():
         lo, hi = r["_lo"], r["_hi"]
         mean = r["effect"]  # rounded: may sit a hair outside a near-zero-width interval
@@ -452,9 +480,9 @@ def findings_figure(table: pd.DataFrame) -> Figure:
     # The study names a row only where several studies share a comparison's wording.
     shared = (t.duplicated(["finding", "comparison"], keep=False) if "study" in t
               else pd.Series(False, index=t.index))
-    ax.set_yticks(range(len(t)), [f"{r['finding']}{'*' if r.get('role') == 'primary' else ''}"
-                                  f"  {r['comparison']}"
-                                  + (f"  ({r['study']})" if shared[i] else "")
+    ax.set_yticks(range(len(t)), [wrap(f"{r['finding']}{'*' if r.get('role') == 'primary' else ''}"
+                                       f"  {r['comparison']}"
+                                       + (f"  ({r['study']})" if shared[i] else ""), 60)
                                   for i, r in t.iterrows()], fontsize=MIN_FONT)
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_ylabel("finding: comparison")

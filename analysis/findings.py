@@ -45,7 +45,7 @@ import pandas as pd
 from scipy import stats
 
 from analysis import collect, power, replicates
-from analysis.figures import findings_figure
+from analysis.figures import findings_figure, fit_width
 from analysis.tables import gain
 from analysis.verdicts import EXPLORATORY, PRIMARY, family_note
 from scaling import storage
@@ -424,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         storage.write_text(out, "findings.md", text)
         storage.write_text(out, "findings.csv", table.to_csv(index=False))
         if not table.empty:
-            fig = findings_figure(table)
+            fig = fit_width(findings_figure(table))
             buf = io.BytesIO()
             fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
             storage.write_bytes(out, "findings.png", buf.getvalue())

@@ -138,7 +138,7 @@ def write_report(study_dir: Location) -> Location:
     exported = write_exports(out, {"table1": table1(df), "gains": gains_table(df)})
     drawn = figures.figure_set(df, a, histories(df, study_dir), found)
     for name, (draw, caption) in drawn.items():
-        fig = draw()
+        fig = figures.fit_width(draw())
         for fmt in ("png", "pdf"):
             buf = io.BytesIO()
             fig.savefig(buf, format=fmt, dpi=130, bbox_inches="tight")

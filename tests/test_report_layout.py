@@ -27,9 +27,16 @@ window.addEventListener('load', () => {
       (['hidden', 'clip'].includes(style.overflowX) ? clipped : wide).push(what);
     }
   }
+  // Figures are saved at 130 dpi with fonts of 9 pt and up: shown at fewer than 96
+  // CSS px an inch (scaled down to the page), their text reads smaller than 9 pt.
+  const shrunk = [];
+  for (const img of document.querySelectorAll('img')) {
+    const perInch = img.getBoundingClientRect().width / img.naturalWidth * 130;
+    if (perInch < 95.5) shrunk.push(img.alt + ': ' + perInch.toFixed(0) + ' px/in');
+  }
   const page = document.documentElement.scrollWidth;
   document.body.setAttribute('data-layout', JSON.stringify(
-    {width, page, wide: wide.slice(0, 10), clipped: clipped.slice(0, 10)}));
+    {width, page, wide: wide.slice(0, 10), clipped: clipped.slice(0, 10), shrunk}));
 });
 </script>"""
 
@@ -64,6 +71,7 @@ def test_nothing_runs_off_the_page_or_is_clipped(page, width):
     seen = layout(page, width)
     assert seen["width"] <= width and seen["page"] <= seen["width"], seen  # no sideways scroll
     assert seen["wide"] == [] and seen["clipped"] == [], seen
+    assert seen["shrunk"] == [], seen  # every figure's text at 9 pt or more on the page
 
 
 def test_a_planted_overflow_is_caught(page, tmp_path):
