@@ -79,7 +79,7 @@ def test_a_variant_run_never_replaces_the_default_studys_results(reference_study
     assert bad.returncode == 2 and "F9" in bad.stderr and "P, F1, F2, F3, F4" in bad.stderr
     plan = ok(run("--primary", "P", "--target-effect", "5", "--name", "pre", "--dry-run",
                   "--pilot", str(storage / NAME)))
-    assert "power plan: 1 primary effect," in plan and "one replicate: no spread" in plan
+    assert "power plan: 2 primary effects" in plan and "one replicate: no spread" in plan
     assert not (storage / "pre").exists()
 
 
