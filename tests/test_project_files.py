@@ -115,3 +115,27 @@ def test_every_documented_command_answers_help(command):
     proc = subprocess.run([sys.executable, *command, "--help"], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-2000:]
+
+
+def _python_blocks(doc: str) -> list[str]:
+    import textwrap
+
+    text = (ROOT / "docs" / doc).read_text()
+    return [textwrap.dedent(b) for b in re.findall(r"```python\n(.*?)```", text, re.S)]
+
+
+@pytest.mark.parametrize(("doc", "module"), [("data.md", "scaling.catalog"),
+                                             ("stages.md", "scaling.stages.registry")])
+def test_the_docs_code_to_paste_runs_where_it_goes(doc, module):
+    """Issue 37: every code snippet in docs/ runs. The worked examples are code to add
+    to a module: each runs in that module's namespace (a catalog entry, a stage), so a
+    changed signature breaks this test, not a reader's afternoon."""
+    import __future__
+    import importlib
+
+    blocks = _python_blocks(doc)
+    assert blocks
+    lazy = __future__.annotations.compiler_flag  # as the module itself compiles
+    for block in blocks:
+        code = compile(block, f"docs/{doc}", "exec", flags=lazy, dont_inherit=True)
+        exec(code, dict(vars(importlib.import_module(module))))
