@@ -131,6 +131,7 @@ def test_the_docs_code_to_paste_runs_where_it_goes(doc, module):
     to a module: each runs in that module's namespace (a catalog entry, a stage), so a
     changed signature breaks this test, not a reader's afternoon."""
     import __future__
+
     import importlib
 
     blocks = _python_blocks(doc)
