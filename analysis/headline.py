@@ -172,4 +172,18 @@ def bottom_line(df: pd.DataFrame, found: pd.DataFrame, invocations: list[dict] |
     machine = machine_line(invocations or [])
     if machine:
         lines.append(f"  {machine}")
+    compute = compute_line(df)
+    if compute:
+        lines.append(f"  {compute}")
     return "\n".join(lines)
+
+
+def compute_line(df: pd.DataFrame) -> str:
+    """The training compute of the study's distinct stage runs (each run once, however
+    many cells reused it): GPU-hours, or CPU core-hours."""
+    runs = df.drop_duplicates("stage_key")
+    for column, unit in (("gpu_hours", "GPU-hours"), ("cpu_hours", "CPU core-hours")):
+        if column in runs and runs[column].notna().any():
+            return (f"training compute: {runs[column].sum():.2f} {unit} over "
+                    f"{int(runs[column].notna().sum())} distinct stage runs")
+    return ""

@@ -897,6 +897,11 @@ def test_the_bottom_line_covers_every_label_count_and_says_where_and_how_long():
     gpu = bottom_line(df, found, [{"seconds": 7200.0, "gpus": 8.0, "cluster": True,
                                    "gpu_type": "accelerator_type:H100"}])
     assert "8 GPUs (H100) of a Ray cluster: 2h00m" in gpu
+    # The compute: each distinct stage run once, however many cells reused it.
+    runs = df.drop_duplicates("stage_key")
+    costed = df.assign(cpu_hours=0.5)
+    assert (f"training compute: {0.5 * len(runs):.2f} CPU core-hours over {len(runs)} "
+            "distinct stage runs") in bottom_line(costed, found)
 
 
 def test_captions_follow_the_number_of_replicates():
