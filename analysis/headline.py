@@ -32,12 +32,14 @@ def verdict_lines(found: pd.DataFrame, names: tuple[str, ...]) -> list[str]:
     return [f"{r['comparison']}: {r['verdict']} ({r['role']})" for _, r in rows.iterrows()]
 
 
-def headline(df: pd.DataFrame, found: pd.DataFrame | None = None) -> str:
+def headline(df: pd.DataFrame, found: pd.DataFrame | None = None,
+             verdicts_of: tuple[str, ...] = ("P", "F1")) -> str:
     """Fine-tuned minus each baseline without pretraining (the tuned supervised network,
     the pixel arm), test top-1 points, for each model at the fewest and the most labels
-    of the study, with raw intervals; then the verdicts of P (against the better
-    baseline on validation) and F1 from the findings table ``found`` (default: the
-    study's findings with nothing pre-registered); '' without fine-tuning and
+    of the study, with raw intervals; then the verdicts of ``verdicts_of`` (P: against
+    the better baseline on validation; F1) from the findings table ``found``
+    (default: the study's findings with nothing pre-registered); where the bottom line
+    follows, it gives P's, and the headline F1's only. '' without fine-tuning and
     baseline rows."""
     against = [b for b in ("supervised", "pixels")
                if df.get(f"gain_over_{b}", pd.Series(dtype=float)).notna().any()]
@@ -73,7 +75,7 @@ def headline(df: pd.DataFrame, found: pd.DataFrame | None = None) -> str:
         from analysis.findings import findings  # findings builds on this package's tables
 
         found = findings([df])
-    verdicts = verdict_lines(found, ("P", "F1"))
+    verdicts = verdict_lines(found, verdicts_of)
     if verdicts:
         lines.append(f"verdicts, the findings table's ({family_note(found)}):")
         lines += [f"  {v}" for v in verdicts]

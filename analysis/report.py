@@ -151,7 +151,8 @@ def write_report(study_dir: Location) -> Location:
     spread = f"mean ± standard deviation over {seeds} replicates" if seeds > 1 else "one replicate"
     bottom = bottom_line(df, found, collect.invocations(study_dir), summary.data_and_budgets(df))
     parts = [f"<h1>{html.escape(study)}</h1>",
-             _summary_box(df, spec, missing, headline(df, found), found, bottom)]
+             _summary_box(df, spec, missing,
+                          headline(df, found, ("F1",) if bottom else ("P", "F1")), found, bottom)]
     if "finetune" in set(df["stage"]):
         distilled = ", self-distilled (the teacher's architecture)" if (
             "distill" in set(df["stage"])) else ""

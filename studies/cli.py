@@ -293,9 +293,10 @@ def _report(study_dir: Any, write: bool) -> bool:
         df = load(study_dir)
         found = study_findings([df], [study_spec(study_dir)])
         print(results_table(df))
-        print(headline(df, found))
+        bottom = bottom_line(df, found, invocations(study_dir), data_and_budgets(df))
+        print(headline(df, found, ("F1",) if bottom else ("P", "F1")))  # P: in the bottom line
         # Last: the few lines a reader takes away (also the report's first).
-        print(bottom_line(df, found, invocations(study_dir), data_and_budgets(df)))
+        print(bottom)
     except Exception as e:  # noqa: BLE001
         print(f"error: the summary table failed ({type(e).__name__}: {e}); the results are "
               f"in {study_dir}", file=sys.stderr)

@@ -873,7 +873,7 @@ def test_the_bottom_line_covers_every_label_count_and_says_where_and_how_long():
     dataset, the budget, the machine or the time against the estimate."""
     from analysis import summary
     from analysis.findings import findings
-    from analysis.headline import bottom_line
+    from analysis.headline import bottom_line, headline
 
     df = _table(synthetic_rows(seeds=(0, 1, 2), fractions=[0.01, 0.1], head_depths=(1,)))
     found = findings([df])
@@ -888,6 +888,9 @@ def test_the_bottom_line_covers_every_label_count_and_says_where_and_how_long():
                    and x.endswith(f"{r['verdict']} ({r['role']})") for x in lines), r
     assert any("1% labels" in x for x in lines) and any("10% labels" in x for x in lines)
     assert "Fashion-MNIST" in text and "3 independent replicates per cell" in text
+    # Beside the bottom line the headline gives F1's verdicts only: P's are below.
+    beside = headline(df, found, ("F1",))
+    assert "best baseline without pretraining:" not in beside.split("verdicts, ")[1]
     assert "2 CPU cores (no GPU) of one machine: 16m40s" in text and "10m00s" in text
     assert "busy" not in text
     busy = bottom_line(df, found, [inv[0] | {"load_per_core_at_start": 1.3},
