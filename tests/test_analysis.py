@@ -890,7 +890,7 @@ def test_the_bottom_line_covers_every_label_count_and_says_where_and_how_long():
     assert "Fashion-MNIST" in text and "3 independent replicates per cell" in text
     # Beside the bottom line the headline gives F1's verdicts only: P's are below.
     beside = headline(df, found, ("F1",))
-    assert "best baseline without pretraining:" not in beside.split("verdicts, ")[1]
+    assert "fine-tuned - best baseline" not in beside.split("verdicts, ")[1]
     assert "2 CPU cores (no GPU) of one machine: 16m40s" in text and "10m00s" in text
     assert "busy" not in text
     busy = bottom_line(df, found, [inv[0] | {"load_per_core_at_start": 1.3},
