@@ -195,10 +195,10 @@ def top1_vs_params(df: pd.DataFrame, stage: str = "finetune") -> Figure:
     for lf, level in pixels.items():
         if lf in colors:
             ax.axhline(level, color=colors[lf], linestyle=":", linewidth=1.2)
+    names = rows.drop_duplicates("params").set_index("params")["model"]
     if not m.empty:
         _millions(ax, m["params"])
         # Each model named once, under its point on the x axis's inside edge.
-        names = rows.drop_duplicates("params").set_index("params")["model"]
         for params, name in names.items():
             ax.annotate(str(name), (float(params), 0), xycoords=("data", "axes fraction"),
                         xytext=(0, 3), textcoords="offset points", ha="center", fontsize=MIN_FONT)
@@ -207,7 +207,6 @@ def top1_vs_params(df: pd.DataFrame, stage: str = "finetune") -> Figure:
     if (m["sk"] > 0).any():
         handles.append(plt.Line2D([], [], color="grey", marker="s", linestyle="--",
                                   label="selective kernels"))
-    names = rows.drop_duplicates("params").set_index("params")["model"]
     title = size_title(stage, m, names, pixels) if not m.empty else f"Top-1 after {stage}"
     return _finish(fig, ax, "encoder parameters (millions, log scale)",
                    f"top-1 accuracy after {stage}", title,

@@ -410,12 +410,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="also write findings.md, findings.csv and findings.png "
                                  "(the figure) into this directory or URI")
     args = p.parse_args(argv)
+    where = [storage.absolute(storage.parse(s)) for s in args.studies]
     try:
-        tables = [collect.load(storage.absolute(storage.parse(s))) for s in args.studies]
+        tables = [collect.load(w) for w in where]
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    specs = [collect.study_spec(storage.absolute(storage.parse(s))) for s in args.studies]
+    specs = [collect.study_spec(w) for w in where]
     table = study_findings(tables, specs)
     text = markdown(table) + "\n" + family_note(table) + "\n"
     print(text, end="")

@@ -15,7 +15,7 @@ import pandas as pd
 from scipy import stats
 
 from analysis.collect import PIXELS
-from analysis.tables import gain
+from analysis.tables import chosen_baseline, gain
 from analysis.verdicts import family_note
 
 
@@ -155,9 +155,8 @@ def bottom_line(df: pd.DataFrame, found: pd.DataFrame, invocations: list[dict] |
     rows = found[found["finding"] == "P"] if not found.empty else found
     if rows.empty:
         return ""
-    best = gain(df, "best").set_index(["model", "label fraction"])
-    chose = df[df["stage"] == "finetune"].groupby(["model", "label_fraction"])[
-        "best_baseline"].agg(lambda v: v.iloc[0] if v.nunique() == 1 else "mixed")
+    chose = chosen_baseline(df)
+    fractions = {f"{100 * lf:g}%": lf for lf in df["label_fraction"].dropna().unique()}
     names = {"pixels": "the pixel arm", "supervised": "the supervised network",
              "mixed": "the better baseline (per cell)"}
     lines = ["bottom line: fine-tuned minus the best baseline without pretraining (chosen "
@@ -165,9 +164,8 @@ def bottom_line(df: pd.DataFrame, found: pd.DataFrame, invocations: list[dict] |
     for _, r in rows.iterrows():
         model, _, rest = str(r["comparison"]).partition(" at ")
         fraction = rest.split(" labels")[0]
-        lf = next((k for k in best.index.get_level_values(1).unique()
-                   if f"{100 * k:g}%" == fraction), None)
-        against = names.get(str(chose.get((model.split(", head")[0], lf), "")), "it")
+        against = names.get(str(chose.get((model.split(", head")[0], fractions.get(fraction)),
+                                          "")), "it")
         lines.append(f"  at {fraction} labels, {model}: {float(r['effect']):+.1f} "
                      f"{r['95% interval']} against {against}: {r['verdict']} ({r['role']})")
     lines += [f"  {line}" for line in (data or [])]

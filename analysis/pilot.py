@@ -48,14 +48,19 @@ def spreads(pilot: str) -> pd.DataFrame:
     return out
 
 
+def primary_rows(rows: pd.DataFrame, primaries: Sequence[str]) -> pd.DataFrame:
+    """The pilot's rows the primaries name (findings.is_primary)."""
+    return rows[[is_primary(f, c, primaries) for f, c in
+                 zip(rows["finding"], rows["comparison"], strict=True)]]
+
+
 def plan_lines(rows: pd.DataFrame, primaries: Sequence[str], target: float,
                cost: Callable[[int], str] | None = None, batch: int = 3) -> list[str]:
     """Per primary effect of the pilot: replicates needed to detect ``target`` (in the
     effect's unit) with 80% power at Holm's strictest level over the primaries, fixed
     and as a sequential design (power.sequential_plan, looks every ``batch``), and
     ``cost(n)`` of n replicates where given."""
-    chosen = rows[[is_primary(f, c, primaries) for f, c in
-                   zip(rows["finding"], rows["comparison"], strict=True)]]
+    chosen = primary_rows(rows, primaries)
     if chosen.empty:
         return [f"power plan: the pilot has no effect matching --primary {','.join(primaries)}"]
     m = len(chosen)

@@ -196,14 +196,20 @@ def gain(df: pd.DataFrame, against: str = "supervised") -> pd.DataFrame:
                                           ignore_index=True)
 
 
+def chosen_baseline(df: pd.DataFrame) -> pd.Series:
+    """Per (model, label fraction): the baseline validation chose in every fine-tuned
+    cell ('pixels' or 'supervised'), or 'mixed' where cells chose differently."""
+    ft = df[df["stage"] == "finetune"]
+    return ft.groupby(["model", "label_fraction"])["best_baseline"].agg(
+        lambda v: v.iloc[0] if v.nunique() == 1 else "mixed")
+
+
 def gains_table(df: pd.DataFrame) -> pd.DataFrame:
     """gain() against every baseline the study has, one table: an ``against`` column
     names the baseline, parameters in millions. The best-baseline rows only where
     validation chose differently between a row's cells (elsewhere they repeat the
     supervised or pixel rows); ``better on validation`` says which it chose."""
-    ft = df[df["stage"] == "finetune"]
-    chose = ft.groupby(["model", "label_fraction"])["best_baseline"].agg(
-        lambda v: v.iloc[0] if v.nunique() == 1 else "mixed")
+    chose = chosen_baseline(df)
     gains = [gain(df, b).assign(against=BASELINES[b][0])
              for b in BASELINES if df[f"gain_over_{b}"].notna().any()]
     gains = [g.assign(**{"better on validation": [

@@ -430,15 +430,16 @@ def power_plan(study: Study, args: argparse.Namespace, study_dir: Any,
                 "with a findings CSV or a study folder that has results"]
     pilot, rows = found
     runs = one_replicate(study)
-    per_flops = sum(stage_flops(c, s) for s, c in runs)
-    rt = study.base.runtime
+    on_gpus = study.base.runtime.gpus_per_worker > 0
+    # One replicate's cost, estimated once (here it times steps on the spot).
+    per = h100_hours(sum(stage_flops(c, s) for s, c in runs)) if on_gpus else (
+        wall_clock(runs).seconds)
 
     def cost(n: int) -> str:
-        if rt.gpus_per_worker > 0:
-            hours = n * h100_hours(per_flops)
-            price = f", ${hours * args.gpu_price:,.0f}" if args.gpu_price else ""
-            return f"~{hours:.3g} H100-hours{price}"
-        return f"~{fmt_duration(n * wall_clock(runs).seconds)} of training steps here"
+        if on_gpus:
+            price = f", ${n * per * args.gpu_price:,.0f}" if args.gpu_price else ""
+            return f"~{n * per:.3g} H100-hours{price}"
+        return f"~{fmt_duration(n * per)} of training steps here"
 
     return [f"pilot: {pilot}", *plan_lines(rows, primaries, args.target_effect, cost,
                                            batch=args.batch)]
@@ -447,7 +448,8 @@ def power_plan(study: Study, args: argparse.Namespace, study_dir: Any,
 def until_decided(defn: StudyDef, study: Study, args: argparse.Namespace) -> int:
     """--until-decided: the sequential design (studies/sequential.py), run look by look."""
     from analysis.collect import load
-    from analysis.findings import findings, is_primary
+    from analysis.findings import findings
+    from analysis.pilot import primary_rows
     from scaling.study import sweep
     from studies import sequential
 
@@ -462,8 +464,7 @@ def until_decided(defn: StudyDef, study: Study, args: argparse.Namespace) -> int
     if found is None:
         raise ConfigError("--pilot", args.pilot, "a findings CSV or a study folder with results")
     pilot, rows = found
-    rows = rows[[is_primary(f, c, primaries) for f, c in
-                 zip(rows["finding"], rows["comparison"], strict=True)]].dropna(subset=["sd"])
+    rows = primary_rows(rows, primaries).dropna(subset=["sd"])
     if rows.empty:
         raise ConfigError("--primary", args.primary, f"findings the pilot {pilot} measured "
                           "with at least 2 replicates")

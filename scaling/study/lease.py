@@ -94,7 +94,7 @@ class Lease:
     def acquire(self, wait: bool = False, poll: float = 5.0) -> Lease:
         while True:
             other = holder(self.study_dir)
-            if alive(other) and other is not None and other.get("token") != self.token:
+            if other is not None and alive(other) and other.get("token") != self.token:
                 if not wait:
                     raise self._busy(other)
                 time.sleep(poll)

@@ -248,7 +248,8 @@ def run_study(study: Study, root: Location, *, address: str | None = None,
     try:
         joined = cluster.connect(address, lambda: check_local(study.base), verbose)
         limit = cluster.autoscaling_limit() if joined else None
-        cap = capacity(study.base, cluster.cluster_resources(limit))
+        resources = cluster.cluster_resources(limit)
+        cap = capacity(study.base, resources)
         cluster.warn_if_not_shared(root, joined, limit)
         claims_name = f"scaling-claims-{study.name}-{os.getpid()}"
         # The handle keeps the actor alive for the sweep; trials look it up by name.
@@ -278,7 +279,6 @@ def run_study(study: Study, root: Location, *, address: str | None = None,
         # The Console first: it adds a finished stage's curves before the loggers read them.
         estimate = None if joined else _estimate(runs, done)
         console = Console(study_dir, record["keys"], flops, done, estimate, curves)
-        resources = cluster.cluster_resources(limit)
         load = (os.getloadavg()[0] / max(os.cpu_count() or 1, 1)
                 if hasattr(os, "getloadavg") else None)
         callbacks: list[tune.Callback] = [
