@@ -246,7 +246,13 @@ def relative_improvement(df: pd.DataFrame) -> Figure:
     for ax in axes.flat[len(fractions):]:
         ax.set_visible(False)
     axes[0][0].set_ylabel("relative improvement\nover the smallest model")
-    handles, labels = axes[0][0].get_legend_handles_labels()
+    # Every panel's series once: a table may have the supervised network at some
+    # fractions only (the paper's Table 1: at 100%).
+    named: dict[str, Any] = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            named.setdefault(label, handle)
+    handles, labels = list(named.values()), list(named)
     fig.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.0, 0.95), fontsize=MIN_FONT)
     title = "Relative improvement of the largest model over the smallest"
     if len(gains) > 1:
@@ -440,6 +446,43 @@ VERDICT_COLORS = {"reproduced": "tab:green", "reversed": "tab:red",
                   "not decided": "tab:grey"}
 
 
+def predicted_vs_measured(held: pd.DataFrame, fractions: Mapping[float, float]) -> Figure:
+    """Each model held out in turn (analysis.laws.held_out): its predicted top-1 with
+    the 95% prediction interval (open diamonds) beside its measured top-1 (filled),
+    against parameters, a panel per label count (``fractions``: labels -> fraction)."""
+    sns.set_theme(**STYLE)
+    counts = sorted(held["labels"].unique())
+    fig, axes = plt.subplots(1, len(counts), figsize=(3.3 * len(counts) + 1.6, 3.2),
+                             squeeze=False)
+    colors = fraction_colors(fractions.values())
+    for ax, n in zip(axes[0], counts, strict=True):
+        h = held[held["labels"] == n]
+        lf = float(fractions.get(float(n), np.nan))
+        color = colors.get(lf, "tab:blue")
+        ok = h["predicted"].notna()
+        x = h["params_m"].to_numpy(float)
+        ax.errorbar(dodge(x[ok], 1, 2), h.loc[ok, "predicted"],
+                    yerr=[h.loc[ok, "predicted"] - h.loc[ok, "low"],
+                          h.loc[ok, "high"] - h.loc[ok, "predicted"]],
+                    fmt="D", mfc="white", color=color, capsize=3, label="predicted, 95% interval")
+        ax.plot(dodge(x, 0, 2), h["measured"], "o", color="black", label="measured")
+        _millions(ax, x)
+        ax.set_title(f"{pct(lf)} labels" if np.isfinite(lf) else f"{n:,.0f} labels",
+                     fontsize=MIN_FONT)
+        ax.yaxis.set_major_formatter(PercentFormatter(100, decimals=0))
+        ax.set_xlabel("parameters (M, log)")
+    axes[0][0].set_ylabel("top-1, model held out")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.0, 0.95), fontsize=MIN_FONT)
+    h = held.dropna(subset=["low"])
+    inside = int(((h["measured"] >= h["low"]) & (h["measured"] <= h["high"])).sum())
+    fig.suptitle(wrap(f"Each model predicted from the others: {inside} of {len(h)} measured "
+                      f"points inside their 95% intervals, median |miss| "
+                      f"{h['miss'].abs().median():.2f} points"), fontsize="medium")
+    fig.tight_layout()
+    return fig
+
+
 def _verdict_kind(verdict: str) -> str:
     """'not decided (80% power needs 1.2 pp; ...)' -> 'not decided' (the legend's entry)."""
     return verdict.split(" (")[0]
@@ -508,7 +551,8 @@ def _over(df: pd.DataFrame) -> str:
 
 
 def figure_set(df: pd.DataFrame, a: Analysis, history: pd.DataFrame | None = None,
-               found: pd.DataFrame | None = None) -> dict[str, Drawn]:
+               found: pd.DataFrame | None = None, held: pd.DataFrame | None = None
+               ) -> dict[str, Drawn]:
     """The figures this study's data can show, each with its caption."""
     stages = set(df["stage"])
     over = _over(df)
@@ -560,6 +604,15 @@ def figure_set(df: pd.DataFrame, a: Analysis, history: pd.DataFrame | None = Non
             "Test error against labelled examples (log-log): fine-tuned (filled circles) "
             "and supervised (open squares), a colour per model, means " + over + ". "
             + fitted))
+    if held is not None and held["predicted"].notna().any():
+        ft = df[df["stage"] == "finetune"]
+        fractions = dict(zip(ft["labels"].astype(float), ft["label_fraction"], strict=True))
+        out["predicted_vs_measured"] = (lambda: predicted_vs_measured(held, fractions), (
+            "Each model held out in turn: the scaling law chosen on the other models (by "
+            "their own held-out error) predicts its fine-tuned top-1 (open diamonds, with "
+            "the 95% prediction interval: the law's out-of-sample spread plus the fit's "
+            "spread over resampled replicates), beside the measured mean (filled). A "
+            "panel per label fraction; the section 'Which law' gives the errors."))
     if found is not None and not found.empty:
         out["findings"] = (lambda: findings_figure(found), findings_caption(found))
     if history is not None and not history.empty:

@@ -123,7 +123,7 @@ def verdict(mean: float, p_adjusted: float, detectable: float, n: int = 0,
             unit: str = "pp", level: float = ALPHA) -> str:
     """The verdict words of the one policy (module docstring)."""
     if np.isnan(p_adjusted):
-        return "one replicate: no verdict" if n <= 1 else "no verdict"
+        return "one run per model: no interval" if n <= 1 else "no verdict"
     if p_adjusted < level:
         return "reproduced" if mean > 0 else "reversed"
     return (f"not decided (80% power needs {detectable:.2f} {unit}; spread from {n} "
@@ -188,8 +188,16 @@ def f1(df: pd.DataFrame) -> list[dict]:
     labelled subset; a baseline the two share cancels exactly):
 
     - the widest model's gain minus the narrowest's, at the fewest labels;
-    - the widest model's gain at the fewest labels minus at the most."""
+    - the widest model's gain at the fewest labels minus at the most.
+
+    A table without a baseline at the fewest labels (the paper's Table 1 gives the
+    supervised network at 100% only) gets the contrast in fine-tuned top-1 instead:
+    widest minus narrowest at the fewest labels minus at the most."""
     ft = _gains(df)
+    every = df[(df["stage"] == "finetune") & df["top1"].notna()]
+    if every["label_fraction"].nunique() > 1 and (
+            ft.empty or ft["label_fraction"].min() > every["label_fraction"].min()):
+        return [_top1_contrast(df, every)]
     if ft["params"].nunique() < 2:
         return []
     on = ["head_depth", "ft_layer", *REPLICATE, "label_fraction"]
@@ -212,6 +220,24 @@ def f1(df: pd.DataFrame) -> list[dict]:
                         w["gain_over_best_f"] - w["gain_over_best_m"],
                         _union(w["runs_f"], w["runs_m"])))
     return out
+
+
+def _top1_contrast(df: pd.DataFrame, ft: pd.DataFrame) -> dict:
+    """F1 without baselines: (widest - narrowest fine-tuned top-1) at the fewest
+    labels minus at the most, paired within a replicate."""
+    ft = ft.assign(runs=replicates.links(df, ft, ("finetune",)))
+    on = ["head_depth", "ft_layer", *REPLICATE, "label_fraction"]
+    big, small = ft[ft["params"] == ft["params"].max()], ft[ft["params"] == ft["params"].min()]
+    pair = big.merge(small, on=on, suffixes=("_b", "_s"))
+    pair["d"] = pair["top1_b"] - pair["top1_s"]
+    pair["runs"] = _union(pair["runs_b"], pair["runs_s"])
+    few, many = ft["label_fraction"].min(), ft["label_fraction"].max()
+    w = pair[pair["label_fraction"] == few].merge(pair[pair["label_fraction"] == many],
+                                                   on=on[:-1], suffixes=("_f", "_m"))
+    wide, narrow = str(big["model"].iloc[0]), str(small["model"].iloc[0])
+    return _row("F1", f"{wide} - {narrow} fine-tuned top-1 at {_pct(few)} minus at "
+                      f"{_pct(many)} labels (no baseline at {_pct(few)})",
+                w["d_f"] - w["d_m"], _union(w["runs_f"], w["runs_m"]))
 
 
 REPLICATE = ["seed", "subset_seed"]  # a replicate: its seeds (the labels they draw)

@@ -16,7 +16,8 @@ Every law is fitted by least squares on log(error) to the mean error per (model,
 label count). ``loo`` holds each model out in turn and predicts it from the others;
 ``choose`` picks the form (then the architecture terms) with the smallest mean
 |predicted - measured| top-1 over the held-out models: in-sample fit never chooses.
-``predict`` adds a 95% prediction interval: the law's out-of-sample residual spread
+``held_out`` repeats the whole procedure (choice included) without each model in
+turn. ``predict`` adds a 95% prediction interval: the law's out-of-sample residual spread
 plus, where the data have independent replicates, the spread of refits over
 resampled replicates (analysis.replicates' clusters).
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -87,7 +89,7 @@ class LawFit:
     def predict(self, pts: pd.DataFrame) -> np.ndarray:
         """Error at each row of ``pts`` (columns params_m, labels, depth, sk)."""
         return _curve(self.form, self.terms, np.asarray(self.theta), self.labels,
-                      self.depth_ref, self.ceiling, pts)
+                      self.depth_ref, self.ceiling, Inputs.of(pts))
 
     def describe(self) -> str:
         terms = "".join(f" x exp({'s*sk' if t == 'sk' else 't*ln(depth/d0)'})"
@@ -95,19 +97,30 @@ class LawFit:
         return f"{self.form}: err = {FORMULA[self.form]}{terms}"
 
 
-def _arch(terms: Sequence[str], theta: np.ndarray, depth_ref: float, pts: pd.DataFrame
-          ) -> np.ndarray:
-    out = np.zeros(len(pts))
+class Inputs(NamedTuple):
+    """A law's variables as arrays (read once from the table: a fit calls the curve
+    hundreds of times)."""
+    n: np.ndarray  # labels
+    p: np.ndarray  # parameters, millions
+    depth: np.ndarray
+    sk: np.ndarray  # 1 where selective kernels
+
+    @classmethod
+    def of(cls, pts: pd.DataFrame) -> Inputs:
+        return cls(pts["labels"].to_numpy(float), pts["params_m"].to_numpy(float),
+                   pts["depth"].to_numpy(float), (pts["sk"].to_numpy(float) > 0) * 1.0)
+
+
+def _arch(terms: Sequence[str], theta: np.ndarray, depth_ref: float, x: Inputs) -> np.ndarray:
+    out = np.zeros(len(x.n))
     for t, v in zip(terms, theta, strict=True):
-        x = (pts["sk"].to_numpy(float) > 0).astype(float) if t == "sk" else np.log(
-            pts["depth"].to_numpy(float) / depth_ref)
-        out += v * x
+        out += v * (x.sk if t == "sk" else np.log(x.depth / depth_ref))
     return np.exp(out)
 
 
 def _curve(form: str, terms: Sequence[str], theta: np.ndarray, labels: Sequence[float],
-           depth_ref: float, ceiling: float, pts: pd.DataFrame) -> np.ndarray:
-    n, p = pts["labels"].to_numpy(float), pts["params_m"].to_numpy(float)
+           depth_ref: float, ceiling: float, x: Inputs) -> np.ndarray:
+    n, p = x.n, x.p
     k = len(theta) - len(terms)
     core, extra = theta[:k], theta[k:]
     if form == "additive":
@@ -118,7 +131,7 @@ def _curve(form: str, terms: Sequence[str], theta: np.ndarray, labels: Sequence[
         err = (a * n ** -b + c) * p ** -g
     else:
         per = 2 if form == "power" else 3
-        err = np.full(len(pts), np.nan)
+        err = np.full(len(n), np.nan)
         for i, lab in enumerate(labels):
             at = np.isclose(n, lab, rtol=1e-9)
             t = core[per * i: per * (i + 1)]
@@ -128,7 +141,7 @@ def _curve(form: str, terms: Sequence[str], theta: np.ndarray, labels: Sequence[
             missing = sorted(set(n[np.isnan(err)].tolist()))
             raise FitError(f"{form} has a curve per measured label count; {missing} was "
                            "not measured")
-    return err * _arch(terms, extra, depth_ref, pts)
+    return err * _arch(terms, extra, depth_ref, x)
 
 
 def _varies(pts: pd.DataFrame, term: str) -> bool:
@@ -200,9 +213,10 @@ def fit(pts: pd.DataFrame, form: str, terms: Sequence[str] = (), ceiling: float 
     if start is not None:
         starts = [np.asarray(start.theta)]
     depth_ref = float(pts["depth"].min())
+    x = Inputs.of(pts)
 
     def resid(t: np.ndarray) -> np.ndarray:
-        pred = _curve(form, terms, t, labels, depth_ref, ceiling, pts)
+        pred = _curve(form, terms, t, labels, depth_ref, ceiling, x)
         return np.log(np.clip(pred, 1e-12, None)) - np.log(e)
 
     best = None
@@ -297,26 +311,6 @@ def choose(pts: pd.DataFrame, ceiling: float = 1.0, forms: Sequence[str] = FORMS
     return Choice(form, terms, scores, kept[name_of(form, terms)], skipped)
 
 
-def nested_loo(pts: pd.DataFrame, ceiling: float = 1.0, forms: Sequence[str] = FORMS
-               ) -> pd.DataFrame:
-    """The whole procedure held out: for each model, choose() on the others, fit the
-    chosen law on them, predict the model. ``law`` says what was chosen each time."""
-    out = []
-    for model, held in pts.groupby("model", sort=False):
-        rest = pts[pts["model"] != model]
-        try:
-            c = choose(rest, ceiling, forms)
-            law = fit(rest, c.form, c.terms, ceiling)
-        except FitError as e:
-            out.append(held.assign(predicted=np.nan, measured=100 * (1 - held["error"]),
-                                   miss=np.nan, law=f"none: {e}"))
-            continue
-        pred = 100 * (1 - law.predict(held))
-        out.append(held.assign(predicted=pred, measured=100 * (1 - held["error"]),
-                               miss=pred - 100 * (1 - held["error"]), law=c.name))
-    return pd.concat(out, ignore_index=True)
-
-
 @dataclass(frozen=True)
 class Prediction:
     table: pd.DataFrame  # per label count: predicted top-1 (%), low, high (+ measured)
@@ -381,3 +375,27 @@ def forward(pts: pd.DataFrame, below_m: float, ceiling: float = 1.0,
     return Prediction(table.assign(miss=table["predicted"] - table["measured"]), p.choice,
                       p.law, p.residual_sd, p.df, p.resampled)
 
+
+
+def held_out(pts: pd.DataFrame, ceiling: float = 1.0, reps: pd.DataFrame | None = None,
+             resamples: int = 200, forms: Sequence[str] = FORMS) -> pd.DataFrame:
+    """The whole procedure held out, model by model: choose() on the others, fit,
+    predict the held-out model with predict()'s interval. One row per held-out point
+    (predicted, low, high, measured, miss, law); a model whose others cannot choose
+    a law gets NaN and ``law`` says why."""
+    out = []
+    for model, held in pts.groupby("model", sort=False):
+        rest = pts[pts["model"] != model]
+        measured = 100 * (1 - held["error"])
+        sub = None if reps is None else reps[reps["model"] != model]
+        try:
+            p = predict(rest, held[COLUMNS[:-1]], ceiling, sub, resamples, forms=forms)
+        except FitError as e:
+            out.append(held.assign(predicted=np.nan, low=np.nan, high=np.nan,
+                                   measured=measured, miss=np.nan, law=f"none: {e}"))
+            continue
+        t = p.table
+        out.append(held.assign(predicted=t["predicted"].to_numpy(), low=t["low"].to_numpy(),
+                               high=t["high"].to_numpy(), measured=measured,
+                               miss=t["predicted"].to_numpy() - measured, law=p.choice.name))
+    return pd.concat(out, ignore_index=True)

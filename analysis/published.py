@@ -26,6 +26,11 @@ from analysis import collect
 
 REQUIRED = ("depth", "width", "sk", "params_m", "supervised", "linear_eval")
 FINETUNE = re.compile(r"^finetune_(\d+(?:\.\d+)?)pct$")
+# What a study's results.csv has and a published table does not: present, empty.
+ABSENT = ("knn_top1", "knn_val_top1", "linear_val_top1", "pixel_linear_top1",
+          "pixel_linear_val_top1", "pixel_knn_top1", "pixel_knn_val_top1", "pixels_top1",
+          "pixels_val_top1", "supervised_val_top1", "val_top1", "step", "train_seconds",
+          "gpu_hours", "cpu_hours")
 IMAGENET_TRAIN = 1_281_167  # ImageNet's training images: the 100% label count
 SK_RATIO = 0.0625  # the released SK models' ratio (docs: simclrv2.md)
 
@@ -92,4 +97,7 @@ def load(path: str | Path, name: str | None = None) -> pd.DataFrame:
             if full:
                 rows.append(common | {"stage": "supervised", "stage_key": f"sup:{here}",
                                       "top1": sup})
-    return collect.tidy(pd.DataFrame(rows))
+    table = pd.DataFrame(rows)
+    for col in ABSENT:
+        table[col] = np.nan
+    return collect.tidy(table)

@@ -4,6 +4,7 @@ intervals, the protocol, the command and the commit, in one HTML file.
     python -m analysis.report runs/model_size-local
     python -m analysis.report s3://bucket/studies/model_size-cifar10-gpu
     python -m analysis.report runs/model_size-local runs/short-ft   # two: a comparison
+    python -m analysis.report ../shared/data/simclrv2_table1.csv --fit-below 200  # a paper's
 
 Studies call ``write_report`` when they end. It writes into ``<study>/report/``:
 report.html (figures embedded), each figure as PNG and PDF, and results_tidy.csv
@@ -20,12 +21,13 @@ import io
 import json
 import sys
 import time
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from analysis import collect, figures, summary
+from analysis import collect, figures, published, summary
 from analysis.curves import Analysis, _count, analyse, number
 from analysis.findings import study_findings
 from analysis.headline import bottom_line, headline
@@ -39,6 +41,7 @@ from analysis.tables import (
     protocol_table,
     table1,
 )
+from analysis.validation import Validation, candidates_table, held_table, summary_lines, validate
 from analysis.verdicts import family_note
 from scaling import storage
 from scaling.storage import Location
@@ -123,20 +126,32 @@ def _table_html(df: pd.DataFrame) -> str:
                                  na_rep="-")
 
 
-def write_report(study_dir: Location) -> Location:
+def write_report(study_dir: Location, below_m: float | None = None) -> Location:
     """Write the report into ``<study_dir>/report/``; returns report.html's location."""
     spec = collect.study_spec(study_dir) or {}
     df = collect.load(study_dir, spec or None)
+    return render(df, spec, storage.join(study_dir, "report"), histories(df, study_dir),
+                  collect.invocations(study_dir), below_m)
+
+
+def write_table_report(csv: str, out: Location, below_m: float | None = None) -> Location:
+    """A published table's report (analysis/published.py) into ``out``."""
+    return render(published.load(csv), {}, out, pd.DataFrame(), [], below_m)
+
+
+def render(df: pd.DataFrame, spec: dict, out: Location, history: pd.DataFrame,
+           invocations: list[dict], below_m: float | None = None) -> Location:
+    """The report of the tidy table ``df`` (study.json ``spec``; {} for none)."""
     missing = collect.missing(spec or None, df)
     a = analyse(df)
-    out = storage.join(study_dir, "report")
+    checked = validate(df, below_m)
     # The run keys as text a spreadsheet reads: sorted, ';'-separated.
     flat = df.assign(runs=[";".join(sorted(r)) for r in df["runs"]])
     storage.write_text(out, "results_tidy.csv", flat.to_csv(index=False))
     shown = []
     found = study_findings([df], [spec])
     exported = write_exports(out, {"table1": table1(df), "gains": gains_table(df)})
-    drawn = figures.figure_set(df, a, histories(df, study_dir), found)
+    drawn = figures.figure_set(df, a, history, found, checked.held if len(checked.held) else None)
     for name, (draw, caption) in drawn.items():
         fig = figures.fit_width(draw())
         for fmt in ("png", "pdf"):
@@ -149,7 +164,7 @@ def write_report(study_dir: Location) -> Location:
     study = str(df["study"].iloc[0])
     seeds = df["replicate"].nunique()
     spread = f"mean ± standard deviation over {seeds} replicates" if seeds > 1 else "one replicate"
-    bottom = bottom_line(df, found, collect.invocations(study_dir), summary.data_and_budgets(df))
+    bottom = bottom_line(df, found, invocations, summary.data_and_budgets(df))
     parts = [f"<h1>{html.escape(study)}</h1>",
              _summary_box(df, spec, missing,
                           headline(df, found, ("F1",) if bottom else ("P", "F1")), found, bottom)]
@@ -169,7 +184,8 @@ def write_report(study_dir: Location) -> Location:
     parts += [f'<figure><img alt="{n}" src="data:image/png;base64,{b}">'
               f"<figcaption><b>{n}.</b> {html.escape(c)} (<a href='{n}.pdf'>PDF</a>)"
               "</figcaption></figure>" for n, b, c in shown]
-    parts += _appendix(df, spec, missing, a, found)
+    parts += _laws_section(checked)
+    parts += _appendix(df, spec, missing, a, found, checked)
     page = ("<!doctype html><html><head><meta charset='utf-8'>"
             f"<title>{html.escape(study)} report</title><style>{CSS}</style></head><body>"
             + "\n".join(parts) + "</body></html>")
@@ -226,8 +242,26 @@ def _summary_box(df: pd.DataFrame, spec: dict, missing: list[str], top: str,
     return "".join(parts)
 
 
+def _laws_section(v: Validation) -> list[str]:
+    """Which scaling law predicts a model it was not fitted on: chosen by held-out
+    error, never by in-sample fit (which stays in the appendix)."""
+    parts = ["<h2>Which law predicts an untrained model</h2>",
+             "<p>Each law is fitted to the mean fine-tuned error per model and label count "
+             "with one model held out, then predicts it; the law with the smallest mean "
+             "|predicted - measured| top-1 is chosen (analysis/laws.py). The figure "
+             "'predicted_vs_measured' repeats the whole procedure, choice included, "
+             "without each model.</p><ul>"
+             + "".join(f"<li>{html.escape(x)}</li>" for x in summary_lines(v)) + "</ul>"]
+    if v.choice is not None:
+        parts += [_table_html(candidates_table(v)), _table_html(held_table(v))]
+        if v.choice.skipped:
+            parts.append("<p class='small'>Not checked out of sample: " + html.escape(
+                "; ".join(f"{k} ({w})" for k, w in v.choice.skipped.items())) + "</p>")
+    return parts
+
+
 def _appendix(df: pd.DataFrame, spec: dict, missing: list[str], a: Analysis,
-              found: pd.DataFrame) -> list[str]:
+              found: pd.DataFrame, checked: Validation | None = None) -> list[str]:
     """Every table behind the summary and the figures, and the fits' parameters."""
     parts = ["<h2>Appendix</h2>", splits_note(df)]
     if missing:
@@ -273,6 +307,10 @@ def _appendix(df: pd.DataFrame, spec: dict, missing: list[str], a: Analysis,
                   _table_html(_derived_table(a.derived))]
     parts.append(f"<p>Joint fit over label counts and parameters (fine-tuned): "
                  f"{html.escape(a.joint)}</p>")
+    if checked is not None and checked.in_sample:
+        parts.append("<p>In-sample fit of each law on every model (rmse of log error; it "
+                     "chose nothing): " + html.escape(", ".join(
+                         f"{k} {v:.4f}" for k, v in checked.in_sample.items())) + "</p>")
     if a.notes:
         parts.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in a.notes) + "</ul>")
     parts += ["<h3>Protocol</h3>", protocol_html(protocol_table(df)),
@@ -301,20 +339,35 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("study", nargs="+", help="a study's storage: runs/model_size-local or an "
-                   "s3:// URI; two: the second against the first (analysis/compare.py)")
+                   "s3:// URI; two: the second against the first (analysis/compare.py); or a "
+                   "published table's CSV (analysis/published.py)")
+    p.add_argument("--out", default=None, help="a published table's report folder (default: "
+                   "runs/<the CSV's name>/report)")
+    p.add_argument("--fit-below", type=float, default=None, metavar="M",
+                   help="the forward prediction fits on models under M million parameters "
+                        "(default: every model but the biggest)")
     args = p.parse_args(argv)
     if len(args.study) > 2:
         print(f"error: study: {len(args.study)} given; allowed: one (its report) or two (a "
               "comparison)", file=sys.stderr)
         return 2
-    where = [storage.absolute(storage.parse(s)) for s in args.study]
+    if args.fit_below is not None and not args.fit_below > 0:
+        print(f"error: --fit-below: {args.fit_below}; allowed: millions of parameters > 0",
+              file=sys.stderr)
+        return 2
     try:
+        if len(args.study) == 1 and published.is_published(args.study[0]):
+            out = args.out or str(Path("runs") / Path(args.study[0]).stem / "report")
+            print(write_table_report(args.study[0], storage.absolute(storage.parse(out)),
+                                     args.fit_below))
+            return 0
+        where = [storage.absolute(storage.parse(s)) for s in args.study]
         if len(where) == 2:
             from analysis.compare import write_comparison
 
             print(write_comparison(*where))
         else:
-            print(write_report(where[0]))
+            print(write_report(where[0], args.fit_below))
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -696,7 +696,7 @@ def test_findings_verdicts_are_holm_adjusted_and_say_what_could_be_detected():
     assert verdict(2.0, p, least, 4) == (f"not decided (80% power needs {least:.2f} pp; "
                                          "spread from 4 replicates, 3 df)")
     assert verdict(-3.0, 0.01, 1.0) == "reversed" and verdict(3.0, 0.01, 1.0) == "reproduced"
-    assert verdict(1.0, float("nan"), float("nan")) == "one replicate: no verdict"
+    assert verdict(1.0, float("nan"), float("nan")) == "one run per model: no interval"
 
 
 def test_values_sharing_a_run_directly_or_through_others_form_one_cluster():
