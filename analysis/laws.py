@@ -50,7 +50,7 @@ COLUMNS = ["model", "params_m", "depth", "sk", "labels", "error"]
 def points(df: pd.DataFrame, stage: str = "finetune") -> pd.DataFrame:
     """Mean test error per (model, label count) of ``stage`` from a tidy table
     (analysis.collect.tidy): COLUMNS plus ``replicates``, the number averaged."""
-    rows = df[(df["stage"] == stage) & df["error"].notna() & df["labels"].notna()]
+    rows = _one_setting(df[(df["stage"] == stage) & df["error"].notna() & df["labels"].notna()])
     if rows.empty:
         raise FitError(f"no {stage} rows with a test error: no law to fit")
     out = (rows.assign(params_m=rows["params"] / 1e6)
@@ -59,13 +59,24 @@ def points(df: pd.DataFrame, stage: str = "finetune") -> pd.DataFrame:
     return out.sort_values(["params_m", "labels"], ignore_index=True)
 
 
+def _one_setting(rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows of one projection-head setting (depth, layer fine-tuned from): a law
+    is over labels and size, so a study that also varies the head is read at the
+    setting most of its models have (the first such in sorted order)."""
+    if rows.empty or rows.groupby(["head_depth", "ft_layer"]).ngroups == 1:
+        return rows
+    models = rows.groupby(["head_depth", "ft_layer"])["model"].nunique()
+    hd, layer = models[models == models.max()].index[0]
+    return rows[(rows["head_depth"] == hd) & (rows["ft_layer"] == layer)]
+
+
 def replicate_points(df: pd.DataFrame, stage: str = "finetune") -> pd.DataFrame:
     """Per (model, label count, independent replicate): the error, for resampling.
     ``cluster`` numbers the replicates that share no run or draw (analysis.replicates):
     a resample draws whole clusters, every model's rows of one together."""
     from analysis import replicates
 
-    rows = df[(df["stage"] == stage) & df["error"].notna() & df["labels"].notna()]
+    rows = _one_setting(df[(df["stage"] == stage) & df["error"].notna() & df["labels"].notna()])
     rows = rows.assign(params_m=rows["params"] / 1e6,
                        cluster=replicates.clusters(list(rows["runs"])))
     return rows[[*COLUMNS, "cluster"]].reset_index(drop=True)
@@ -276,7 +287,9 @@ class Choice:
 
 def choose(pts: pd.DataFrame, ceiling: float = 1.0, forms: Sequence[str] = FORMS) -> Choice:
     """The form with the smallest mean |loo miss|; then each architecture term that
-    varies is added if it lowers that error (and both, if both do)."""
+    varies is added to it if it lowers that error (and both, if both do). Stepwise:
+    a form that would only win with a term is not found (trying every form with
+    every term triples the fits, and held_out repeats this per model)."""
     scores: dict[str, float] = {}
     skipped: dict[str, str] = {}
     kept: dict[str, pd.DataFrame] = {}

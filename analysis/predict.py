@@ -124,6 +124,8 @@ def cost(src: Source, model: ModelConfig, cluster_yaml: str | None = None,
     from scaling.study.cost import h100_hours
     from scaling.study.plan import distinct_runs, fmt_duration, runs_left, stage_flops
 
+    if src.spec is not None and "config" not in src.spec:
+        return "training it: no estimate (the study.json has no configuration)"
     study = _study_for(src, model)
     runs = runs_left(distinct_runs(study), set())
     flops = sum(stage_flops(c, s) for s, c in runs)

@@ -58,9 +58,10 @@ def _check(raw: pd.DataFrame, path: str | Path) -> list[tuple[str, float]]:
             raise ValueError(f"{path}: column {c} row {int(bad.index[0]) + 2} is "
                              f"{bad.iloc[0]!r}; allowed: a number")
     for c in ["supervised", "linear_eval", *(c for c, _ in fractions)]:
-        if not raw[c].between(0, 100).all():
-            raise ValueError(f"{path}: column {c} holds {raw[c].max()!r}; allowed: top-1 "
-                             "in % (0..100)")
+        out = raw[c][~raw[c].astype(float).between(0, 100)]
+        if len(out):
+            raise ValueError(f"{path}: column {c} row {int(out.index[0]) + 2} holds "
+                             f"{float(out.iloc[0]):g}; allowed: top-1 in % (0..100)")
     return sorted(fractions, key=lambda x: x[1])
 
 
