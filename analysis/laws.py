@@ -336,17 +336,18 @@ class Prediction:
 
 def predict(pts: pd.DataFrame, new: pd.DataFrame, ceiling: float = 1.0,
             reps: pd.DataFrame | None = None, resamples: int = 200, rng: int = 0,
-            forms: Sequence[str] = FORMS) -> Prediction:
+            forms: Sequence[str] = FORMS, choice: Choice | None = None) -> Prediction:
     """Top-1 of the models in ``new`` (columns model, params_m, depth, sk, labels)
     from the law choose() picks on ``pts``, with a 95% prediction interval:
     prediction +- t(0.975, m - 1) sqrt(s^2 + v), s the RMS of the chosen law's m
     held-out misses, v the variance of the prediction over refits to resampled
-    independent replicates (``reps``: replicate_points(); none: v = 0).
+    independent replicates (``reps``: replicate_points(); none: v = 0). ``choice``:
+    a law already chosen (and its held-out misses), instead of choosing on ``pts``.
 
     m - 1 degrees of freedom, not (held-out models - 1): simulated 3-size studies
     covered 0.89-0.97 with it, and 0.99-1.00 (intervals ~1.9x too wide) with the
     models' count (tests/test_laws.py keeps the coverage checked)."""
-    choice = choose(pts, ceiling, forms)
+    choice = choice or choose(pts, ceiling, forms)
     law = fit(pts, choice.form, choice.terms, ceiling)
     centre = 100 * (1 - law.predict(new))
     s = float(np.sqrt(np.mean(choice.residuals["miss"] ** 2)))
@@ -393,16 +394,24 @@ def forward(pts: pd.DataFrame, below_m: float, ceiling: float = 1.0,
 def held_out(pts: pd.DataFrame, ceiling: float = 1.0, reps: pd.DataFrame | None = None,
              resamples: int = 200, forms: Sequence[str] = FORMS) -> pd.DataFrame:
     """The whole procedure held out, model by model: choose() on the others, fit,
-    predict the held-out model with predict()'s interval. One row per held-out point
+    predict the held-out model with predict()'s interval (with fewer than 4 models,
+    the law chosen on all of them, said in ``law``). One row per held-out point
     (predicted, low, high, measured, miss, law); a model whose others cannot choose
     a law gets NaN and ``law`` says why."""
+    # With 3 models the others (2) cannot hold one out of a fit on one: the law is
+    # then the one chosen on every model, its spread the misses of the others.
+    overall = choose(pts, ceiling, forms) if pts["model"].nunique() < 4 else None
     out = []
     for model, held in pts.groupby("model", sort=False):
         rest = pts[pts["model"] != model]
         measured = 100 * (1 - held["error"])
         sub = None if reps is None else reps[reps["model"] != model]
+        given = None if overall is None else Choice(
+            overall.form, overall.terms, overall.scores,
+            overall.residuals[overall.residuals["model"] != model], overall.skipped)
         try:
-            p = predict(rest, held[COLUMNS[:-1]], ceiling, sub, resamples, forms=forms)
+            p = predict(rest, held[COLUMNS[:-1]], ceiling, sub, resamples, forms=forms,
+                        choice=given)
         except FitError as e:
             out.append(held.assign(predicted=np.nan, low=np.nan, high=np.nan,
                                    measured=measured, miss=np.nan, law=f"none: {e}"))
@@ -410,5 +419,6 @@ def held_out(pts: pd.DataFrame, ceiling: float = 1.0, reps: pd.DataFrame | None 
         t = p.table
         out.append(held.assign(predicted=t["predicted"].to_numpy(), low=t["low"].to_numpy(),
                                high=t["high"].to_numpy(), measured=measured,
-                               miss=t["predicted"].to_numpy() - measured, law=p.choice.name))
+                               miss=t["predicted"].to_numpy() - measured,
+                               law=p.choice.name + (" (chosen with it)" if given else "")))
     return pd.concat(out, ignore_index=True)

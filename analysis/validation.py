@@ -107,12 +107,16 @@ def summary_lines(v: Validation) -> list[str]:
         return [f"no law checked: {'; '.join(v.notes)}"]
     inside, total = v.inside()
     miss = v.held["miss"].abs().dropna()
+    nested = not v.held["law"].astype(str).str.endswith("(chosen with it)").any()
     out = [f"law chosen: {v.choice.name} (smallest mean |miss| holding each model out: "
-           f"{v.choice.scores[v.choice.name]:.2f} points)",
-           f"whole procedure held out (the law chosen without the model): median |miss| "
-           f"{np.median(miss):.2f} points over {len(miss)} points of "
-           f"{v.held['model'].nunique()} models; {inside} of {total} inside their 95% "
-           "prediction intervals"]
+           f"{v.choice.scores[v.choice.name]:.2f} points)"]
+    if len(miss):
+        out.append(("whole procedure held out (the law chosen without the model)" if nested
+                    else "each model predicted by the law chosen on all (too few models to "
+                    "choose without it)")
+                   + f": median |miss| {np.median(miss):.2f} points over {len(miss)} points "
+                   f"of {v.held['model'].nunique()} models; {inside} of {total} inside their "
+                   "95% prediction intervals")
     for term in laws.TERMS:
         base = laws.name_of(v.choice.form, ())
         with_term = laws.name_of(v.choice.form, (term,))

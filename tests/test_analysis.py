@@ -286,12 +286,12 @@ def test_report_on_a_partial_sweep_and_chromium_renders_it(tmp_path):
     page = path.read_text()
     out = study / "report"
     for name in ("top1_vs_params", "gain", "relative_improvement", "head_depth",
-                 "distillation", "label_efficiency", "findings"):
+                 "distillation", "label_efficiency", "predicted_vs_measured", "findings"):
         assert (out / f"{name}.png").stat().st_size > 0 and (out / f"{name}.pdf").exists()
         assert f'alt="{name}"' in page
     # Every figure has a caption saying what it shows and over how many seeds; tables
     # are HTML tables, not images.
-    assert page.count("<figcaption>") == 7 and page.count("over 3 replicates") >= 4
+    assert page.count("<figcaption>") == 8 and page.count("over 3 replicates") >= 4
     assert not (out / "table1.png").exists() and "Table 1: top-1 by model" in page
     assert "<caption>" in page and "± " in page and "fine-tuned minus each baseline" in page
     assert "The <b>label-efficiency multiplier</b> is" in page
@@ -340,7 +340,7 @@ def test_report_on_a_partial_sweep_and_chromium_renders_it(tmp_path):
     dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu",
                           "--dump-dom", path.as_uri()], check=True, capture_output=True,
                          text=True, timeout=120).stdout
-    assert dom.count("<img") == 7 and "Label-efficiency curves" in dom
+    assert dom.count("<img") == 8 and "Label-efficiency curves" in dom
     from PIL import Image
 
     pixels = np.asarray(Image.open(shot).convert("L"))
@@ -811,7 +811,11 @@ def test_no_figure_draws_text_under_9_points():
     history = pd.DataFrame({"stage": "pretrain", "model": "R18 1/16x", "run": ["a", "a", "b", "b"],
                             "replicate": 0, "step": [1, 2, 1, 2], "loss": [2.0, 1.0, 2.1, 1.1]})
     found = __import__("analysis.findings", fromlist=["findings"]).findings([df])
-    for name, (draw, _) in figures.figure_set(df, curves.analyse(df), history, found).items():
+    held = __import__("analysis.validation", fromlist=["validate"]).validate(
+        df, resamples=10).held
+    drawn = figures.figure_set(df, curves.analyse(df), history, found, held)
+    assert "predicted_vs_measured" in drawn
+    for name, (draw, _) in drawn.items():
         fig = draw()
         small = {(t.get_text(), t.get_fontsize()) for t in fig.findobj(Text)
                  if t.get_visible() and t.get_text().strip() and t.get_fontsize() < 9}

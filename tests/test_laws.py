@@ -237,7 +237,7 @@ def test_a_bad_published_table_is_refused_naming_column_value_and_what_is_allowe
     with pytest.raises(ValueError, match="columns linear_eval missing"):
         published.load(path)
     path.write_text(good.replace("57.9", "lots"))
-    with pytest.raises(ValueError, match=r"column finetune_1pct row 2 is 'lots'; allowed: a number"):
+    with pytest.raises(ValueError, match=r"finetune_1pct row 2 is 'lots'; allowed: a number"):
         published.load(path)
     path.write_text(good.replace("57.9", "579"))
     with pytest.raises(ValueError, match=r"finetune_1pct row 2 holds 579; allowed: top-1 in %"):
@@ -285,10 +285,10 @@ def test_a_studys_configuration_reads_back_from_study_json():
     assert back.finetune.per_fraction[0.001].base_lr == 0.005
 
 
-def test_predict_on_a_study_prints_the_interval_and_refuses_too_few_models(tmp_path, capsys,
-                                                                         monkeypatch):
-    from analysis import predict
+def test_predict_on_a_study_prints_the_interval_and_refuses_too_few_models(tmp_path, capsys):
     from test_analysis import _write_study, synthetic_rows
+
+    from analysis import predict
 
     study = _write_study(tmp_path, synthetic_rows(seeds=(0, 1, 2), fractions=[0.01, 0.1, 1.0]))
     assert predict.main([str(study), "--model", "depth=50,width=1", "--resamples", "20"]) == 0
