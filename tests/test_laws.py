@@ -306,3 +306,23 @@ def test_predict_on_a_study_prints_the_interval_and_refuses_too_few_models(tmp_p
                                           if r["params"] == 44_000])
     assert predict.main([str(one), "--model", "depth=50,width=1"]) == 2
     assert "model(s) to fit on" in capsys.readouterr().err
+
+
+@needs_table
+@pytest.mark.slow
+def test_the_report_of_the_papers_table(tmp_path, capsys):
+    """Issue 38's command: a report of the published table with its Figure-1 shape,
+    the law chosen out of sample and the predicted-vs-measured figure."""
+    from analysis import report
+
+    out = tmp_path / "report"
+    assert report.main([str(TABLE), "--out", str(out), "--fit-below", "200"]) == 0
+    page = (out / "report.html").read_text()
+    for name in ("top1_vs_params", "relative_improvement", "predicted_vs_measured", "findings"):
+        assert (out / f"{name}.png").stat().st_size > 0 and f'alt="{name}"' in page
+    assert "Which law predicts an untrained model" in page
+    assert "one run per model: no interval" in page
+    assert "forward, from the models under 200M" in page and "R152 3x +SK at 12,812" in page
+    assert "In-sample fit of each law" in page  # the appendix, never the choice
+    t1 = pd.read_csv(out / "table1.csv")
+    assert len(t1) == 13 and "R152 3x +SK" in set(t1["model"])
