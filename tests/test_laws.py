@@ -103,6 +103,36 @@ def test_laws_refuse_what_the_data_cannot_determine():
         law.predict(pts.assign(labels=123.0))
 
 
+def test_a_held_out_models_own_numbers_never_reach_its_prediction():
+    """Issue 38: nothing is tuned on the held-out model. Change a model's measured
+    errors and its held-out prediction (law, centre, interval) stays the same to the
+    last bit; the forward prediction likewise ignores the models it predicts."""
+    g = np.random.default_rng(2)
+    pts = _grid(sizes=SIZES[:5])
+    pts["error"] = _surface("interaction", pts) * np.exp(g.normal(0, 0.03, len(pts)))
+    forms = ("power", "interaction")
+    before = laws.held_out(pts, 0.9, forms=forms)
+    changed = pts.copy()
+    changed.loc[changed["model"] == "m2", "error"] *= 1.3
+    after = laws.held_out(changed, 0.9, forms=forms)
+    cols = ["predicted", "low", "high", "law"]
+    mine = before["model"] == "m2"
+    pd.testing.assert_frame_equal(before.loc[mine, cols], after.loc[mine, cols])
+    assert not before.loc[~mine, "predicted"].equals(after.loc[~mine, "predicted"])
+    # The check can fail: a planted leak (the model left in its own fit) is caught.
+    def leaky(data: pd.DataFrame) -> np.ndarray:
+        held = data.loc[data["model"] == "m2", laws.COLUMNS[:-1]]
+        return laws.predict(data, held, 0.9, forms=forms).table["predicted"].to_numpy()
+
+    assert not np.array_equal(leaky(pts), leaky(changed))
+    ahead = laws.forward(pts, 1.0, 0.9, forms=forms).table
+    bigger = pts.assign(error=np.where(pts["params_m"] >= 1.0, pts["error"] * 0.5, pts["error"]))
+    again = laws.forward(bigger, 1.0, 0.9, forms=forms).table
+    assert np.array_equal(ahead["predicted"], again["predicted"])
+    assert np.array_equal(ahead["high"], again["high"])
+    assert not np.array_equal(ahead["measured"], again["measured"])
+
+
 def _study(rng: np.random.Generator, sizes: np.ndarray, replicates: int = 3):
     """Replicate rows of a study drawn from a power law along size per label count,
     with a misspecification per (model, count), a shared draw per replicate (its
