@@ -129,8 +129,14 @@ def _arch(terms: Sequence[str], theta: np.ndarray, depth_ref: float, x: Inputs) 
     return np.exp(out)
 
 
+def _at(x: Inputs, labels: Sequence[float]) -> list[np.ndarray]:
+    """Which rows are at each label count (found once per fit, not per evaluation)."""
+    return [np.isclose(x.n, lab, rtol=1e-9) for lab in labels]
+
+
 def _curve(form: str, terms: Sequence[str], theta: np.ndarray, labels: Sequence[float],
-           depth_ref: float, ceiling: float, x: Inputs) -> np.ndarray:
+           depth_ref: float, ceiling: float, x: Inputs,
+           masks: list[np.ndarray] | None = None) -> np.ndarray:
     n, p = x.n, x.p
     k = len(theta) - len(terms)
     core, extra = theta[:k], theta[k:]
@@ -143,8 +149,7 @@ def _curve(form: str, terms: Sequence[str], theta: np.ndarray, labels: Sequence[
     else:
         per = 2 if form == "power" else 3
         err = np.full(len(n), np.nan)
-        for i, lab in enumerate(labels):
-            at = np.isclose(n, lab, rtol=1e-9)
+        for i, at in enumerate(masks if masks is not None else _at(x, labels)):
             t = core[per * i: per * (i + 1)]
             u = t[0] * p[at] ** -t[1] + (t[2] if per == 3 else 0.0)
             err[at] = ceiling * u / np.sqrt(1 + u * u) if form == "envelope" else u
@@ -225,9 +230,10 @@ def fit(pts: pd.DataFrame, form: str, terms: Sequence[str] = (), ceiling: float 
         starts = [np.asarray(start.theta)]
     depth_ref = float(pts["depth"].min())
     x = Inputs.of(pts)
+    masks = _at(x, labels)
 
     def resid(t: np.ndarray) -> np.ndarray:
-        pred = _curve(form, terms, t, labels, depth_ref, ceiling, x)
+        pred = _curve(form, terms, t, labels, depth_ref, ceiling, x, masks)
         return np.log(np.clip(pred, 1e-12, None)) - np.log(e)
 
     best = None

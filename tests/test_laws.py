@@ -188,11 +188,11 @@ def test_prediction_intervals_cover_at_least_90_percent_and_the_residual_term_ma
 def test_intervals_from_leave_one_out_residuals_alone_cover_on_tables_without_replicates():
     """A published-style table: one run per model, SK varying; each sim holds one model
     out and predicts it from the law chosen on the others."""
-    rng = np.random.default_rng(5)
+    rng = np.random.default_rng(0)
     sizes = np.geomspace(20, 400, 8)
     sk = [0, 1, 0, 1, 0, 1, 0, 1]
     hit = total = 0
-    for _ in range(60):
+    for _ in range(100):  # 300 points; 60 sims (seed 5) covered 0.91, too close to call
         pts = _grid(sizes=sizes, counts=np.array([1e4, 1e5, 1e6]), sk=sk)
         true = (0.9 * pts["params_m"] ** -0.25 * (pts["labels"] / 1e4) ** -0.15 + 0.05) * np.exp(
             -0.2 * pts["sk"].gt(0))
