@@ -545,9 +545,11 @@ Drawn = tuple[Callable[[], Figure], str]  # the figure, and its caption
 
 def _over(df: pd.DataFrame) -> str:
     seeds = df["replicate"].nunique()
-    return (f"over {seeds} replicates (error bars: 95% Student-t intervals of the mean)"
-            if seeds > 1 else
-            "one replicate: no error bars (run with --replicates 3 or more for intervals)")
+    if seeds > 1:
+        return f"over {seeds} replicates (error bars: 95% Student-t intervals of the mean)"
+    if "status" in df and bool((df["status"] == "published").all()):
+        return "one published run per model: no error bars"
+    return "one replicate: no error bars (run with --replicates 3 or more for intervals)"
 
 
 def figure_set(df: pd.DataFrame, a: Analysis, history: pd.DataFrame | None = None,

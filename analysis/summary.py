@@ -85,7 +85,9 @@ def warnings(df: pd.DataFrame, missing: list[str]) -> list[str]:
                        "the encoders are under-trained")
     reps = int(df["replicate"].nunique())
     if reps == 1:
-        out.append("one replicate: no intervals and no verdicts (run with --replicates 3)")
+        out.append("one run per model, as published: no intervals and no verdicts"
+                   if "status" in df and bool((df["status"] == "published").all()) else
+                   "one replicate: no intervals and no verdicts (run with --replicates 3)")
     elif reps == 2:
         out.append("n = 2 replicates: a 95% interval is +-12.7 standard errors, so only "
                    "large, consistent effects resolve")
