@@ -249,9 +249,11 @@ def _laws_section(v: Validation) -> list[str]:
              "<p>Each law is fitted to the mean fine-tuned error per model and label count "
              "with one model held out, then predicts it; the law with the smallest mean "
              "|predicted - measured| top-1 is chosen (analysis/laws.py). The figure "
-             "'predicted_vs_measured' repeats the whole procedure, choice included, "
-             "without each model.</p><ul>"
-             + "".join(f"<li>{html.escape(x)}</li>" for x in summary_lines(v)) + "</ul>"]
+             "'predicted_vs_measured' shows each model predicted by a law fitted without "
+             "it (the table below says which law, and whether it was chosen without it "
+             "too).</p><ul>"
+             + "".join(f"<li>{html.escape(x)}</li>" for x in summary_lines(v) + v.notes)
+             + "</ul>"]
     if v.choice is not None:
         parts += [_table_html(candidates_table(v)), _table_html(held_table(v))]
         if v.choice.skipped:

@@ -98,13 +98,13 @@ def held_table(v: Validation) -> pd.DataFrame:
     g = h.assign(a=h["miss"].abs()).groupby("model", sort=False)
     return pd.DataFrame({"model": list(g.groups), "mean |miss|": g["a"].mean().round(2).values,
                          "largest |miss|": g["a"].max().round(2).values,
-                         "law chosen without it": g["law"].first().values})
+                         "law (chosen without it, unless said)": g["law"].first().values})
 
 
 def summary_lines(v: Validation) -> list[str]:
     """What the validation says, in sentences computed from its numbers."""
     if v.choice is None:
-        return [f"no law checked: {'; '.join(v.notes)}"]
+        return ["no law checked"]
     inside, total = v.inside()
     miss = v.held["miss"].abs().dropna()
     nested = not v.held["law"].astype(str).str.endswith("(chosen with it)").any()
