@@ -139,7 +139,7 @@ def cost(src: Source, model: ModelConfig, cluster_yaml: str | None = None,
     line = f"{head}; ~{h100_hours(flops):.3g} H100-hours"
     if cluster_yaml:
         from scaling.study import cluster
-        from studies.cli import cluster_cost
+        from scaling.study.cost import cluster_cost
 
         priced = cluster_cost(study, cluster.load(cluster_yaml), flops, price)
         if priced is not None:
@@ -150,20 +150,18 @@ def cost(src: Source, model: ModelConfig, cluster_yaml: str | None = None,
 def _study_for(src: Source, model: ModelConfig) -> Study:
     """The study that would train ``model`` as the source's models were trained: the
     study's own configuration and replicates, or, for a published ImageNet table, the
-    imagenet-gpu preset of studies/model_size.py."""
-    from scaling.configure import load_config, resolve, with_overrides
+    imagenet-gpu preset on its 16-GPU lanes, with the table's arms: pretraining,
+    fine-tuning at its label fractions and the supervised network."""
+    from scaling.configure import IMAGENET_LANE, load_config, resolve, with_overrides
     from scaling.study.plan import make_study
 
     axes: dict[str, list[Any]] = {"depth": [model.depth], "width": [model.width],
                                   "sk": [model.sk_ratio]}
     if src.spec is None:
-        from studies.model_size import STUDY
-
-        preset = STUDY.presets["imagenet-gpu"]
-        base = load_config(resolve(preset.base), dict(preset.set))
+        base = load_config(resolve("imagenet-gpu"), IMAGENET_LANE)
         fractions = sorted(src.df["label_fraction"].dropna().unique().tolist())
         return make_study("predict", base, axes | {"label_fraction": fractions},
-                          preset.stages or STUDY.stages)
+                          ("pretrain", "finetune", "supervised"))
     base = base_config(src.spec["config"])
     devices = set(src.df.get("device", pd.Series(dtype=str)).dropna().astype(str))
     if devices and not any(d.startswith("cuda") for d in devices):

@@ -247,3 +247,18 @@ def resolve(config: str) -> Path:
     names = sorted(p.stem for p in PRESETS.glob("*.yaml"))
     raise ConfigError("config", config, f"a YAML file or a preset: {', '.join(names)}"
                       + did_you_mean(config, names))
+
+
+# The GPU presets' lanes, sized by the dry run's memory plan (docs/cluster.md).
+# CIFAR-10: one GPU a lane; the largest cell (R50 1x +SK, batch 1,024) needs 41.4 GiB,
+# which the 48 GB L40S of cluster/gpu.yaml's gpu-1x holds without checkpointing.
+# Its worker asks for GPU_1X, which only gpu-1x nodes offer: a 1-GPU lane never holds
+# an 8-GPU node (pass --set runtime.node_resource=null on clusters without it).
+CIFAR_LANE: dict[str, Any] = {"runtime.gpus_per_worker": 1, "runtime.node_resource": "GPU_1X"}
+# ImageNet: 16 GPUs a lane (two 8x A100 80 GB nodes) with activation checkpointing:
+# batch 4,096 is 256 a GPU, and R152 2x +SK pretraining needs 55 GiB of the 80. On 8
+# GPUs even checkpointed it needs 102 GiB; unchecked on 16, 145. Loader workers per
+# GPU: cpus_per_worker - 1 (a node's 96 vCPUs over 8 GPUs, one core for the loop).
+IMAGENET_LANE: dict[str, Any] = {
+    "runtime.workers": 16, "runtime.gpus_per_worker": 1, "runtime.cpus_per_worker": 12,
+    "runtime.activation_checkpointing": True}

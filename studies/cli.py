@@ -27,7 +27,7 @@ from scaling.config import ConfigError, did_you_mean
 from scaling.configure import load_config, parse_overrides, parse_yaml, read_yaml, resolve
 from scaling.data.datasets import DataError
 from scaling.stages.registry import STAGES, with_inputs
-from scaling.study.cost import MFU, ClusterCost, h100_hours, on_cluster
+from scaling.study.cost import MFU, cluster_cost, h100_hours
 from scaling.study.estimate import times_here, wall_clock
 from scaling.study.folder import check_owner, study_record, with_primaries
 from scaling.study.plan import (
@@ -82,19 +82,6 @@ REPLICATES: dict[str, list[Any]] = {"replicate": [0, 1, 2]}
 FMNIST_PILOT = "docs/findings/pilot-2026-12-06.csv"
 
 
-# The GPU presets' lanes, sized by the dry run's memory plan (docs/cluster.md).
-# CIFAR-10: one GPU a lane; the largest cell (R50 1x +SK, batch 1,024) needs 41.4 GiB,
-# which the 48 GB L40S of cluster/gpu.yaml's gpu-1x holds without checkpointing.
-# Its worker asks for GPU_1X, which only gpu-1x nodes offer: a 1-GPU lane never holds
-# an 8-GPU node (pass --set runtime.node_resource=null on clusters without it).
-CIFAR_LANE: dict[str, Any] = {"runtime.gpus_per_worker": 1, "runtime.node_resource": "GPU_1X"}
-# ImageNet: 16 GPUs a lane (two 8x A100 80 GB nodes) with activation checkpointing:
-# batch 4,096 is 256 a GPU, and R152 2x +SK pretraining needs 55 GiB of the 80. On 8
-# GPUs even checkpointed it needs 102 GiB; unchecked on 16, 145. Loader workers per
-# GPU: cpus_per_worker - 1 (a node's 96 vCPUs over 8 GPUs, one core for the loop).
-IMAGENET_LANE: dict[str, Any] = {
-    "runtime.workers": 16, "runtime.gpus_per_worker": 1, "runtime.cpus_per_worker": 12,
-    "runtime.activation_checkpointing": True}
 
 
 @dataclass(frozen=True)
@@ -508,23 +495,6 @@ def _cluster_cost(study: Study, args: argparse.Namespace, flops: float) -> str |
         return None
     priced = cluster_cost(study, config, flops, args.gpu_price)
     return None if priced is None else f"estimated {priced.line()}"
-
-
-def cluster_cost(study: Study, config: dict, flops: float, price: float | None = None
-                 ) -> ClusterCost | None:
-    """``flops`` of ``study`` on the GPU node types of a cluster ``config``."""
-    from scaling.study import cluster
-    from scaling.study.plan import capacity, required_stages
-
-    rt = study.base.runtime
-    nodes = cluster.gpu_instances(config)
-    most = cluster.max_resources(config)
-    lane = max(rt.workers, 1) * rt.gpus_per_worker
-    concurrent = capacity(study.base, most).concurrent if most else 1
-    stages = required_stages(study)
-    chain = max(sum(stage_flops(c.config, s) for s in stages) for c in cells(study))
-    return on_cluster(flops, chain, lane, concurrent, nodes, most.get("GPU") if most else None,
-                      price)
 
 
 def main(defn: StudyDef, argv: list[str] | None = None) -> int:

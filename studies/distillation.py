@@ -4,9 +4,8 @@ pretrained and fine-tuned once and distilled into every student."""
 
 import sys
 
+from scaling.configure import CIFAR_LANE, IMAGENET_LANE
 from studies.cli import (
-    CIFAR_LANE,
-    IMAGENET_LANE,
     LOCAL_SCHEDULE,
     Preset,
     StudyDef,

@@ -6,9 +6,8 @@ below lists each preset's stages."""
 
 import sys
 
+from scaling.configure import CIFAR_LANE, IMAGENET_LANE
 from studies.cli import (
-    CIFAR_LANE,
-    IMAGENET_LANE,
     LOCAL_SCHEDULE,
     Preset,
     StudyDef,

@@ -8,10 +8,9 @@ preset's stages."""
 
 import sys
 
+from scaling.configure import CIFAR_LANE, IMAGENET_LANE
 from studies.cli import (
     BASELINE_GRID,
-    CIFAR_LANE,
-    IMAGENET_LANE,
     LOCAL_SCHEDULE,
     Preset,
     StudyDef,

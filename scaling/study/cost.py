@@ -8,8 +8,14 @@ docs/cluster.md's cost table is printed from these functions (a test checks it).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from scaling.study import cluster
 from scaling.study.cluster import holds_lane
+from scaling.study.plan import capacity, cells, required_stages, stage_flops
+
+if TYPE_CHECKING:
+    from scaling.study.plan import Study
 
 MFU = 0.4  # assumed share of the dense bf16 peak a training step reaches
 H100_BF16 = 989e12  # FLOP/s, dense
@@ -68,3 +74,17 @@ def on_cluster(flops: float, chain_flops: float, lane_gpus: int, concurrent: int
     return ClusterCost(name, instance, gpu_hours, at_once,
                        max(gpu_hours / at_once, chain_hours), price,
                        None if price is None else gpu_hours * price)
+
+
+def cluster_cost(study: Study, config: dict, flops: float, price: float | None = None
+                 ) -> ClusterCost | None:
+    """``flops`` of ``study`` on the GPU node types of a cluster ``config``."""
+    rt = study.base.runtime
+    nodes = cluster.gpu_instances(config)
+    most = cluster.max_resources(config)
+    lane = max(rt.workers, 1) * rt.gpus_per_worker
+    concurrent = capacity(study.base, most).concurrent if most else 1
+    stages = required_stages(study)
+    chain = max(sum(stage_flops(c.config, s) for s in stages) for c in cells(study))
+    return on_cluster(flops, chain, lane, concurrent, nodes, most.get("GPU") if most else None,
+                      price)
