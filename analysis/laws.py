@@ -160,6 +160,44 @@ def _curve(form: str, terms: Sequence[str], theta: np.ndarray, labels: Sequence[
     return err * _arch(terms, extra, depth_ref, x)
 
 
+def _jacobian(form: str, terms: Sequence[str], theta: np.ndarray, labels: Sequence[float],
+              depth_ref: float, ceiling: float, x: Inputs, masks: list[np.ndarray]
+              ) -> np.ndarray:
+    """d log(error) / d theta, one row per point: the fit's Jacobian in closed form
+    (finite differences cost a curve evaluation per parameter and step;
+    tests/test_laws.py checks this against them)."""
+    n, p = x.n, x.p
+    k = len(theta) - len(terms)
+    core = theta[:k]
+    jac = np.zeros((len(n), len(theta)))
+    if form == "additive":
+        a, b, d, g, c = core
+        nb, pg = n ** -b, p ** -g
+        err = a * nb + d * pg + c
+        jac[:, :k] = np.column_stack([nb, -a * nb * np.log(n), pg, -d * pg * np.log(p),
+                                      np.ones(len(n))]) / err[:, None]
+    elif form == "interaction":
+        a, b, c, g = core
+        nb = n ** -b
+        level = a * nb + c
+        jac[:, :k] = np.column_stack([nb / level, -a * nb * np.log(n) / level, 1 / level,
+                                      -np.log(p)])
+    else:
+        per = 2 if form == "power" else 3
+        for i, at in enumerate(masks):
+            t = core[per * i: per * (i + 1)]
+            pb = p[at] ** -t[1]
+            u = t[0] * pb + (t[2] if per == 3 else 0.0)
+            du = [pb, -t[0] * pb * np.log(p[at])] + ([np.ones(at.sum())] if per == 3 else [])
+            # log of the envelope e0 u / sqrt(1 + u^2): d/du = 1/u - u/(1 + u^2)
+            scale = 1 / u - (u / (1 + u * u) if form == "envelope" else 0.0)
+            for j, dj in enumerate(du):
+                jac[at, per * i + j] = dj * scale
+    for j, term in enumerate(terms):
+        jac[:, k + j] = x.sk if term == "sk" else np.log(x.depth / depth_ref)
+    return jac
+
+
 def _varies(pts: pd.DataFrame, term: str) -> bool:
     col = (pts["sk"] > 0) if term == "sk" else pts["depth"]
     return bool(col.nunique() > 1)
@@ -236,12 +274,16 @@ def fit(pts: pd.DataFrame, form: str, terms: Sequence[str] = (), ceiling: float 
         pred = _curve(form, terms, t, labels, depth_ref, ceiling, x, masks)
         return np.log(np.clip(pred, 1e-12, None)) - np.log(e)
 
+    def jac(t: np.ndarray) -> np.ndarray:
+        return _jacobian(form, terms, t, labels, depth_ref, ceiling, x, masks)
+
     best = None
     for x0 in starts:
         if len(x0) == k:
             x0 = np.concatenate([x0, np.zeros(len(terms))])
         x0 = np.clip(x0, lower, np.minimum(upper, 1e12))
-        sol = least_squares(resid, x0, bounds=(lower, upper), x_scale="jac", max_nfev=4000)
+        sol = least_squares(resid, x0, jac=jac, bounds=(lower, upper), x_scale="jac",
+                            max_nfev=4000)
         if best is None or sol.cost < best.cost:
             best = sol
     assert best is not None

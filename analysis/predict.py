@@ -2,7 +2,7 @@
 table's) other models, with a 95% prediction interval and what training it would cost:
 
     python -m analysis.predict runs/model_size-local --model depth=18,width=0.5
-    python -m analysis.predict ../shared/data/simclrv2_table1.csv \\
+    python -m analysis.predict reference/simclrv2_table1.csv \\
         --model depth=152,width=3,sk=1 --fit-below 200
 
 The law is the one with the smallest leave-one-model-out error on the data it is
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m analysis.predict", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("source", help="a study's storage (runs/model_size-local, s3://...) or a "
-                    "published table's CSV (../shared/data/simclrv2_table1.csv)")
+                    "published table's CSV (reference/simclrv2_table1.csv)")
     ap.add_argument("--model", required=True, help="depth=D,width=W[,sk=S]")
     ap.add_argument("--fit-below", type=float, default=None, metavar="M",
                     help="fit on models under M million parameters only")

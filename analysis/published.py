@@ -1,7 +1,7 @@
 """A published results table (the SimCLRv2 paper's Table 1, ../shared/data/) read as
 a study, so that the report, the figures, the findings and the scaling laws run on it:
 
-    df = load("../shared/data/simclrv2_table1.csv")    # collect.tidy's columns
+    df = load("reference/simclrv2_table1.csv")    # collect.tidy's columns
 
 The CSV has one row per architecture: depth, width, sk (1: selective kernels),
 params_m (encoder parameters, millions), finetune_1pct / _10pct / _100pct (fine-tuned

@@ -4,7 +4,7 @@ intervals, the protocol, the command and the commit, in one HTML file.
     python -m analysis.report runs/model_size-local
     python -m analysis.report s3://bucket/studies/model_size-cifar10-gpu
     python -m analysis.report runs/model_size-local runs/short-ft   # two: a comparison
-    python -m analysis.report ../shared/data/simclrv2_table1.csv --fit-below 200  # a paper's
+    python -m analysis.report reference/simclrv2_table1.csv --fit-below 200  # a paper's
 
 Studies call ``write_report`` when they end. It writes into ``<study>/report/``:
 report.html (figures embedded), each figure as PNG and PDF, and results_tidy.csv
