@@ -345,6 +345,13 @@ class Analysis:
     notes: list[str] = field(default_factory=list)
 
 
+def ceiling_of(df: pd.DataFrame) -> float:
+    """The random-guess error 1 - 1/classes of a tidy table (1 where classes are unknown):
+    the bound every curve and law of its errors is fitted under."""
+    classes = df["classes"].dropna()
+    return float(1 - 1 / classes.iloc[0]) if len(classes) else 1.0
+
+
 def _baseline(df: pd.DataFrame, model: str) -> float | None:
     """The supervised baseline's top-1 with the most labels (mean over seeds)."""
     sup = df[(df["model"] == model) & (df["stage"] == "supervised") & df["top1"].notna()]
@@ -357,7 +364,7 @@ def analyse(df: pd.DataFrame) -> Analysis:
     out = Analysis()
     rows = df[df["stage"].isin(["finetune", "supervised"]) & df["labels"].notna()
               & df["error"].notna()]
-    ceiling = float(1 - 1 / df["classes"].dropna().iloc[0]) if df["classes"].notna().any() else 1.0
+    ceiling = ceiling_of(df)
     # In the tidy table's order (by size): fit tables and legends list 1/16x before 1/4x.
     for (model, stage), g in rows.groupby(["model", "stage"], sort=False):
         n, err, seeds = g["labels"].to_numpy(), g["error"].to_numpy(), g["replicate"].to_numpy()

@@ -31,6 +31,7 @@ from matplotlib.ticker import (  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from analysis.curves import GRID, Analysis, Bootstrap, Fit, curve  # noqa: E402
+from analysis.laws import covered  # noqa: E402
 from analysis.tables import BASELINES, gain, pct  # noqa: E402
 from analysis.verdicts import family_note  # noqa: E402
 
@@ -474,11 +475,10 @@ def predicted_vs_measured(held: pd.DataFrame, fractions: Mapping[float, float]) 
     axes[0][0].set_ylabel("top-1, model held out")
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.0, 0.95), fontsize=MIN_FONT)
-    h = held.dropna(subset=["low"])
-    inside = int(((h["measured"] >= h["low"]) & (h["measured"] <= h["high"])).sum())
-    fig.suptitle(wrap(f"Each model predicted from the others: {inside} of {len(h)} measured "
+    inside, total = covered(held)
+    fig.suptitle(wrap(f"Each model predicted from the others: {inside} of {total} measured "
                       f"points inside their 95% intervals, median |miss| "
-                      f"{h['miss'].abs().median():.2f} points"), fontsize="medium")
+                      f"{held['miss'].abs().median():.2f} points"), fontsize="medium")
     fig.tight_layout()
     return fig
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -70,12 +70,15 @@ def _one_setting(rows: pd.DataFrame) -> pd.DataFrame:
     return rows[(rows["head_depth"] == hd) & (rows["ft_layer"] == layer)]
 
 
-def replicate_points(df: pd.DataFrame, stage: str = "finetune") -> pd.DataFrame:
-    """Per (model, label count, independent replicate): the error, for resampling.
-    ``cluster`` numbers the replicates that share no run or draw (analysis.replicates):
-    a resample draws whole clusters, every model's rows of one together."""
+def replicate_points(df: pd.DataFrame, stage: str = "finetune") -> pd.DataFrame | None:
+    """Per (model, label count, independent replicate): the error, for resampling;
+    None with one replicate (nothing to resample). ``cluster`` numbers the replicates
+    that share no run or draw (analysis.replicates): a resample draws whole clusters,
+    every model's rows of one together."""
     from analysis import replicates
 
+    if df["replicate"].nunique() < 2:
+        return None
     rows = _one_setting(df[(df["stage"] == stage) & df["error"].notna() & df["labels"].notna()])
     rows = rows.assign(params_m=rows["params"] / 1e6,
                        cluster=replicates.clusters(list(rows["runs"])))
@@ -327,6 +330,8 @@ class Choice:
     scores: dict[str, float]  # candidate -> mean |miss| over held-out points (points)
     residuals: pd.DataFrame  # the chosen candidate's loo() rows
     skipped: dict[str, str] = field(default_factory=dict)  # candidate -> why not scored
+    # candidate -> its (form, terms): what each scored name stands for
+    candidates: dict[str, tuple[str, tuple[str, ...]]] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -341,9 +346,11 @@ def choose(pts: pd.DataFrame, ceiling: float = 1.0, forms: Sequence[str] = FORMS
     scores: dict[str, float] = {}
     skipped: dict[str, str] = {}
     kept: dict[str, pd.DataFrame] = {}
+    candidates: dict[str, tuple[str, tuple[str, ...]]] = {}
 
     def score(form: str, terms: tuple[str, ...]) -> None:
         name = name_of(form, terms)
+        candidates[name] = (form, terms)
         try:
             r = loo(pts, form, terms, ceiling)
         except FitError as e:
@@ -366,10 +373,11 @@ def choose(pts: pd.DataFrame, ceiling: float = 1.0, forms: Sequence[str] = FORMS
                 helpful.append(t)
     if len(helpful) == 2:
         score(form, tuple(helpful))
-    for name in scores:
-        if name.split(" +")[0] == form and scores[name] < scores[name_of(form, terms)]:
-            terms = tuple(t.strip() for t in name.split(" +")[1:])
-    return Choice(form, terms, scores, kept[name_of(form, terms)], skipped)
+    for name, (base, with_terms) in candidates.items():
+        if base == form and name in scores and scores[name] < scores[name_of(form, terms)]:
+            terms = with_terms
+    return Choice(form, terms, scores, kept[name_of(form, terms)], skipped,
+                  {k: v for k, v in candidates.items() if k in scores})
 
 
 @dataclass(frozen=True)
@@ -403,12 +411,15 @@ def predict(pts: pd.DataFrame, new: pd.DataFrame, ceiling: float = 1.0,
     drawn = 0
     if reps is not None and reps["cluster"].nunique() >= 2:
         draws = np.random.default_rng(rng)
-        ids = np.unique(reps["cluster"])
+        # Split once, drawn from many times.
+        by: dict[Any, pd.DataFrame] = dict(list(reps.groupby("cluster")))
+        ids = np.array(sorted(by))
         preds = []
         for _ in range(resamples):
             pick = draws.choice(ids, ids.size, replace=True)
-            sample = pd.concat([reps[reps["cluster"] == i] for i in pick])
-            mean = sample.groupby(COLUMNS[:-1], as_index=False, sort=False)["error"].mean()
+            sample = pd.concat([by[i] for i in pick])
+            mean = pd.DataFrame(sample.groupby(COLUMNS[:-1], as_index=False, sort=False)[
+                "error"].mean())
             try:
                 refit = fit(mean, choice.form, choice.terms, ceiling, start=law)
             except FitError:
@@ -444,8 +455,9 @@ def held_out(pts: pd.DataFrame, ceiling: float = 1.0, reps: pd.DataFrame | None 
     """The whole procedure held out, model by model: choose() on the others, fit,
     predict the held-out model with predict()'s interval (with fewer than 4 models,
     the law chosen on all of them, said in ``law``). One row per held-out point
-    (predicted, low, high, measured, miss, law); a model whose others cannot choose
-    a law gets NaN and ``law`` says why."""
+    (predicted, low, high, measured, miss, law, and ``chosen_without``: False where
+    the law was chosen with the model in); a model whose others cannot choose a law
+    gets NaN and ``law`` says why."""
     # With 3 models the others (2) cannot hold one out of a fit on one: the law is
     # then the one chosen on every model, its spread the misses of the others.
     overall = choose(pts, ceiling, forms) if pts["model"].nunique() < 4 else None
@@ -462,11 +474,20 @@ def held_out(pts: pd.DataFrame, ceiling: float = 1.0, reps: pd.DataFrame | None 
                         choice=given)
         except FitError as e:
             out.append(held.assign(predicted=np.nan, low=np.nan, high=np.nan,
-                                   measured=measured, miss=np.nan, law=f"none: {e}"))
+                                   measured=measured, miss=np.nan, law=f"none: {e}",
+                                   chosen_without=given is None))
             continue
         t = p.table
         out.append(held.assign(predicted=t["predicted"].to_numpy(), low=t["low"].to_numpy(),
                                high=t["high"].to_numpy(), measured=measured,
                                miss=t["predicted"].to_numpy() - measured,
-                               law=p.choice.name + (" (chosen with it)" if given else "")))
+                               law=p.choice.name + (" (chosen with it)" if given else ""),
+                               chosen_without=given is None))
     return pd.concat(out, ignore_index=True)
+
+
+def covered(held: pd.DataFrame) -> tuple[int, int]:
+    """Held-out points (held_out's rows) inside their 95% prediction interval, and how
+    many have an interval."""
+    h = held.dropna(subset=["low"])
+    return int(((h["measured"] >= h["low"]) & (h["measured"] <= h["high"])).sum()), len(h)

@@ -15,7 +15,6 @@ under M million parameters only (a forward prediction).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -24,10 +23,9 @@ import numpy as np
 import pandas as pd
 
 from analysis import collect, laws, published
-from analysis.curves import FitError
+from analysis.curves import FitError, ceiling_of
 from scaling import storage
-from scaling.config import ConfigError, ExperimentConfig, ModelConfig
-from scaling.configure import from_dict
+from scaling.config import ConfigError, ModelConfig
 
 if TYPE_CHECKING:
     from scaling.study.plan import Study
@@ -74,12 +72,13 @@ def encoder_params(model: ModelConfig, df: pd.DataFrame) -> float:
 
     from scaling.catalog import CATALOG
     from scaling.model.network import build_encoder
+    from scaling.model.resnet import count_parameters
 
     data = CATALOG[str(df["data.name"].iloc[0])]
     side = df.get("data.image_size", pd.Series(dtype=float)).dropna()
     with torch.device("meta"):
         net = build_encoder(model, data.channels, int(side.iloc[0]) if len(side) else data.side)
-    return float(sum(p.numel() for p in net.parameters()))
+    return float(count_parameters(net))
 
 
 def target(model: ModelConfig, df: pd.DataFrame) -> pd.DataFrame:
@@ -90,11 +89,6 @@ def target(model: ModelConfig, df: pd.DataFrame) -> pd.DataFrame:
     counts = sorted(df.loc[df["stage"] == "finetune", "labels"].dropna().unique())
     return pd.DataFrame({"model": name, "params_m": params / 1e6, "depth": model.depth,
                          "sk": model.sk_ratio, "labels": counts})
-
-
-def ceiling(df: pd.DataFrame) -> float:
-    classes = df["classes"].dropna()
-    return float(1 - 1 / classes.iloc[0]) if len(classes) else 1.0
 
 
 def prediction(src: Source, model: ModelConfig, below_m: float | None = None,
@@ -108,11 +102,10 @@ def prediction(src: Source, model: ModelConfig, below_m: float | None = None,
         pts = pts[pts["params_m"] < below_m]
     if pts["model"].nunique() < 2:
         raise FitError(f"{pts['model'].nunique()} model(s) to fit on: a law needs >= 2")
-    reps = None
-    if src.df["replicate"].nunique() > 1:
-        reps = laws.replicate_points(src.df)
+    reps = laws.replicate_points(src.df)
+    if reps is not None:
         reps = reps[reps["model"].isin(set(pts["model"]))]
-    p = laws.predict(pts, new, ceiling(src.df), reps, resamples)
+    p = laws.predict(pts, new, ceiling_of(src.df), reps, resamples)
     return p, measured
 
 
@@ -154,6 +147,7 @@ def _study_for(src: Source, model: ModelConfig) -> Study:
     fine-tuning at its label fractions and the supervised network."""
     from scaling.configure import IMAGENET_LANE, load_config, resolve, with_overrides
     from scaling.study.plan import make_study
+    from scaling.study.results import unflatten
 
     axes: dict[str, list[Any]] = {"depth": [model.depth], "width": [model.width],
                                   "sk": [model.sk_ratio]}
@@ -162,39 +156,13 @@ def _study_for(src: Source, model: ModelConfig) -> Study:
         fractions = sorted(src.df["label_fraction"].dropna().unique().tolist())
         return make_study("predict", base, axes | {"label_fraction": fractions},
                           ("pretrain", "finetune", "supervised"))
-    base = base_config(src.spec["config"])
+    base = unflatten(src.spec["config"])
     devices = set(src.df.get("device", pd.Series(dtype=str)).dropna().astype(str))
     if devices and not any(d.startswith("cuda") for d in devices):
         base = with_overrides(base, {"runtime.gpus_per_worker": 0})
     grid = {k: v for k, v in src.spec.get("axes", {}).items()
             if k in ("label_fraction", "replicate", "seed", "subset_seed")}
     return make_study("predict", base, axes | grid, tuple(src.spec["stages"]))
-
-
-PER_FRACTION = "finetune.per_fraction."
-
-
-def base_config(flat: dict) -> ExperimentConfig:
-    """study.json's flattened configuration (scaling.study.results.flatten) back into
-    an ExperimentConfig: lists were written as JSON text, and per-fraction settings
-    are keyed by a fraction whose own dot flatten cannot tell from a section's."""
-    nested: dict = {}
-    per: dict[float, dict] = {}
-    for key, value in flat.items():
-        if isinstance(value, str) and value.startswith("["):
-            value = json.loads(value)
-        if key.startswith(PER_FRACTION):
-            fraction, name = key[len(PER_FRACTION):].rsplit(".", 1)
-            if value is not None:
-                per.setdefault(float(fraction), {})[name] = value
-            continue
-        node = nested
-        *sections, leaf = key.split(".")
-        for part in sections:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    nested.setdefault("finetune", {})["per_fraction"] = per
-    return from_dict(ExperimentConfig, nested)
 
 
 def lines(p: laws.Prediction, measured: pd.DataFrame, src: Source) -> list[str]:

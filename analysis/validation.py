@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import laws
-from analysis.curves import FitError
+from analysis.curves import FitError, ceiling_of
 
 WITHIN = 2.0  # points: the miss the issue that asked for this called a good prediction
 
@@ -28,21 +28,11 @@ class Validation:
     in_sample: dict[str, float] = field(default_factory=dict)  # candidate -> rmse of log error
     notes: list[str] = field(default_factory=list)
 
-    def inside(self) -> tuple[int, int]:
-        """Held-out points inside their 95% prediction interval, and how many have one."""
-        h = self.held.dropna(subset=["low"])
-        return int(((h["measured"] >= h["low"]) & (h["measured"] <= h["high"])).sum()), len(h)
-
     def missed(self) -> list[str]:
         """Models whose held-out prediction missed some label count by more than WITHIN."""
         h = self.held.dropna(subset=["miss"])
         worst = h.assign(a=h["miss"].abs()).groupby("model", sort=False)["a"].max()
         return [f"{m} (up to {v:.1f})" for m, v in worst.items() if v > WITHIN]
-
-
-def _ceiling(df: pd.DataFrame) -> float:
-    classes = df["classes"].dropna()
-    return float(1 - 1 / classes.iloc[0]) if len(classes) else 1.0
 
 
 def validate(df: pd.DataFrame, below_m: float | None = None, resamples: int = 200
@@ -60,16 +50,15 @@ def validate(df: pd.DataFrame, below_m: float | None = None, resamples: int = 20
         v.notes.append(f"{pts['model'].nunique()} model(s): a law checked out of sample needs "
                        ">= 3 (fit on two, predict the third)")
         return v
-    ceiling = _ceiling(df)
-    reps = laws.replicate_points(df) if df["replicate"].nunique() > 1 else None
+    ceiling = ceiling_of(df)
+    reps = laws.replicate_points(df)
     try:
         v.choice = laws.choose(pts, ceiling)
     except FitError as e:
         v.notes.append(str(e))
         return v
-    for name in v.choice.scores:
-        form, *terms = [t.strip() for t in name.split(" +")]
-        v.in_sample[name] = laws.fit(pts, form, tuple(terms), ceiling).rmse_log
+    for name, (form, terms) in v.choice.candidates.items():
+        v.in_sample[name] = laws.fit(pts, form, terms, ceiling).rmse_log
     v.held = laws.held_out(pts, ceiling, reps, resamples)
     v.below_m = float(pts["params_m"].max()) if below_m is None else below_m
     try:
@@ -105,9 +94,9 @@ def summary_lines(v: Validation) -> list[str]:
     """What the validation says, in sentences computed from its numbers."""
     if v.choice is None:
         return ["no law checked"]
-    inside, total = v.inside()
+    inside, total = laws.covered(v.held)
     miss = v.held["miss"].abs().dropna()
-    nested = not v.held["law"].astype(str).str.endswith("(chosen with it)").any()
+    nested = bool(v.held["chosen_without"].all())
     out = [f"law chosen: {v.choice.name} (smallest mean |miss| holding each model out: "
            f"{v.choice.scores[v.choice.name]:.2f} points)"]
     if len(miss):

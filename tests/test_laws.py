@@ -301,10 +301,10 @@ def test_predict_on_the_table_holds_the_model_out_and_prints_its_cost(capsys):
 def test_a_studys_configuration_reads_back_from_study_json():
     """predict's cost estimate rebuilds the study's configuration from study.json's
     flattened one, per-fraction settings (a fraction's own dot) and lists included."""
-    from analysis.predict import base_config
     from scaling.configure import load_config, resolve, to_dict
     from scaling.study.folder import study_record
     from scaling.study.plan import make_study
+    from scaling.study.results import unflatten as base_config
     from studies.model_size import STUDY
 
     preset = STUDY.presets["local"]

@@ -15,6 +15,8 @@ from typing import Any
 import pandas as pd
 
 from scaling import storage
+from scaling.config import ExperimentConfig
+from scaling.configure import from_dict
 from scaling.records import StageResult
 from scaling.stages.registry import ORDER, STAGES
 from scaling.storage import Location
@@ -57,6 +59,32 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, list) else v
     return out
+
+
+PER_FRACTION = "finetune.per_fraction."
+
+
+def unflatten(flat: dict[str, Any]) -> ExperimentConfig:
+    """flatten's inverse for a configuration (study.json's ``config``) back into an
+    ExperimentConfig: lists were written as JSON text, and per-fraction settings
+    are keyed by a fraction whose own dot flatten cannot tell from a section's."""
+    nested: dict[str, Any] = {}
+    per: dict[float, dict[str, Any]] = {}
+    for key, value in flat.items():
+        if isinstance(value, str) and value.startswith("["):
+            value = json.loads(value)
+        if key.startswith(PER_FRACTION):
+            fraction, name = key[len(PER_FRACTION):].rsplit(".", 1)
+            if value is not None:
+                per.setdefault(float(fraction), {})[name] = value
+            continue
+        node = nested
+        *sections, leaf = key.split(".")
+        for part in sections:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    nested.setdefault("finetune", {})["per_fraction"] = per
+    return from_dict(ExperimentConfig, nested)
 
 
 def stage_row(study: str, cell: str, axes: dict[str, Any], config: dict[str, Any], stage: str,
